@@ -1,0 +1,9 @@
+-- Daily engagement per user (days with at least one engagement event, hides included).
+select
+    user_id,
+    day_end,
+    count(*) filter (where weight > 0) as engagements,
+    count(*) filter (where event_type = 'save') as saves,
+    count(*) filter (where event_type = 'hide') as hides
+from {{ ref('int_engagements') }}
+group by all

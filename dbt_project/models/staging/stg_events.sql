@@ -1,0 +1,6 @@
+select
+    user_id,
+    pin_id,
+    event_type,
+    event_timestamp
+from {{ source('raw', 'events') }}

@@ -1,0 +1,2 @@
+select interest_id, name
+from {{ source('raw', 'interests') }}

@@ -1,0 +1,2 @@
+select pin_id, interest_id, image_signature, created_at
+from {{ source('raw', 'pins') }}

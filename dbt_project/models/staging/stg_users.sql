@@ -1,0 +1,2 @@
+select user_id, age, gender, segment, signup_at
+from {{ source('raw', 'users') }}

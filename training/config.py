@@ -1,0 +1,266 @@
+"""The project's one typed configuration.
+
+``Config`` is the single source of truth: ``training/config.yaml`` mirrors its defaults (a test
+keeps them equal), and the ``retrieval`` CLI derives one ``--section.field`` flag per field from
+it, with the field's docstring as help text. Each section checks its own values in
+``__post_init__`` and names the offending field in the error.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import inspect
+import os
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+"""The checkout: where feature_store.yaml, dbt_project/ and feature_repo/ live."""
+
+DEFAULT_YAML = Path(__file__).resolve().parent / "config.yaml"
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the field."""
+
+
+def _check(cond: bool, name: str, msg: str) -> None:
+    if not cond:
+        raise ConfigError(f"config {name}: {msg}")
+
+
+def parse_utc(value: str) -> datetime:
+    """Parse an ISO date or datetime as an aware UTC datetime."""
+    dt = datetime.fromisoformat(value)
+    return dt.replace(tzinfo=timezone.utc) if dt.tzinfo is None else dt.astimezone(timezone.utc)
+
+
+@dataclass
+class DataConfig:
+    """Where raw events come from and how the synthetic generator shapes them."""
+
+    source: str = "synthetic"
+    """Raw data source: 'synthetic' (embedded default) or 'movielens'."""
+    movielens_path: str = ""
+    """MovieLens directory: ML-100k original files (u.data, u.item, u.user) or ml-latest csv (ratings.csv, movies.csv)."""
+    seed: int = 7
+    """Random seed of the synthetic generator; same seed and sizes give byte-identical raw files."""
+    n_users: int = 3000
+    """Synthetic: number of users."""
+    n_pins: int = 8000
+    """Synthetic: number of pins (including near-duplicate copies)."""
+    n_events: int = 400_000
+    """Synthetic: approximate number of raw events (impressions plus engagements)."""
+    n_interests: int = 24
+    """Synthetic: number of interests (topics)."""
+    days: int = 120
+    """Synthetic: length of the event history in days."""
+    end_date: str = "2026-11-01"
+    """Synthetic: the (exclusive) UTC end of the event history."""
+    duplicate_fraction: float = 0.1
+    """Synthetic: fraction of pins that are near-duplicate copies of another pin's image."""
+    zipf_exponent: float = 1.05
+    """Synthetic: exponent of the Zipf-like pin popularity within an interest."""
+
+    def __post_init__(self) -> None:
+        _check(self.source in ("synthetic", "movielens"), "data.source", f"must be 'synthetic' or 'movielens', got {self.source!r}")
+        for name in ("n_users", "n_pins", "n_events", "n_interests", "days"):
+            _check(getattr(self, name) > 0, f"data.{name}", f"must be > 0, got {getattr(self, name)}")
+        _check(0 <= self.duplicate_fraction < 1, "data.duplicate_fraction", "must be in [0, 1)")
+        _check(self.zipf_exponent > 0, "data.zipf_exponent", "must be > 0")
+        try:
+            parse_utc(self.end_date)
+        except ValueError as e:
+            raise ConfigError(f"config data.end_date: not an ISO date: {self.end_date!r}") from e
+
+
+@dataclass
+class ContractConfig:
+    """The pandera contracts on raw inputs."""
+
+    max_bad_fraction: float = 0.01
+    """Fail the stage when more than this fraction of a file's rows is quarantined."""
+    min_timestamp: str = "1990-01-01"
+    """Earliest accepted event/creation timestamp (UTC)."""
+    max_future_days: int = 1
+    """Timestamps more than this many days after the run time are rejected."""
+
+    def __post_init__(self) -> None:
+        _check(0 <= self.max_bad_fraction <= 1, "contracts.max_bad_fraction", "must be in [0, 1]")
+        _check(self.max_future_days >= 0, "contracts.max_future_days", "must be >= 0")
+        try:
+            parse_utc(self.min_timestamp)
+        except ValueError as e:
+            raise ConfigError(f"config contracts.min_timestamp: not an ISO date: {self.min_timestamp!r}") from e
+
+
+@dataclass
+class TransformConfig:
+    """Variables of the dbt project (passed as ``--vars``)."""
+
+    half_life_days: float = 14.0
+    """Half-life of the time-decayed engagement, in days."""
+    corpus_window_days: int = 90
+    """Only engagement in this many days before the data's end counts toward the serving corpus."""
+    corpus_size: int = 100_000
+    """Maximum number of (canonical) pins in the serving corpus."""
+    history_length: int = 50
+    """Length of the user's recent-engaged-pins sequence feature."""
+    top_interests: int = 3
+    """Number of interest ids in the user's top-interests feature."""
+    threads: int = 2
+    """DuckDB threads used by dbt."""
+
+    def __post_init__(self) -> None:
+        _check(self.half_life_days > 0, "transform.half_life_days", "must be > 0")
+        for name in ("corpus_window_days", "corpus_size", "history_length", "top_interests", "threads"):
+            _check(getattr(self, name) > 0, f"transform.{name}", f"must be > 0, got {getattr(self, name)}")
+
+    def dbt_vars(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "threads"}
+
+
+@dataclass
+class FeatureConfig:
+    """Feast: online store, TTLs and feature-service versions."""
+
+    ttl_days: int = 120
+    """Time-to-live of the user and pin feature views, in days."""
+    service_version: str = "v1"
+    """Suffix of the feature services (user_tower_<v>, pin_tower_<v>)."""
+    online_store: str = "sqlite"
+    """Online store: 'sqlite' (embedded default, bulk writer) or 'redis' (scale-out)."""
+    redis_connection: str = "localhost:6379"
+    """Redis connection string when online_store is 'redis'."""
+
+    def __post_init__(self) -> None:
+        _check(self.ttl_days > 0, "features.ttl_days", "must be > 0")
+        _check(self.online_store in ("sqlite", "redis"), "features.online_store", "must be 'sqlite' or 'redis'")
+        _check(self.service_version.isidentifier(), "features.service_version", "must be an identifier like 'v1'")
+
+
+def _default_data_dir() -> str:
+    return os.environ.get("RETRIEVAL_DATA_DIR", str(REPO_ROOT / ".data"))
+
+
+@dataclass
+class Config:
+    """Everything a run needs. Sections mirror the pipeline stages."""
+
+    data_dir: str = field(default_factory=_default_data_dir)
+    """Root of all generated state (raw files, snapshots, Feast registry and online store); env RETRIEVAL_DATA_DIR."""
+    data: DataConfig = field(default_factory=DataConfig)
+    contracts: ContractConfig = field(default_factory=ContractConfig)
+    transform: TransformConfig = field(default_factory=TransformConfig)
+    features: FeatureConfig = field(default_factory=FeatureConfig)
+
+    @property
+    def data_path(self) -> Path:
+        return Path(self.data_dir).expanduser().resolve()
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> Config:
+        return _from_dict(cls, raw, prefix="")
+
+    @classmethod
+    def load(cls, path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Config:
+        """Defaults, then the YAML file (if given), then dotted overrides like {'data.seed': 3}."""
+        raw: dict[str, Any] = {}
+        if path is not None:
+            p = Path(path)
+            if not p.exists():
+                raise ConfigError(f"config file not found: {p}")
+            raw = yaml.safe_load(p.read_text()) or {}
+        for key, value in (overrides or {}).items():
+            node = raw
+            *parents, leaf = key.split(".")
+            for part in parents:
+                node = node.setdefault(part, {})
+            node[leaf] = value
+        return cls.from_dict(raw)
+
+
+def _from_dict(cls: type, raw: dict[str, Any], prefix: str) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config {prefix.rstrip('.') or '<root>'}: expected a mapping, got {type(raw).__name__}")
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(known))
+    if unknown:
+        raise ConfigError(f"config {prefix}{unknown[0]}: unknown field (known: {', '.join(known)})")
+    kwargs = {}
+    for name, value in raw.items():
+        ftype = _field_type(cls, name)
+        if dataclasses.is_dataclass(ftype):
+            kwargs[name] = _from_dict(ftype, value, prefix=f"{prefix}{name}.")
+        else:
+            kwargs[name] = _coerce(value, ftype, f"{prefix}{name}")
+    return cls(**kwargs)
+
+
+@cache
+def _hints(cls: type) -> dict[str, Any]:
+    import typing
+
+    return typing.get_type_hints(cls)
+
+
+def _field_type(cls: type, name: str) -> Any:
+    return _hints(cls)[name]
+
+
+def _coerce(value: Any, ftype: Any, name: str) -> Any:
+    try:
+        if ftype is bool:
+            if isinstance(value, str):
+                if value.lower() in ("1", "true", "yes"):
+                    return True
+                if value.lower() in ("0", "false", "no"):
+                    return False
+                raise ValueError(value)
+            return bool(value)
+        if ftype in (int, float, str):
+            if ftype is int and isinstance(value, float) and not value.is_integer():
+                raise ValueError(value)
+            return ftype(value)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"config {name}: expected {ftype.__name__}, got {value!r}") from e
+    return value
+
+
+@cache
+def field_docs(cls: type) -> dict[str, str]:
+    """Attribute docstrings (the string literal right under a field) of a dataclass."""
+    tree = ast.parse(inspect.getsource(cls))
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    docs: dict[str, str] = {}
+    for prev, node in zip(body, body[1:]):
+        if (
+            isinstance(prev, ast.AnnAssign)
+            and isinstance(prev.target, ast.Name)
+            and isinstance(node, ast.Expr)
+            and isinstance(node.value, ast.Constant)
+            and isinstance(node.value.value, str)
+        ):
+            docs[prev.target.id] = node.value.value
+    return docs
+
+
+def iter_fields(cls: type = Config, prefix: str = ""):
+    """Yield (dotted name, type, default, doc) for every leaf field; the CLI is built from this."""
+    defaults = cls()
+    docs = field_docs(cls)
+    for f in dataclasses.fields(cls):
+        ftype = _field_type(cls, f.name)
+        if dataclasses.is_dataclass(ftype):
+            yield from iter_fields(ftype, prefix=f"{prefix}{f.name}.")
+        else:
+            yield f"{prefix}{f.name}", ftype, getattr(defaults, f.name), docs.get(f.name, "")

@@ -1,0 +1,101 @@
+"""The raw-input layout shared by every data source (synthetic generator, MovieLens ingest).
+
+A source produces ``RawTables`` and ``write_raw`` stores them as parquet under ``<dir>/``:
+
+- ``users.parquet``     user_id int64, age int64, gender string, segment string, signup_at timestamp[us, UTC]
+- ``interests.parquet`` interest_id int64, name string
+- ``pins.parquet``      pin_id int64, interest_id int64 (primary topic), image_signature string,
+                        created_at timestamp[us, UTC]
+- ``events.parquet``    user_id int64, pin_id int64, event_type string (impression | closeup | click |
+                        save | hide), event_timestamp timestamp[us, UTC]
+
+Timestamps are written as microsecond, UTC-aware: with duckdb 2.0 a nanosecond tz-aware
+``event_timestamp`` breaks ``feast materialize``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+log = logging.getLogger(__name__)
+
+EVENT_TYPES = ("impression", "closeup", "click", "save", "hide")
+
+TABLES = ("users", "interests", "pins", "events")
+
+SCHEMAS: dict[str, pa.Schema] = {
+    "users": pa.schema(
+        [
+            ("user_id", pa.int64()),
+            ("age", pa.int64()),
+            ("gender", pa.string()),
+            ("segment", pa.string()),
+            ("signup_at", pa.timestamp("us", tz="UTC")),
+        ]
+    ),
+    "interests": pa.schema([("interest_id", pa.int64()), ("name", pa.string())]),
+    "pins": pa.schema(
+        [
+            ("pin_id", pa.int64()),
+            ("interest_id", pa.int64()),
+            ("image_signature", pa.string()),
+            ("created_at", pa.timestamp("us", tz="UTC")),
+        ]
+    ),
+    "events": pa.schema(
+        [
+            ("user_id", pa.int64()),
+            ("pin_id", pa.int64()),
+            ("event_type", pa.string()),
+            ("event_timestamp", pa.timestamp("us", tz="UTC")),
+        ]
+    ),
+}
+
+
+@dataclass
+class RawTables:
+    """The four raw tables of a data source, as pandas frames in the layout above."""
+
+    users: pd.DataFrame
+    interests: pd.DataFrame
+    pins: pd.DataFrame
+    events: pd.DataFrame
+
+    def frames(self) -> dict[str, pd.DataFrame]:
+        return {name: getattr(self, name) for name in TABLES}
+
+
+def to_arrow(name: str, df: pd.DataFrame) -> pa.Table:
+    """Convert a frame to the table's exact arrow schema (microsecond UTC timestamps)."""
+    schema = SCHEMAS[name]
+    df = df[schema.names].copy()
+    for col in schema.names:
+        if pa.types.is_timestamp(schema.field(col).type):
+            df[col] = pd.to_datetime(df[col], utc=True).dt.floor("us").astype("datetime64[us, UTC]")
+    return pa.Table.from_pandas(df, schema=schema, preserve_index=False)
+
+
+def atomic_write_parquet(table: pa.Table, path: Path) -> None:
+    """Write to a temporary name in the same folder, then rename: readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    pq.write_table(table, tmp)
+    os.replace(tmp, path)
+
+
+def write_raw(tables: RawTables, out_dir: Path) -> dict[str, int]:
+    """Write the raw tables under ``out_dir``; returns rows written per table."""
+    counts = {}
+    for name, df in tables.frames().items():
+        atomic_write_parquet(to_arrow(name, df), out_dir / f"{name}.parquet")
+        counts[name] = len(df)
+        log.info("wrote %s rows to %s", f"{len(df):,}", out_dir / f"{name}.parquet")
+    return counts
