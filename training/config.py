@@ -128,21 +128,15 @@ class TransformConfig:
 
 @dataclass
 class FeatureConfig:
-    """Feast: online store, TTLs and feature-service versions."""
+    """Feast stores. Feature views, TTLs and feature services are declared in feature_repo/."""
 
-    ttl_days: int = 120
-    """Time-to-live of the user and pin feature views, in days."""
-    service_version: str = "v1"
-    """Suffix of the feature services (user_tower_<v>, pin_tower_<v>)."""
     online_store: str = "sqlite"
     """Online store: 'sqlite' (embedded default, bulk writer) or 'redis' (scale-out)."""
     redis_connection: str = "localhost:6379"
     """Redis connection string when online_store is 'redis'."""
 
     def __post_init__(self) -> None:
-        _check(self.ttl_days > 0, "features.ttl_days", "must be > 0")
         _check(self.online_store in ("sqlite", "redis"), "features.online_store", "must be 'sqlite' or 'redis'")
-        _check(self.service_version.isidentifier(), "features.service_version", "must be an identifier like 'v1'")
 
 
 def _default_data_dir() -> str:

@@ -23,7 +23,7 @@ def recall_at_k(topk_ids: np.ndarray, relevant: Sequence[Collection[int]]) -> fl
     if len(relevant) == 0:
         raise ValueError("recall@k of zero users is undefined")
     total = 0.0
-    for row, rel in zip(topk_ids.tolist(), relevant):
+    for row, rel in zip(topk_ids.tolist(), relevant, strict=True):
         rel_set = rel if isinstance(rel, (set, frozenset)) else set(rel)
         if not rel_set:
             raise ValueError("every user needs at least one relevant id; drop users without any first")

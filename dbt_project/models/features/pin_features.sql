@@ -14,9 +14,9 @@ counted as (
     select
         k.pin_id,
         k.event_timestamp,
-        cast(sum(coalesce(d.impressions, 0)) over w30 as bigint) as impressions_30d,
-        cast(sum(coalesce(d.engagements, 0)) over w30 as bigint) as engagements_30d,
-        cast(sum(coalesce(d.saves, 0)) over w30 as bigint) as saves_30d
+        cast(sum(coalesce(d.impressions, 0)) over w30 as bigint) as pin_impressions_30d,
+        cast(sum(coalesce(d.engagements, 0)) over w30 as bigint) as pin_engagements_30d,
+        cast(sum(coalesce(d.saves, 0)) over w30 as bigint) as pin_saves_30d
     from keys as k
     left join {{ ref('int_pin_daily') }} as d
         on d.pin_id = k.pin_id and d.day_end = k.event_timestamp
@@ -32,9 +32,9 @@ select
     coalesce(
         e.decayed_engagement * {{ decay(days_between('e.event_timestamp', 'c.event_timestamp')) }}, 0.0
     ) as decayed_engagement,
-    c.impressions_30d,
-    c.engagements_30d,
-    c.saves_30d,
+    c.pin_impressions_30d,
+    c.pin_engagements_30d,
+    c.pin_saves_30d,
     greatest({{ days_between('p.created_at', 'c.event_timestamp') }}, 0.0) as age_days,
     c.event_timestamp as pin_features_at
 from counted as c

@@ -1,0 +1,53 @@
+"""Feature views over the dbt feature tables. TTL bounds how stale a value may be in a point-in-time join."""
+
+from datetime import timedelta
+
+from feast import FeatureView, Field
+from feast.types import Array, Float64, Int64, String, UnixTimestamp
+
+from feature_repo.data_sources import pin_features_source, user_features_source
+from feature_repo.entities import pin, user
+
+FEATURE_TTL = timedelta(days=120)
+
+# Why: everything the user tower reads about a user: profile, engagement counts, recent pins, top interests.
+user_features = FeatureView(
+    name="user_features",
+    entities=[user],
+    ttl=FEATURE_TTL,
+    schema=[
+        Field(name="age", dtype=Int64),
+        Field(name="gender", dtype=String),
+        Field(name="segment", dtype=String),
+        Field(name="engagements_7d", dtype=Int64),
+        Field(name="engagements_30d", dtype=Int64),
+        Field(name="saves_30d", dtype=Int64),
+        Field(name="hides_30d", dtype=Int64),
+        Field(name="recent_pin_ids", dtype=Array(Int64)),
+        Field(name="recent_pin_ages_days", dtype=Array(Float64)),
+        Field(name="top_interest_ids", dtype=Array(Int64)),
+        Field(name="user_features_at", dtype=UnixTimestamp),
+    ],
+    source=user_features_source,
+    online=True,
+    tags={"dbt_model": "user_features"},
+)
+
+# Why: everything the pin tower reads about a pin: interest, decayed engagement, popularity, age.
+pin_features = FeatureView(
+    name="pin_features",
+    entities=[pin],
+    ttl=FEATURE_TTL,
+    schema=[
+        Field(name="interest_id", dtype=Int64),
+        Field(name="decayed_engagement", dtype=Float64),
+        Field(name="pin_impressions_30d", dtype=Int64),
+        Field(name="pin_engagements_30d", dtype=Int64),
+        Field(name="pin_saves_30d", dtype=Int64),
+        Field(name="age_days", dtype=Float64),
+        Field(name="pin_features_at", dtype=UnixTimestamp),
+    ],
+    source=pin_features_source,
+    online=True,
+    tags={"dbt_model": "pin_features"},
+)

@@ -1,0 +1,1 @@
+"""Learned retrieval: data stages, two-tower training, indexing and release (see README)."""

@@ -1,0 +1,114 @@
+"""``retrieval``: one subcommand per stage. Flags are derived from ``training.config.Config``.
+
+    retrieval run                  the main job on the embedded synthetic data
+    retrieval generate | ingest    source stage -> <data_dir>/raw
+    retrieval build                pandera contracts + dbt build, then switch live
+    retrieval features             feast apply + materialize (incremental when possible)
+    retrieval training-set         point-in-time training set through the feature services
+    retrieval config               print the effective config as YAML
+
+Every subcommand accepts ``--config FILE`` (YAML like training/config.yaml) and ``--section.field VALUE``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Callable
+
+import yaml
+
+from training.config import DEFAULT_YAML, Config, ConfigError, iter_fields
+
+
+def _add_config_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="YAML config file (defaults: training/config.yaml)")
+    group = parser.add_argument_group("config (see training/config.py)")
+    for name, ftype, default, doc in iter_fields():
+        group.add_argument(f"--{name}", dest=f"cfg:{name}", type=str, metavar=ftype.__name__.upper(),
+                           help=f"{doc} [default: {default}]")
+
+
+def load_config(args: argparse.Namespace) -> Config:
+    overrides = {k[4:]: v for k, v in vars(args).items() if k.startswith("cfg:") and v is not None}
+    return Config.load(args.config or DEFAULT_YAML, overrides)
+
+
+def _cmd(fn_name: str) -> Callable[[Config, argparse.Namespace], object]:
+    def run(cfg: Config, args: argparse.Namespace) -> object:
+        from training import pipeline
+
+        return getattr(pipeline, fn_name)(cfg)
+
+    return run
+
+
+def _generate(cfg: Config, args: argparse.Namespace) -> object:
+    from training import pipeline
+
+    cfg.data.source = "synthetic"
+    return pipeline.make_raw(cfg)
+
+
+def _ingest(cfg: Config, args: argparse.Namespace) -> object:
+    from training import pipeline
+
+    cfg.data.source = "movielens"
+    return pipeline.make_raw(cfg)
+
+
+def _run(cfg: Config, args: argparse.Namespace) -> object:
+    from training import pipeline
+
+    return pipeline.run_data(cfg, regenerate=not args.keep_raw)
+
+
+def _print_config(cfg: Config, args: argparse.Namespace) -> object:
+    print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
+    return None
+
+
+COMMANDS: dict[str, tuple[Callable[[Config, argparse.Namespace], object], str]] = {
+    "run": (_run, "the main job: every data stage end to end"),
+    "generate": (_generate, "write the synthetic raw data (deterministic by --data.seed)"),
+    "ingest": (_ingest, "ingest MovieLens files from --data.movielens_path"),
+    "build": (_cmd("build"), "pandera contracts + dbt build, then switch the live snapshot"),
+    "features": (_cmd("features"), "feast apply + materialize the live snapshot"),
+    "training-set": (_cmd("training_set"), "point-in-time training set through the feature services"),
+    "config": (_print_config, "print the effective config as YAML"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="retrieval", description=__doc__.split("\n")[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (_, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        _add_config_flags(p)
+        if name == "run":
+            p.add_argument("--keep-raw", action="store_true", help="reuse <data_dir>/raw instead of regenerating it")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("feast", "urllib3", "asyncio"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        cfg = load_config(args)
+        result = COMMANDS[args.command][0](cfg, args)
+    except (ConfigError, FileNotFoundError, ValueError, RuntimeError) as e:
+        print(f"retrieval {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    if result is not None:
+        print(json.dumps(result, indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,228 @@
+"""pandera contracts at the data boundaries.
+
+Raw inputs (``validate_raw``): every row of ``users``, ``interests``, ``pins`` and ``events`` is either
+accepted (written to ``<build>/staged/``, the only thing dbt reads) or quarantined (written to
+``<build>/quarantine/<table>.parquet`` with a reason per row). Nothing is dropped silently: for every
+file, input rows == accepted + quarantined is asserted. A missing file, a missing column or an empty
+file is an error naming the file; so is a file whose quarantined fraction exceeds
+``contracts.max_bad_fraction`` (the message names the file, the worst column and the count).
+
+Training set (``TRAINING_SET_SCHEMA``): the point-in-time join's output, checked before it is written.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pandera.pandas as pa
+import pyarrow as pa_arrow
+import pyarrow.parquet as pq
+
+from training.config import ContractConfig, parse_utc
+from training.data.raw import EVENT_TYPES, SCHEMAS, TABLES, atomic_write_parquet, to_arrow
+
+log = logging.getLogger(__name__)
+
+
+class ContractError(ValueError):
+    """Raw input that cannot be accepted; the message names the file and what is wrong."""
+
+
+@dataclass
+class TableReport:
+    """What the contract did with one raw file."""
+
+    path: str
+    input_rows: int
+    accepted: int
+    quarantined: int
+    reasons: dict[str, int] = field(default_factory=dict)
+    """Failed check -> number of rows, e.g. {'events.user_id: isin(known users)': 3}."""
+
+
+def _time_range(cfg: ContractConfig, now: datetime | None) -> tuple[pd.Timestamp, pd.Timestamp]:
+    now = now or datetime.now(timezone.utc)
+    return pd.Timestamp(parse_utc(cfg.min_timestamp)), pd.Timestamp(now + timedelta(days=cfg.max_future_days))
+
+
+def raw_schema(table: str, known: dict[str, np.ndarray], lo: pd.Timestamp, hi: pd.Timestamp) -> pa.DataFrameSchema:
+    """The pandera contract of one raw table. ``known`` holds the accepted ids of tables it references."""
+    ts_check = pa.Check.in_range(lo, hi, error=f"between {lo.date()} and {hi.date()}")
+
+    def ids(name: str) -> pa.Check:
+        return pa.Check.isin(known.get(name, []), error=f"known {name}")
+
+    int_id = dict(dtype="Int64", nullable=False)
+    ts = dict(dtype="datetime64[us, UTC]", nullable=False)
+    if table == "events" and "pins" not in known:
+        raise ValueError("validate pins before events")
+    columns = {
+        "users": {
+            "user_id": pa.Column(**int_id, unique=True, report_duplicates="exclude_first"),
+            "age": pa.Column("Int64", pa.Check.in_range(0, 120), nullable=False),
+            "gender": pa.Column(str, nullable=False),
+            "segment": pa.Column(str, nullable=False),
+            "signup_at": pa.Column(**ts, checks=ts_check),
+        },
+        "interests": {
+            "interest_id": pa.Column(**int_id, unique=True, report_duplicates="exclude_first"),
+            "name": pa.Column(str, nullable=False),
+        },
+        "pins": {
+            "pin_id": pa.Column(**int_id, unique=True, report_duplicates="exclude_first"),
+            "interest_id": pa.Column(**int_id, checks=ids("interests")),
+            "image_signature": pa.Column(str, pa.Check.str_length(min_value=1), nullable=False),
+            "created_at": pa.Column(**ts, checks=ts_check),
+        },
+        "events": {
+            "user_id": pa.Column(**int_id, checks=ids("users")),
+            "pin_id": pa.Column(**int_id, checks=ids("pins")),
+            "event_type": pa.Column(str, pa.Check.isin(EVENT_TYPES), nullable=False),
+            "event_timestamp": pa.Column(**ts, checks=ts_check),
+        },
+    }[table]
+    return pa.DataFrameSchema(columns, name=table, strict=False)
+
+
+def _coerce(df: pd.DataFrame, table: str) -> tuple[pd.DataFrame, pd.Series]:
+    """Cast each column to its contract type value by value. Returns the cast frame and, per row, the
+    reason a value could not be cast ('' when fine). Uncastable values become nulls."""
+    schema = SCHEMAS[table]
+    out = pd.DataFrame(index=df.index)
+    reasons = pd.Series("", index=df.index, dtype=object)
+    for name in schema.names:
+        col = df[name]
+        kind = schema.field(name).type
+        if pa_arrow.types.is_integer(kind):
+            if pd.api.types.is_integer_dtype(col.dtype):
+                cast = col.astype("Int64")
+            else:
+                num = pd.to_numeric(col, errors="coerce")
+                whole = num.notna() & np.isfinite(num.astype(float)) & (num.astype(float) % 1 == 0)
+                cast = num.where(whole).astype("Float64").astype("Int64")
+        elif pa_arrow.types.is_timestamp(kind):
+            if not isinstance(col.dtype, pd.DatetimeTZDtype):
+                col = pd.to_datetime(col, errors="coerce", utc=True, format="mixed").where(col.notna(), col)
+            cast = pd.to_datetime(col, errors="coerce", utc=True).dt.floor("us").astype("datetime64[us, UTC]")
+        else:
+            cast = col.where(col.isna(), col.astype(str))
+        bad = cast.isna() & col.notna()
+        if bad.any():
+            reasons[bad] += f"{table}.{name}: not a valid {kind}; "
+        out[name] = cast
+    return out, reasons
+
+
+def check_table(
+    table: str, df: pd.DataFrame, schema: pa.DataFrameSchema, path: Path
+) -> tuple[pd.DataFrame, pd.DataFrame, TableReport]:
+    """Split a raw frame into accepted rows (typed) and quarantined rows (as text, with a reason)."""
+    missing = [c for c in SCHEMAS[table].names if c not in df.columns]
+    if missing:
+        raise ContractError(f"{path}: missing column(s) {', '.join(missing)} (expected {', '.join(SCHEMAS[table].names)})")
+    df = df.reset_index(drop=True)
+    typed, reasons = _coerce(df, table)
+    try:
+        schema.validate(typed, lazy=True)
+    except pa.errors.SchemaErrors as err:
+        cases = err.failure_cases.dropna(subset=["index"])
+        cases = cases[~cases["check"].astype(str).str.startswith(("dtype(", "coerce_dtype("))]
+        for (column, check), rows in cases.groupby(["column", "check"])["index"]:
+            idx = rows.astype(int).unique()
+            reasons.iloc[idx] += f"{table}.{column}: {check}; "
+        unindexed = err.failure_cases[err.failure_cases["index"].isna()]
+        if len(unindexed):
+            raise ContractError(f"{path}: {unindexed.iloc[0]['column']}: {unindexed.iloc[0]['check']}") from err
+    bad = reasons != ""
+    accepted = typed[~bad]
+    quarantined = df[bad].astype(str).assign(row_number=np.flatnonzero(bad.to_numpy()), reason=reasons[bad].str.rstrip("; "))
+    counts = Counter(r for rs in quarantined["reason"] for r in rs.split("; "))
+    report = TableReport(str(path), len(df), len(accepted), len(quarantined), dict(counts.most_common()))
+    assert report.input_rows == report.accepted + report.quarantined, report
+    return accepted, quarantined, report
+
+
+def _read(path: Path) -> pd.DataFrame:
+    if not path.exists():
+        raise ContractError(
+            f"raw input not found: {path} (expected {', '.join(t + '.parquet' for t in TABLES)} in {path.parent}; "
+            "run `retrieval generate` or `retrieval ingest --data.movielens_path DIR` first)"
+        )
+    try:
+        df = pq.read_table(path).to_pandas()
+    except Exception as e:  # noqa: BLE001 - any reader error becomes a contract error naming the file
+        raise ContractError(f"{path}: cannot be read as parquet: {e}") from e
+    if df.empty:
+        raise ContractError(f"{path}: the file has no rows")
+    return df
+
+
+def validate_raw(
+    raw_dir: Path, out_dir: Path, cfg: ContractConfig, now: datetime | None = None
+) -> dict[str, TableReport]:
+    """Validate the raw tables in dependency order; write accepted rows to ``out_dir/staged`` and
+    quarantined rows to ``out_dir/quarantine``. Raises ContractError when a file is unusable."""
+    lo, hi = _time_range(cfg, now)
+    known: dict[str, np.ndarray] = {}
+    reports: dict[str, TableReport] = {}
+    for table in ("interests", "users", "pins", "events"):
+        path = raw_dir / f"{table}.parquet"
+        df = _read(path)
+        accepted, quarantined, report = check_table(table, df, raw_schema(table, known, lo, hi), path)
+        reports[table] = report
+        if report.quarantined:
+            qpath = out_dir / "quarantine" / f"{table}.parquet"
+            atomic_write_parquet(pa_arrow.Table.from_pandas(quarantined, preserve_index=False), qpath)
+            log.warning(
+                "contract %s: quarantined %s of %s rows -> %s (%s)",
+                table, f"{report.quarantined:,}", f"{report.input_rows:,}", qpath,
+                ", ".join(f"{k}: {v}" for k, v in list(report.reasons.items())[:3]),
+            )
+        fraction = report.quarantined / report.input_rows
+        if fraction > cfg.max_bad_fraction:
+            worst, count = next(iter(report.reasons.items()))
+            raise ContractError(
+                f"{path}: {report.quarantined:,} of {report.input_rows:,} rows ({fraction:.1%}) failed the contract, "
+                f"above contracts.max_bad_fraction={cfg.max_bad_fraction}; most frequent: {worst} ({count:,} rows); "
+                f"quarantined rows with reasons: {out_dir / 'quarantine' / (table + '.parquet')}"
+            )
+        atomic_write_parquet(to_arrow(table, accepted), out_dir / "staged" / f"{table}.parquet")
+        key = {"interests": "interest_id", "users": "user_id", "pins": "pin_id"}.get(table)
+        if key:
+            known[table] = accepted[key].to_numpy(dtype=np.int64)
+        log.info("contract %s: %s rows in, %s accepted, %s quarantined", table,
+                 f"{report.input_rows:,}", f"{report.accepted:,}", f"{report.quarantined:,}")
+    return reports
+
+
+def _not_after_label(column: str) -> pa.Check:
+    return pa.Check(
+        lambda df: df[column].isna() | (df[column] <= df["event_timestamp"]),
+        name=f"{column} <= event_timestamp",
+        error=f"{column} is newer than the label's event_timestamp (feature leakage)",
+    )
+
+
+TRAINING_SET_SCHEMA = pa.DataFrameSchema(
+    {
+        "user_id": pa.Column("int64", nullable=False),
+        "pin_id": pa.Column("int64", nullable=False),
+        "event_timestamp": pa.Column("datetime64[ns, UTC]", nullable=False),
+        "label": pa.Column("int64", pa.Check.isin([0, 1]), nullable=False),
+        "user_features_at": pa.Column("datetime64[ns, UTC]", nullable=True),
+        "pin_features_at": pa.Column("datetime64[ns, UTC]", nullable=True),
+        "recent_pin_ids": pa.Column(object, nullable=True),
+        "interest_id": pa.Column("Int64", nullable=True),
+    },
+    checks=[_not_after_label("user_features_at"), _not_after_label("pin_features_at")],
+    name="training_set",
+    strict=False,
+    coerce=True,
+)
+"""Contract of the point-in-time training set: keys and labels present, no feature newer than its label."""

@@ -1,0 +1,172 @@
+"""Data snapshots: build into a scratch folder, verify, then switch the live pointer atomically.
+
+Layout under ``<data_dir>``::
+
+    raw/                         source output (synthetic generator or MovieLens ingest)
+    build/                       the build in progress (contracts + dbt); wiped at the start of a build
+    snapshots/<id>-<utc time>/   finished builds: staged/, quarantine/, tables/*.parquet, warehouse.duckdb,
+                                 manifest.json
+    live -> snapshots/...        symlink, replaced atomically (rename) only after a build fully succeeded
+
+The snapshot id is a content hash of the raw files, the contract and transform config, and the dbt
+project's code: the same input always gets the same id. A crashed or failed build never touches
+``live``; the next build removes its leftovers.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import duckdb
+
+from training.config import Config
+from training.data.contracts import validate_raw
+from training.data.raw import TABLES
+from training.transform import DBT_DIR, run_dbt
+
+log = logging.getLogger(__name__)
+
+KEEP_SNAPSHOTS = 3
+MANIFEST = "manifest.json"
+FEATURE_TABLES = ("user_features", "pin_features")
+MART_TABLES = ("fct_engagements", "pin_engagement_decayed", "serving_corpus", "pin_canonical_map")
+
+
+@dataclass
+class Snapshot:
+    path: Path
+    manifest: dict[str, Any]
+
+    @property
+    def id(self) -> str:
+        return self.manifest["snapshot_id"]
+
+    @property
+    def as_of(self) -> datetime:
+        return datetime.fromisoformat(self.manifest["as_of"])
+
+    def table(self, name: str) -> Path:
+        return self.path / "tables" / f"{name}.parquet"
+
+
+def raw_dir(cfg: Config) -> Path:
+    return cfg.data_path / "raw"
+
+
+def live_path(cfg: Config) -> Path:
+    return cfg.data_path / "live"
+
+
+def _hash_files(h: "hashlib._Hash", paths: list[Path], root: Path) -> None:
+    for p in sorted(paths):
+        h.update(str(p.relative_to(root)).encode())
+        with p.open("rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+
+
+def snapshot_id(cfg: Config) -> str:
+    """Content hash of everything a build depends on."""
+    h = hashlib.sha256()
+    raw = raw_dir(cfg)
+    _hash_files(h, [raw / f"{t}.parquet" for t in TABLES if (raw / f"{t}.parquet").exists()], raw)
+    code = [p for p in DBT_DIR.rglob("*") if p.suffix in (".sql", ".yml") and "target" not in p.parts]
+    _hash_files(h, code, DBT_DIR)
+    h.update(json.dumps({"contracts": vars(cfg.contracts), "transform": cfg.transform.dbt_vars()},
+                        sort_keys=True).encode())
+    return h.hexdigest()[:12]
+
+
+@contextmanager
+def build_lock(cfg: Config):
+    """One build at a time per data dir (the build folder and dbt target are shared)."""
+    cfg.data_path.mkdir(parents=True, exist_ok=True)
+    with open(cfg.data_path / ".build.lock", "w") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as e:
+            raise RuntimeError(f"another data-stage build is running on {cfg.data_path}") from e
+        yield
+
+
+def _table_rows(path: Path) -> int:
+    return duckdb.execute(f"select count(*) from read_parquet('{path}')").fetchone()[0]
+
+
+def build(cfg: Config) -> Snapshot:
+    """Contracts + dbt build into a fresh folder, then rename it to a finished snapshot (not yet live)."""
+    with build_lock(cfg):
+        sid = snapshot_id(cfg)
+        scratch = cfg.data_path / "build"
+        if scratch.exists():
+            log.info("removing leftovers of an interrupted build: %s", scratch)
+            shutil.rmtree(scratch)
+        scratch.mkdir(parents=True)
+        t0 = time.perf_counter()
+        reports = validate_raw(raw_dir(cfg), scratch, cfg.contracts)
+        t_contracts = time.perf_counter() - t0
+        dbt = run_dbt("build", cfg, scratch)
+        with duckdb.connect(str(scratch / "warehouse.duckdb")) as con:  # dbt-duckdb keeps it open in-process
+            as_of = con.execute("select as_of from int_data_window").fetchone()[0]
+            con.execute("checkpoint")
+        rows = {name: _table_rows(scratch / "tables" / f"{name}.parquet") for name in FEATURE_TABLES + MART_TABLES}
+        for name in FEATURE_TABLES + ("fct_engagements", "serving_corpus"):
+            if rows[name] == 0:
+                raise RuntimeError(f"dbt produced an empty {name} table in {scratch}: nothing to serve or train on")
+        manifest = {
+            "snapshot_id": sid,
+            "built_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "as_of": as_of.astimezone(timezone.utc).isoformat(),
+            "source": cfg.data.source,
+            "config": {"contracts": vars(cfg.contracts), "transform": cfg.transform.dbt_vars()},
+            "contracts": {t: vars(r) for t, r in reports.items()},
+            "rows": rows,
+            "seconds": {"contracts": round(t_contracts, 3), "dbt_build": round(dbt.seconds, 3)},
+            "dbt_nodes": dbt.timings,
+        }
+        (scratch / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
+        final = cfg.data_path / "snapshots" / f"{sid}-{datetime.now(timezone.utc):%Y%m%dT%H%M%S%f}"
+        final.parent.mkdir(parents=True, exist_ok=True)
+        os.rename(scratch, final)
+        log.info("snapshot %s built in %.1fs: %s", sid, time.perf_counter() - t0,
+                 ", ".join(f"{k} {v:,}" for k, v in rows.items()))
+        return Snapshot(final, manifest)
+
+
+def switch_live(cfg: Config, snap: Snapshot) -> None:
+    """Point ``live`` at the snapshot with one atomic rename, then drop old snapshots."""
+    link = live_path(cfg)
+    tmp = link.with_name(f".live.tmp-{os.getpid()}")
+    if tmp.is_symlink() or tmp.exists():
+        tmp.unlink()
+    os.symlink(os.path.relpath(snap.path, link.parent), tmp)
+    os.replace(tmp, link)
+    log.info("live -> %s", snap.path.name)
+    _gc(cfg, keep=snap.path)
+
+
+def _gc(cfg: Config, keep: Path) -> None:
+    snaps = sorted((p for p in (cfg.data_path / "snapshots").iterdir() if p.is_dir()), key=lambda p: p.name[13:])
+    finished = [p for p in snaps if (p / MANIFEST).exists()]
+    for p in snaps:
+        if p not in finished[-KEEP_SNAPSHOTS:] and p.resolve() != keep.resolve():
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def load_live(cfg: Config) -> Snapshot:
+    link = live_path(cfg)
+    if not link.exists():
+        raise FileNotFoundError(f"no live data snapshot under {cfg.data_path}: run `retrieval data` (or `make run`) first")
+    path = link.resolve()
+    return Snapshot(path, json.loads((path / MANIFEST).read_text()))

@@ -1,0 +1,582 @@
+"""Deterministic synthetic Pinterest-like raw data with a known ground truth.
+
+Generative process (U users, P pins, K interests, latent dimension d = ``LATENT_DIM``):
+
+- Interests: ``K`` centroids ``c_k ~ N(0, CENTROID_STD² I_d)``.
+- Users: a segment (country-like, non-uniform shares) with its own log-prior over interests; 1–5
+  (mostly 2–4) dominant interests drawn without replacement from that prior; the mixture
+  ``θ_u = 0.9·Dirichlet-like weights on the dominant interests + 0.1·Dirichlet(0.5) background``;
+  a taste vector ``z_u ~ N(0, I_d / d)``; a lognormal activity level; age, gender, signup time.
+- Pins: a primary interest ``k_p``; ``v_p = c_k + N(0, PIN_NOISE_STD² I_d)``; Zipf-like popularity
+  ``∫_r^{r+1} x^-s dx ≈ r^-s`` (s = ``zipf_exponent``) of a random rank r within the interest,
+  which is sampled exactly by inverting the continuous CDF; ``created_at`` spread over the
+  history (``PRE_HISTORY_SHARE`` of originals before it); a random 64-bit image signature.
+  A ``duplicate_fraction`` of pins are near-duplicates of an older original: same signature and
+  interest, ``v`` within ``DUPLICATE_NOISE_STD`` of the original's, created strictly later.
+  Pin (user) ids increase with creation order (index) and are not dense.
+- Trends: ``log w_k(t) = a_k sin(2πt/T_k + φ_k) + b_k (t/days - 1/2)`` (t in days since the start),
+  evaluated at the hour of each impression; ``b_k`` makes some interests trend up, some down.
+- Impressions: user ∝ activity, time uniform; interest ∝ ``θ_u ∘ w(t)``; pin within the interest
+  ∝ ``pop_p · exp(a_up / τ)`` with affinity ``a_up = z_u·v_p``, by sampling-importance-resampling
+  (``CANDIDATES`` popularity-weighted proposals, Gumbel-max on ``a/τ``). An impression before the
+  pin's ``created_at`` is moved uniformly into ``[created_at, end)``.
+- Outcome of an impression: none / closeup / click / save / hide with multinomial logits
+  ``OUTCOME_BIAS + OUTCOME_SLOPE·a`` (higher affinity → more saves, lower → more hides); an
+  engagement row follows its impression after 1–30 s.
+- Impressions are generated in chunks until the row count reaches ``n_events``; the last chunk
+  is cut so the total is ``n_events`` (or one less, when an impression and its engagement would
+  straddle the limit).
+
+Output is byte-identical for the same config on the same platform (numpy version and CPU).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from tqdm import tqdm
+
+from training.config import DataConfig, parse_utc
+from training.data.raw import EVENT_TYPES, RawTables
+from training.metrics import recall_at_k
+
+log = logging.getLogger(__name__)
+
+LATENT_DIM = 8
+TEMPERATURE = 0.5
+"""τ of the taste term: pins within an interest are chosen ∝ popularity · exp(z_u·v_p / τ)."""
+CENTROID_STD = 0.7
+PIN_NOISE_STD = 0.7
+DUPLICATE_NOISE_STD = 0.05
+CANDIDATES = 8
+"""Popularity-weighted proposals per impression for sampling-importance-resampling."""
+CHUNK_IMPRESSIONS = 800_000
+"""Impressions per chunk (~1M rows with their engagements)."""
+PRE_HISTORY_SHARE = 0.3
+PRE_HISTORY_DAYS = 365
+SIGNUP_BEFORE_SHARE = 0.75
+SIGNUP_BEFORE_DAYS = 3 * 365
+DOMINANT_COUNTS = np.array([1, 2, 3, 4, 5])
+DOMINANT_SHARES = np.array([0.1, 0.3, 0.3, 0.2, 0.1])
+BACKGROUND_SHARE = 0.1
+
+# Outcome codes index EVENT_TYPES: 0 is "no engagement" for outcomes and "impression" for rows.
+OUTCOME_BIAS = np.array([0.0, -2.2, -2.6, -3.0, -3.5])
+OUTCOME_SLOPE = np.array([0.0, 0.6, 0.8, 1.4, -1.2])
+POSITIVE_OUTCOMES = np.array([1, 2, 3])
+"""closeup, click, save: the engagement types counted as positive interactions."""
+
+US_PER_SECOND = 1_000_000
+US_PER_HOUR = 3600 * US_PER_SECOND
+US_PER_DAY = 24 * US_PER_HOUR
+IMPRESSION_MARGIN_US = 60 * US_PER_SECOND
+"""Impressions end this long before ``end_date`` so their engagements (≤ 30 s later) stay inside."""
+
+TOPICS = (
+    "home_decor", "recipes", "fashion", "diy_crafts", "travel", "weddings", "fitness", "beauty",
+    "gardening", "art", "photography", "quotes", "kids", "pets", "cars", "tattoos",
+    "architecture", "hair", "technology", "film_music", "outdoors", "health", "education", "humor",
+)  # fmt: skip
+SEGMENTS = ("US", "BR", "GB", "DE", "FR", "IN", "MX", "JP", "CA", "AU")
+SEGMENT_SHARES = np.array([0.3, 0.12, 0.1, 0.09, 0.08, 0.08, 0.07, 0.06, 0.05, 0.05])
+GENDERS = ("f", "m", "u")
+GENDER_SHARES = np.array([0.6, 0.32, 0.08])
+
+
+@dataclass
+class GroundTruth:
+    """Latent parameters of a synthetic data set; enough to score every (user, pin) pair."""
+
+    user_ids: np.ndarray
+    """(U,) int64, ascending."""
+    pin_ids: np.ndarray
+    """(P,) int64, ascending; the column order of ``scores``."""
+    theta: np.ndarray
+    """(U, K) interest mixture per user (rows sum to 1; interests without pins are 0)."""
+    z: np.ndarray
+    """(U, d) user taste vectors."""
+    v: np.ndarray
+    """(P, d) pin latent vectors."""
+    pin_interest: np.ndarray
+    """(P,) int64 primary interest of each pin."""
+    popularity: np.ndarray
+    """(P,) Zipf popularity weight (unnormalised; compared within an interest)."""
+    duplicate_of: np.ndarray
+    """(P,) int64 pin id of the original a near-duplicate copies, -1 for originals."""
+    trend_amplitude: np.ndarray
+    """(K,) a_k."""
+    trend_period_days: np.ndarray
+    """(K,) T_k."""
+    trend_phase: np.ndarray
+    """(K,) φ_k."""
+    trend_drift: np.ndarray
+    """(K,) b_k."""
+    trend_mean: np.ndarray
+    """(K,) trend weight w_k averaged over the hours of the history."""
+    start_us: int
+    """Start of the history, microseconds since the epoch (UTC)."""
+    end_us: int
+    """Exclusive end of the history, microseconds since the epoch (UTC)."""
+    temperature: float
+    outcome_bias: np.ndarray
+    """(5,) outcome logits at zero affinity, indexed like ``EVENT_TYPES`` (0 = no engagement)."""
+    outcome_slope: np.ndarray
+    """(5,) change of the outcome logits per unit affinity."""
+
+    def log_trend(self, t_days: np.ndarray) -> np.ndarray:
+        """(T, K) log trend weights at ``t_days`` (shape (T,), days since the history start)."""
+        days = (self.end_us - self.start_us) / US_PER_DAY
+        params = (self.trend_amplitude, self.trend_period_days, self.trend_phase, self.trend_drift)
+        return _log_trend(t_days, *params, days)
+
+    def trend_weights(self, at: datetime | str | None = None) -> np.ndarray:
+        """(K,) trend weights at ``at`` (naive means UTC), or the time average when ``at`` is None."""
+        if at is None:
+            return self.trend_mean
+        ts = pd.Timestamp(at)
+        ts = ts.tz_localize("UTC") if ts.tzinfo is None else ts.tz_convert("UTC")
+        t_days = (ts.value // 1000 - self.start_us) / US_PER_DAY
+        return np.exp(self.log_trend(np.array([t_days])))[0]
+
+    def scores(self, user_ids: np.ndarray, at: datetime | str | None = None) -> np.ndarray:
+        """(len(user_ids), P) float32 true log-rate of a positive engagement with each pin.
+
+        ``log p(k_p | u) + log p(p | u, k_p) + log P(closeup/click/save | a_up)`` where
+        ``p(k | u) ∝ θ_uk w_k`` (``w`` = the time-averaged trend, or the trend at ``at``) and
+        ``p(p | u, k) ∝ pop_p exp(a_up / τ)`` over the pins of interest ``k``. The generator
+        draws pins by resampling a finite number of proposals, so its empirical distribution is
+        this one tempered toward popularity; the ranking it implies is the generator's target.
+        Columns follow ``self.pin_ids``.
+        """
+        uidx = index_of(self.user_ids, np.asarray(user_ids), "user_ids")
+        w = self.trend_weights(at)
+        mix = self.theta[uidx] * w
+        with np.errstate(divide="ignore"):
+            log_interest = np.log(mix) - np.log(mix.sum(axis=1, keepdims=True))
+        affinity = self.z[uidx] @ self.v.T
+        logit = np.log(self.popularity) + affinity / self.temperature
+        # Normalise within each interest: log-sum-exp over the pins of every non-empty interest.
+        order = np.argsort(self.pin_interest, kind="stable")
+        _, starts, counts = np.unique(self.pin_interest[order], return_index=True, return_counts=True)
+        sorted_logit = logit[:, order]
+        peak = np.maximum.reduceat(sorted_logit, starts, axis=1)
+        lse = peak + np.log(np.add.reduceat(np.exp(sorted_logit - np.repeat(peak, counts, axis=1)), starts, axis=1))
+        log_pin = np.empty_like(logit)
+        log_pin[:, order] = sorted_logit - np.repeat(lse, counts, axis=1)
+        del sorted_logit, logit
+        positive, total = np.zeros_like(affinity), np.zeros_like(affinity)
+        for code, (bias, slope) in enumerate(zip(self.outcome_bias, self.outcome_slope, strict=True)):
+            rate = np.exp(bias + slope * affinity)
+            total += rate
+            if code in POSITIVE_OUTCOMES:
+                positive += rate
+        log_pin += np.log(positive) - np.log(total)
+        log_pin += log_interest[:, self.pin_interest]
+        return log_pin.astype(np.float32)
+
+    def save(self, path: str | Path) -> None:
+        """Write every field to one ``.npz`` file at exactly ``path``."""
+        with open(path, "wb") as f:
+            np.savez(f, **{fld.name: np.asarray(getattr(self, fld.name)) for fld in dataclasses.fields(self)})
+
+    @classmethod
+    def load(cls, path: str | Path) -> GroundTruth:
+        """Read a file written by ``save``."""
+        with np.load(path, allow_pickle=False) as data:
+            values = {fld.name: data[fld.name] for fld in dataclasses.fields(cls)}
+        return cls(**{name: value.item() if value.ndim == 0 else value for name, value in values.items()})
+
+
+def _log_trend(
+    t_days: np.ndarray, amplitude: np.ndarray, period: np.ndarray, phase: np.ndarray, drift: np.ndarray, days: float
+) -> np.ndarray:
+    """(T, K) log trend weights at ``t_days`` (shape (T,)) for (K,) trend parameters."""
+    t = np.asarray(t_days, dtype=np.float64)[:, None]
+    return amplitude * np.sin(2 * np.pi * t / period + phase) + drift * (t / days - 0.5)
+
+
+def index_of(sorted_ids: np.ndarray, ids: np.ndarray, what: str) -> np.ndarray:
+    """(n,) positions of ``ids`` (shape (n,)) in the ascending ``sorted_ids``; unknown ids raise ValueError."""
+    pos = np.searchsorted(sorted_ids, ids)
+    found = pos < len(sorted_ids)
+    found[found] = sorted_ids[pos[found]] == ids[found]
+    if not found.all():
+        unknown = ids[~found]
+        raise ValueError(f"{what}: {len(unknown)} ids unknown to the ground truth, e.g. {unknown[:3].tolist()}")
+    return pos
+
+
+def _utc(us: np.ndarray) -> pd.DatetimeIndex:
+    """Microseconds since the epoch (shape (n,)) as datetime64[us, UTC]."""
+    return pd.DatetimeIndex(us.astype(np.int64).view("datetime64[us]")).tz_localize("UTC")
+
+
+def _increasing_ids(rng: np.random.Generator, n: int, base: int) -> np.ndarray:
+    """(n,) unique, strictly increasing, non-dense int64 ids starting above ``base``."""
+    return base + np.cumsum(rng.integers(1, 8, n, dtype=np.int64))
+
+
+def _interest_names(k: int) -> list[str]:
+    return list(TOPICS[:k]) if k <= len(TOPICS) else [f"interest_{i:02d}" for i in range(k)]
+
+
+@dataclass
+class _Pins:
+    """Pins in creation (= id) order; arrays of shape (P,) or (P, d)."""
+
+    ids: np.ndarray
+    interest: np.ndarray
+    v: np.ndarray
+    popularity: np.ndarray
+    rank: np.ndarray
+    """1-based popularity rank within the pin's interest."""
+    created_us: np.ndarray
+    signature: np.ndarray
+    duplicate_of: np.ndarray
+
+
+def _zipf_cdf(x: np.ndarray, s: float) -> np.ndarray:
+    """∫_1^x t^-s dt, elementwise."""
+    if s == 1:
+        return np.log(x)
+    return np.expm1((1 - s) * np.log(x)) / (1 - s)
+
+
+def _zipf_inverse_cdf(y: np.ndarray, s: float) -> np.ndarray:
+    """The x with ``_zipf_cdf(x, s) == y``, elementwise."""
+    if s == 1:
+        return np.exp(y)
+    return np.exp(np.log1p((1 - s) * y) / (1 - s))
+
+
+def _make_pins(rng: np.random.Generator, cfg: DataConfig, centroids: np.ndarray, start_us: int, end_us: int) -> _Pins:
+    n_pins, n_interests, dim = cfg.n_pins, len(centroids), centroids.shape[1]
+    n_dup = min(round(cfg.duplicate_fraction * n_pins), n_pins - 1)
+    n_orig = n_pins - n_dup
+    # Every interest gets a pin when there are enough; interest sizes are uneven.
+    share = rng.dirichlet(np.full(n_interests, 5.0))
+    seeded = min(n_interests, n_orig)
+    interest = np.concatenate([np.arange(seeded), rng.choice(n_interests, n_orig - seeded, p=share)])
+    v = centroids[interest] + rng.normal(0.0, PIN_NOISE_STD, (n_orig, dim))
+    before = rng.random(n_orig) < PRE_HISTORY_SHARE
+    last_original = end_us - 2 * US_PER_HOUR
+    created = np.where(
+        before,
+        start_us - rng.integers(0, PRE_HISTORY_DAYS * US_PER_DAY, n_orig),
+        rng.integers(start_us, last_original, n_orig),
+    )
+    signature = rng.integers(0, np.iinfo(np.uint64).max, n_orig, dtype=np.uint64, endpoint=True)
+
+    src = rng.choice(n_orig, n_dup)
+    last_duplicate = end_us - US_PER_HOUR
+    span = last_duplicate - created[src] - US_PER_SECOND
+    dup_created = created[src] + US_PER_SECOND + (rng.random(n_dup) * span).astype(np.int64)
+    interest = np.concatenate([interest, interest[src]])
+    v = np.concatenate([v, v[src] + rng.normal(0.0, DUPLICATE_NOISE_STD, (n_dup, dim))])
+    created = np.concatenate([created, dup_created])
+    signature = np.concatenate([signature, signature[src]])
+    source = np.concatenate([np.full(n_orig, -1), src])
+
+    order = np.lexsort((np.arange(n_pins), created))
+    rank_of = np.empty(n_pins, dtype=np.int64)
+    rank_of[order] = np.arange(n_pins)
+    ids = _increasing_ids(rng, n_pins, base=10_000_000)
+    source = source[order]
+    duplicate_of = np.where(source >= 0, ids[rank_of[np.maximum(source, 0)]], -1)
+    interest, v, created, signature = interest[order], v[order], created[order], signature[order]
+
+    # Zipf-like popularity by a random rank within each interest.
+    by_interest = np.lexsort((rng.random(n_pins), interest))
+    group_start = np.searchsorted(interest[by_interest], interest[by_interest], side="left")
+    rank = np.empty(n_pins, dtype=np.int64)
+    rank[by_interest] = np.arange(n_pins) - group_start + 1
+    return _Pins(
+        ids=ids,
+        interest=interest.astype(np.int64),
+        v=v,
+        popularity=_zipf_cdf(rank + 1.0, cfg.zipf_exponent) - _zipf_cdf(rank.astype(np.float64), cfg.zipf_exponent),
+        rank=rank,
+        created_us=created,
+        signature=np.array([f"{s:016x}" for s in signature.tolist()], dtype=object),
+        duplicate_of=duplicate_of,
+    )
+
+
+@dataclass
+class _Users:
+    """Users in id order; arrays of shape (U,), (U, K) or (U, d)."""
+
+    ids: np.ndarray
+    theta: np.ndarray
+    z: np.ndarray
+    activity: np.ndarray
+    age: np.ndarray
+    gender: np.ndarray
+    segment: np.ndarray
+    signup_us: np.ndarray
+
+
+def _make_users(rng: np.random.Generator, cfg: DataConfig, has_pins: np.ndarray, start_us: int, end_us: int) -> _Users:
+    n_users, n_interests = cfg.n_users, cfg.n_interests
+    segment = rng.choice(len(SEGMENTS), n_users, p=SEGMENT_SHARES)
+    segment_prior = rng.normal(0.0, 0.8, (len(SEGMENTS), n_interests))
+    n_dominant = np.minimum(rng.choice(DOMINANT_COUNTS, n_users, p=DOMINANT_SHARES), n_interests)
+    # Gumbel top-n: n_dominant interests without replacement, ∝ exp(segment prior).
+    keys = segment_prior[segment] + rng.gumbel(size=(n_users, n_interests))
+    rank = np.empty((n_users, n_interests), dtype=np.int64)
+    np.put_along_axis(rank, np.argsort(-keys, axis=1), np.arange(n_interests)[None, :], axis=1)
+    dominant = rng.gamma(2.0, size=(n_users, n_interests)) * (rank < n_dominant[:, None])
+    background = rng.dirichlet(np.full(n_interests, 0.5), size=n_users)
+    theta = (1 - BACKGROUND_SHARE) * dominant / dominant.sum(axis=1, keepdims=True) + BACKGROUND_SHARE * background
+    theta *= has_pins
+    theta /= theta.sum(axis=1, keepdims=True)
+    before = rng.random(n_users) < SIGNUP_BEFORE_SHARE
+    signup = np.where(
+        before,
+        start_us - rng.integers(0, SIGNUP_BEFORE_DAYS * US_PER_DAY, n_users),
+        rng.integers(start_us, end_us, n_users),
+    )
+    return _Users(
+        ids=_increasing_ids(rng, n_users, base=1_000_000),
+        theta=theta,
+        z=rng.normal(0.0, 1.0 / np.sqrt(LATENT_DIM), (n_users, LATENT_DIM)),
+        activity=rng.lognormal(0.0, 1.0, n_users),
+        age=np.clip(np.round(13 + rng.gamma(3.0, 7.0, n_users)), 13, 80).astype(np.int64),
+        gender=np.array(GENDERS, dtype=object)[rng.choice(len(GENDERS), n_users, p=GENDER_SHARES)],
+        segment=np.array(SEGMENTS, dtype=object)[segment],
+        signup_us=signup,
+    )
+
+
+@dataclass
+class _Events:
+    """Event rows (unsorted); arrays of shape (n,): user and pin positions, type code, time."""
+
+    user: np.ndarray
+    pin: np.ndarray
+    code: np.ndarray
+    ts: np.ndarray
+
+
+def _make_events(
+    rng: np.random.Generator, cfg: DataConfig, users: _Users, pins: _Pins, truth: GroundTruth, trend_by_hour: np.ndarray
+) -> _Events:
+    """Impressions and engagements; ``trend_by_hour`` (days·24, K) holds w_k at each hour's midpoint."""
+    n_interests = cfg.n_interests
+    start_us, end_us = truth.start_us, truth.end_us
+    impression_end = end_us - IMPRESSION_MARGIN_US
+    user_cdf = np.cumsum(users.activity)
+    theta = users.theta.astype(np.float32)
+    trend_by_hour = trend_by_hour.astype(np.float32)
+    # Pins ordered by (interest, rank): interest k's rank r is at lo[k] + r - 1.
+    by_rank = np.lexsort((pins.rank, pins.interest))
+    lo = np.searchsorted(pins.interest[by_rank], np.arange(n_interests), side="left")
+    size = np.bincount(pins.interest, minlength=n_interests)
+    mass = _zipf_cdf(size + 1.0, cfg.zipf_exponent)
+    v = pins.v
+
+    parts: list[_Events] = []
+    total = 0
+    chunk = min(CHUNK_IMPRESSIONS, cfg.n_events)
+    weights = np.empty((chunk, n_interests), dtype=np.float32)
+    trend = np.empty_like(weights)
+    with tqdm(total=cfg.n_events, unit="row", unit_scale=True, desc="synthetic events") as bar:
+        while total < cfg.n_events:
+            u = np.minimum(np.searchsorted(user_cdf, rng.random(chunk) * user_cdf[-1], side="right"), cfg.n_users - 1)
+            ts = rng.integers(start_us, impression_end, chunk)
+            np.take(theta, u, axis=0, out=weights)
+            np.take(trend_by_hour, (ts - start_us) // US_PER_HOUR, axis=0, out=trend)
+            weights *= trend
+            np.cumsum(weights, axis=1, out=weights)
+            k = np.minimum((weights < (rng.random(chunk) * weights[:, -1])[:, None]).sum(axis=1), n_interests - 1)
+            x = _zipf_inverse_cdf(rng.random((chunk, CANDIDATES)) * mass[k][:, None], cfg.zipf_exponent)
+            rank = np.clip(x.astype(np.int64), 1, size[k][:, None])
+            cand = by_rank[lo[k][:, None] + rank - 1]
+            zu = users.z[u]
+            taste = np.empty((chunk, CANDIDATES))
+            for j in range(CANDIDATES):
+                taste[:, j] = np.einsum("ij,ij->i", zu, v[cand[:, j]])
+            pick = np.argmax(taste / truth.temperature + rng.gumbel(size=(chunk, CANDIDATES)), axis=1)
+            rows = np.arange(chunk)
+            p, affinity = cand[rows, pick], taste[rows, pick]
+            created = pins.created_us[p]
+            early = np.flatnonzero(ts < created)
+            ts[early] = created[early] + (rng.random(len(early)) * (impression_end - created[early])).astype(np.int64)
+            outcome_cdf = np.cumsum(np.exp(truth.outcome_bias + truth.outcome_slope * affinity[:, None]), axis=1)
+            outcome = (outcome_cdf < (rng.random(chunk) * outcome_cdf[:, -1])[:, None]).sum(axis=1).astype(np.int8)
+            delay = rng.integers(US_PER_SECOND, 30 * US_PER_SECOND, chunk, endpoint=True)
+
+            n_rows = np.cumsum(1 + (outcome > 0))
+            keep = int(np.searchsorted(n_rows, cfg.n_events - total, side="right"))
+            u, p, ts, outcome, delay = u[:keep], p[:keep], ts[:keep], outcome[:keep], delay[:keep]
+            eng = np.flatnonzero(outcome > 0)
+            part = _Events(
+                user=np.concatenate([u, u[eng]]).astype(np.int32),
+                pin=np.concatenate([p, p[eng]]).astype(np.int32),
+                code=np.concatenate([np.zeros(keep, dtype=np.int8), outcome[eng]]),
+                ts=np.concatenate([ts, ts[eng] + delay[eng]]),
+            )
+            parts.append(part)
+            total += len(part.ts)
+            bar.update(len(part.ts))
+            if keep < chunk:
+                break
+    return _Events(*(np.concatenate([getattr(part, f.name) for part in parts]) for f in dataclasses.fields(_Events)))
+
+
+def _sort_events(ev: _Events) -> np.ndarray:
+    """(n,) permutation ordering the rows by (time, user, pin, type).
+
+    User and pin positions are in id order, so this sorts by ids too. Timestamps are microseconds
+    and nearly unique: sort by time, then re-sort only the runs of tied times by all keys.
+    """
+    order = np.argsort(ev.ts)
+    sorted_ts = ev.ts[order]
+    tied = np.flatnonzero(sorted_ts[1:] == sorted_ts[:-1])
+    if len(tied):
+        pos = np.union1d(tied, tied + 1)
+        sub = order[pos]
+        order[pos] = sub[np.lexsort((ev.code[sub], ev.pin[sub], ev.user[sub], ev.ts[sub]))]
+    return order
+
+
+def generate(cfg: DataConfig) -> tuple[RawTables, GroundTruth]:
+    """Generate the raw tables and the latent ground truth for ``cfg`` (deterministic by ``cfg.seed``)."""
+    rng = np.random.Generator(np.random.PCG64(cfg.seed))
+    end_us = pd.Timestamp(parse_utc(cfg.end_date)).value // 1000
+    start_us = end_us - cfg.days * US_PER_DAY
+    centroids = rng.normal(0.0, CENTROID_STD, (cfg.n_interests, LATENT_DIM))
+    pins = _make_pins(rng, cfg, centroids, start_us, end_us)
+    has_pins = np.bincount(pins.interest, minlength=cfg.n_interests) > 0
+    users = _make_users(rng, cfg, has_pins, start_us, end_us)
+    amplitude = rng.uniform(0.1, 0.6, cfg.n_interests)
+    period = rng.uniform(7.0, max(14.0, 2.0 * cfg.days), cfg.n_interests)
+    phase = rng.uniform(0.0, 2 * np.pi, cfg.n_interests)
+    drift = rng.normal(0.0, 0.7, cfg.n_interests)
+    hour_midpoints = (np.arange(cfg.days * 24) + 0.5) / 24
+    trend_by_hour = np.exp(_log_trend(hour_midpoints, amplitude, period, phase, drift, cfg.days))
+
+    truth = GroundTruth(
+        user_ids=users.ids,
+        pin_ids=pins.ids,
+        theta=users.theta,
+        z=users.z,
+        v=pins.v,
+        pin_interest=pins.interest,
+        popularity=pins.popularity,
+        duplicate_of=pins.duplicate_of,
+        trend_amplitude=amplitude,
+        trend_period_days=period,
+        trend_phase=phase,
+        trend_drift=drift,
+        trend_mean=trend_by_hour.mean(axis=0),
+        start_us=start_us,
+        end_us=end_us,
+        temperature=TEMPERATURE,
+        outcome_bias=OUTCOME_BIAS.copy(),
+        outcome_slope=OUTCOME_SLOPE.copy(),
+    )
+    ev = _make_events(rng, cfg, users, pins, truth, trend_by_hour)
+    first_event = np.full(cfg.n_users, np.iinfo(np.int64).max)
+    np.minimum.at(first_event, ev.user, ev.ts)
+    active = first_event < np.iinfo(np.int64).max
+    lead = rng.integers(US_PER_SECOND, 7 * US_PER_DAY, cfg.n_users)
+    signup = np.where(active, np.minimum(users.signup_us, first_event - lead), users.signup_us)
+
+    order = _sort_events(ev)
+    events = pd.DataFrame(
+        {
+            "user_id": users.ids[ev.user[order]],
+            "pin_id": pins.ids[ev.pin[order]],
+            "event_type": np.array(EVENT_TYPES, dtype=object)[ev.code[order]],
+            "event_timestamp": _utc(ev.ts[order]),
+        }
+    )
+    del ev, order
+    tables = RawTables(
+        users=pd.DataFrame(
+            {
+                "user_id": users.ids,
+                "age": users.age,
+                "gender": users.gender,
+                "segment": users.segment,
+                "signup_at": _utc(signup),
+            }
+        ),
+        interests=pd.DataFrame(
+            {"interest_id": np.arange(cfg.n_interests, dtype=np.int64), "name": _interest_names(cfg.n_interests)}
+        ),
+        pins=pd.DataFrame(
+            {
+                "pin_id": pins.ids,
+                "interest_id": pins.interest,
+                "image_signature": pins.signature,
+                "created_at": _utc(pins.created_us),
+            }
+        ),
+        events=events,
+    )
+    counts = events["event_type"].value_counts()
+    log.info(
+        "generated %s users (%s active), %s pins (%s near-duplicates), %s interests, %s events over %d days: %s",
+        f"{cfg.n_users:,}",
+        f"{int(active.sum()):,}",
+        f"{cfg.n_pins:,}",
+        f"{int((pins.duplicate_of >= 0).sum()):,}",
+        cfg.n_interests,
+        f"{len(events):,}",
+        cfg.days,
+        ", ".join(f"{t}={int(counts.get(t, 0)):,}" for t in EVENT_TYPES),
+    )
+    return tables, truth
+
+
+def oracle_recall_at_k(truth: GroundTruth, train: pd.DataFrame, test: pd.DataFrame, k: int) -> float:
+    """Recall@k of ranking every pin by ``truth.scores`` (the best any model can do in expectation).
+
+    ``train`` and ``test`` hold positive interactions (columns user_id, pin_id). For each test
+    user, all pins except the user's train pins are ranked and the top ``k`` are kept. The
+    relevant set is the user's distinct test pins that are not among their train pins (those
+    cannot be retrieved); users left without any are skipped. Recall divides by the full size of
+    the relevant set (see ``training.metrics.recall_at_k``), averaged over users.
+    """
+    n_pins = len(truth.pin_ids)
+    tr = pd.DataFrame(
+        {
+            "u": index_of(truth.user_ids, train["user_id"].to_numpy(np.int64), "train user_id"),
+            "p": index_of(truth.pin_ids, train["pin_id"].to_numpy(np.int64), "train pin_id"),
+        }
+    ).drop_duplicates()
+    te = pd.DataFrame(
+        {
+            "u": index_of(truth.user_ids, test["user_id"].to_numpy(np.int64), "test user_id"),
+            "p": index_of(truth.pin_ids, test["pin_id"].to_numpy(np.int64), "test pin_id"),
+        }
+    ).drop_duplicates()
+    te = te.merge(tr, on=["u", "p"], how="left", indicator=True)
+    te = te[te["_merge"] == "left_only"].sort_values(["u", "p"])
+    if te.empty:
+        raise ValueError("no test user has a test pin outside their train pins")
+    tr = tr.sort_values(["u", "p"])
+    tr_u, tr_p = tr["u"].to_numpy(), tr["p"].to_numpy()
+    test_users = te["u"].unique()
+    relevant = [set(g) for g in np.split(te["p"].to_numpy(), np.flatnonzero(np.diff(te["u"].to_numpy())) + 1)]
+
+    kk = min(k, n_pins)
+    batch = max(1, 4_000_000 // n_pins)
+    topk = np.empty((len(test_users), kk), dtype=np.int64)
+    for start in range(0, len(test_users), batch):
+        users = test_users[start : start + batch]
+        scores = truth.scores(truth.user_ids[users])
+        a, b = np.searchsorted(tr_u, users[0], side="left"), np.searchsorted(tr_u, users[-1], side="right")
+        row = np.searchsorted(users, tr_u[a:b])
+        in_batch = users[np.minimum(row, len(users) - 1)] == tr_u[a:b]
+        scores[row[in_batch], tr_p[a:b][in_batch]] = -np.inf
+        topk[start : start + len(users)] = np.argpartition(-scores, kk - 1, axis=1)[:, :kk]
+    return recall_at_k(topk, relevant)

@@ -1,0 +1,75 @@
+"""Stage: transform. Runs the dbt project (dbt-duckdb) on the contract-checked raw files of a build.
+
+dbt reads ``<build>/staged/*.parquet`` and writes ``<build>/warehouse.duckdb`` and the marts and feature
+tables as parquet under ``<build>/tables/``. The build folder is always ``<data_dir>/build`` so dbt's
+partial parsing survives between runs; ``training.data.snapshot`` renames it once everything passed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from training.config import REPO_ROOT, Config
+
+log = logging.getLogger(__name__)
+
+DBT_DIR = REPO_ROOT / "dbt_project"
+
+
+class TransformError(RuntimeError):
+    """dbt failed; the message lists the failing nodes."""
+
+
+@dataclass
+class DbtResult:
+    seconds: float
+    nodes: dict[str, str]
+    """node name -> status (success, pass, ...)."""
+    timings: dict[str, float]
+    """node name -> execution seconds."""
+
+
+def dbt_args(command: str, cfg: Config, build_dir: Path, *extra: str) -> list[str]:
+    return [
+        command,
+        "--project-dir", str(DBT_DIR),
+        "--profiles-dir", str(DBT_DIR),
+        "--target-path", str(cfg.data_path / "dbt" / "target"),
+        "--log-path", str(cfg.data_path / "dbt" / "logs"),
+        "--vars", json.dumps(cfg.transform.dbt_vars()),
+        *extra,
+    ]
+
+
+def dbt_env(cfg: Config, build_dir: Path) -> dict[str, str]:
+    """Environment the profile and sources read (see dbt_project/profiles.yml)."""
+    return {"RETRIEVAL_BUILD_DIR": str(build_dir), "RETRIEVAL_DUCKDB_THREADS": str(cfg.transform.threads)}
+
+
+def run_dbt(command: str, cfg: Config, build_dir: Path, *extra: str) -> DbtResult:
+    """Run a dbt command in-process (``build`` = models + data tests + unit tests)."""
+    from dbt.cli.main import dbtRunner
+
+    (build_dir / "tables").mkdir(parents=True, exist_ok=True)
+    os.environ.update(dbt_env(cfg, build_dir))
+    args = dbt_args(command, cfg, build_dir, *extra)
+    log.info("dbt %s (vars %s)", command, cfg.transform.dbt_vars())
+    t0 = time.perf_counter()
+    res = dbtRunner().invoke(args)
+    seconds = time.perf_counter() - t0
+    if res.exception is not None:
+        raise TransformError(f"dbt {command} could not run: {res.exception}") from res.exception
+    results = list(res.result or [])
+    nodes = {r.node.name: str(r.status) for r in results}
+    timings = {r.node.name: round(float(r.execution_time or 0.0), 3) for r in results}
+    failed = [f"{r.node.name} ({r.status}): {(r.message or '').strip()[:300]}" for r in results
+              if str(r.status) in ("error", "fail", "runtime error")]
+    if not res.success or failed:
+        raise TransformError(f"dbt {command} failed in {build_dir}:\n  " + "\n  ".join(failed or ["see dbt logs"]))
+    log.info("dbt %s: %d nodes ok in %.1fs", command, len(nodes), seconds)
+    return DbtResult(seconds=seconds, nodes=nodes, timings=timings)
