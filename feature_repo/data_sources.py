@@ -13,6 +13,14 @@ from feast import FileSource
 DATA_DIR = Path(os.environ.get("RETRIEVAL_DATA_DIR", Path(__file__).resolve().parent.parent / ".data")).resolve()
 TABLES_DIR = DATA_DIR / "live" / "tables"
 
+# Why: the user's static profile, valid from signup; written by dbt model user_profile.
+user_profile_source = FileSource(
+    name="user_profile_source",
+    path=str(TABLES_DIR / "user_profile.parquet"),
+    timestamp_field="event_timestamp",
+    tags={"dbt_model": "user_profile"},
+)
+
 # Why: point-in-time user features; one row per user per active day, written by dbt model user_features.
 user_features_source = FileSource(
     name="user_features_source",

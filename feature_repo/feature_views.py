@@ -5,20 +5,32 @@ from datetime import timedelta
 from feast import FeatureView, Field
 from feast.types import Array, Float64, Int64, String, UnixTimestamp
 
-from feature_repo.data_sources import pin_features_source, user_features_source
+from feature_repo.data_sources import pin_features_source, user_features_source, user_profile_source
 from feature_repo.entities import pin, user
 
 FEATURE_TTL = timedelta(days=120)
 
-# Why: everything the user tower reads about a user: profile, engagement counts, recent pins, top interests.
+# Why: profile attributes the user tower reads even for users with no engagement yet. Profiles don't expire.
+user_profile = FeatureView(
+    name="user_profile",
+    entities=[user],
+    ttl=timedelta(0),
+    schema=[
+        Field(name="age", dtype=Int64),
+        Field(name="gender", dtype=String),
+        Field(name="segment", dtype=String),
+    ],
+    source=user_profile_source,
+    online=True,
+    tags={"dbt_model": "user_profile"},
+)
+
+# Why: the user's recent behaviour for the user tower: engagement counts, recent pins, top interests.
 user_features = FeatureView(
     name="user_features",
     entities=[user],
     ttl=FEATURE_TTL,
     schema=[
-        Field(name="age", dtype=Int64),
-        Field(name="gender", dtype=String),
-        Field(name="segment", dtype=String),
         Field(name="engagements_7d", dtype=Int64),
         Field(name="engagements_30d", dtype=Int64),
         Field(name="saves_30d", dtype=Int64),

@@ -54,9 +54,6 @@ top_interests as (
 select
     d.user_id,
     d.event_timestamp,
-    u.age,
-    u.gender,
-    u.segment,
     d.engagements_7d,
     d.engagements_30d,
     d.saves_30d,
@@ -72,7 +69,6 @@ select
     coalesce(t.top_interest_ids, []::bigint[]) as top_interest_ids,
     d.event_timestamp as user_features_at
 from days as d
-join {{ ref('stg_users') }} as u on u.user_id = d.user_id
 asof left join sequences as s
     on s.user_id = d.user_id and d.event_timestamp > s.event_timestamp
 left join top_interests as t

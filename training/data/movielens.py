@@ -1,0 +1,297 @@
+"""MovieLens ingest: ML-100k original files or ml-latest(-small) csv as ``RawTables``.
+
+Layouts (detected from the files present):
+
+- ML-100k: ``u.data`` (tab: user, item, rating, unix seconds), ``u.item`` ('|', latin-1: id, title,
+  release date like ``01-Jan-1995``, video release, url, 19 genre flags), ``u.user`` ('|': id, age,
+  gender, occupation, zip).
+- ml-latest / ml-latest-small: ``ratings.csv`` (userId, movieId, rating, timestamp) and
+  ``movies.csv`` (movieId, title, genres joined by '|', or ``(no genres listed)``); no user file.
+
+Mapping:
+
+- Every rating is an ``impression`` at its timestamp plus an engagement one second later:
+  ``save`` if rating >= 4, else ``click``.
+- Interests are the genres: ``unknown`` is id 0, then the other genres in alphabetical order
+  (ML-100k: its 19 genres in file order, which is exactly that). A movie's ``interest_id`` is its
+  first genre (first flagged column / first listed name); a movie without any is ``unknown``.
+- ``created_at`` = min(release date, first rating time). The release date is the ML-100k field,
+  or for ml-latest January 1st of the ``(YYYY)`` year at the end of the title; when it is missing
+  the first rating time is used, and an unrated movie without one gets the data set's first
+  rating time.
+- ``image_signature`` = first 16 hex chars of sha1(title lowercased, whitespace collapsed), so a
+  movie listed twice under two ids shares one signature. ML-100k has 18 such duplicate-title
+  groups (18 titles listed twice: 1682 movies, 1664 distinct normalised titles).
+- Users: ML-100k age, gender lowercased ('m'/'f', anything else 'u'), segment = occupation;
+  ml-latest users (those with ratings) get age 0, gender 'u', segment 'unknown'. ``signup_at`` is
+  one second before the user's first rating (the data set's first rating for users without any).
+
+Malformed rows (wrong field count, unparsable ids/ratings/timestamps/genre flags) and ratings of
+unknown users or movies are dropped and counted; a WARNING names the file and the count, and more
+than ``MAX_BAD_FRACTION`` of a file, or an empty file, raises ValueError naming the file. Missing
+files raise FileNotFoundError naming the path and the expected files.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.csv as pacsv
+
+from training.data.raw import RawTables
+
+log = logging.getLogger(__name__)
+
+ML100K_FILES = ("u.data", "u.item", "u.user")
+LATEST_FILES = ("ratings.csv", "movies.csv")
+UNKNOWN_GENRE = "unknown"
+ML100K_GENRES = (
+    UNKNOWN_GENRE, "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "Documentary", "Drama",
+    "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery", "Romance", "Sci-Fi", "Thriller", "War", "Western",
+)  # fmt: skip
+LATEST_NO_GENRE = "(no genres listed)"
+MAX_BAD_FRACTION = 0.01
+"""Largest tolerated fraction of dropped rows per file."""
+SAVE_MIN_RATING = 4.0
+US_PER_SECOND = 1_000_000
+
+_EXPECTED = f"expected ML-100k files ({', '.join(ML100K_FILES)}) or ml-latest csv files ({', '.join(LATEST_FILES)})"
+
+
+def ingest(path: str | Path) -> RawTables:
+    """Read a MovieLens directory (either layout) into the raw tables."""
+    root = Path(path)
+    if not root.exists():
+        raise FileNotFoundError(f"MovieLens path {root} does not exist; {_EXPECTED}")
+    if not root.is_dir():
+        raise ValueError(f"MovieLens path {root} is not a directory; {_EXPECTED}")
+    if (root / "u.data").exists():
+        layout, tables = "ML-100k", _ingest_100k(root)
+    elif (root / "ratings.csv").exists():
+        layout, tables = "ml-latest", _ingest_latest(root)
+    else:
+        raise FileNotFoundError(f"MovieLens path {root} holds neither layout; {_EXPECTED}")
+    log.info(
+        "ingested %s from %s: %s users, %s movies, %s genres, %s events",
+        layout,
+        root,
+        f"{len(tables.users):,}",
+        f"{len(tables.pins):,}",
+        len(tables.interests),
+        f"{len(tables.events):,}",
+    )
+    return tables
+
+
+def _require(root: Path, names: tuple[str, ...], layout: str) -> None:
+    missing = [n for n in names if not (root / n).is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"MovieLens {layout} directory {root} lacks {', '.join(missing)} (needs {', '.join(names)})"
+        )
+
+
+def _check_dropped(path: Path, dropped: int, total: int, what: str) -> None:
+    """Log dropped rows; raise when they exceed ``MAX_BAD_FRACTION`` of the file."""
+    if dropped == 0:
+        return
+    if dropped > MAX_BAD_FRACTION * total:
+        raise ValueError(f"{path}: {dropped:,} of {total:,} rows are {what} (more than {MAX_BAD_FRACTION:.0%})")
+    log.warning("%s: dropped %s of %s rows (%s)", path, f"{dropped:,}", f"{total:,}", what)
+
+
+def _read(path: Path, columns: list[str], sep: str, encoding: str = "utf8", header: str | None = None) -> pd.DataFrame:
+    """Read a delimited file as string columns, dropping lines with the wrong number of fields.
+
+    With ``header`` the first line must equal it. Returns a frame of shape (rows, len(columns));
+    ``attrs['total']`` holds the number of data lines including the dropped ones.
+    """
+    if header is not None:
+        with open(path, encoding=encoding) as f:
+            first = f.readline().strip()
+        if first != header:
+            raise ValueError(f"{path}: header is {first!r}, expected {header!r}")
+    invalid = 0
+
+    def skip(_row: pacsv.InvalidRow) -> str:
+        nonlocal invalid
+        invalid += 1
+        return "skip"
+
+    try:
+        table = pacsv.read_csv(
+            path,
+            read_options=pacsv.ReadOptions(column_names=columns, skip_rows=int(header is not None), encoding=encoding),
+            parse_options=pacsv.ParseOptions(
+                delimiter=sep, quote_char='"' if sep == "," else False, invalid_row_handler=skip
+            ),
+            convert_options=pacsv.ConvertOptions(column_types={c: pa.string() for c in columns}),
+        )
+    except pa.ArrowInvalid as e:
+        if "Empty CSV file" in str(e):
+            raise ValueError(f"{path} is empty") from e
+        raise ValueError(f"{path}: cannot be parsed: {e}") from e
+    total = table.num_rows + invalid
+    if total == 0:
+        raise ValueError(f"{path} is empty")
+    df = table.to_pandas()
+    df.attrs["total"] = total
+    return df
+
+
+def _numeric(path: Path, df: pd.DataFrame, ints: list[str], floats: tuple[str, ...] = ()) -> pd.DataFrame:
+    """Parse ``ints`` as integers and ``floats`` as numbers; rows where any fails are dropped (counted)."""
+    parsed = {c: pd.to_numeric(df[c].str.strip(), errors="coerce") for c in [*ints, *floats]}
+    ok = np.logical_and.reduce([v.notna().to_numpy() for v in parsed.values()])
+    for c in ints:
+        ok &= (parsed[c] % 1 == 0).to_numpy()
+    total = df.attrs["total"]
+    _check_dropped(path, total - int(ok.sum()), total, "malformed")
+    out = df.assign(**parsed)[ok].reset_index(drop=True)
+    out.attrs["total"] = total
+    return out
+
+
+def _utc_seconds(seconds: np.ndarray) -> pd.DatetimeIndex:
+    """Unix seconds (shape (n,)) as datetime64[us, UTC]."""
+    return pd.DatetimeIndex((seconds.astype(np.int64) * US_PER_SECOND).view("datetime64[us]")).tz_localize("UTC")
+
+
+def _signature(titles: pd.Series) -> np.ndarray:
+    """(n,) object array: 16 hex chars of sha1 of each normalised title."""
+    return np.array(
+        [hashlib.sha1(" ".join(t.lower().split()).encode()).hexdigest()[:16] for t in titles.tolist()], dtype=object
+    )
+
+
+def _events(path: Path, ratings: pd.DataFrame, users: np.ndarray, movies: np.ndarray) -> pd.DataFrame:
+    """Impressions and engagements from ratings (user, item, rating, ts) of known users and movies."""
+    known = ratings["user"].isin(users).to_numpy() & ratings["item"].isin(movies).to_numpy()
+    _check_dropped(path, int((~known).sum()), ratings.attrs["total"], "ratings of unknown users or movies")
+    r = ratings[known]
+    user = r["user"].to_numpy(np.int64)
+    item = r["item"].to_numpy(np.int64)
+    ts = r["ts"].to_numpy(np.int64) * US_PER_SECOND
+    code = np.where(r["rating"].to_numpy() >= SAVE_MIN_RATING, 2, 1).astype(np.int8)
+    labels = np.array(["impression", "click", "save"], dtype=object)
+    all_user, all_item = np.concatenate([user, user]), np.concatenate([item, item])
+    all_code = np.concatenate([np.zeros(len(r), dtype=np.int8), code])
+    all_ts = np.concatenate([ts, ts + US_PER_SECOND])
+    order = np.lexsort((all_code, all_item, all_user, all_ts))
+    return pd.DataFrame(
+        {
+            "user_id": all_user[order],
+            "pin_id": all_item[order],
+            "event_type": labels[all_code[order]],
+            "event_timestamp": pd.DatetimeIndex(all_ts[order].view("datetime64[us]")).tz_localize("UTC"),
+        }
+    )
+
+
+def _first_rating(ratings: pd.DataFrame, key: str, ids: np.ndarray) -> np.ndarray:
+    """(len(ids),) first rating time (unix seconds, float) per id; NaN for ids without ratings."""
+    return ratings.groupby(key)["ts"].min().reindex(ids).to_numpy(np.float64)
+
+
+def _pins(
+    ids: np.ndarray, interest: np.ndarray, titles: pd.Series, release: pd.Series, ratings: pd.DataFrame
+) -> pd.DataFrame:
+    """The pins table; ``release`` holds release dates (datetime64 UTC or NaT), all of shape (n,)."""
+    first = _first_rating(ratings, "item", ids)
+    release_s = ((release - pd.Timestamp(0, tz="UTC")) / pd.Timedelta(seconds=1)).to_numpy(np.float64, na_value=np.nan)
+    created = np.fmin(release_s, first)
+    created[np.isnan(created)] = ratings["ts"].min()
+    return pd.DataFrame(
+        {
+            "pin_id": ids,
+            "interest_id": interest.astype(np.int64),
+            "image_signature": _signature(titles),
+            "created_at": _utc_seconds(created),
+        }
+    )
+
+
+def _signup(ratings: pd.DataFrame, ids: np.ndarray) -> pd.DatetimeIndex:
+    """(len(ids),) one second before each user's first rating (the data set's first when none)."""
+    first = _first_rating(ratings, "user", ids)
+    first[np.isnan(first)] = ratings["ts"].min()
+    return _utc_seconds(first - 1)
+
+
+def _ingest_100k(root: Path) -> RawTables:
+    _require(root, ML100K_FILES, "ML-100k")
+    rating_cols = ["user", "item", "rating", "ts"]
+    data_path = root / "u.data"
+    ratings = _numeric(data_path, _read(data_path, rating_cols, "\t"), ["user", "item", "ts"], ("rating",))
+
+    flags = [f"g{i}" for i in range(len(ML100K_GENRES))]
+    item_path = root / "u.item"
+    items = _read(item_path, ["id", "title", "release", "video", "url", *flags], "|", encoding="latin-1")
+    items = _numeric(item_path, items, ["id", *flags])
+    flag_values = items[flags].to_numpy() == 1
+    interest = np.where(flag_values.any(axis=1), flag_values.argmax(axis=1), 0)
+    release = pd.to_datetime(items["release"], format="%d-%b-%Y", errors="coerce", utc=True)
+    item_ids = items["id"].to_numpy(np.int64)
+
+    user_path = root / "u.user"
+    users = _numeric(user_path, _read(user_path, ["id", "age", "gender", "occupation", "zip"], "|"), ["id", "age"])
+    user_ids = users["id"].to_numpy(np.int64)
+    gender = users["gender"].str.strip().str.lower()
+    occupation = users["occupation"].str.strip()
+    return RawTables(
+        users=pd.DataFrame(
+            {
+                "user_id": user_ids,
+                "age": users["age"].to_numpy(np.int64),
+                "gender": gender.where(gender.isin(["f", "m"]), "u").to_numpy(object),
+                "segment": occupation.where(occupation != "", "unknown").to_numpy(object),
+                "signup_at": _signup(ratings, user_ids),
+            }
+        ),
+        interests=pd.DataFrame({"interest_id": np.arange(len(ML100K_GENRES), dtype=np.int64), "name": ML100K_GENRES}),
+        pins=_pins(item_ids, interest, items["title"], release, ratings),
+        events=_events(data_path, ratings, user_ids, item_ids),
+    )
+
+
+def _ingest_latest(root: Path) -> RawTables:
+    _require(root, LATEST_FILES, "ml-latest")
+    rating_cols = ["user", "item", "rating", "ts"]
+    ratings_path = root / "ratings.csv"
+    ratings = _read(ratings_path, rating_cols, ",", header="userId,movieId,rating,timestamp")
+    ratings = _numeric(ratings_path, ratings, ["user", "item", "ts"], ("rating",))
+
+    movies_path = root / "movies.csv"
+    movies = _numeric(
+        movies_path, _read(movies_path, ["id", "title", "genres"], ",", header="movieId,title,genres"), ["id"]
+    )
+    genre_lists = movies["genres"].str.split("|")
+    names = {g.strip() for gs in genre_lists for g in gs} - {LATEST_NO_GENRE, UNKNOWN_GENRE, ""}
+    genres = [UNKNOWN_GENRE, *sorted(names)]
+    genre_id = {g: i for i, g in enumerate(genres)}
+    interest = np.array([genre_id.get(gs[0].strip(), 0) for gs in genre_lists], dtype=np.int64)
+    year = movies["title"].str.extract(r"\((\d{4})\)\s*$", expand=False)
+    release = pd.to_datetime(year, format="%Y", errors="coerce", utc=True)
+    movie_ids = movies["id"].to_numpy(np.int64)
+
+    user_ids = np.unique(ratings["user"].to_numpy(np.int64))
+    n_users = len(user_ids)
+    return RawTables(
+        users=pd.DataFrame(
+            {
+                "user_id": user_ids,
+                "age": np.zeros(n_users, dtype=np.int64),
+                "gender": np.full(n_users, "u", dtype=object),
+                "segment": np.full(n_users, "unknown", dtype=object),
+                "signup_at": _signup(ratings, user_ids),
+            }
+        ),
+        interests=pd.DataFrame({"interest_id": np.arange(len(genres), dtype=np.int64), "name": genres}),
+        pins=_pins(movie_ids, interest, movies["title"], release, ratings),
+        events=_events(ratings_path, ratings, user_ids, movie_ids),
+    )
