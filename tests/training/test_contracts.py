@@ -1,0 +1,121 @@
+"""pandera contracts on raw inputs: quarantine with reasons, counts add up, clear errors."""
+
+from datetime import datetime, timezone
+
+import pandas as pd
+import pytest
+
+from training.config import ContractConfig
+from training.data.contracts import ContractError, validate_raw
+from training.data.raw import RawTables, write_raw
+
+NOW = datetime(2026, 11, 21, tzinfo=timezone.utc)
+T0 = pd.Timestamp("2026-06-01", tz="UTC")
+
+
+def tiny_raw(n_events: int = 200) -> RawTables:
+    users = pd.DataFrame({"user_id": [1, 2, 3], "age": [20, 30, 40], "gender": ["f", "m", "u"],
+                          "segment": ["a", "b", "a"], "signup_at": [T0] * 3})
+    interests = pd.DataFrame({"interest_id": [0, 1], "name": ["art", "food"]})
+    pins = pd.DataFrame({"pin_id": [10, 11, 12], "interest_id": [0, 1, 1], "image_signature": ["x", "y", "y"],
+                         "created_at": [T0] * 3})
+    events = pd.DataFrame({
+        "user_id": [1 + i % 3 for i in range(n_events)],
+        "pin_id": [10 + i % 3 for i in range(n_events)],
+        "event_type": ["impression", "save", "click", "hide"] * (n_events // 4),
+        "event_timestamp": [T0 + pd.Timedelta(hours=i) for i in range(n_events)],
+    })
+    return RawTables(users, interests, pins, events)
+
+
+def run(tmp_path, tables: RawTables, **cfg):
+    raw = tmp_path / "raw"
+    write_raw(tables, raw)
+    return validate_raw(raw, tmp_path / "build", ContractConfig(**cfg), now=NOW)
+
+
+def write_events(tmp_path, events: pd.DataFrame) -> None:
+    events.to_parquet(tmp_path / "raw" / "events.parquet")
+
+
+def test_clean_input_is_accepted_whole(tmp_path):
+    reports = run(tmp_path, tiny_raw())
+    assert {t: (r.accepted, r.quarantined) for t, r in reports.items()} == {
+        "interests": (2, 0), "users": (3, 0), "pins": (3, 0), "events": (200, 0)}
+    staged = pd.read_parquet(tmp_path / "build" / "staged" / "events.parquet")
+    assert len(staged) == 200 and str(staged["event_timestamp"].dtype) == "datetime64[us, UTC]"
+    assert not (tmp_path / "build" / "quarantine").exists()
+
+
+def test_bad_rows_are_quarantined_with_a_reason_each(tmp_path):
+    run(tmp_path, tiny_raw())  # writes raw/
+    ev = tiny_raw().events.astype({"user_id": object, "event_timestamp": object})
+    ev.loc[0, "user_id"] = "not-a-number"          # wrong type
+    ev.loc[1, "user_id"] = 999                      # unknown id
+    ev.loc[2, "pin_id"] = 77                        # unknown pin
+    ev.loc[3, "event_type"] = "like"                # unknown event type
+    ev.loc[4, "event_timestamp"] = "1970-01-01"     # out of range (too old)
+    ev.loc[5, "event_timestamp"] = "2031-01-01"     # out of range (future)
+    ev.loc[6, "event_timestamp"] = None             # missing
+    ev["user_id"] = ev["user_id"].astype(str)
+    ev["event_timestamp"] = ev["event_timestamp"].astype(str).replace("None", None)
+    write_events(tmp_path, ev)
+    reports = validate_raw(tmp_path / "raw", tmp_path / "build", ContractConfig(max_bad_fraction=0.05), now=NOW)
+    r = reports["events"]
+    assert (r.input_rows, r.accepted, r.quarantined) == (200, 193, 7)
+    q = pd.read_parquet(tmp_path / "build" / "quarantine" / "events.parquet").set_index("row_number")
+    assert sorted(q.index) == [0, 1, 2, 3, 4, 5, 6]
+    assert "user_id: not a valid int64" in q.loc[0, "reason"]
+    assert "user_id: known users" in q.loc[1, "reason"]
+    assert "pin_id: known pins" in q.loc[2, "reason"]
+    assert "event_type: isin" in q.loc[3, "reason"]
+    assert "event_timestamp: between" in q.loc[4, "reason"] and "event_timestamp: between" in q.loc[5, "reason"]
+    assert "event_timestamp" in q.loc[6, "reason"]
+    staged = pd.read_parquet(tmp_path / "build" / "staged" / "events.parquet")
+    assert len(staged) == 193 and staged["user_id"].isin([1, 2, 3]).all()
+
+
+def test_references_follow_quarantined_parents(tmp_path):
+    t = tiny_raw()
+    t.pins.loc[2, "interest_id"] = 9  # pin 12 points at an unknown interest -> quarantined
+    reports = run(tmp_path, t, max_bad_fraction=0.5)
+    assert reports["pins"].quarantined == 1
+    # every event on pin 12 is now an unknown-pin event, quarantined too
+    assert reports["events"].quarantined == sum(1 for i in range(200) if 10 + i % 3 == 12)
+
+
+def test_duplicate_keys_keep_the_first(tmp_path):
+    t = tiny_raw()
+    t.users = pd.concat([t.users, t.users.iloc[[0]]], ignore_index=True)
+    reports = run(tmp_path, t, max_bad_fraction=0.5)
+    assert (reports["users"].accepted, reports["users"].quarantined) == (3, 1)
+
+
+def test_too_many_bad_rows_fail_naming_file_column_and_count(tmp_path):
+    run(tmp_path, tiny_raw())
+    ev = tiny_raw().events
+    ev.loc[:9, "event_type"] = "like"
+    write_events(tmp_path, ev)
+    with pytest.raises(ContractError) as e:
+        validate_raw(tmp_path / "raw", tmp_path / "build", ContractConfig(max_bad_fraction=0.01), now=NOW)
+    msg = str(e.value)
+    assert "events.parquet" in msg and "10 of 200 rows" in msg and "event_type" in msg and "(10 rows)" in msg
+
+
+def test_missing_column_is_named(tmp_path):
+    run(tmp_path, tiny_raw())
+    write_events(tmp_path, tiny_raw().events.drop(columns=["event_type"]))
+    with pytest.raises(ContractError, match=r"events.parquet: missing column\(s\) event_type"):
+        validate_raw(tmp_path / "raw", tmp_path / "build", ContractConfig(), now=NOW)
+
+
+def test_missing_empty_and_corrupt_files(tmp_path):
+    with pytest.raises(ContractError, match="raw input not found: .*interests.parquet"):
+        validate_raw(tmp_path / "nowhere", tmp_path / "build", ContractConfig(), now=NOW)
+    run(tmp_path, tiny_raw())
+    write_events(tmp_path, tiny_raw().events.iloc[:0])
+    with pytest.raises(ContractError, match="events.parquet: the file has no rows"):
+        validate_raw(tmp_path / "raw", tmp_path / "build", ContractConfig(), now=NOW)
+    (tmp_path / "raw" / "events.parquet").write_text("user_id,pin_id\n1,2\n")
+    with pytest.raises(ContractError, match="events.parquet: cannot be read as parquet"):
+        validate_raw(tmp_path / "raw", tmp_path / "build", ContractConfig(), now=NOW)
