@@ -29,6 +29,14 @@ user_features_source = FileSource(
     tags={"dbt_model": "user_features"},
 )
 
+# Why: static attributes of canonical pins, valid from creation; written by dbt model pin_profile.
+pin_profile_source = FileSource(
+    name="pin_profile_source",
+    path=str(TABLES_DIR / "pin_profile.parquet"),
+    timestamp_field="event_timestamp",
+    tags={"dbt_model": "pin_profile"},
+)
+
 # Why: point-in-time pin features of canonical pins, written by dbt model pin_features.
 pin_features_source = FileSource(
     name="pin_features_source",

@@ -2,7 +2,7 @@
 
 from feast import FeatureService
 
-from feature_repo.feature_views import pin_features, user_features, user_profile
+from feature_repo.feature_views import pin_features, pin_profile, user_features, user_profile
 
 USER_TOWER_SERVICE = "user_tower_v1"
 PIN_TOWER_SERVICE = "pin_tower_v1"
@@ -11,4 +11,4 @@ PIN_TOWER_SERVICE = "pin_tower_v1"
 user_tower_v1 = FeatureService(name=USER_TOWER_SERVICE, features=[user_profile, user_features], tags={"tower": "user"})
 
 # Why: the pin tower's inputs, used to embed the serving corpus and in the training set.
-pin_tower_v1 = FeatureService(name=PIN_TOWER_SERVICE, features=[pin_features], tags={"tower": "pin"})
+pin_tower_v1 = FeatureService(name=PIN_TOWER_SERVICE, features=[pin_profile, pin_features], tags={"tower": "pin"})

@@ -5,7 +5,12 @@ from datetime import timedelta
 from feast import FeatureView, Field
 from feast.types import Array, Float64, Int64, String, UnixTimestamp
 
-from feature_repo.data_sources import pin_features_source, user_features_source, user_profile_source
+from feature_repo.data_sources import (
+    pin_features_source,
+    pin_profile_source,
+    user_features_source,
+    user_profile_source,
+)
 from feature_repo.entities import pin, user
 
 FEATURE_TTL = timedelta(days=120)
@@ -45,13 +50,23 @@ user_features = FeatureView(
     tags={"dbt_model": "user_features"},
 )
 
-# Why: everything the pin tower reads about a pin: interest, decayed engagement, popularity, age.
+# Why: the pin's interest, known from creation, so even a pin nobody engaged with has it. No expiry.
+pin_profile = FeatureView(
+    name="pin_profile",
+    entities=[pin],
+    ttl=timedelta(0),
+    schema=[Field(name="interest_id", dtype=Int64)],
+    source=pin_profile_source,
+    online=True,
+    tags={"dbt_model": "pin_profile"},
+)
+
+# Why: the pin's recent reception for the pin tower: decayed engagement, popularity, age.
 pin_features = FeatureView(
     name="pin_features",
     entities=[pin],
     ttl=FEATURE_TTL,
     schema=[
-        Field(name="interest_id", dtype=Int64),
         Field(name="decayed_engagement", dtype=Float64),
         Field(name="pin_impressions_30d", dtype=Int64),
         Field(name="pin_engagements_30d", dtype=Int64),

@@ -13,7 +13,7 @@ import dataclasses
 import inspect
 import os
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -38,7 +38,7 @@ def _check(cond: bool, name: str, msg: str) -> None:
 def parse_utc(value: str) -> datetime:
     """Parse an ISO date or datetime as an aware UTC datetime."""
     dt = datetime.fromisoformat(value)
-    return dt.replace(tzinfo=timezone.utc) if dt.tzinfo is None else dt.astimezone(timezone.utc)
+    return dt.replace(tzinfo=UTC) if dt.tzinfo is None else dt.astimezone(UTC)
 
 
 @dataclass
@@ -48,7 +48,7 @@ class DataConfig:
     source: str = "synthetic"
     """Raw data source: 'synthetic' (embedded default) or 'movielens'."""
     movielens_path: str = ""
-    """MovieLens directory: ML-100k original files (u.data, u.item, u.user) or ml-latest csv (ratings.csv, movies.csv)."""
+    """MovieLens directory: ML-100k files (u.data, u.item, u.user) or ml-latest csv (ratings.csv, movies.csv)."""
     seed: int = 7
     """Random seed of the synthetic generator; same seed and sizes give byte-identical raw files."""
     n_users: int = 3000
@@ -69,7 +69,8 @@ class DataConfig:
     """Synthetic: exponent of the Zipf-like pin popularity within an interest."""
 
     def __post_init__(self) -> None:
-        _check(self.source in ("synthetic", "movielens"), "data.source", f"must be 'synthetic' or 'movielens', got {self.source!r}")
+        _check(self.source in ("synthetic", "movielens"), "data.source",
+               f"must be 'synthetic' or 'movielens', got {self.source!r}")
         for name in ("n_users", "n_pins", "n_events", "n_interests", "days"):
             _check(getattr(self, name) > 0, f"data.{name}", f"must be > 0, got {getattr(self, name)}")
         _check(0 <= self.duplicate_fraction < 1, "data.duplicate_fraction", "must be in [0, 1)")
@@ -236,7 +237,7 @@ def field_docs(cls: type) -> dict[str, str]:
     tree = ast.parse(inspect.getsource(cls))
     body = tree.body[0].body  # type: ignore[attr-defined]
     docs: dict[str, str] = {}
-    for prev, node in zip(body, body[1:]):
+    for prev, node in zip(body, body[1:], strict=False):
         if (
             isinstance(prev, ast.AnnAssign)
             and isinstance(prev.target, ast.Name)

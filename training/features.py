@@ -12,7 +12,7 @@ import json
 import logging
 import os
 import sys
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -62,7 +62,7 @@ def definitions(cfg: Config) -> list[Any]:
     entities = importlib.import_module("feature_repo.entities")
     views = importlib.import_module("feature_repo.feature_views")
     services = importlib.import_module("feature_repo.feature_services")
-    return [entities.user, entities.pin, views.user_profile, views.user_features, views.pin_features,
+    return [entities.user, entities.pin, views.user_profile, views.user_features, views.pin_profile, views.pin_features,
             services.user_tower_v1, services.pin_tower_v1]
 
 
@@ -100,7 +100,7 @@ def materialize(cfg: Config, as_of: datetime, snapshot_id: str) -> dict[str, Any
         store.apply(objects)
         for view in store.list_feature_views():
             # values older than the TTL are expired offline, so they must not reach the online store either
-            start = as_of - view.ttl if view.ttl else datetime(1970, 1, 1, tzinfo=timezone.utc)
+            start = as_of - view.ttl if view.ttl else datetime(1970, 1, 1, tzinfo=UTC)
             store.materialize(start_date=start, end_date=end, feature_views=[view.name])
     seconds = time.perf_counter() - t0
     state = {"snapshot_id": snapshot_id, "as_of": as_of.isoformat(), "mode": mode, "seconds": round(seconds, 3)}

@@ -21,7 +21,8 @@ def make_raw(cfg: Config) -> dict[str, int]:
         from training.data.movielens import ingest
 
         if not cfg.data.movielens_path:
-            raise ValueError("data.source is 'movielens' but data.movielens_path is empty: pass --data.movielens_path DIR")
+            raise ValueError("data.source is 'movielens' but data.movielens_path is empty: "
+                             "pass --data.movielens_path DIR")
         tables = ingest(cfg.data.movielens_path)
         (out / "ground_truth.npz").unlink(missing_ok=True)
     else:
@@ -37,7 +38,8 @@ def build(cfg: Config) -> dict[str, Any]:
     """Contracts + dbt build, then switch ``live`` to the new snapshot."""
     snap = snapshot.build(cfg)
     snapshot.switch_live(cfg, snap)
-    return {"snapshot_id": snap.id, "path": str(snap.path), "as_of": snap.manifest["as_of"], "rows": snap.manifest["rows"]}
+    m = snap.manifest
+    return {"snapshot_id": snap.id, "path": str(snap.path), "as_of": m["as_of"], "rows": m["rows"]}
 
 
 def features(cfg: Config) -> dict[str, Any]:

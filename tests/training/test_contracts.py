@@ -1,6 +1,6 @@
 """pandera contracts on raw inputs: quarantine with reasons, counts add up, clear errors."""
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import pandas as pd
 import pytest
@@ -9,7 +9,7 @@ from training.config import ContractConfig
 from training.data.contracts import ContractError, validate_raw
 from training.data.raw import RawTables, write_raw
 
-NOW = datetime(2026, 11, 21, tzinfo=timezone.utc)
+NOW = datetime(2026, 11, 21, tzinfo=UTC)
 T0 = pd.Timestamp("2026-06-01", tz="UTC")
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import numpy as np
@@ -47,7 +47,7 @@ class TableReport:
 
 
 def _time_range(cfg: ContractConfig, now: datetime | None) -> tuple[pd.Timestamp, pd.Timestamp]:
-    now = now or datetime.now(timezone.utc)
+    now = now or datetime.now(UTC)
     return pd.Timestamp(parse_utc(cfg.min_timestamp)), pd.Timestamp(now + timedelta(days=cfg.max_future_days))
 
 
@@ -125,7 +125,8 @@ def check_table(
     """Split a raw frame into accepted rows (typed) and quarantined rows (as text, with a reason)."""
     missing = [c for c in SCHEMAS[table].names if c not in df.columns]
     if missing:
-        raise ContractError(f"{path}: missing column(s) {', '.join(missing)} (expected {', '.join(SCHEMAS[table].names)})")
+        expected = ", ".join(SCHEMAS[table].names)
+        raise ContractError(f"{path}: missing column(s) {', '.join(missing)} (expected {expected})")
     df = df.reset_index(drop=True)
     typed, reasons = _coerce(df, table)
     try:
@@ -141,7 +142,9 @@ def check_table(
             raise ContractError(f"{path}: {unindexed.iloc[0]['column']}: {unindexed.iloc[0]['check']}") from err
     bad = reasons != ""
     accepted = typed[~bad]
-    quarantined = df[bad].astype(str).assign(row_number=np.flatnonzero(bad.to_numpy()), reason=reasons[bad].str.rstrip("; "))
+    quarantined = df[bad].astype(str).assign(
+        row_number=np.flatnonzero(bad.to_numpy()), reason=reasons[bad].str.rstrip("; ")
+    )
     counts = Counter(r for rs in quarantined["reason"] for r in rs.split("; "))
     report = TableReport(str(path), len(df), len(accepted), len(quarantined), dict(counts.most_common()))
     assert report.input_rows == report.accepted + report.quarantined, report

@@ -105,11 +105,20 @@ def _check_dropped(path: Path, dropped: int, total: int, what: str) -> None:
     log.warning("%s: dropped %s of %s rows (%s)", path, f"{dropped:,}", f"{total:,}", what)
 
 
-def _read(path: Path, columns: list[str], sep: str, encoding: str = "utf8", header: str | None = None) -> pd.DataFrame:
-    """Read a delimited file as string columns, dropping lines with the wrong number of fields.
+def _load(
+    path: Path,
+    columns: list[str],
+    sep: str,
+    ints: list[str],
+    floats: tuple[str, ...] = (),
+    encoding: str = "utf8",
+    header: str | None = None,
+) -> tuple[pd.DataFrame, int]:
+    """Read a delimited file as strings and parse ``ints`` (whole numbers) and ``floats``.
 
-    With ``header`` the first line must equal it. Returns a frame of shape (rows, len(columns));
-    ``attrs['total']`` holds the number of data lines including the dropped ones.
+    Lines with the wrong number of fields or an unparsable number are dropped (see
+    ``_check_dropped``). With ``header`` the first line must equal it. Returns the kept rows, shape
+    (kept, len(columns)), and the number of data lines read (kept + dropped).
     """
     if header is not None:
         with open(path, encoding=encoding) as f:
@@ -140,21 +149,12 @@ def _read(path: Path, columns: list[str], sep: str, encoding: str = "utf8", head
     if total == 0:
         raise ValueError(f"{path} is empty")
     df = table.to_pandas()
-    df.attrs["total"] = total
-    return df
-
-
-def _numeric(path: Path, df: pd.DataFrame, ints: list[str], floats: tuple[str, ...] = ()) -> pd.DataFrame:
-    """Parse ``ints`` as integers and ``floats`` as numbers; rows where any fails are dropped (counted)."""
     parsed = {c: pd.to_numeric(df[c].str.strip(), errors="coerce") for c in [*ints, *floats]}
     ok = np.logical_and.reduce([v.notna().to_numpy() for v in parsed.values()])
     for c in ints:
         ok &= (parsed[c] % 1 == 0).to_numpy()
-    total = df.attrs["total"]
     _check_dropped(path, total - int(ok.sum()), total, "malformed")
-    out = df.assign(**parsed)[ok].reset_index(drop=True)
-    out.attrs["total"] = total
-    return out
+    return df.assign(**parsed)[ok].reset_index(drop=True), total
 
 
 def _utc_seconds(seconds: np.ndarray) -> pd.DatetimeIndex:
@@ -169,10 +169,13 @@ def _signature(titles: pd.Series) -> np.ndarray:
     )
 
 
-def _events(path: Path, ratings: pd.DataFrame, users: np.ndarray, movies: np.ndarray) -> pd.DataFrame:
-    """Impressions and engagements from ratings (user, item, rating, ts) of known users and movies."""
+def _events(path: Path, ratings: pd.DataFrame, total: int, users: np.ndarray, movies: np.ndarray) -> pd.DataFrame:
+    """Impressions and engagements from ratings (user, item, rating, ts) of known users and movies.
+
+    ``total`` is the number of lines of the ratings file, for the dropped-rows check.
+    """
     known = ratings["user"].isin(users).to_numpy() & ratings["item"].isin(movies).to_numpy()
-    _check_dropped(path, int((~known).sum()), ratings.attrs["total"], "ratings of unknown users or movies")
+    _check_dropped(path, int((~known).sum()), total, "ratings of unknown users or movies")
     r = ratings[known]
     user = r["user"].to_numpy(np.int64)
     item = r["item"].to_numpy(np.int64)
@@ -227,19 +230,19 @@ def _ingest_100k(root: Path) -> RawTables:
     _require(root, ML100K_FILES, "ML-100k")
     rating_cols = ["user", "item", "rating", "ts"]
     data_path = root / "u.data"
-    ratings = _numeric(data_path, _read(data_path, rating_cols, "\t"), ["user", "item", "ts"], ("rating",))
+    ratings, n_ratings = _load(data_path, rating_cols, "\t", ["user", "item", "ts"], ("rating",))
 
     flags = [f"g{i}" for i in range(len(ML100K_GENRES))]
     item_path = root / "u.item"
-    items = _read(item_path, ["id", "title", "release", "video", "url", *flags], "|", encoding="latin-1")
-    items = _numeric(item_path, items, ["id", *flags])
+    item_cols = ["id", "title", "release", "video", "url", *flags]
+    items, _ = _load(item_path, item_cols, "|", ["id", *flags], encoding="latin-1")
     flag_values = items[flags].to_numpy() == 1
     interest = np.where(flag_values.any(axis=1), flag_values.argmax(axis=1), 0)
     release = pd.to_datetime(items["release"], format="%d-%b-%Y", errors="coerce", utc=True)
     item_ids = items["id"].to_numpy(np.int64)
 
     user_path = root / "u.user"
-    users = _numeric(user_path, _read(user_path, ["id", "age", "gender", "occupation", "zip"], "|"), ["id", "age"])
+    users, _ = _load(user_path, ["id", "age", "gender", "occupation", "zip"], "|", ["id", "age"])
     user_ids = users["id"].to_numpy(np.int64)
     gender = users["gender"].str.strip().str.lower()
     occupation = users["occupation"].str.strip()
@@ -255,7 +258,7 @@ def _ingest_100k(root: Path) -> RawTables:
         ),
         interests=pd.DataFrame({"interest_id": np.arange(len(ML100K_GENRES), dtype=np.int64), "name": ML100K_GENRES}),
         pins=_pins(item_ids, interest, items["title"], release, ratings),
-        events=_events(data_path, ratings, user_ids, item_ids),
+        events=_events(data_path, ratings, n_ratings, user_ids, item_ids),
     )
 
 
@@ -263,13 +266,12 @@ def _ingest_latest(root: Path) -> RawTables:
     _require(root, LATEST_FILES, "ml-latest")
     rating_cols = ["user", "item", "rating", "ts"]
     ratings_path = root / "ratings.csv"
-    ratings = _read(ratings_path, rating_cols, ",", header="userId,movieId,rating,timestamp")
-    ratings = _numeric(ratings_path, ratings, ["user", "item", "ts"], ("rating",))
+    ratings, n_ratings = _load(
+        ratings_path, rating_cols, ",", ["user", "item", "ts"], ("rating",), header="userId,movieId,rating,timestamp"
+    )
 
     movies_path = root / "movies.csv"
-    movies = _numeric(
-        movies_path, _read(movies_path, ["id", "title", "genres"], ",", header="movieId,title,genres"), ["id"]
-    )
+    movies, _ = _load(movies_path, ["id", "title", "genres"], ",", ["id"], header="movieId,title,genres")
     genre_lists = movies["genres"].str.split("|")
     names = {g.strip() for gs in genre_lists for g in gs} - {LATEST_NO_GENRE, UNKNOWN_GENRE, ""}
     genres = [UNKNOWN_GENRE, *sorted(names)]
@@ -293,5 +295,5 @@ def _ingest_latest(root: Path) -> RawTables:
         ),
         interests=pd.DataFrame({"interest_id": np.arange(len(genres), dtype=np.int64), "name": genres}),
         pins=_pins(movie_ids, interest, movies["title"], release, ratings),
-        events=_events(ratings_path, ratings, user_ids, movie_ids),
+        events=_events(ratings_path, ratings, n_ratings, user_ids, movie_ids),
     )

@@ -24,7 +24,7 @@ import shutil
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 
 KEEP_SNAPSHOTS = 3
 MANIFEST = "manifest.json"
-FEATURE_TABLES = ("user_profile", "user_features", "pin_features")
+FEATURE_TABLES = ("user_profile", "user_features", "pin_profile", "pin_features")
 MART_TABLES = ("fct_engagements", "pin_engagement_decayed", "serving_corpus", "pin_canonical_map")
 
 
@@ -68,7 +68,7 @@ def live_path(cfg: Config) -> Path:
     return cfg.data_path / "live"
 
 
-def _hash_files(h: "hashlib._Hash", paths: list[Path], root: Path) -> None:
+def _hash_files(h: hashlib._Hash, paths: list[Path], root: Path) -> None:
     for p in sorted(paths):
         h.update(str(p.relative_to(root)).encode())
         with p.open("rb") as f:
@@ -126,8 +126,8 @@ def build(cfg: Config) -> Snapshot:
                 raise RuntimeError(f"dbt produced an empty {name} table in {scratch}: nothing to serve or train on")
         manifest = {
             "snapshot_id": sid,
-            "built_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "as_of": as_of.astimezone(timezone.utc).isoformat(),
+            "built_at": datetime.now(UTC).isoformat(timespec="seconds"),
+            "as_of": as_of.astimezone(UTC).isoformat(),
             "source": cfg.data.source,
             "config": {"contracts": vars(cfg.contracts), "transform": cfg.transform.dbt_vars()},
             "contracts": {t: vars(r) for t, r in reports.items()},
@@ -136,7 +136,7 @@ def build(cfg: Config) -> Snapshot:
             "dbt_nodes": dbt.timings,
         }
         (scratch / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
-        final = cfg.data_path / "snapshots" / f"{sid}-{datetime.now(timezone.utc):%Y%m%dT%H%M%S%f}"
+        final = cfg.data_path / "snapshots" / f"{sid}-{datetime.now(UTC):%Y%m%dT%H%M%S%f}"
         final.parent.mkdir(parents=True, exist_ok=True)
         os.rename(scratch, final)
         log.info("snapshot %s built in %.1fs: %s", sid, time.perf_counter() - t0,
@@ -167,6 +167,6 @@ def _gc(cfg: Config, keep: Path) -> None:
 def load_live(cfg: Config) -> Snapshot:
     link = live_path(cfg)
     if not link.exists():
-        raise FileNotFoundError(f"no live data snapshot under {cfg.data_path}: run `retrieval data` (or `make run`) first")
+        raise FileNotFoundError(f"no live data snapshot under {cfg.data_path}: run `retrieval run` (or `make run`)")
     path = link.resolve()
     return Snapshot(path, json.loads((path / MANIFEST).read_text()))

@@ -124,6 +124,7 @@ class GroundTruth:
     end_us: int
     """Exclusive end of the history, microseconds since the epoch (UTC)."""
     temperature: float
+    """τ: within an interest, pins are drawn ∝ popularity · exp(z_u·v_p / τ)."""
     outcome_bias: np.ndarray
     """(5,) outcome logits at zero affinity, indexed like ``EVENT_TYPES`` (0 = no engagement)."""
     outcome_slope: np.ndarray
@@ -154,7 +155,7 @@ class GroundTruth:
         this one tempered toward popularity; the ranking it implies is the generator's target.
         Columns follow ``self.pin_ids``.
         """
-        uidx = index_of(self.user_ids, np.asarray(user_ids), "user_ids")
+        uidx = _index_of(self.user_ids, np.asarray(user_ids), "user_ids")
         w = self.trend_weights(at)
         mix = self.theta[uidx] * w
         with np.errstate(divide="ignore"):
@@ -201,7 +202,7 @@ def _log_trend(
     return amplitude * np.sin(2 * np.pi * t / period + phase) + drift * (t / days - 0.5)
 
 
-def index_of(sorted_ids: np.ndarray, ids: np.ndarray, what: str) -> np.ndarray:
+def _index_of(sorted_ids: np.ndarray, ids: np.ndarray, what: str) -> np.ndarray:
     """(n,) positions of ``ids`` (shape (n,)) in the ascending ``sorted_ids``; unknown ids raise ValueError."""
     pos = np.searchsorted(sorted_ids, ids)
     found = pos < len(sorted_ids)
@@ -394,7 +395,9 @@ def _make_events(
             np.take(trend_by_hour, (ts - start_us) // US_PER_HOUR, axis=0, out=trend)
             weights *= trend
             np.cumsum(weights, axis=1, out=weights)
-            k = np.minimum((weights < (rng.random(chunk) * weights[:, -1])[:, None]).sum(axis=1), n_interests - 1)
+            # A threshold in (0, total] never lands on a zero-weight interest (one without pins).
+            threshold = (1.0 - rng.random(chunk)) * weights[:, -1]
+            k = np.minimum((weights < threshold[:, None]).sum(axis=1), n_interests - 1)
             x = _zipf_inverse_cdf(rng.random((chunk, CANDIDATES)) * mass[k][:, None], cfg.zipf_exponent)
             rank = np.clip(x.astype(np.int64), 1, size[k][:, None])
             cand = by_rank[lo[k][:, None] + rank - 1]
@@ -549,14 +552,14 @@ def oracle_recall_at_k(truth: GroundTruth, train: pd.DataFrame, test: pd.DataFra
     n_pins = len(truth.pin_ids)
     tr = pd.DataFrame(
         {
-            "u": index_of(truth.user_ids, train["user_id"].to_numpy(np.int64), "train user_id"),
-            "p": index_of(truth.pin_ids, train["pin_id"].to_numpy(np.int64), "train pin_id"),
+            "u": _index_of(truth.user_ids, train["user_id"].to_numpy(np.int64), "train user_id"),
+            "p": _index_of(truth.pin_ids, train["pin_id"].to_numpy(np.int64), "train pin_id"),
         }
     ).drop_duplicates()
     te = pd.DataFrame(
         {
-            "u": index_of(truth.user_ids, test["user_id"].to_numpy(np.int64), "test user_id"),
-            "p": index_of(truth.pin_ids, test["pin_id"].to_numpy(np.int64), "test pin_id"),
+            "u": _index_of(truth.user_ids, test["user_id"].to_numpy(np.int64), "test user_id"),
+            "p": _index_of(truth.pin_ids, test["pin_id"].to_numpy(np.int64), "test pin_id"),
         }
     ).drop_duplicates()
     te = te.merge(tr, on=["u", "p"], how="left", indicator=True)

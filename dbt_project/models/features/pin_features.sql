@@ -1,4 +1,4 @@
--- Pin features for canonical pins: one row when the pin is created and one at the midnight after every
+-- Dynamic pin features for canonical pins: one row when the pin is created and one at the midnight after every
 -- day it had activity. Counts cover the 30 days up to the row; decayed engagement is carried forward
 -- from the latest pin_engagement_decayed row and decayed to the row's time.
 with keys as (
@@ -28,7 +28,6 @@ counted as (
 select
     c.pin_id,
     c.event_timestamp,
-    p.interest_id,
     coalesce(
         e.decayed_engagement * {{ decay(days_between('e.event_timestamp', 'c.event_timestamp')) }}, 0.0
     ) as decayed_engagement,
@@ -36,7 +35,8 @@ select
     c.pin_engagements_30d,
     c.pin_saves_30d,
     greatest({{ days_between('p.created_at', 'c.event_timestamp') }}, 0.0) as age_days,
-    c.event_timestamp as pin_features_at
+    -- Feast's UnixTimestamp is whole seconds online: truncate here so offline and online agree
+    date_trunc('second', c.event_timestamp) as pin_features_at
 from counted as c
 join {{ ref('stg_pins') }} as p on p.pin_id = c.pin_id
 asof left join {{ ref('pin_engagement_decayed') }} as e

@@ -67,7 +67,7 @@ select
         []::double[]
     ) as recent_pin_ages_days,
     coalesce(t.top_interest_ids, []::bigint[]) as top_interest_ids,
-    d.event_timestamp as user_features_at
+    date_trunc('second', d.event_timestamp) as user_features_at  -- whole seconds, like Feast online
 from days as d
 asof left join sequences as s
     on s.user_id = d.user_id and d.event_timestamp > s.event_timestamp
