@@ -78,10 +78,12 @@ def test_ml_latest_fixture(tmp_path: Path) -> None:
     pins = tables.pins.set_index("pin_id")
     assert [names[i] for i in pins["interest_id"]] == ["Adventure", "Comedy", "unknown", "Drama", "Sci-Fi"]
     assert pins.loc[20, "image_signature"] == pins.loc[40, "image_signature"] != pins.loc[10, "image_signature"]
-    # created_at = min(title year, first rating); no year -> first rating; unrated -> its year.
-    assert pins.loc[10, "created_at"] == pd.Timestamp("1995-01-01", tz="UTC")
-    assert pins.loc[30, "created_at"] == pd.Timestamp(964983815, unit="s", tz="UTC")
-    assert pins.loc[50, "created_at"] == pd.Timestamp("1990-01-01", tz="UTC")
+    # created_at = one second before the first rating; unrated -> one second before the data set's first
+    first = tables.events.groupby("pin_id")["event_timestamp"].min()
+    for pin in (10, 20, 30):
+        assert pins.loc[pin, "created_at"] == first[pin] - pd.Timedelta(seconds=1)
+    for pin in (40, 50):
+        assert pins.loc[pin, "created_at"] == tables.events["event_timestamp"].min() - pd.Timedelta(seconds=1)
 
     users = tables.users.set_index("user_id")
     assert list(users.index) == [1, 2, 3]

@@ -15,10 +15,9 @@ Mapping:
 - Interests are the genres: ``unknown`` is id 0, then the other genres in alphabetical order
   (ML-100k: its 19 genres in file order, which is exactly that). A movie's ``interest_id`` is its
   first genre (first flagged column / first listed name); a movie without any is ``unknown``.
-- ``created_at`` = min(release date, first rating time). The release date is the ML-100k field,
-  or for ml-latest January 1st of the ``(YYYY)`` year at the end of the title; when it is missing
-  the first rating time is used, and an unrated movie without one gets the data set's first
-  rating time.
+- ``created_at`` = one second before the movie's first rating: when it entered the catalogue, as a
+  pin's creation is its upload (release dates reach back to the 1920s, long before the platform
+  existed). An unrated movie gets the data set's first rating time.
 - ``image_signature`` = first 16 hex chars of sha1(title lowercased, whitespace collapsed), so a
   movie listed twice under two ids shares one signature. ML-100k has 18 such duplicate-title
   groups (18 titles listed twice: 1682 movies, 1664 distinct normalised titles).
@@ -201,14 +200,10 @@ def _first_rating(ratings: pd.DataFrame, key: str, ids: np.ndarray) -> np.ndarra
     return ratings.groupby(key)["ts"].min().reindex(ids).to_numpy(np.float64)
 
 
-def _pins(
-    ids: np.ndarray, interest: np.ndarray, titles: pd.Series, release: pd.Series, ratings: pd.DataFrame
-) -> pd.DataFrame:
-    """The pins table; ``release`` holds release dates (datetime64 UTC or NaT), all of shape (n,)."""
-    first = _first_rating(ratings, "item", ids)
-    release_s = ((release - pd.Timestamp(0, tz="UTC")) / pd.Timedelta(seconds=1)).to_numpy(np.float64, na_value=np.nan)
-    created = np.fmin(release_s, first)
-    created[np.isnan(created)] = ratings["ts"].min()
+def _pins(ids: np.ndarray, interest: np.ndarray, titles: pd.Series, ratings: pd.DataFrame) -> pd.DataFrame:
+    """The pins table for movies ``ids`` (n,), created one second before their first rating."""
+    created = _first_rating(ratings, "item", ids) - 1
+    created[np.isnan(created)] = ratings["ts"].min() - 1
     return pd.DataFrame(
         {
             "pin_id": ids,
@@ -238,7 +233,6 @@ def _ingest_100k(root: Path) -> RawTables:
     items, _ = _load(item_path, item_cols, "|", ["id", *flags], encoding="latin-1")
     flag_values = items[flags].to_numpy() == 1
     interest = np.where(flag_values.any(axis=1), flag_values.argmax(axis=1), 0)
-    release = pd.to_datetime(items["release"], format="%d-%b-%Y", errors="coerce", utc=True)
     item_ids = items["id"].to_numpy(np.int64)
 
     user_path = root / "u.user"
@@ -257,7 +251,7 @@ def _ingest_100k(root: Path) -> RawTables:
             }
         ),
         interests=pd.DataFrame({"interest_id": np.arange(len(ML100K_GENRES), dtype=np.int64), "name": ML100K_GENRES}),
-        pins=_pins(item_ids, interest, items["title"], release, ratings),
+        pins=_pins(item_ids, interest, items["title"], ratings),
         events=_events(data_path, ratings, n_ratings, user_ids, item_ids),
     )
 
@@ -277,8 +271,6 @@ def _ingest_latest(root: Path) -> RawTables:
     genres = [UNKNOWN_GENRE, *sorted(names)]
     genre_id = {g: i for i, g in enumerate(genres)}
     interest = np.array([genre_id.get(gs[0].strip(), 0) for gs in genre_lists], dtype=np.int64)
-    year = movies["title"].str.extract(r"\((\d{4})\)\s*$", expand=False)
-    release = pd.to_datetime(year, format="%Y", errors="coerce", utc=True)
     movie_ids = movies["id"].to_numpy(np.int64)
 
     user_ids = np.unique(ratings["user"].to_numpy(np.int64))
@@ -294,6 +286,6 @@ def _ingest_latest(root: Path) -> RawTables:
             }
         ),
         interests=pd.DataFrame({"interest_id": np.arange(len(genres), dtype=np.int64), "name": genres}),
-        pins=_pins(movie_ids, interest, movies["title"], release, ratings),
+        pins=_pins(movie_ids, interest, movies["title"], ratings),
         events=_events(ratings_path, ratings, n_ratings, user_ids, movie_ids),
     )
