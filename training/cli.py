@@ -13,10 +13,12 @@ Every subcommand accepts ``--config FILE`` (YAML like training/config.yaml) and 
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import logging
 import os
 import sys
+import warnings
 from collections.abc import Callable
 
 import yaml
@@ -96,6 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)  # third-party chatter (ibis, feast)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     for noisy in ("feast", "urllib3", "asyncio"):
@@ -115,9 +118,10 @@ def entry() -> None:
     """Console-script entry. Skips interpreter teardown: duckdb's bindings print spurious leak reports
     when Feast's cached connections are collected at exit."""
     rc = main()
+    atexit._run_exitfuncs()  # everything a normal exit does (flush logs, multiprocessing cleanup) ...
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(rc)
+    os._exit(rc)  # ... but module teardown
 
 
 if __name__ == "__main__":

@@ -14,6 +14,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from tqdm import tqdm
+
 from training.config import REPO_ROOT, Config
 
 log = logging.getLogger(__name__)
@@ -57,10 +59,17 @@ def run_dbt(command: str, cfg: Config, build_dir: Path, *extra: str) -> DbtResul
 
     (build_dir / "tables").mkdir(parents=True, exist_ok=True)
     os.environ.update(dbt_env(cfg, build_dir))
-    args = dbt_args(command, cfg, build_dir, *extra)
-    log.info("dbt %s (vars %s)", command, cfg.transform.dbt_vars())
+    args = dbt_args(command, cfg, build_dir, "--log-level", "warn", "--log-level-file", "info", *extra)
+    log.info("dbt %s (vars %s); log: %s", command, cfg.transform.dbt_vars(), cfg.data_path / "dbt" / "logs")
     t0 = time.perf_counter()
-    res = dbtRunner().invoke(args)
+    with tqdm(desc=f"dbt {command}", unit=" node") as bar:
+
+        def on_event(event) -> None:
+            if event.info.name == "NodeFinished":
+                bar.set_postfix_str(event.data.node_info.node_name[:40], refresh=False)
+                bar.update()
+
+        res = dbtRunner(callbacks=[on_event]).invoke(args)
     seconds = time.perf_counter() - t0
     if res.exception is not None:
         raise TransformError(f"dbt {command} could not run: {res.exception}") from res.exception
