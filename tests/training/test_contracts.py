@@ -65,7 +65,7 @@ def test_bad_rows_are_quarantined_with_a_reason_each(tmp_path):
     assert (r.input_rows, r.accepted, r.quarantined) == (200, 193, 7)
     q = pd.read_parquet(tmp_path / "build" / "quarantine" / "events.parquet").set_index("row_number")
     assert sorted(q.index) == [0, 1, 2, 3, 4, 5, 6]
-    assert "user_id: not a valid int64" in q.loc[0, "reason"]
+    assert q.loc[0, "reason"] == "events.user_id: not a valid int64"
     assert "user_id: known users" in q.loc[1, "reason"]
     assert "pin_id: known pins" in q.loc[2, "reason"]
     assert "event_type: isin" in q.loc[3, "reason"]

@@ -136,6 +136,8 @@ def check_table(
         cases = cases[~cases["check"].astype(str).str.startswith(("dtype(", "coerce_dtype("))]
         for (column, check), rows in cases.groupby(["column", "check"])["index"]:
             idx = rows.astype(int).unique()
+            if check == "not_nullable":  # a value that could not be cast is already explained
+                idx = idx[~reasons.iloc[idx].str.contains(f"{table}.{column}: not a valid", regex=False).to_numpy()]
             reasons.iloc[idx] += f"{table}.{column}: {check}; "
         unindexed = err.failure_cases[err.failure_cases["index"].isna()]
         if len(unindexed):
