@@ -23,7 +23,7 @@ import shutil
 import subprocess
 import sys
 import time
-from datetime import timezone
+from datetime import UTC
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -142,7 +142,7 @@ def main() -> None:
     from training import features as feast_stage
 
     with duckdb.connect(str(build_dir / "warehouse.duckdb"), read_only=True) as con:
-        as_of = con.execute("select as_of from int_data_window").fetchone()[0].astimezone(timezone.utc)
+        as_of = con.execute("select as_of from int_data_window").fetchone()[0].astimezone(UTC)
     snap_dir = cfg.data_path / "snapshots" / "bench"
     shutil.rmtree(snap_dir, ignore_errors=True)
     shutil.rmtree(build_dir / "floor", ignore_errors=True)

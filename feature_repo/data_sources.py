@@ -30,6 +30,9 @@ user_profile_source = dbt_table("user_profile")
 # Why: point-in-time user features, one row per user per active day.
 user_features_source = dbt_table("user_features")
 
+# Why: the user's recent engaged pins, refreshed at every engagement.
+user_sequence_source = dbt_table("user_sequence")
+
 # Why: static attributes of canonical pins, valid from creation.
 pin_profile_source = dbt_table("pin_profile")
 

@@ -2,13 +2,15 @@
 
 from feast import FeatureService
 
-from feature_repo.feature_views import pin_features, pin_profile, user_features, user_profile
+from feature_repo.feature_views import pin_features, pin_profile, user_features, user_profile, user_sequence
 
 USER_TOWER_SERVICE = "user_tower_v1"
 PIN_TOWER_SERVICE = "pin_tower_v1"
 
 # Why: the user tower's inputs, fetched online per request and offline for the point-in-time training set.
-user_tower_v1 = FeatureService(name=USER_TOWER_SERVICE, features=[user_profile, user_features], tags={"tower": "user"})
+user_tower_v1 = FeatureService(
+    name=USER_TOWER_SERVICE, features=[user_profile, user_sequence, user_features], tags={"tower": "user"}
+)
 
 # Why: the pin tower's inputs, used to embed the serving corpus and in the training set.
 pin_tower_v1 = FeatureService(name=PIN_TOWER_SERVICE, features=[pin_profile, pin_features], tags={"tower": "pin"})

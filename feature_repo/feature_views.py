@@ -10,6 +10,7 @@ from feature_repo.data_sources import (
     pin_profile_source,
     user_features_source,
     user_profile_source,
+    user_sequence_source,
 )
 from feature_repo.entities import pin, user
 
@@ -30,7 +31,23 @@ user_profile = FeatureView(
     tags={"dbt_model": "user_profile"},
 )
 
-# Why: the user's recent behaviour for the user tower: engagement counts, recent pins, top interests.
+# Why: the user's engagement sequence, the user tower's strongest signal; fresh at every engagement.
+user_sequence = FeatureView(
+    name="user_sequence",
+    entities=[user],
+    ttl=FEATURE_TTL,
+    schema=[
+        Field(name="recent_pin_ids", dtype=Array(Int64)),
+        Field(name="recent_pin_ages_days", dtype=Array(Float64)),
+        Field(name="history_length", dtype=Int64),
+        Field(name="user_sequence_at", dtype=UnixTimestamp),
+    ],
+    source=user_sequence_source,
+    online=True,
+    tags={"dbt_model": "user_sequence"},
+)
+
+# Why: slower-moving daily aggregates for the user tower: engagement counts and top interests.
 user_features = FeatureView(
     name="user_features",
     entities=[user],
@@ -40,8 +57,6 @@ user_features = FeatureView(
         Field(name="engagements_30d", dtype=Int64),
         Field(name="saves_30d", dtype=Int64),
         Field(name="hides_30d", dtype=Int64),
-        Field(name="recent_pin_ids", dtype=Array(Int64)),
-        Field(name="recent_pin_ages_days", dtype=Array(Float64)),
         Field(name="top_interest_ids", dtype=Array(Int64)),
         Field(name="user_features_at", dtype=UnixTimestamp),
     ],

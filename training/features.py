@@ -62,7 +62,8 @@ def definitions(cfg: Config) -> list[Any]:
     entities = importlib.import_module("feature_repo.entities")
     views = importlib.import_module("feature_repo.feature_views")
     services = importlib.import_module("feature_repo.feature_services")
-    return [entities.user, entities.pin, views.user_profile, views.user_features, views.pin_profile, views.pin_features,
+    return [entities.user, entities.pin, views.user_profile, views.user_sequence, views.user_features,
+            views.pin_profile, views.pin_features,
             services.user_tower_v1, services.pin_tower_v1]
 
 

@@ -31,7 +31,8 @@ def test_build_ran_every_unit_test(pipeline_cfg, live):
                   "engagements_drop_impressions_and_use_canonical_pins",
                   "same_instant_events_collapse_to_the_strongest", "decayed_engagement_halves_every_half_life",
                   "corpus_keeps_top_pins_by_decayed_engagement_inside_the_window",
-                  "user_features_only_see_events_before_their_timestamp"}
+                  "user_features_only_see_events_before_their_timestamp",
+                  "user_sequence_holds_engagements_up_to_its_event_newest_first"}
     assert unit_tests <= set(snap.manifest["dbt_nodes"])
 
 

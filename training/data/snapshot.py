@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 
 KEEP_SNAPSHOTS = 3
 MANIFEST = "manifest.json"
-FEATURE_TABLES = ("user_profile", "user_features", "pin_profile", "pin_features")
+FEATURE_TABLES = ("user_profile", "user_sequence", "user_features", "pin_profile", "pin_features")
 MART_TABLES = ("fct_engagements", "pin_engagement_decayed", "serving_corpus", "pin_canonical_map")
 
 
