@@ -140,6 +140,45 @@ class FeatureConfig:
         _check(self.online_store in ("sqlite", "redis"), "features.online_store", "must be 'sqlite' or 'redis'")
 
 
+@dataclass
+class TrainConfig:
+    """The two-tower model and its training."""
+
+    embed_dim: int = 64
+    """Width of the id, interest and sequence-item embeddings."""
+    dim: int = 64
+    """Width of the shared user/pin vector space (the ANN index dimension)."""
+    temperature: float = 0.05
+    """Softmax temperature τ: score = <u, p> / τ with unit-norm u, p."""
+    dropout: float = 0.1
+    """Dropout inside the tower MLPs."""
+    logq: bool = True
+    """Subtract the streaming log sampling probability of each in-batch pin (logQ correction)."""
+    batch_size: int = 1024
+    """Positive pairs per step (each row's negatives are the other rows' pins)."""
+    lr: float = 0.003
+    """AdamW learning rate."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    epochs: int = 40
+    """Maximum epochs."""
+    patience: int = 4
+    """Stop after this many epochs without a better validation recall@valid_k."""
+    valid_k: int = 50
+    """K of the validation recall used for early stopping."""
+    seed: int = 0
+    """Seed of initialization, shuffling and dropout."""
+    threads: int = 2
+    """torch CPU threads per process."""
+
+    def __post_init__(self) -> None:
+        for name in ("embed_dim", "dim", "batch_size", "epochs", "patience", "valid_k", "threads"):
+            _check(getattr(self, name) > 0, f"train.{name}", f"must be > 0, got {getattr(self, name)}")
+        _check(self.temperature > 0, "train.temperature", "must be > 0")
+        _check(0 <= self.dropout < 1, "train.dropout", "must be in [0, 1)")
+        _check(self.lr > 0, "train.lr", "must be > 0")
+
+
 def _default_data_dir() -> str:
     return os.environ.get("RETRIEVAL_DATA_DIR", str(REPO_ROOT / ".data"))
 
@@ -154,6 +193,7 @@ class Config:
     contracts: ContractConfig = field(default_factory=ContractConfig)
     transform: TransformConfig = field(default_factory=TransformConfig)
     features: FeatureConfig = field(default_factory=FeatureConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
 
     @property
     def data_path(self) -> Path:

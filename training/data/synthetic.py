@@ -44,7 +44,6 @@ from tqdm import tqdm
 
 from training.config import DataConfig, parse_utc
 from training.data.raw import EVENT_TYPES, RawTables
-from training.metrics import recall_at_k
 
 log = logging.getLogger(__name__)
 
@@ -547,39 +546,23 @@ def oracle_recall_at_k(truth: GroundTruth, train: pd.DataFrame, test: pd.DataFra
     user, all pins except the user's train pins are ranked and the top ``k`` are kept. The
     relevant set is the user's distinct test pins that are not among their train pins (those
     cannot be retrieved); users left without any are skipped. Recall divides by the full size of
-    the relevant set (see ``training.metrics.recall_at_k``), averaged over users.
+    the relevant set (see ``training.metrics.recall_at_k``), averaged over users. This is the
+    evaluation harness's protocol, and it runs through it (``training.evaluate.evaluate`` with
+    ``training.baselines.Oracle``, every pin of the ground truth as the candidate set).
     """
-    n_pins = len(truth.pin_ids)
-    tr = pd.DataFrame(
-        {
-            "u": _index_of(truth.user_ids, train["user_id"].to_numpy(np.int64), "train user_id"),
-            "p": _index_of(truth.pin_ids, train["pin_id"].to_numpy(np.int64), "train pin_id"),
-        }
-    ).drop_duplicates()
-    te = pd.DataFrame(
-        {
-            "u": _index_of(truth.user_ids, test["user_id"].to_numpy(np.int64), "test user_id"),
-            "p": _index_of(truth.pin_ids, test["pin_id"].to_numpy(np.int64), "test pin_id"),
-        }
-    ).drop_duplicates()
-    te = te.merge(tr, on=["u", "p"], how="left", indicator=True)
-    te = te[te["_merge"] == "left_only"].sort_values(["u", "p"])
-    if te.empty:
-        raise ValueError("no test user has a test pin outside their train pins")
-    tr = tr.sort_values(["u", "p"])
-    tr_u, tr_p = tr["u"].to_numpy(), tr["p"].to_numpy()
-    test_users = te["u"].unique()
-    relevant = [set(g) for g in np.split(te["p"].to_numpy(), np.flatnonzero(np.diff(te["u"].to_numpy())) + 1)]
+    from training.baselines import Oracle
+    from training.evaluate import Split, evaluate
 
-    kk = min(k, n_pins)
-    batch = max(1, 4_000_000 // n_pins)
-    topk = np.empty((len(test_users), kk), dtype=np.int64)
-    for start in range(0, len(test_users), batch):
-        users = test_users[start : start + batch]
-        scores = truth.scores(truth.user_ids[users])
-        a, b = np.searchsorted(tr_u, users[0], side="left"), np.searchsorted(tr_u, users[-1], side="right")
-        row = np.searchsorted(users, tr_u[a:b])
-        in_batch = users[np.minimum(row, len(users) - 1)] == tr_u[a:b]
-        scores[row[in_batch], tr_p[a:b][in_batch]] = -np.inf
-        topk[start : start + len(users)] = np.argpartition(-scores, kk - 1, axis=1)[:, :kk]
-    return recall_at_k(topk, relevant)
+    for name, df in (("train", train), ("test", test)):
+        _index_of(truth.user_ids, df["user_id"].to_numpy(np.int64), f"{name} user_id")
+        _index_of(truth.pin_ids, df["pin_id"].to_numpy(np.int64), f"{name} pin_id")
+    frame = pd.concat(
+        [train[["user_id", "pin_id"]].assign(part="train"), test[["user_id", "pin_id"]].assign(part="test")],
+        ignore_index=True,
+    )
+    split = Split.from_frame(frame, truth.pin_ids)
+    if split.relevant("test").nnz == 0:
+        raise ValueError("no test user has a test pin outside their train pins")
+    oracle = Oracle(truth)
+    oracle.fit(split)
+    return evaluate(oracle, split, ks=(k,), on="test", curve_k=1)[f"recall@{k}"]

@@ -1,0 +1,82 @@
+"""The two towers. Both end in L2-normalized vectors of ``dim`` in one space; relevance = dot product.
+
+Shapes: B = batch, L = history length, T = top interests, E = ``embed_dim``, D = ``dim``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from training.encoding import AGE_BUCKETS, PIN_COUNT_COLUMNS, RECENCY_BUCKETS, USER_COUNT_COLUMNS
+
+
+def mlp(sizes: list[int], dropout: float = 0.0) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for i, (a, b) in enumerate(zip(sizes, sizes[1:], strict=False)):
+        layers.append(nn.Linear(a, b))
+        if i < len(sizes) - 2:
+            layers += [nn.LayerNorm(b), nn.GELU()] + ([nn.Dropout(dropout)] if dropout else [])
+    return nn.Sequential(*layers)
+
+
+class PinTower(nn.Module):
+    """pin id + interest + log engagement counts -> (B, D) unit vectors.
+
+    The pin id table is shared with the user tower's history encoder (``self.pin_embedding``).
+    """
+
+    def __init__(self, n_pins: int, n_interests: int, embed_dim: int, dim: int, dropout: float = 0.0):
+        super().__init__()
+        self.pin_embedding = nn.Embedding(n_pins, embed_dim, padding_idx=0)
+        self.interest_embedding = nn.Embedding(n_interests + 1, embed_dim, padding_idx=0)
+        n_counts = len(PIN_COUNT_COLUMNS)
+        self.counts_norm = nn.LayerNorm(n_counts)
+        self.head = mlp([2 * embed_dim + n_counts, 2 * dim, dim], dropout)
+
+    def forward(self, x: dict[str, torch.Tensor]) -> torch.Tensor:
+        h = torch.cat([self.pin_embedding(x["pin"]), self.interest_embedding(x["interest"]),
+                       self.counts_norm(x["counts"])], dim=-1)
+        return F.normalize(self.head(h), dim=-1)
+
+
+class UserTower(nn.Module):
+    """profile + counts + top interests + engagement history -> (B, D) unit vectors.
+
+    History: each item is its pin embedding (shared with the pin tower) plus a recency embedding; items
+    are pooled by attention whose query comes from the user's context, next to a plain mean.
+    """
+
+    def __init__(self, pin_embedding: nn.Embedding, interest_embedding: nn.Embedding, n_genders: int,
+                 n_segments: int, embed_dim: int, dim: int, dropout: float = 0.0):
+        super().__init__()
+        self.pin_embedding = pin_embedding
+        self.interest_embedding = interest_embedding
+        self.recency = nn.Embedding(RECENCY_BUCKETS + 1, embed_dim, padding_idx=0)
+        self.age = nn.Embedding(len(AGE_BUCKETS) + 2, 8)
+        self.gender = nn.Embedding(n_genders + 1, 4)
+        self.segment = nn.Embedding(n_segments + 1, 8)
+        n_counts = len(USER_COUNT_COLUMNS)
+        self.counts_norm = nn.LayerNorm(n_counts)
+        context_in = 8 + 4 + 8 + n_counts + embed_dim
+        self.context = mlp([context_in, embed_dim, embed_dim], dropout)
+        self.attn_key = nn.Linear(embed_dim, embed_dim, bias=False)
+        self.head = mlp([3 * embed_dim, 2 * dim, dim], dropout)
+
+    def forward(self, x: dict[str, torch.Tensor]) -> torch.Tensor:
+        top = self.interest_embedding(x["top_interests"])                       # (B, T, E)
+        top_mask = (x["top_interests"] > 0).unsqueeze(-1).float()
+        top_mean = (top * top_mask).sum(1) / top_mask.sum(1).clamp(min=1)        # (B, E)
+        ctx = self.context(torch.cat([self.age(x["age_bucket"]), self.gender(x["gender"]),
+                                      self.segment(x["segment"]), self.counts_norm(x["counts"]), top_mean], -1))
+        items = self.pin_embedding(x["seq"]) + self.recency(x["seq_recency"])   # (B, L, E)
+        valid = x["seq_valid"]                                                   # (B, L)
+        scores = torch.einsum("ble,be->bl", self.attn_key(items), ctx) / items.shape[-1] ** 0.5
+        scores = scores.masked_fill(~valid, float("-inf"))
+        has_history = valid.any(1, keepdim=True)
+        weights = torch.where(has_history, scores.softmax(-1).nan_to_num(0.0), torch.zeros_like(scores))
+        attended = torch.einsum("bl,ble->be", weights, items)                    # (B, E)
+        vf = valid.unsqueeze(-1).float()
+        mean = (items * vf).sum(1) / vf.sum(1).clamp(min=1)                      # (B, E)
+        return F.normalize(self.head(torch.cat([attended, mean, ctx], -1)), dim=-1)
