@@ -5,6 +5,7 @@
     retrieval build                pandera contracts + dbt build, then switch live
     retrieval features             feast apply + materialize (incremental when possible)
     retrieval training-set         point-in-time training set through the feature services
+    retrieval train | report       two-tower training (checkpoint) | model vs baselines report
     retrieval config               print the effective config as YAML
 
 Every subcommand accepts ``--config FILE`` (YAML like training/config.yaml) and ``--section.field VALUE``.
@@ -80,6 +81,8 @@ COMMANDS: dict[str, tuple[Callable[[Config, argparse.Namespace], object], str]] 
     "build": (_cmd("build"), "pandera contracts + dbt build, then switch the live snapshot"),
     "features": (_cmd("features"), "feast apply + materialize the live snapshot"),
     "training-set": (_cmd("training_set"), "point-in-time training set through the feature services"),
+    "train": (_cmd("train"), "train the two-tower model on the live training set; save the checkpoint"),
+    "report": (_cmd("report"), "two-tower vs popularity, item-kNN and tuned ALS on one split: markdown + PNG"),
     "config": (_print_config, "print the effective config as YAML"),
 }
 

@@ -69,3 +69,15 @@ def run_data(cfg: Config, regenerate: bool = True) -> dict[str, float]:
         seconds[name] = round(time.perf_counter() - t0, 2)
         log.info("stage %s done in %.1fs", name, seconds[name])
     return seconds
+
+
+def train(cfg: Config) -> dict[str, Any]:
+    from training import report
+
+    return report.train(cfg)
+
+
+def report(cfg: Config) -> dict[str, Any]:
+    from training import report as report_stage
+
+    return report_stage.report(cfg)

@@ -133,9 +133,9 @@ def _gather(x: torch.Tensor) -> torch.Tensor:
 class TwoTowerScorer:
     """The two-tower model behind the harness's ``Scorer`` protocol.
 
-    ``fit(split)``: with a validation part, trains on train with early stopping on validation recall
-    and remembers the best epoch count; on a merged split (train + validation), retrains from scratch
-    for that many epochs. ``prepare(on)`` embeds users and candidates for ``on`` ('valid' or 'test').
+    ``fit(split)`` trains on the train part with early stopping on validation recall. It is not refit on
+    train + validation (unlike the baselines): validation interactions still reach the model at test time,
+    as the users' point-in-time history features. ``prepare(on)`` embeds users and candidates for ``on``.
     """
 
     def __init__(self, cfg: Config, training_set: pd.DataFrame, n_interests: int):
@@ -143,7 +143,6 @@ class TwoTowerScorer:
         self.tc = cfg.train
         self.training_set = training_set
         self.n_interests = n_interests
-        self.best_epochs: int | None = None
         self.result: FitResult | None = None
         self.model: TwoTower | None = None
         self.encoder: Encoder | None = None
@@ -159,15 +158,14 @@ class TwoTowerScorer:
         self.model = build_model(self.encoder, self.tc)
         self.split = split
         if split.is_merged:
-            self.result = train_model(self.model, self.encoder, train, self.tc, epochs=self.best_epochs)
-        else:
-            def validate(_model: TwoTower) -> float:
-                self.prepare("valid")
-                return evaluate(self, split, ks=(self.tc.valid_k,), on="valid", curve_k=self.tc.valid_k,
-                                ndcg_k=10, interest_k=self.tc.valid_k)[f"recall@{self.tc.valid_k}"]
+            raise ValueError("the two-tower model early-stops on validation: fit it on a split with validation")
 
-            self.result = train_model(self.model, self.encoder, train, self.tc, validate=validate)
-            self.best_epochs = self.result.best_epoch
+        def validate(_model: TwoTower) -> float:
+            self.prepare("valid")
+            k = self.tc.valid_k
+            return evaluate(self, split, ks=(k,), on="valid", curve_k=k, ndcg_k=10, interest_k=k)[f"recall@{k}"]
+
+        self.result = train_model(self.model, self.encoder, train, self.tc, validate=validate)
         log.info("two-tower fit: best epoch %s, %.1fs to best, %.0f examples/s", self.result.best_epoch,
                  self.result.seconds_to_best, self.result.examples_per_s)
 
