@@ -11,8 +11,7 @@ Layouts (detected from the files present):
 Mapping:
 
 - Every rating is an ``impression`` at its timestamp plus an engagement one second later:
-  ``save`` if rating >= 4, else ``click``. Ratings of one user in one second (timestamps are whole
-  seconds) are spread by 1 µs each in file order, so the order of events is total.
+  ``save`` if rating >= 4, else ``click``.
 - Interests are the genres: ``unknown`` is id 0, then the other genres in alphabetical order
   (ML-100k: its 19 genres in file order, which is exactly that). A movie's ``interest_id`` is its
   first genre (first flagged column / first listed name); a movie without any is ``unknown``.
@@ -179,11 +178,7 @@ def _events(path: Path, ratings: pd.DataFrame, total: int, users: np.ndarray, mo
     r = ratings[known]
     user = r["user"].to_numpy(np.int64)
     item = r["item"].to_numpy(np.int64)
-    # MovieLens timestamps are whole seconds and most of a user's ratings tie (76% in ML-100k). Keep the
-    # file order inside a (user, second) by microsecond offsets, so event order is total and a rating's
-    # point-in-time history holds every rating before it in that order.
-    tie_rank = r.groupby(["user", "ts"], sort=False).cumcount().to_numpy(np.int64)
-    ts = r["ts"].to_numpy(np.int64) * US_PER_SECOND + tie_rank
+    ts = r["ts"].to_numpy(np.int64) * US_PER_SECOND
     code = np.where(r["rating"].to_numpy() >= SAVE_MIN_RATING, 2, 1).astype(np.int8)
     labels = np.array(["impression", "click", "save"], dtype=object)
     all_user, all_item = np.concatenate([user, user]), np.concatenate([item, item])
