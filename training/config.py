@@ -156,7 +156,7 @@ class TrainConfig:
     """Subtract the streaming log sampling probability of each in-batch pin (logQ correction)."""
     batch_size: int = 1024
     """Positive pairs per step (each row's negatives are the other rows' pins)."""
-    lr: float = 0.003
+    lr: float = 0.01
     """AdamW learning rate."""
     weight_decay: float = 0.0
     """AdamW weight decay."""

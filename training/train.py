@@ -36,6 +36,16 @@ PIN_TIME_POINTS = 8
 """Pin features for evaluation are fetched at this many times (quantiles of the users' cut-off times)."""
 
 
+def init_distributed() -> bool:
+    """Join the process group when launched by torchrun (WORLD_SIZE > 1); gloo works on CPU."""
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        dist.init_process_group("gloo")
+        return True
+    return False
+
+
 def _rank() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
