@@ -99,15 +99,21 @@ def materialize(cfg: Config, as_of: datetime, snapshot_id: str) -> dict[str, Any
         store.teardown()
         store = get_store(cfg)
         store.apply(objects)
-        for view in store.list_feature_views():
-            # values older than the TTL are expired offline, so they must not reach the online store either
-            start = as_of - view.ttl if view.ttl else datetime(1970, 1, 1, tzinfo=UTC)
-            store.materialize(start_date=start, end_date=end, feature_views=[view.name])
+        materialize_all(store, as_of)
     seconds = time.perf_counter() - t0
     state = {"snapshot_id": snapshot_id, "as_of": as_of.isoformat(), "mode": mode, "seconds": round(seconds, 3)}
     state_file.write_text(json.dumps(state, indent=2))
     log.info("feast materialize (%s) to %s in %.1fs", mode, end.isoformat(), seconds)
     return state
+
+
+def materialize_all(store, as_of: datetime) -> None:
+    """Materialize every feature view over its whole TTL window ending at ``as_of`` (views without a TTL:
+    all history). Values older than the TTL are expired offline, so they must not reach the online store."""
+    end = as_of + timedelta(seconds=1)
+    for view in store.list_feature_views():
+        start = as_of - view.ttl if view.ttl else datetime(1970, 1, 1, tzinfo=UTC)
+        store.materialize(start_date=start, end_date=end, feature_views=[view.name])
 
 
 def feature_refs(store, *service_names: str) -> list[str]:
