@@ -156,6 +156,8 @@ class TrainConfig:
     """Subtract the streaming log sampling probability of each in-batch pin (logQ correction)."""
     batch_size: int = 1024
     """Positive pairs per step (each row's negatives are the other rows' pins)."""
+    random_negatives: int = 0
+    """Extra negatives per step drawn uniformly from the pin vocabulary (mixed negative sampling); 0 = off."""
     lr: float = 0.01
     """AdamW learning rate."""
     weight_decay: float = 0.0

@@ -50,12 +50,17 @@ class StreamingFrequency(nn.Module):
 
 def in_batch_softmax_loss(user: torch.Tensor, pin: torch.Tensor, temperature: float,
                           log_q: torch.Tensor | None = None, pin_ids: torch.Tensor | None = None,
-                          weights: torch.Tensor | None = None) -> torch.Tensor:
+                          weights: torch.Tensor | None = None, extra: torch.Tensor | None = None,
+                          extra_log_q: torch.Tensor | None = None,
+                          extra_ids: torch.Tensor | None = None) -> torch.Tensor:
     """Extreme multi-class softmax over the batch's pins.
 
     user, pin: (B, D) embeddings of positive pairs (row i's positive is pin i); log_q: (B,) log sampling
     probability of each pin, subtracted from its column (logQ correction); pin_ids: (B,) so that other
     rows' copies of a row's own positive are masked instead of counted as negatives; weights: (B,).
+    extra: (R, D) additional negatives (mixed negative sampling: pins drawn uniformly from the vocabulary)
+    with their log sampling probability extra_log_q (R,) and ids extra_ids (R,) (a row's own positive among
+    them is masked).
     """
     logits = user @ pin.T / temperature                                   # (B, B)
     if log_q is not None:
@@ -64,6 +69,13 @@ def in_batch_softmax_loss(user: torch.Tensor, pin: torch.Tensor, temperature: fl
         same = pin_ids.unsqueeze(0) == pin_ids.unsqueeze(1)
         same.fill_diagonal_(False)
         logits = logits.masked_fill(same, float("-inf"))
+    if extra is not None:
+        more = user @ extra.T / temperature                               # (B, R)
+        if extra_log_q is not None:
+            more = more - extra_log_q.unsqueeze(0)
+        if extra_ids is not None and pin_ids is not None:
+            more = more.masked_fill(pin_ids.unsqueeze(1) == extra_ids.unsqueeze(0), float("-inf"))
+        logits = torch.cat([logits, more], dim=1)
     target = torch.arange(len(user), device=user.device)
     loss = F.cross_entropy(logits, target, reduction="none")
     if weights is not None:

@@ -78,6 +78,10 @@ def train_model(model: TwoTower, encoder: Encoder, examples: pd.DataFrame, tc: T
     rank, world = _rank()
     users, pins = encoder.users(examples), encoder.pins(examples)
     pin_idx = pins["pin"]
+    # for mixed negatives: each vocabulary pin's latest features among the examples (its PIT row)
+    latest = examples.assign(_pin=pin_idx.numpy()).sort_values("event_timestamp").drop_duplicates("_pin", keep="last")
+    vocab_pins = encoder.pins(latest)
+    n_vocab = len(latest)
     n = len(examples)
     net: torch.nn.Module = model
     if world > 1:
@@ -102,7 +106,14 @@ def train_model(model: TwoTower, encoder: Encoder, examples: pd.DataFrame, tc: T
             model.frequency.update(all_ids)
             u, p = net(take(users, batch), take(pins, batch))
             log_q = model.frequency.log_q(pin_idx[batch]) if tc.logq else None
-            loss = in_batch_softmax_loss(u, p, tc.temperature, log_q=log_q, pin_ids=pin_idx[batch])
+            extra = extra_log_q = extra_ids = None
+            if tc.random_negatives:
+                pick = torch.randint(0, n_vocab, (tc.random_negatives,), generator=gen)
+                extra_x = take(vocab_pins, pick)
+                extra, extra_ids = model.pin_tower(extra_x), extra_x["pin"]
+                extra_log_q = torch.full((len(pick),), math.log(tc.random_negatives / n_vocab)) if tc.logq else None
+            loss = in_batch_softmax_loss(u, p, tc.temperature, log_q=log_q, pin_ids=pin_idx[batch], extra=extra,
+                                         extra_log_q=extra_log_q, extra_ids=extra_ids)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
