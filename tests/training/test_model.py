@@ -89,3 +89,15 @@ def test_streaming_frequency_estimates_the_per_batch_probability():
         est.update(torch.tensor(ids))
     q = est.log_q(torch.tensor([1, 2, 3])).exp()
     assert q.tolist() == pytest.approx([1.0, 0.25, 0.05], rel=0.1)
+
+
+def test_mixed_negatives_extend_the_softmax_with_their_own_correction():
+    torch.manual_seed(1)
+    u, p = F.normalize(torch.randn(3, 4), dim=1), F.normalize(torch.randn(3, 4), dim=1)
+    extra = F.normalize(torch.randn(2, 4), dim=1)
+    ids, extra_ids = torch.tensor([1, 2, 3]), torch.tensor([2, 9])
+    got = in_batch_softmax_loss(u, p, 0.2, pin_ids=ids, extra=extra, extra_log_q=torch.tensor([-1.0, -1.0]),
+                                extra_ids=extra_ids)
+    logits = torch.cat([u @ p.T / 0.2, u @ extra.T / 0.2 + 1.0], dim=1)
+    logits[1, 3] = float("-inf")  # row 1's positive (pin 2) drawn as a random negative is masked
+    assert got.item() == pytest.approx(F.cross_entropy(logits, torch.arange(3)).item(), rel=1e-6)
