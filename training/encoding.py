@@ -104,8 +104,7 @@ class Encoder:
         valid = np.arange(self.history_length)[None, :] < seq_len[:, None]
         seq_idx = np.where(valid, seq_idx, 0)
         recency = np.clip(np.log2(1 + seq_age.clip(0) * 24).astype(np.int64), 0, RECENCY_BUCKETS - 1)
-        top, _ = _lists(df["top_interest_ids"], self.top_interests, np.int64)
-        top_len = _lists(df["top_interest_ids"], self.top_interests, np.int64)[1]
+        top, top_len = _lists(df["top_interest_ids"], self.top_interests, np.int64)
         top = np.where(np.arange(self.top_interests)[None, :] < top_len[:, None], top + 1, 0)
         return {
             "age_bucket": torch.from_numpy(age_bucket.astype(np.int64)),
