@@ -26,6 +26,7 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/bench_data.py
+	$(BIN)/python bench/bench_baselines.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
