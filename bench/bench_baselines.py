@@ -88,14 +88,18 @@ def wall_table(results: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def describe(split: Split) -> str:
+    return (
+        f"{split.n_users} users, {split.n_items} candidates (canonical pins in the interactions), positives: "
+        f"{int(split.train.sum()):,} train / {int(split.valid.sum()):,} valid / {int(split.test.sum()):,} test"
+    )
+
+
 def ml100k(args: argparse.Namespace) -> None:
     data_dir, data_seconds = training_set(args.data_dir, DataConfig(source="movielens", movielens_path=args.ml100k))
     pos, imap, corpus = load(data_dir)
     split = temporal_split(pos, item_interest=imap)
-    stats = (
-        f"{split.n_users} users, {split.n_items} candidates (canonical pins in the interactions), positives: "
-        f"{int(split.train.sum()):,} train / {int(split.valid.sum()):,} valid / {int(split.test.sum()):,} test"
-    )
+    stats = describe(split)
     print(f"ML-100k from {data_dir} (data stage {data_seconds:.1f}s): {stats}")
     t0 = time.perf_counter()
     results = baselines(split)
@@ -149,10 +153,7 @@ def synthetic(args: argparse.Namespace) -> None:
     pos, imap, _ = load(data_dir)
     truth = GroundTruth.load(data_dir / "raw" / "ground_truth.npz")
     split = temporal_split(pos, item_interest=imap)
-    stats = (
-        f"{split.n_users} users, {split.n_items} candidates (canonical pins in the interactions), positives: "
-        f"{int(split.train.sum()):,} train / {int(split.valid.sum()):,} valid / {int(split.test.sum()):,} test"
-    )
+    stats = describe(split)
     print(f"synthetic from {data_dir} (data stage {data_seconds:.1f}s): {stats}")
     t0 = time.perf_counter()
     results = baselines(split, {"oracle": Oracle(truth)})

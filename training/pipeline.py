@@ -72,9 +72,9 @@ def run_data(cfg: Config, regenerate: bool = True) -> dict[str, float]:
 
 
 def train(cfg: Config) -> dict[str, Any]:
-    from training import report
+    from training import report as report_stage
 
-    return report.train(cfg)
+    return report_stage.train(cfg)
 
 
 def report(cfg: Config) -> dict[str, Any]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -38,8 +39,6 @@ PIN_TIME_POINTS = 8
 
 def init_distributed() -> bool:
     """Join the process group when launched by torchrun (WORLD_SIZE > 1); gloo works on CPU."""
-    import os
-
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
         dist.init_process_group("gloo")
         return True
