@@ -87,12 +87,13 @@ class TwoTower(nn.Module):
     """User and pin towers sharing the pin id and interest tables; outputs (B, D) unit vectors."""
 
     def __init__(self, n_pins: int, n_interests: int, n_genders: int, n_segments: int, embed_dim: int = 64,
-                 dim: int = 64, dropout: float = 0.0, temperature: float = 0.05):
+                 dim: int = 64, dropout: float = 0.0, temperature: float = 0.05,
+                 seq_dropout: float = 0.0):
         super().__init__()
         self.temperature = temperature
         self.pin_tower = PinTower(n_pins, n_interests, embed_dim, dim, dropout)
         self.user_tower = UserTower(self.pin_tower.pin_embedding, self.pin_tower.interest_embedding,
-                                    n_genders, n_segments, embed_dim, dim, dropout)
+                                    n_genders, n_segments, embed_dim, dim, dropout, seq_dropout=seq_dropout)
         self.frequency = StreamingFrequency()
 
     def forward(self, users: dict[str, torch.Tensor], pins: dict[str, torch.Tensor]):

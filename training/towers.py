@@ -44,14 +44,16 @@ class PinTower(nn.Module):
 class UserTower(nn.Module):
     """profile + counts + top interests + engagement history -> (B, D) unit vectors.
 
-    History: each item is its pin embedding (shared with the pin tower) plus a recency embedding; items
-    are pooled by attention whose query comes from the user's context, next to a plain mean.
+    History: each item is its pin embedding (shared with the pin tower) plus a recency embedding; items are
+    pooled by attention whose query comes from the user's context, next to a plain mean. In training, each
+    history item is dropped with probability ``seq_dropout`` (sequence dropout, a regularizer).
     """
 
     def __init__(self, pin_embedding: nn.Embedding, interest_embedding: nn.Embedding, n_genders: int,
-                 n_segments: int, embed_dim: int, dim: int, dropout: float = 0.0):
+                 n_segments: int, embed_dim: int, dim: int, dropout: float = 0.0, seq_dropout: float = 0.0):
         super().__init__()
         self.pin_embedding = pin_embedding
+        self.seq_dropout = seq_dropout
         self.interest_embedding = interest_embedding
         self.recency = nn.Embedding(RECENCY_BUCKETS + 1, embed_dim, padding_idx=0)
         self.age = nn.Embedding(len(AGE_BUCKETS) + 2, 8)
@@ -72,11 +74,14 @@ class UserTower(nn.Module):
                                       self.segment(x["segment"]), self.counts_norm(x["counts"]), top_mean], -1))
         items = self.pin_embedding(x["seq"]) + self.recency(x["seq_recency"])   # (B, L, E)
         valid = x["seq_valid"]                                                   # (B, L)
-        scores = torch.einsum("ble,be->bl", self.attn_key(items), ctx) / items.shape[-1] ** 0.5
-        scores = scores.masked_fill(~valid, float("-inf"))
+        if self.training and self.seq_dropout:
+            valid = valid & (torch.rand(valid.shape) >= self.seq_dropout)
+        # <attn_key(item), ctx> = <item, ctx @ W>: project the (B, E) query instead of the (B, L, E) keys
+        query = ctx @ self.attn_key.weight / items.shape[-1] ** 0.5               # (B, E)
+        scores = (items * query.unsqueeze(1)).sum(-1).masked_fill(~valid, float("-inf"))  # (B, L)
         has_history = valid.any(1, keepdim=True)
         weights = torch.where(has_history, scores.softmax(-1).nan_to_num(0.0), torch.zeros_like(scores))
-        attended = torch.einsum("bl,ble->be", weights, items)                    # (B, E)
+        attended = (items * weights.unsqueeze(-1)).sum(1)                         # (B, E)
         vf = valid.unsqueeze(-1).float()
         mean = (items * vf).sum(1) / vf.sum(1).clamp(min=1)                      # (B, E)
         return F.normalize(self.head(torch.cat([attended, mean, ctx], -1)), dim=-1)

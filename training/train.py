@@ -54,7 +54,8 @@ def _rank() -> tuple[int, int]:
 def build_model(encoder: Encoder, tc: TrainConfig) -> TwoTower:
     torch.manual_seed(tc.seed)
     return TwoTower(encoder.n_pins, encoder.n_interests, len(encoder.genders), len(encoder.segments),
-                    embed_dim=tc.embed_dim, dim=tc.dim, dropout=tc.dropout, temperature=tc.temperature)
+                    embed_dim=tc.embed_dim, dim=tc.dim, dropout=tc.dropout, temperature=tc.temperature,
+                    seq_dropout=tc.seq_dropout)
 
 
 @dataclass
@@ -77,6 +78,7 @@ def train_model(model: TwoTower, encoder: Encoder, examples: pd.DataFrame, tc: T
     rank, world = _rank()
     users, pins = encoder.users(examples), encoder.pins(examples)
     pin_idx = pins["pin"]
+    future = FutureTargets(examples, tc.target_window)
     # for mixed negatives: each vocabulary pin's latest features among the examples (its PIT row)
     latest = examples.assign(_pin=pin_idx.numpy()).sort_values("event_timestamp").drop_duplicates("_pin", keep="last")
     vocab_pins = encoder.pins(latest)
@@ -101,17 +103,19 @@ def train_model(model: TwoTower, encoder: Encoder, examples: pd.DataFrame, tc: T
         bar = tqdm(range(steps), desc=f"epoch {epoch}", leave=False, disable=True if rank else None)
         for step in bar:
             batch = perm[(step * world + rank) * tc.batch_size:(step * world + rank + 1) * tc.batch_size]
-            all_ids = _gather(pin_idx[batch]) if world > 1 else pin_idx[batch]
+            target = future.sample(batch, gen)
+            all_ids = _gather(pin_idx[target]) if world > 1 else pin_idx[target]
             model.frequency.update(all_ids)
-            u, p = net(take(users, batch), take(pins, batch))
-            log_q = model.frequency.log_q(pin_idx[batch]) if tc.logq else None
+            u, p = net(take(users, batch), take(pins, target))
+            log_q = tc.logq_weight * model.frequency.log_q(pin_idx[target]) if tc.logq else None
             extra = extra_log_q = extra_ids = None
             if tc.random_negatives:
                 pick = torch.randint(0, n_vocab, (tc.random_negatives,), generator=gen)
                 extra_x = take(vocab_pins, pick)
                 extra, extra_ids = model.pin_tower(extra_x), extra_x["pin"]
-                extra_log_q = torch.full((len(pick),), math.log(tc.random_negatives / n_vocab)) if tc.logq else None
-            loss = in_batch_softmax_loss(u, p, tc.temperature, log_q=log_q, pin_ids=pin_idx[batch], extra=extra,
+                extra_log_q = (torch.full((len(pick),), tc.logq_weight * math.log(tc.random_negatives / n_vocab))
+                               if tc.logq else None)
+            loss = in_batch_softmax_loss(u, p, tc.temperature, log_q=log_q, pin_ids=pin_idx[target], extra=extra,
                                          extra_log_q=extra_log_q, extra_ids=extra_ids)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -142,6 +146,35 @@ def train_model(model: TwoTower, encoder: Encoder, examples: pd.DataFrame, tc: T
     model.eval()
     return FitResult(best_epoch=best[1], best_valid=best[0], epochs_run=len(history), seconds=seconds,
                      seconds_to_best=seconds_to_best, examples_per_s=seen / seconds, history=history)
+
+
+class FutureTargets:
+    """Draws each example's positive from the same user's next ``window`` examples (itself included).
+
+    Rows are ordered per user by time (ties by row order); example i's candidates are the rows at sorted
+    positions pos(i) .. pos(i) + min(window, rows left for the user) - 1. window = 1 returns the batch itself.
+    """
+
+    def __init__(self, examples: pd.DataFrame, window: int):
+        n = len(examples)
+        self.window = window
+        users = pd.factorize(examples["user_id"])[0]
+        ts = examples["event_timestamp"].to_numpy().astype("datetime64[us]").astype(np.int64)
+        order = np.lexsort((np.arange(n), ts, users))
+        pos = np.empty(n, dtype=np.int64)
+        pos[order] = np.arange(n)
+        sorted_users = users[order]
+        group_end = np.searchsorted(sorted_users, sorted_users, side="right") if n else np.zeros(0, np.int64)
+        # sorted_users is sorted by construction (lexsort's last key), so searchsorted finds each group's end
+        self.order = torch.from_numpy(order)
+        self.pos = torch.from_numpy(pos)
+        self.count = torch.from_numpy(np.minimum(window, group_end[pos] - pos))
+
+    def sample(self, batch: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        if self.window == 1:
+            return batch
+        offset = (torch.rand(len(batch), generator=gen, dtype=torch.float64) * self.count[batch]).long()
+        return self.order[self.pos[batch] + offset]
 
 
 def _gather(x: torch.Tensor) -> torch.Tensor:

@@ -56,6 +56,21 @@ def test_towers_output_unit_vectors_of_the_shared_dimension():
     assert model.user_tower.pin_embedding is model.pin_tower.pin_embedding  # one id table for both towers
 
 
+def test_sequence_dropout_acts_in_training_only():
+    df = frame()
+    enc = Encoder.fit(df, n_interests=5)
+    users = enc.users(df)
+    model = TwoTower(enc.n_pins, enc.n_interests, len(enc.genders), len(enc.segments), embed_dim=16, dim=8,
+                     seq_dropout=0.5)
+    model.eval()
+    torch.testing.assert_close(model.user_tower(users), model.user_tower(users))
+    model.train()
+    torch.manual_seed(0)                                                # dropout = 0: no other randomness
+    outs = [model.user_tower(users) for _ in range(4)]
+    assert any(not torch.allclose(outs[0][4], o[4]) for o in outs[1:])   # row 4 has a history: it varies
+    assert all(torch.isfinite(o).all() for o in outs)                   # rows left without history stay finite
+
+
 def test_logq_correction_shifts_every_logit_by_minus_log_q():
     torch.manual_seed(0)
     u, p = F.normalize(torch.randn(5, 4), dim=1), F.normalize(torch.randn(5, 4), dim=1)
