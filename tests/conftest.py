@@ -4,6 +4,7 @@ once per test session, in a temporary data dir."""
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import os
 import sys
 from pathlib import Path
@@ -31,6 +32,45 @@ def pipeline_cfg(tmp_path_factory) -> Config:
     os.environ["RETRIEVAL_DATA_DIR"] = cfg.data_dir
     run_data(cfg)
     return cfg
+
+
+@pytest.fixture(scope="session")
+def checkpoints(pipeline_cfg) -> list[Path]:
+    """One short real training run, plus two copies under other model versions (perturbed weights)."""
+    import torch
+
+    from training.report import train
+
+    cfg = dataclasses.replace(pipeline_cfg, train=dataclasses.replace(pipeline_cfg.train, epochs=2, patience=2,
+                                                                      batch_size=256, threads=1))
+    first = Path(train(cfg)["checkpoint"])
+    payload = torch.load(first, weights_only=False)
+    paths = [first]
+    for i in (1, 2):
+        version = f"{payload['model_version']}-v{i}"
+        out = pipeline_cfg.data_path / "models" / version / "model.pt"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        gen = torch.Generator().manual_seed(i)
+        model = {k: v + 0.01 * torch.randn(v.shape, generator=gen) if v.is_floating_point() and "frequency" not in k
+                 else v for k, v in payload["model"].items()}
+        torch.save({**payload, "model_version": version, "model": model}, out)
+        paths.append(out)
+    return paths
+
+
+def version_of(checkpoint: Path) -> str:
+    return checkpoint.parent.name
+
+
+def unpublished(cfg: Config) -> Config:
+    """``cfg``'s data dir with no release: registry removed, every collection and user tower dropped."""
+    import shutil
+
+    from training.release import recover
+
+    shutil.rmtree(cfg.data_path / "releases", ignore_errors=True)
+    recover(cfg)
+    return dataclasses.replace(cfg, index=dataclasses.replace(cfg.index, verify_queries=60))
 
 
 _exit_status = {"code": None}

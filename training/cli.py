@@ -6,6 +6,7 @@
     retrieval features             feast apply + materialize (incremental when possible)
     retrieval training-set         point-in-time training set through the feature services
     retrieval train | report       two-tower training (checkpoint) | model vs baselines report
+    retrieval release ACTION       publish | rollback | status | recover: versioned Milvus index + user tower
     retrieval config               print the effective config as YAML
 
 Every subcommand accepts ``--config FILE`` (YAML like training/config.yaml) and ``--section.field VALUE``.
@@ -69,6 +70,16 @@ def _run(cfg: Config, args: argparse.Namespace) -> object:
     return pipeline.run_data(cfg, regenerate=not args.keep_raw)
 
 
+def _release(cfg: Config, args: argparse.Namespace) -> object:
+    from pathlib import Path
+
+    from training import release
+
+    if args.action == "publish":
+        return release.publish(cfg, Path(args.checkpoint) if args.checkpoint else None)
+    return getattr(release, args.action)(cfg)
+
+
 def _print_config(cfg: Config, args: argparse.Namespace) -> object:
     print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
     return None
@@ -83,6 +94,7 @@ COMMANDS: dict[str, tuple[Callable[[Config, argparse.Namespace], object], str]] 
     "training-set": (_cmd("training_set"), "point-in-time training set through the feature services"),
     "train": (_cmd("train"), "train the two-tower model on the live training set; save the checkpoint"),
     "report": (_cmd("report"), "two-tower vs popularity, item-kNN and tuned ALS on one split: markdown + PNG"),
+    "release": (_release, "publish (build + verify + switch) | rollback | status | recover the retrieval release"),
     "config": (_print_config, "print the effective config as YAML"),
 }
 
@@ -94,6 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
     for name, (_, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         _add_config_flags(p)
+        if name == "release":
+            p.add_argument("action", choices=["publish", "rollback", "status", "recover"])
+            p.add_argument("--checkpoint", help="publish this model.pt (default: the newest under <data_dir>/models)")
         if name == "run":
             p.add_argument("--keep-raw", action="store_true", help="reuse <data_dir>/raw instead of regenerating it")
     return parser

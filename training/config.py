@@ -12,6 +12,7 @@ import ast
 import dataclasses
 import inspect
 import os
+import re
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import cache
@@ -141,6 +142,80 @@ class FeatureConfig:
 
 
 @dataclass
+class IndexConfig:
+    """The versioned pin index (Milvus) and the release registry."""
+
+    uri: str = ""
+    """Milvus server URI (e.g. http://milvus:19530); empty = embedded milvus-lite, one database file per
+    collection under <data_dir>/milvus, so building a new version never touches the file a service holds."""
+    token: str = ""
+    """Milvus server token ("user:password"), if the server needs one."""
+    collection_prefix: str = "pins"
+    """Collections are named <prefix>_<model version>."""
+    alias: str = "pins_live"
+    """Alias re-pointed at the live collection on publish and rollback (Milvus server; milvus-lite 2.5 has no
+    aliases, so an embedded deployment switches through the release registry alone)."""
+    index_type: str = "IVF_FLAT"
+    """ANN index: IVF_FLAT, HNSW or FLAT."""
+    nlist: int = 0
+    """IVF_FLAT clusters; 0 = 4·sqrt(rows), clipped to [1, 4096]."""
+    nprobe: int = 16
+    """IVF_FLAT clusters searched per query; publish raises it (×2 steps) until verification passes."""
+    hnsw_m: int = 16
+    """HNSW graph degree."""
+    hnsw_ef: int = 128
+    """HNSW search breadth (also raised by publish when verification needs it)."""
+    insert_batch: int = 10_000
+    """Rows per insert call."""
+    verify_queries: int = 200
+    """Sampled users whose ANN top-k is compared with exact search before a release goes live."""
+    verify_k: int = 100
+    """k of the verification recall."""
+    min_recall: float = 0.95
+    """A release goes live only if ANN recall@verify_k against exact search reaches this."""
+    keep_releases: int = 3
+    """Published releases kept (collection, user tower, record); older ones are deleted."""
+
+    def __post_init__(self) -> None:
+        _check(self.index_type in ("IVF_FLAT", "HNSW", "FLAT"), "index.index_type", "must be IVF_FLAT, HNSW or FLAT")
+        for name in ("nprobe", "hnsw_m", "hnsw_ef", "insert_batch", "verify_queries", "verify_k", "keep_releases"):
+            _check(getattr(self, name) > 0, f"index.{name}", f"must be > 0, got {getattr(self, name)}")
+        _check(self.nlist >= 0, "index.nlist", "must be >= 0")
+        _check(0 < self.min_recall <= 1, "index.min_recall", "must be in (0, 1]")
+        _check(re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", self.collection_prefix) is not None,
+               "index.collection_prefix", "letters, digits and underscores, not starting with a digit")
+        _check(re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", self.alias) is not None,
+               "index.alias", "letters, digits and underscores, not starting with a digit")
+
+
+@dataclass
+class ServeConfig:
+    """The BentoML retrieval service (bentos/service.py)."""
+
+    host: str = "127.0.0.1"
+    """Address `make run` serves on."""
+    port: int = 3000
+    """Port `make run` serves on."""
+    max_k: int = 1000
+    """Largest k a request may ask for."""
+    max_interests: int = 64
+    """Most interest ids one request may filter on."""
+    max_body_bytes: int = 16_384
+    """Larger request bodies get 413."""
+    poll_seconds: float = 1.0
+    """How often the service checks the registry for a new live release."""
+    threads: int = 8
+    """Request threads per worker (sync API methods run on this many threads)."""
+    workers: int = 1
+    """Worker processes (each loads the live release)."""
+
+    def __post_init__(self) -> None:
+        for name in ("port", "max_k", "max_interests", "max_body_bytes", "threads", "workers"):
+            _check(getattr(self, name) > 0, f"serve.{name}", f"must be > 0, got {getattr(self, name)}")
+        _check(self.poll_seconds > 0, "serve.poll_seconds", "must be > 0")
+
+
+@dataclass
 class TrainConfig:
     """The two-tower model and its training."""
 
@@ -152,10 +227,19 @@ class TrainConfig:
     """Softmax temperature τ: score = <u, p> / τ with unit-norm u, p."""
     dropout: float = 0.1
     """Dropout inside the tower MLPs."""
+    seq_dropout: float = 0.4
+    """Training only: each item of the user's history sequence is dropped with this probability."""
     logq: bool = True
     """Subtract the streaming log sampling probability of each in-batch pin (logQ correction)."""
+    logq_weight: float = 1.0
+    """Scale of the logQ correction: logits - logq_weight · log q (1 = the unbiased correction; more favours
+    popular pins, less favours rare ones)."""
     batch_size: int = 1024
     """Positive pairs per step (each row's negatives are the other rows' pins)."""
+    target_window: int = 1
+    """Each example's positive is drawn uniformly from the user's next ``target_window`` engagements (its own
+    label and those after it, within the training data); 1 = next-engagement prediction. Larger windows
+    train the user vector to retrieve the user's whole near future, as retrieval is judged."""
     random_negatives: int = 0
     """Extra negatives per step drawn uniformly from the pin vocabulary (mixed negative sampling); 0 = off."""
     lr: float = 0.01
@@ -174,10 +258,12 @@ class TrainConfig:
     """torch CPU threads per process."""
 
     def __post_init__(self) -> None:
-        for name in ("embed_dim", "dim", "batch_size", "epochs", "patience", "valid_k", "threads"):
+        for name in ("embed_dim", "dim", "batch_size", "target_window", "epochs", "patience", "valid_k", "threads"):
             _check(getattr(self, name) > 0, f"train.{name}", f"must be > 0, got {getattr(self, name)}")
         _check(self.temperature > 0, "train.temperature", "must be > 0")
         _check(0 <= self.dropout < 1, "train.dropout", "must be in [0, 1)")
+        _check(0 <= self.seq_dropout < 1, "train.seq_dropout", "must be in [0, 1)")
+        _check(self.logq_weight >= 0, "train.logq_weight", "must be >= 0")
         _check(self.lr > 0, "train.lr", "must be > 0")
 
 
@@ -196,6 +282,8 @@ class Config:
     transform: TransformConfig = field(default_factory=TransformConfig)
     features: FeatureConfig = field(default_factory=FeatureConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    index: IndexConfig = field(default_factory=IndexConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
 
     @property
     def data_path(self) -> Path:

@@ -130,3 +130,11 @@ def historical_features(cfg: Config, entity_df: pd.DataFrame, *service_names: st
     store = get_store(cfg)
     refs = feature_refs(store, *service_names)
     return store.get_historical_features(entity_df=entity_df, features=refs).to_df()
+
+
+def online_features(cfg: Config, service_name: str, key: str, ids) -> pd.DataFrame:
+    """Online values of one feature service for entity ``key`` = each of ``ids`` (one row per id, in order)."""
+    store = get_store(cfg)
+    rows = [{key: int(i)} for i in ids]
+    resp = store.get_online_features(features=store.get_feature_service(service_name), entity_rows=rows)
+    return pd.DataFrame(resp.to_dict())

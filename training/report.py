@@ -56,7 +56,7 @@ def train(cfg: Config) -> dict[str, Any]:
     scorer.fit(split)
     scorer.prepare("test")
     result = evaluate(scorer, split, on="test")
-    version = f"tt-{manifest['snapshot_id']}-{datetime.now(UTC):%Y%m%dT%H%M%S}"
+    version = f"tt-{manifest['snapshot_id']}-{datetime.now(UTC):%Y%m%d-%H%M%S}"
     payload = {
         **scorer.checkpoint(),
         "model_version": version,

@@ -11,7 +11,7 @@ import pytest
 
 from training.data.snapshot import load_live
 from training.dataset import SERVICES, training_set_path
-from training.features import get_store, historical_features
+from training.features import get_store, historical_features, online_features
 
 pytestmark = pytest.mark.slow
 
@@ -66,10 +66,7 @@ def _offline_latest(cfg, keys: pd.DataFrame, at) -> pd.DataFrame:
 
 
 def _online(cfg, service: str, key: str, ids) -> pd.DataFrame:
-    store = get_store(cfg)
-    rows = [{key: int(i)} for i in ids]
-    return pd.DataFrame(store.get_online_features(features=store.get_feature_service(service),
-                                                  entity_rows=rows).to_dict())
+    return online_features(cfg, service, key, ids)
 
 
 def _same(a, b) -> bool:

@@ -1,0 +1,223 @@
+"""The retrieval service: the API in process (ASGI), then a real `bentoml serve` subprocess: a round trip and
+release switches (publish, rollback) under concurrent requests."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pandas as pd
+import pytest
+
+from tests.conftest import unpublished, version_of
+from training.index import IndexStore
+from training.release import bentoml_home, publish, rollback
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[2]
+UNKNOWN_USER = 987_654_321
+
+
+@pytest.fixture(scope="module")
+def live(pipeline_cfg, checkpoints):
+    cfg = unpublished(pipeline_cfg)
+    publish(cfg, checkpoints[0])
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def users(live) -> dict[str, int]:
+    """A user with engagement history, one with a profile but no history (if any)."""
+    seq = pd.read_parquet(live.data_path / "live" / "tables" / "user_sequence.parquet")
+    with_history = int(seq.loc[seq.recent_pin_ids.map(len) > 3, "user_id"].iloc[0])
+    return {"history": with_history}
+
+
+def check_ok(body: dict, k: int) -> None:
+    assert len(body["pins"]) == k and body["collection"] == IndexStore.collection_of(body["model_version"])
+    scores = [p["score"] for p in body["pins"]]
+    assert scores == sorted(scores, reverse=True)
+
+
+class TestInProcess:
+    @pytest.fixture(scope="class")
+    def client(self, live):
+        from starlette.testclient import TestClient
+
+        from bentos.service import RetrievalService
+
+        with TestClient(RetrievalService.to_asgi(), raise_server_exceptions=False) as c:
+            yield c
+
+    def test_learned_answer_for_a_user_with_history(self, client, live, users, checkpoints):
+        r = client.post("/retrieve", json={"user_id": users["history"], "k": 25})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        check_ok(body, 25)
+        assert body["retrieval"] == "learned" and body["model_version"] == version_of(checkpoints[0])
+        seq = pd.read_parquet(live.data_path / "live" / "tables" / "user_sequence.parquet")
+        seen = set(seq[seq.user_id == users["history"]].sort_values("event_timestamp").recent_pin_ids.iloc[-1])
+        assert not seen & {p["pin_id"] for p in body["pins"]}   # exclude_seen defaults to true
+        same = client.post("/retrieve", json={"user_id": users["history"], "k": 25, "exclude_seen": False}).json()
+        assert len(same["pins"]) == 25
+
+    def test_interest_filter(self, client, users):
+        body = client.post("/retrieve", json={"user_id": users["history"], "k": 10, "interests": [1, 2]}).json()
+        assert body["retrieval"] == "learned" and {p["interest_id"] for p in body["pins"]} <= {1, 2}
+
+    def test_unknown_user_gets_cold_start_by_decayed_engagement(self, client, live):
+        corpus = pd.read_parquet(live.data_path / "live" / "tables" / "serving_corpus.parquet")
+        r = client.post("/retrieve", json={"user_id": UNKNOWN_USER, "k": 5})
+        assert r.status_code == 200 and r.json()["retrieval"] == "cold_start"
+        top = corpus.sort_values(["decayed_engagement", "pin_id"], ascending=[False, True])
+        assert [p["pin_id"] for p in r.json()["pins"]] == top.pin_id.head(5).tolist()
+        r = client.post("/retrieve", json={"user_id": UNKNOWN_USER, "k": 5, "interests": [3]})
+        want = top[top.interest_id == 3].pin_id.head(5).tolist()
+        assert [p["pin_id"] for p in r.json()["pins"]] == want
+
+    @pytest.mark.parametrize("body, field", [
+        ({}, "user_id"),
+        ({"k": 5}, "user_id"),
+        ({"user_id": "7"}, "user_id"),
+        ({"user_id": 1.5}, "user_id"),
+        ({"user_id": True}, "user_id"),
+        ({"user_id": 1, "k": 0}, "k"),
+        ({"user_id": 1, "k": 1001}, "k"),
+        ({"user_id": 1, "k": "10"}, "k"),
+        ({"user_id": 1, "interests": "3"}, "interests"),
+        ({"user_id": 1, "interests": [3, "x"]}, "interests"),
+        ({"user_id": 1, "interests": list(range(65))}, "interests"),
+        ({"user_id": 1, "interests": [999]}, "interests"),
+        ({"user_id": 1, "exclude_seen": "yes"}, "exclude_seen"),
+        ({"user_id": 1, "colour": "red"}, "colour"),
+    ])
+    def test_bad_input_is_4xx_naming_the_field(self, client, body, field):
+        r = client.post("/retrieve", json=body)
+        assert r.status_code == 400, r.text
+        assert field in r.text
+
+    def test_malformed_oversized_and_non_json_bodies(self, client):
+        assert client.post("/retrieve", content=b'{"user_id": 1,', headers={"content-type": "application/json"}
+                           ).status_code == 400
+        assert client.post("/retrieve", content=b"[1, 2]", headers={"content-type": "application/json"}
+                           ).status_code == 400
+        big = b'{"user_id": 1, "interests": [' + b"1," * 20_000 + b"1]}"
+        r = client.post("/retrieve", content=big, headers={"content-type": "application/json"})
+        assert r.status_code == 413 and "body" in r.json()["field"]
+
+        def chunks():
+            yield b'{"user_id": 1, "interests": ['
+            for _ in range(100):
+                yield b"1," * 200
+            yield b"1]}"
+
+        r = client.post("/retrieve", content=chunks(), headers={"content-type": "application/json"})
+        assert r.status_code == 413
+        form = {"content-type": "application/x-www-form-urlencoded"}
+        r = client.post("/retrieve", content=b"user_id=1", headers=form)
+        assert r.status_code == 415 and r.json()["field"] == "content-type"
+        assert client.get("/retrieve").status_code == 405
+
+    def test_ops_endpoints_and_openapi(self, client, checkpoints):
+        assert client.get("/healthz").json() == {"status": "ok"}
+        ready = client.get("/readyz")
+        assert ready.status_code == 200 and ready.json()["release"]["model_version"] == version_of(checkpoints[0])
+        meta = client.get("/metadata").json()
+        assert meta["limits"]["max_k"] == 1000 and meta["release"]["user_tower"].startswith("user_tower:")
+        paths = client.get("/docs.json").json()["paths"]
+        assert {"/retrieve", "/healthz", "/readyz", "/metadata"} <= set(paths)
+        schema = str(paths["/retrieve"])
+        assert "RetrieveRequest" in schema or "user_id" in str(client.get("/docs.json").json()["components"])
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(live):
+    """`bentoml serve` on loopback, as `make run` starts it."""
+    port = _free_port()
+    log = open(live.data_path / "serve-test.log", "w")
+    env = {**os.environ, "BENTOML_HOME": str(bentoml_home(live)), "RETRIEVAL_DATA_DIR": live.data_dir}
+    cmd = [str(Path(os.sys.executable).parent / "bentoml"), "serve", "bentos/service.py:RetrievalService",
+           "--host", "127.0.0.1", "--port", str(port)]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    try:
+        while True:
+            try:
+                if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError((live.data_path / "serve-test.log").read_text()[-3000:])
+            time.sleep(0.3)
+        yield url
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+        log.close()
+
+
+def test_real_server_round_trip(server, users, checkpoints):
+    r = httpx.post(f"{server}/retrieve", json={"user_id": users["history"], "k": 10})
+    assert r.status_code == 200
+    check_ok(r.json(), 10)
+    assert r.json()["model_version"] == version_of(checkpoints[0])
+    assert httpx.post(f"{server}/retrieve", json={"user_id": UNKNOWN_USER}).json()["retrieval"] == "cold_start"
+    assert httpx.post(f"{server}/retrieve", json={"user_id": 1, "k": 0}).status_code == 400
+
+
+def test_release_switch_under_concurrent_requests(server, live, users, checkpoints):
+    v0, v1 = version_of(checkpoints[0]), version_of(checkpoints[1])
+    results: list[tuple[int, dict]] = []
+    stop = threading.Event()
+
+    def load(user_id: int) -> None:
+        with httpx.Client(base_url=server, timeout=10) as c:
+            while not stop.is_set():
+                r = c.post("/retrieve", json={"user_id": user_id, "k": 20})
+                results.append((r.status_code, r.json()))
+
+    threads = [threading.Thread(target=load, args=(u,)) for u in (users["history"], UNKNOWN_USER) * 4]
+    for t in threads:
+        t.start()
+
+    def wait_for(version: str) -> None:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if httpx.get(f"{server}/readyz").json()["release"]["model_version"] == version:
+                time.sleep(0.5)   # let requests run on it
+                return
+            time.sleep(0.1)
+        raise AssertionError(f"service did not switch to {version}")
+
+    try:
+        time.sleep(1)
+        publish(live, checkpoints[1])
+        wait_for(v1)
+        rollback(live)
+        wait_for(v0)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    codes = pd.Series([c for c, _ in results]).value_counts().to_dict()
+    assert codes == {200: len(results)}, codes
+    assert {b["model_version"] for _, b in results} == {v0, v1}
+    for _, body in results:
+        check_ok(body, 20)   # includes: the collection is the user tower's version's, never a mixed pair
