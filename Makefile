@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test bench lint clean install
+.PHONY: run stop test bench lint clean install
 
 install: $(STAMP)
 
@@ -17,9 +17,14 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m pip check
 	@touch $@
 
-# Runs every stage on the embedded synthetic data (generate → contracts → dbt → Feast apply/materialize → training set).
+# The main job on the embedded synthetic data: generate → contracts → dbt → Feast apply/materialize → training set
+# → train → publish a release (Milvus collection + user tower) → start the service in the background, once ready.
 run: $(STAMP)
 	$(BIN)/retrieval run
+	$(BIN)/retrieval serve --detach
+
+stop: $(STAMP)
+	$(BIN)/retrieval stop
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -m "not bench" -q
@@ -27,9 +32,25 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/bench_data.py
 	$(BIN)/python bench/bench_baselines.py
+	$(BIN)/python bench/bench_index.py
+	$(BIN)/python bench/bench_service.py
+
+# The retrieval service as a bento in $(DATA)/bentoml (containerize: see README "Ship it as a container").
+# BentoML 1.4 looks up a `uv` even with lock_packages: false and pip-installs one into the venv when none is on
+# PATH; a stub that fails instead keeps .venv as installed (it is never called unless locking is turned on).
+DATA ?= .data
+.PHONY: bento
+bento: $(STAMP)
+	@stub=$$(mktemp -d) && trap 'rm -rf "$$stub"' EXIT && \
+	if ! command -v uv >/dev/null; then \
+	  printf '#!/bin/sh\necho "uv: not installed; bentos/bentofile.yaml builds without it (lock_packages: false)" >&2\nexit 1\n' > "$$stub/uv" && \
+	  chmod +x "$$stub/uv"; \
+	fi && \
+	PATH="$$stub:$$PATH" BENTOML_HOME=$(DATA)/bentoml $(BIN)/bentoml build -f bentos/bentofile.yaml .
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
 
 clean:
+	-[ -x $(BIN)/retrieval ] && $(BIN)/retrieval stop
 	rm -rf .data dbt_project/target dbt_project/logs .pytest_cache

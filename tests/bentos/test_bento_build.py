@@ -1,0 +1,244 @@
+"""The bento (bentos/bentofile.yaml): bentos/requirements.txt against constraints.txt and the installed dependency
+tree (fast), then a real `bentoml build` with the network cut off (slow): the generated Dockerfile, the requirements
+the image installs, and the sources the bento holds."""
+
+from __future__ import annotations
+
+import importlib.metadata as md
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+from packaging.version import Version
+
+REPO = Path(__file__).resolve().parents[2]
+REQUIREMENTS = REPO / "bentos" / "requirements.txt"
+CONSTRAINTS = REPO / "constraints.txt"
+CPU_INDEX = "https://download.pytorch.org/whl/cpu"
+TORCH_CPU = "torch==2.13.0+cpu"
+UNPINNED = {"setuptools": "<82"}
+"""Ranges on purpose: not in constraints.txt (milvus-lite 2.5 needs pkg_resources; same range as pyproject.toml)."""
+FROM_EXTRAS = {"redis", "hiredis"}
+"""Brought by feast[redis] within feast's ranges: neither in constraints.txt nor in the dev venv."""
+TRAINING_ONLY = {"dbt-core", "dbt-duckdb", "implicit", "matplotlib", "threadpoolctl", "pytest", "ruff"}
+DEAD_PROXY = "http://127.0.0.1:9"
+"""Nothing listens on the discard port: any download during the build fails."""
+CUDA = re.compile(r"^(nvidia-(?!ml-py\b)\S+|triton\b|\S*cuda\S*|torch==\S+\+cu\d+)", re.IGNORECASE)
+"""CUDA runtime wheels. nvidia-ml-py (NVML bindings, a bentoml dependency) is pure Python and allowed."""
+
+
+def parse(text: str) -> tuple[list[Requirement], list[str]]:
+    """(requirements, option lines such as --extra-index-url) of a requirements file."""
+    reqs, options = [], []
+    for raw in text.splitlines():
+        line = raw.split(" #", 1)[0].strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.startswith("-"):
+            options.append(line)
+        else:
+            reqs.append(Requirement(line))
+    return reqs, options
+
+
+def constraints() -> dict[str, str]:
+    pins, _ = parse(CONSTRAINTS.read_text())
+    return {canonicalize_name(r.name): str(r.specifier).removeprefix("==") for r in pins}
+
+
+def pin_errors(reqs: list[Requirement]) -> list[str]:
+    """Every `==` equals constraints.txt (torch: same release, CPU build); the rest are the known ranges."""
+    cons = constraints()
+    errors = []
+    for req in reqs:
+        name = canonicalize_name(req.name)
+        spec = str(req.specifier)
+        if not spec.startswith("=="):
+            if UNPINNED.get(name) != spec:
+                errors.append(f"{req}: not pinned (only {UNPINNED} may be ranges)")
+            continue
+        version = Version(spec[2:])
+        if name not in cons:
+            errors.append(f"{req}: not in constraints.txt")
+        elif name == "torch":
+            if version.public != cons[name] or version.local != "cpu":
+                errors.append(f"{req}: want torch=={cons[name]}+cpu")
+        elif version != Version(cons[name]):
+            errors.append(f"{req}: constraints.txt has {cons[name]}")
+    return errors
+
+
+def closure(roots: dict[str, set[str]]) -> set[str]:
+    """Installed distributions that ``roots`` (name -> extras) need on this platform, roots included."""
+    seen: dict[str, set[str]] = {}
+    stack = list(roots.items())
+    while stack:
+        name, extras = stack.pop()
+        key = canonicalize_name(name)
+        if key in seen and extras <= seen[key]:
+            continue
+        seen[key] = seen.get(key, set()) | extras
+        try:
+            requires = md.distribution(key).requires or []
+        except md.PackageNotFoundError:
+            continue
+        for dep in map(Requirement, requires):
+            if dep.marker is None or any(dep.marker.evaluate({"extra": e}) for e in ["", *seen[key]]):
+                stack.append((dep.name, set(dep.extras)))
+    return set(seen)
+
+
+def listed() -> dict[str, set[str]]:
+    reqs, _ = parse(REQUIREMENTS.read_text())
+    return {canonicalize_name(r.name): set(r.extras) for r in reqs}
+
+
+# --- fast: the requirements file -----------------------------------------------------------------------------------
+
+
+def test_requirements_pins_match_constraints():
+    reqs, options = parse(REQUIREMENTS.read_text())
+    assert pin_errors(reqs) == []
+    assert TORCH_CPU in {str(r) for r in reqs}
+    assert options == [f"--extra-index-url {CPU_INDEX}"], "PyPI stays the main index; only torch's CPU index is added"
+    names = [canonicalize_name(r.name) for r in reqs]
+    assert len(names) == len(set(names)), "a package listed twice"
+    assert not TRAINING_ONLY & set(names), "training/dev-only packages do not belong in the serving image"
+    assert not [str(r) for r in reqs if CUDA.match(str(r))]
+    assert "bentoml" not in names, "BentoML appends bentoml==<its version> itself"
+
+
+def test_requirements_cover_their_dependencies():
+    """No lock at build time: every dependency the listed packages have in the dev venv is listed (so pinned too)."""
+    roots = {**listed(), "bentoml": set()}
+    missing = closure(roots) - set(roots) - FROM_EXTRAS
+    assert not missing, f"pin these in bentos/requirements.txt (versions from constraints.txt): {sorted(missing)}"
+
+
+# --- slow: the service's imports, a real build ---------------------------------------------------------------------
+
+IMPORT_CHAIN = """
+import importlib.metadata as md, json, sys, tempfile
+import bentos.service
+import training.train, training.data.snapshot, training.fast_sqlite
+from pymilvus import MilvusClient
+from milvus_lite.server_manager import server_manager_instance
+from bentoml._internal.models.model import ModelStore
+from training.config import Config
+from training.features import get_store
+get_store(Config(data_dir=tempfile.mkdtemp()))  # the offline (DuckDB/ibis) and online store classes
+owners = md.packages_distributions()
+dists = set()
+for name, mod in list(sys.modules.items()):
+    where = str(getattr(mod, "__file__", None) or next(iter(getattr(mod, "__path__", None) or []), ""))
+    if "." in name or "site-packages" not in where:
+        continue
+    dists.update(["setuptools"] if "/setuptools/_vendor/" in where else owners.get(name, []))
+print(json.dumps(sorted(dists)))
+"""
+
+
+@pytest.mark.slow
+def test_service_imports_only_listed_packages(tmp_path):
+    """bentos.service and what a release load imports (user tower -> training.train, snapshot, Feast, Milvus)."""
+    env = {**os.environ, "RETRIEVAL_DATA_DIR": str(tmp_path)}
+    out = subprocess.run([sys.executable, "-c", IMPORT_CHAIN], cwd=REPO, env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    imported = {canonicalize_name(d) for d in json.loads(out.stdout.strip().splitlines()[-1])}
+    available = closure({**listed(), "bentoml": set()})
+    assert not imported - available - {"learned-retrieval"}
+    assert not imported & TRAINING_ONLY
+
+
+@pytest.fixture(scope="module")
+def bento(tmp_path_factory) -> dict:
+    """`bentoml build -f bentos/bentofile.yaml .` from the repo root into a temporary BENTOML_HOME, offline."""
+    tmp = tmp_path_factory.mktemp("bento")
+    home, stub = tmp / "bentoml", tmp / "bin"
+    stub.mkdir()
+    calls = tmp / "uv-calls"
+    # BentoML looks up a uv even without locking (and pip-installs one when none is found): a stub that records
+    # and fails, so a lock or any other uv run would show.
+    (stub / "uv").write_text(f'#!/bin/sh\necho "$*" >> "{calls}"\nexit 1\n')
+    (stub / "uv").chmod(0o755)
+    env = {k: v for k, v in os.environ.items()
+           if k.lower() not in ("no_proxy", "all_proxy") and not k.startswith(("BENTOML_", "UV_", "PIP_"))}
+    env.update(BENTOML_HOME=str(home), BENTOML_DO_NOT_TRACK="True", PIP_NO_INDEX="1",
+               HTTP_PROXY=DEAD_PROXY, HTTPS_PROXY=DEAD_PROXY, http_proxy=DEAD_PROXY, https_proxy=DEAD_PROXY,
+               PATH=os.pathsep.join([str(stub), str(Path(sys.executable).parent), "/usr/bin", "/bin"]))
+    out = subprocess.run([sys.executable, "-m", "bentoml", "build", "-f", "bentos/bentofile.yaml", "."],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    log = out.stdout + out.stderr
+    assert out.returncode == 0, log[-3000:]
+    version = (home / "bentos" / "retrieval" / "latest").read_text().strip()
+    path = home / "bentos" / "retrieval" / version
+    return {"path": path, "log": log, "uv_calls": calls,
+            "dockerfile": (path / "env" / "docker" / "Dockerfile").read_text(),
+            "requirements": (path / "env" / "python" / "requirements.txt").read_text()}
+
+
+@pytest.mark.slow
+def test_build_ran_offline_without_locking(bento):
+    assert "Successfully built Bento" in bento["log"]
+    assert "Locking PyPI package versions" not in bento["log"]
+    assert not (bento["path"] / "env" / "python" / "requirements.lock.txt").exists()
+    assert not bento["uv_calls"].exists(), bento["uv_calls"].read_text()
+    with pytest.raises(md.PackageNotFoundError):
+        md.version("uv")  # not installed into the venv behind our back
+
+
+@pytest.mark.slow
+def test_dockerfile(bento):
+    lines = [line.strip() for line in bento["dockerfile"].splitlines()]
+    assert [line for line in lines if line.startswith("FROM ")] == ["FROM python:3.11-slim AS base-container"]
+    install = next(i for i, line in enumerate(lines) if " pip install -r " in line)
+    assert lines[install].endswith("uv --directory $INSTALL_ROOT pip install -r "
+                                   "$BENTO_PATH/env/python/requirements.txt")
+    env: dict[str, str] = {}
+    for line in lines[:install]:  # ARG X=v / ENV X=$X, in order: what the install step and the image see
+        if m := re.fullmatch(r"(?:ARG|ENV) (\w+)=(.*)", line):
+            env[m[1]] = env.get(m[1], "") if m[2] == f"${m[1]}" else m[2]
+    assert env["RETRIEVAL_DATA_DIR"] == "/data"
+    assert env["BENTOML_HOME"] == "/data/bentoml"  # overrides BentoML's /home/bentoml/
+    assert env["UV_INDEX_STRATEGY"] == "unsafe-best-match"
+    assert "--mount=type=secret" not in bento["dockerfile"], "a plain `docker build` must work too"
+    assert "EXPOSE 3000" in lines and "USER bentoml" in lines
+    assert [line for line in lines if line][-1] == 'ENTRYPOINT [ "/home/bentoml/bento/env/docker/entrypoint.sh" ]'
+    entrypoint = (bento["path"] / "env" / "docker" / "entrypoint.sh").read_text()
+    assert 'set -- bentoml serve "$@" "$BENTO_PATH"' in entrypoint
+
+
+@pytest.mark.slow
+def test_image_requirements(bento):
+    reqs, options = parse(bento["requirements"])
+    by_name = {canonicalize_name(r.name): str(r) for r in reqs}
+    assert by_name["torch"] == TORCH_CPU and f"--extra-index-url {CPU_INDEX}" in options
+    assert by_name["bentoml"] == f"bentoml=={constraints()['bentoml']}" == f"bentoml=={md.version('bentoml')}"
+    assert by_name["feast"] == f"feast[duckdb,redis]=={constraints()['feast']}"
+    assert not [r for r in by_name.values() if CUDA.match(r)]
+    assert pin_errors(reqs) == []
+    assert {n: s for n, s in by_name.items() if n != "bentoml"} == {canonicalize_name(r.name): str(r)
+                                                                     for r in parse(REQUIREMENTS.read_text())[0]}
+
+
+@pytest.mark.slow
+def test_bento_sources(bento):
+    src = bento["path"] / "src"
+    files = {p.relative_to(src).as_posix() for p in src.rglob("*") if p.is_file()}
+    assert {"bentos/service.py", "training/retriever.py", "training/config.yaml", "feature_store.yaml",
+            "feature_repo/feature_views.py"} <= files
+    assert {f for f in files if f.startswith("training/") and f.endswith(".py")} == {
+        p.relative_to(REPO).as_posix() for p in (REPO / "training").rglob("*.py")}
+    banned = {"tests", ".data", ".venv", "dbt_project", "bench", "__pycache__"}
+    assert not [f for f in files if banned & set(f.split("/")) or f.endswith(".pyc")]
+    meta = yaml.safe_load((bento["path"] / "bento.yaml").read_text())
+    assert meta["service"] == "bentos.service:RetrievalService" and meta["name"] == "retrieval"
+    assert meta["labels"]["project"] == "learned-retrieval" and meta["models"] == []
