@@ -1,12 +1,13 @@
 """``retrieval``: one subcommand per stage. Flags are derived from ``training.config.Config``.
 
-    retrieval run                  the main job on the embedded synthetic data
+    retrieval run                  the main job: data stages, training, release (synthetic data by default)
     retrieval generate | ingest    source stage -> <data_dir>/raw
     retrieval build                pandera contracts + dbt build, then switch live
     retrieval features             feast apply + materialize (incremental when possible)
     retrieval training-set         point-in-time training set through the feature services
     retrieval train | report       two-tower training (checkpoint) | model vs baselines report
     retrieval release ACTION       publish | rollback | status | recover: versioned Milvus index + user tower
+    retrieval serve [--detach]     the BentoML retrieval service on serve.host:serve.port | retrieval stop
     retrieval config               print the effective config as YAML
 
 Every subcommand accepts ``--config FILE`` (YAML like training/config.yaml) and ``--section.field VALUE``.
@@ -67,7 +68,19 @@ def _ingest(cfg: Config, args: argparse.Namespace) -> object:
 def _run(cfg: Config, args: argparse.Namespace) -> object:
     from training import pipeline
 
-    return pipeline.run_data(cfg, regenerate=not args.keep_raw)
+    return pipeline.run_all(cfg, regenerate=not args.keep_raw, data_only=args.data_only)
+
+
+def _serve(cfg: Config, args: argparse.Namespace) -> object:
+    from training import serving
+
+    return serving.serve(cfg, detach=args.detach)
+
+
+def _stop(cfg: Config, args: argparse.Namespace) -> object:
+    from training import serving
+
+    return serving.stop(cfg)
 
 
 def _release(cfg: Config, args: argparse.Namespace) -> object:
@@ -95,6 +108,8 @@ COMMANDS: dict[str, tuple[Callable[[Config, argparse.Namespace], object], str]] 
     "train": (_cmd("train"), "train the two-tower model on the live training set; save the checkpoint"),
     "report": (_cmd("report"), "two-tower vs popularity, item-kNN and tuned ALS on one split: markdown + PNG"),
     "release": (_release, "publish (build + verify + switch) | rollback | status | recover the retrieval release"),
+    "serve": (_serve, "run the BentoML retrieval service (--detach: in the background, once it is ready)"),
+    "stop": (_stop, "stop a service started with `retrieval serve --detach`"),
     "config": (_print_config, "print the effective config as YAML"),
 }
 
@@ -111,6 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--checkpoint", help="publish this model.pt (default: the newest under <data_dir>/models)")
         if name == "run":
             p.add_argument("--keep-raw", action="store_true", help="reuse <data_dir>/raw instead of regenerating it")
+            p.add_argument("--data-only", action="store_true", help="stop after the training set (no train/publish)")
+        if name == "serve":
+            p.add_argument("--detach", action="store_true", help="start in the background, wait until ready, return")
     return parser
 
 

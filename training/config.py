@@ -155,8 +155,9 @@ class IndexConfig:
     alias: str = "pins_live"
     """Alias re-pointed at the live collection on publish and rollback (Milvus server; milvus-lite 2.5 has no
     aliases, so an embedded deployment switches through the release registry alone)."""
-    index_type: str = "IVF_FLAT"
-    """ANN index: IVF_FLAT, HNSW or FLAT."""
+    index_type: str = "FLAT"
+    """Vector index: FLAT (exact; the embedded default, see bench/bench_index.py), IVF_FLAT or HNSW (Milvus server;
+    milvus-lite 2.5 has no HNSW and ignores IVF parameters)."""
     nlist: int = 0
     """IVF_FLAT clusters; 0 = 4·sqrt(rows), clipped to [1, 4096]."""
     nprobe: int = 16

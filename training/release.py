@@ -277,8 +277,9 @@ def _verify_with_escalation(client, name: str, emb: PinEmbeddings, queries: np.n
     raise AssertionError("unreachable")
 
 
-def publish(cfg: Config, checkpoint: Path | None = None) -> dict[str, Any]:
-    """Build, verify and switch to the release of ``checkpoint`` (default: the newest one)."""
+def publish(cfg: Config, checkpoint: Path | None = None, embeddings: PinEmbeddings | None = None) -> dict[str, Any]:
+    """Build, verify and switch to the release of ``checkpoint`` (default: the newest one). ``embeddings``:
+    pins already embedded by this checkpoint's pin tower (default: embed the live serving corpus)."""
     import torch
 
     reg = Registry(cfg)
@@ -297,7 +298,7 @@ def publish(cfg: Config, checkpoint: Path | None = None) -> dict[str, Any]:
         t0 = time.perf_counter()
         pause_point("embed")
         torch.set_num_threads(max(1, cfg.train.threads))
-        emb = embed_corpus(cfg, model, encoder)
+        emb = embed_corpus(cfg, model, encoder) if embeddings is None else embeddings
         t_embed = time.perf_counter() - t0
         tag = f"{USER_TOWER_MODEL}:{version}"
         meta = {"model_version": version, "user_tower": tag, "feature_services": payload["feature_services"],

@@ -159,7 +159,7 @@ class FutureTargets:
         n = len(examples)
         self.window = window
         users = pd.factorize(examples["user_id"])[0]
-        ts = examples["event_timestamp"].to_numpy().astype("datetime64[us]").astype(np.int64)
+        ts = examples["event_timestamp"].astype("int64").to_numpy()   # order only: ns or µs since the epoch
         order = np.lexsort((np.arange(n), ts, users))
         pos = np.empty(n, dtype=np.int64)
         pos[order] = np.arange(n)

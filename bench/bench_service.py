@@ -1,0 +1,197 @@
+"""Benchmark: the retrieval service end to end (`bentoml serve` on loopback) at 100k and 1M pins, next to
+the in-process floor measured in the same run.
+
+Needs a data dir where `make run` (or `retrieval run`) has trained a model. For each corpus size N, the
+bench publishes a release of that model whose collection holds N pins: the serving corpus plus synthetic
+pins (random interests and engagement counts, ids unknown to the model) embedded by the same pin tower,
+through the normal publish path (verification included). It then starts the service and drives
+POST /retrieve (k=100, users with history, exclude_seen) at concurrency 1, 8, 16 and 32 from a client
+process of threads, and reports p50/p99 latency, throughput and errors. The floor is the work of one
+request done in process without HTTP, BentoML or Milvus: Feast online features + user tower + exact numpy
+top-k over the same N vectors. It stops a service already running on the data dir (milvus-lite opens a
+database in one process only) and rolls back to the release that was live before.
+
+    .venv/bin/python bench/bench_service.py [--data-dir .data] [--sizes 100000 1000000] [--seconds 10]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import sys
+import threading
+import time
+from pathlib import Path
+
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+import httpx  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import torch  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from training.config import DEFAULT_YAML, Config  # noqa: E402
+from training.index import EMBEDDING, PinEmbeddings, embed_corpus, exact_top_k  # noqa: E402
+from training.release import Registry, latest_checkpoint, load_checkpoint, publish, rollback  # noqa: E402
+from training.serving import serve, stop  # noqa: E402
+
+
+def corpus_of_size(cfg: Config, model, encoder, n: int, seed: int = 0) -> PinEmbeddings:
+    """The live serving corpus embedded, plus synthetic pins through the same pin tower, n in all."""
+    real = embed_corpus(cfg, model, encoder).frame
+    extra = n - len(real)
+    if extra <= 0:
+        return PinEmbeddings(real.head(n).reset_index(drop=True))
+    rng = np.random.default_rng(seed)
+    n_interests = encoder.n_interests
+    feats = pd.DataFrame({
+        "pin_id": np.arange(extra, dtype=np.int64) + 900_000_000,
+        "interest_id": rng.integers(0, n_interests, extra),
+        "decayed_engagement": rng.exponential(1.0, extra).astype(np.float32),
+        "pin_impressions_30d": rng.poisson(20, extra), "pin_engagements_30d": rng.poisson(3, extra),
+        "pin_saves_30d": rng.poisson(1, extra), "age_days": rng.uniform(0, 90, extra),
+    })
+    x = encoder.pins(feats)
+    with torch.no_grad():
+        vectors = torch.cat([model.pin_tower({k: v[i:i + 65536] for k, v in x.items()})
+                             for i in range(0, extra, 65536)]).numpy()
+    synth = pd.DataFrame({"pin_id": feats.pin_id, "interest_id": feats.interest_id.astype("int64"),
+                          "image_signature": [f"bench{i}" for i in range(extra)],
+                          "decayed_engagement": feats.decayed_engagement, EMBEDDING: list(vectors)})
+    return PinEmbeddings(pd.concat([real, synth], ignore_index=True))
+
+
+def users_with_history(cfg: Config, n: int = 500) -> list[int]:
+    from training.data.snapshot import load_live
+
+    seq = pd.read_parquet(load_live(cfg).table("user_sequence"), columns=["user_id", "history_length"])
+    ids = seq.loc[seq.history_length >= 5, "user_id"].unique()
+    return [int(i) for i in np.random.default_rng(0).choice(ids, size=min(n, len(ids)), replace=False)]
+
+
+def floor(cfg: Config, model, encoder, emb: PinEmbeddings, users: list[int], k: int) -> dict[str, float]:
+    """In-process work of one request: online features + user tower + exact top-k (numpy)."""
+    from training.features import get_store
+
+    store = get_store(cfg)
+    service = store.get_feature_service("user_tower_v1")
+    vectors = emb.vectors
+    lat = []
+    torch.set_num_threads(1)
+    for i, u in enumerate(users[:300] * 2):
+        t = time.perf_counter()
+        feats = store.get_online_features(features=service, entity_rows=[{"user_id": u}]).to_dict()
+        with torch.no_grad():
+            q = model.user_tower(encoder.users(pd.DataFrame(feats))).numpy()
+        exact_top_k(vectors, q, k)
+        if i >= 20:   # warm-up
+            lat.append(time.perf_counter() - t)
+    a = np.asarray(lat) * 1e3
+    return {"p50_ms": float(np.percentile(a, 50)), "p99_ms": float(np.percentile(a, 99))}
+
+
+def load(url: str, users: list[int], concurrency: int, seconds: float, k: int) -> dict[str, float]:
+    lat: list[float] = []
+    errors = [0]
+    stop_at = time.monotonic() + seconds
+
+    def worker(offset: int) -> None:
+        with httpx.Client(base_url=url, timeout=30) as c:
+            i = offset
+            while time.monotonic() < stop_at:
+                body = {"user_id": users[i % len(users)], "k": k}
+                t = time.perf_counter()
+                try:
+                    r = c.post("/retrieve", json=body)
+                    ok = r.status_code == 200
+                except httpx.HTTPError:
+                    ok = False
+                dt = time.perf_counter() - t
+                if ok:
+                    lat.append(dt)
+                else:
+                    errors[0] += 1
+                i += concurrency
+
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=worker, args=(j,)) for j in range(concurrency)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    a = np.asarray(lat) * 1e3
+    return {"concurrency": concurrency, "requests": len(lat), "errors": errors[0], "rps": len(lat) / wall,
+            "p50_ms": float(np.percentile(a, 50)), "p99_ms": float(np.percentile(a, 99))}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--data-dir", default=str(ROOT / ".data"))
+    ap.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000])
+    ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 16, 32])
+    ap.add_argument("--seconds", type=float, default=10.0)
+    ap.add_argument("--k", type=int, default=100)
+    ap.add_argument("--port", type=int, default=3100)
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "service.json"))
+    args = ap.parse_args()
+    cfg = Config.load(DEFAULT_YAML, {"data_dir": args.data_dir})
+    cfg = dataclasses.replace(cfg, serve=dataclasses.replace(cfg.serve, port=args.port),
+                              index=dataclasses.replace(cfg.index, keep_releases=100))
+    stop(cfg)
+    was_live = Registry(cfg).state()["live"]
+    checkpoint = latest_checkpoint(cfg)
+    model, encoder, payload = load_checkpoint(checkpoint)
+    users = users_with_history(cfg)
+    rows = []
+    published = 0
+    try:
+        for n in args.sizes:
+            emb = corpus_of_size(cfg, model, encoder, n)
+            # the same model under a bench version, so that each size is its own release
+            bench_ckpt = checkpoint.parent.parent / f"{payload['model_version']}-bench{n}" / "model.pt"
+            bench_ckpt.parent.mkdir(parents=True, exist_ok=True)
+            torch.save({**payload, "model_version": bench_ckpt.parent.name}, bench_ckpt)
+            t0 = time.perf_counter()
+            out = publish(cfg, bench_ckpt, embeddings=emb)
+            published += 1
+            build = time.perf_counter() - t0
+            print(f"published {out['live']}: {len(emb):,} pins in {build:.1f}s, recall {out['verification']}",
+                  flush=True)
+            fl = floor(cfg, model, encoder, emb, users, args.k)
+            rows.append({"pins": len(emb), "mode": "in-process floor", **fl})
+            print(json.dumps(rows[-1]), flush=True)
+            info = serve(cfg, detach=True)
+            try:
+                load(info["url"], users, 4, 3.0, args.k)   # warm-up
+                for c in args.concurrency:
+                    rows.append({"pins": len(emb), "mode": "bentoml serve", **load(info["url"], users, c,
+                                                                                    args.seconds, args.k)})
+                    print(json.dumps(rows[-1]), flush=True)
+            finally:
+                stop(cfg)
+    finally:
+        for _ in range(published):
+            if Registry(cfg).state()["live"] != was_live:
+                rollback(cfg)
+    meta = {"machine": f"{platform.machine()}, {os.cpu_count()} cores", "load_avg_at_end": os.getloadavg(),
+            "k": args.k, "seconds_per_level": args.seconds, "model": payload["model_version"]}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    print(f"\n{meta}\n\n| pins | mode | concurrency | requests | errors | req/s | p50 ms | p99 ms |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['pins']:,} | {r['mode']} | {r.get('concurrency', '')} | {r.get('requests', '')} | "
+              f"{r.get('errors', '')} | {r.get('rps', 0):.0f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} |")
+
+
+if __name__ == "__main__":
+    main()
+    sys.stdout.flush()
+    os._exit(0)
