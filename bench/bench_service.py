@@ -155,7 +155,8 @@ def main() -> None:
         for n in args.sizes:
             emb = corpus_of_size(cfg, model, encoder, n)
             # the same model under a bench version, so that each size is its own release
-            bench_ckpt = checkpoint.parent.parent / f"{payload['model_version']}-bench{n}" / "model.pt"
+            version = f"{payload['model_version']}-bench{n}-{int(time.time())}"
+            bench_ckpt = cfg.data_path / "bench_models" / version / "model.pt"   # not under models/: never "latest"
             bench_ckpt.parent.mkdir(parents=True, exist_ok=True)
             torch.save({**payload, "model_version": bench_ckpt.parent.name}, bench_ckpt)
             t0 = time.perf_counter()

@@ -5,16 +5,17 @@ labelled with its version and collection), the collection (``<prefix>_<version>`
 the data snapshot and the evaluation metrics. The same facts are on the collection (its description) and
 in the registry under ``<data_dir>/releases/`` that the service reads:
 
-    registry.json        {"live": version, "history": [published versions, oldest first]}
+    registry.json        {"live": version, "history": [published versions, oldest first],
+                          "previous": [versions that were live before the live one, most recent last]}
     <version>.json       the release record
 
 ``publish`` builds the new collection completely, verifies its row count and its ANN recall against exact
 search on sampled user embeddings, stores the user tower, and only then switches the alias and the
-registry (one atomic file replace is the switch the service sees). ``rollback`` moves ``live`` to the
-release published before it. Both hold an exclusive lock on the registry. A publish killed at any point
-leaves ``registry.json`` untouched, so the live release keeps serving; the next publish (or ``recover``)
-deletes whatever the dead one left (collections, towers, records not in the registry) and re-points the
-alias at the live collection.
+registry (one atomic file replace is the switch the service sees). ``rollback`` makes the release that
+was live before the live one live again (a rolled-back release never comes back by a later rollback).
+Both hold an exclusive lock on the registry. A publish killed at any point leaves ``registry.json``
+untouched, so the live release keeps serving; the next publish (or ``recover``) deletes whatever the dead
+one left (collections, towers, records not in the registry) and re-points the alias at the live collection.
 
 ``check_pair`` is the version guard: a user tower and a collection of different model versions are never
 paired (the service and publish both call it).
@@ -122,8 +123,12 @@ class Registry:
     def state(self) -> dict[str, Any]:
         path = self.dir / "registry.json"
         if not path.exists():
-            return {"live": None, "history": []}
-        return json.loads(path.read_text())
+            return {"live": None, "history": [], "previous": []}
+        state = json.loads(path.read_text())
+        if "previous" not in state:   # registries written before the rollback stack: publish order
+            live = state["live"]
+            state["previous"] = state["history"][:state["history"].index(live)] if live else []
+        return state
 
     def write_state(self, state: dict[str, Any]) -> None:
         _atomic_write(self.dir / "registry.json", json.dumps(state, indent=2))
@@ -338,7 +343,8 @@ def publish(cfg: Config, checkpoint: Path | None = None, embeddings: PinEmbeddin
         if not store.embedded:
             _point_alias(store, name)
         previous = state["live"]
-        reg.write_state({"live": version, "history": [*state["history"], version]})
+        reg.write_state({"live": version, "history": [*state["history"], version],
+                         "previous": [*state["previous"], previous] if previous else state["previous"]})
         log.info("release %s is live (collection %s, previous %s)", version, name, previous)
         pruned = _prune(cfg, reg, store)
     return {"live": version, "previous": previous, "collection": name, "user_tower": tag,
@@ -347,24 +353,22 @@ def publish(cfg: Config, checkpoint: Path | None = None, embeddings: PinEmbeddin
 
 
 def rollback(cfg: Config) -> dict[str, Any]:
-    """Make the release published before the live one live again."""
+    """Make the release that was live before the live one live again."""
     reg = Registry(cfg)
     store = IndexStore(cfg)
     with reg.lock():
         state = reg.state()
-        live, history = state["live"], state["history"]
+        live, previous = state["live"], [v for v in state["previous"] if v in state["history"]]
         if live is None:
             raise ReleaseError("nothing is live: publish a release first")
-        i = history.index(live)
-        if i == 0:
-            raise ReleaseError(f"{live} is the oldest kept release: nothing to roll back to")
-        target = history[i - 1]
+        if not previous:
+            raise ReleaseError(f"no release was live before {live} (or it was pruned): nothing to roll back to")
+        target = previous.pop()
         release = reg.record(target)
         if not store.embedded:   # embedded: the service may hold the database open; it checks the pair on load
             check_pair(target, release.collection, store.metadata(release.collection))
-        if not store.embedded:
             _point_alias(store, release.collection)
-        reg.write_state({"live": target, "history": history})
+        reg.write_state({"live": target, "history": state["history"], "previous": previous})
         log.info("rolled back from %s to %s", live, target)
     return {"live": target, "rolled_back": live, "collection": release.collection}
 
@@ -417,11 +421,13 @@ def _recover(cfg: Config, reg: Registry, store: IndexStore) -> dict[str, list[st
 def _prune(cfg: Config, reg: Registry, store: IndexStore) -> list[str]:
     state = reg.state()
     history = state["history"]
-    keep = set(history[-cfg.index.keep_releases:]) | {state["live"]}
+    n = cfg.index.keep_releases
+    keep = set(history[-n:]) | {state["live"]} | set(state["previous"][-1:])   # newest, live, rollback target
     gone = [v for v in history if v not in keep]
     if not gone:
         return []
-    reg.write_state({"live": state["live"], "history": [v for v in history if v in keep]})
+    reg.write_state({"live": state["live"], "history": [v for v in history if v in keep],
+                     "previous": [v for v in state["previous"] if v in keep]})
     for v in gone:
         store.drop(store.collection_name(v))
         _delete_tower(cfg, v)

@@ -4,7 +4,7 @@ Per request: the user's features from the Feast online store through the release
 (the one the model was trained with) -> the release's user tower -> ANN search in the release's
 collection (filtered to the requested interests, without the user's recent pins when asked). A user
 with no features or no history gets the cold-start answer: the serving corpus of the release's data
-snapshot ranked by decayed engagement (within the requested interests), flagged as such.
+collection ranked by decayed engagement (within the requested interests), flagged as such.
 
 Versions never mix: a ``LoadedRelease`` holds one user tower, one collection client and one corpus,
 checked against each other at load (``check_pair``), and a request uses the one object it read at its
@@ -19,13 +19,15 @@ import threading
 import time
 from contextlib import ExitStack
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import torch
 
 from training.config import Config
-from training.index import IndexStore, collection_metadata, search
+from training.index import IndexStore, collection_metadata, scalar_table, search
 from training.release import Registry, Release, check_pair, load_user_tower
 
 log = logging.getLogger(__name__)
@@ -48,7 +50,11 @@ class LoadedRelease:
     encoder: Any
     client: Any
     corpus: pd.DataFrame
-    """Serving corpus of the release's snapshot: pin_id, interest_id, decayed_engagement (best first)."""
+    """The collection's pins: pin_id, interest_id, decayed_engagement, best decayed engagement first (cold start)."""
+    pin_ids: np.ndarray
+    """Sorted pin ids of the collection and their interests (``pin_interests``): interest of a hit without
+    asking Milvus to decode fields."""
+    pin_interests: np.ndarray
     interests: frozenset[int]
     user_service: str
     loaded_at: float = field(default_factory=time.time)
@@ -82,7 +88,7 @@ class LoadedRelease:
         return True
 
 
-def snapshot_tables(cfg: Config, snapshot_id: str):
+def snapshot_path(cfg: Config, snapshot_id: str) -> Path:
     """The data snapshot a release was built from (kept by ``snapshot``'s retention), else the live one."""
     from training.data.snapshot import load_live
 
@@ -91,7 +97,8 @@ def snapshot_tables(cfg: Config, snapshot_id: str):
         return found[-1]
     live = load_live(cfg)
     if live.id != snapshot_id:
-        log.warning("snapshot %s of the release is gone; cold start uses the live snapshot %s", snapshot_id, live.id)
+        log.warning("snapshot %s of the release is gone; interest ids come from the live snapshot %s",
+                    snapshot_id, live.id)
     return live.path
 
 
@@ -105,16 +112,18 @@ def load_release(cfg: Config, release: Release) -> LoadedRelease:
         check_pair(payload["model_version"], release.collection, collection_metadata(client, release.collection))
         if payload["model_version"] != release.model_version:
             raise RuntimeError(f"release {release.model_version} points at user tower {payload['model_version']}")
-        snap = snapshot_tables(cfg, release.snapshot_id)
-        corpus = (pd.read_parquet(snap / "tables" / "serving_corpus.parquet",
-                                  columns=["pin_id", "interest_id", "decayed_engagement"])
-                  .sort_values(["decayed_engagement", "pin_id"], ascending=[False, True]).reset_index(drop=True))
+        table = scalar_table(client, release.collection)
+        corpus = table.sort_values(["decayed_engagement", "pin_id"], ascending=[False, True]).reset_index(drop=True)
+        by_id = table.sort_values("pin_id")
+        snap = snapshot_path(cfg, release.snapshot_id)
         interests = pd.read_parquet(snap / "staged" / "interests.parquet", columns=["interest_id"])
     except BaseException:
         stack.close()
         raise
     user_service = next(s for s in release.feature_services if s.startswith("user"))
     return LoadedRelease(release=release, model=model, encoder=encoder, client=client, corpus=corpus,
+                         pin_ids=by_id["pin_id"].to_numpy(np.int64),
+                         pin_interests=by_id["interest_id"].to_numpy(np.int64),
                          interests=frozenset(int(i) for i in interests["interest_id"]), user_service=user_service,
                          _stack=stack)
 
@@ -198,10 +207,12 @@ class Retriever:
                     vector = rel.model.user_tower(rel.encoder.users(frame)).numpy()
                 t2 = time.perf_counter()
                 hits = search(rel.client, rel.release.collection, vector, k, rel.release.index["search_params"],
-                              interests=interests, exclude=list(history) if exclude_seen else None,
-                              output_fields=("interest_id",))[0]
+                              interests=interests, exclude=list(history) if exclude_seen else None)[0]
                 t3 = time.perf_counter()
-                pins = [{"pin_id": h["pin_id"], "score": h["score"], "interest_id": h["interest_id"]} for h in hits]
+                ids = np.fromiter((h["pin_id"] for h in hits), np.int64, len(hits))
+                interest = rel.pin_interests[np.searchsorted(rel.pin_ids, ids).clip(0, max(len(rel.pin_ids) - 1, 0))]
+                pins = [{"pin_id": int(p), "score": h["score"], "interest_id": int(i)}
+                        for p, h, i in zip(ids, hits, interest, strict=True)]
                 how = "learned"
             return {
                 "user_id": user_id,

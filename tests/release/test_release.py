@@ -96,8 +96,10 @@ def test_second_publish_switches_and_rollback_restores(cfg, checkpoints):
     assert Registry(cfg).live().model_version == v0
     with pytest.raises(ReleaseError, match="nothing to roll back to"):
         rollback(cfg)
-    # a new publish goes live on top of the rolled-back history
+    # a new publish goes live on top of the rolled-back history; rolling it back returns to v0 (live before
+    # it), never to the rolled-back v1
     assert publish(cfg, checkpoints[2])["live"] == version_of(checkpoints[2])
+    assert rollback(cfg)["live"] == v0
 
 
 def test_old_releases_are_pruned_but_live_is_kept(cfg, checkpoints):
@@ -106,7 +108,7 @@ def test_old_releases_are_pruned_but_live_is_kept(cfg, checkpoints):
         publish(cfg, path)
     versions = [version_of(p) for p in checkpoints]
     store = IndexStore(cfg)
-    assert Registry(cfg).state() == {"live": versions[2], "history": versions[1:]}
+    assert Registry(cfg).state() == {"live": versions[2], "history": versions[1:], "previous": [versions[1]]}
     assert store.collections() == sorted(store.collection_name(v) for v in versions[1:])
     assert set(user_tower_models(cfg)) == set(versions[1:])
     assert Registry(cfg).records() == sorted(versions[1:])
@@ -142,7 +144,7 @@ def test_release_failing_verification_never_goes_live(cfg, checkpoints, monkeypa
     assert calls and calls[0]["recall"] >= 0.95
     store = IndexStore(cfg)
     v0 = version_of(checkpoints[0])
-    assert Registry(cfg).state() == {"live": v0, "history": [v0]}
+    assert Registry(cfg).state() == {"live": v0, "history": [v0], "previous": []}
     assert store.collections() == [store.collection_name(v0)] and set(user_tower_models(cfg)) == {v0}
 
 
@@ -171,7 +173,7 @@ def test_publish_killed_at_any_stage_leaves_live_serving_and_next_run_recovers(c
     _killed_publish(cfg, checkpoints[1], stage)
 
     reg, store = Registry(cfg), IndexStore(cfg)
-    assert reg.state() == {"live": v0, "history": [v0]}
+    assert reg.state() == {"live": v0, "history": [v0], "previous": []}
     live = reg.live()
     with store.client(live.collection, load=True) as c:   # the live release still answers
         check_pair(v0, live.collection, collection_metadata(c, live.collection))
