@@ -1,8 +1,8 @@
 """Stage: the versioned pin index in Milvus.
 
 ``embed_corpus`` runs the pin tower over the live serving corpus (canonical pins, as dbt remapped them)
-with the pin features the online store serves through ``pin_tower_v1``, and checks the result against
-``pin_embedding_schema`` (dimension, finite, unit norm, unique ids). ``build_collection`` writes one
+with the pin features the online store serves through ``pin_tower_v1``; ``publish`` checks whatever it indexes
+against ``pin_embedding_schema`` (dimension, finite, unit norm, unique ids). ``build_collection`` writes one
 collection per model version: pin id primary key, interest id scalar (filterable), canonical image
 signature, decayed engagement and the embedding, with the model version and feature services in the
 collection's description, in batched columnar inserts, flushed, indexed and loaded before use.
@@ -42,7 +42,7 @@ METADATA_PROPERTY = "release_metadata"
 """Collection property holding the release's version metadata as JSON."""
 
 
-class IndexError_(RuntimeError):
+class IndexBuildError(RuntimeError):
     """The index cannot be built or does not pass verification."""
 
 
@@ -50,10 +50,12 @@ def pin_embedding_schema(dim: int) -> pa.DataFrameSchema:
     """Contract of the pin embeddings before they reach the index."""
 
     def vectors_ok(col: pd.Series) -> pd.Series:
-        def ok(v: Any) -> bool:
-            a = np.asarray(v, dtype=np.float64)
-            return a.shape == (dim,) and bool(np.isfinite(a).all()) and abs(float(a @ a) - 1.0) < 1e-3
-        return col.map(ok)
+        shaped = col.map(lambda v: np.shape(v) == (dim,)).astype(bool)
+        out = pd.Series(False, index=col.index)
+        if shaped.any():
+            a = np.stack(col[shaped].to_numpy()).astype(np.float64)
+            out[shaped] = np.isfinite(a).all(axis=1) & (np.abs((a * a).sum(axis=1) - 1.0) < 1e-3)
+        return out
 
     return pa.DataFrameSchema(
         {
@@ -82,6 +84,11 @@ class PinEmbeddings:
     def __len__(self) -> int:
         return len(self.frame)
 
+    def validated(self) -> PinEmbeddings:
+        """These embeddings if they pass ``pin_embedding_schema`` (else pandera's error names the failures)."""
+        dim = len(self.frame[EMBEDDING].iloc[0]) if len(self.frame) else 0
+        return PinEmbeddings(pin_embedding_schema(dim).validate(self.frame, lazy=True))
+
 
 def corpus(cfg: Config) -> pd.DataFrame:
     """The live serving corpus (canonical pins only; dbt applied the pin -> canonical remapping)."""
@@ -91,7 +98,8 @@ def corpus(cfg: Config) -> pd.DataFrame:
 
 
 def embed_corpus(cfg: Config, model, encoder, batch: int = 8192) -> PinEmbeddings:
-    """Pin tower over the serving corpus, with the online store's ``pin_tower_v1`` features."""
+    """Pin tower over the serving corpus, with the online store's ``pin_tower_v1`` features (not yet checked:
+    ``publish`` validates whatever it indexes)."""
     import torch
 
     from feature_repo.feature_services import PIN_TOWER_SERVICE
@@ -105,7 +113,7 @@ def embed_corpus(cfg: Config, model, encoder, batch: int = 8192) -> PinEmbedding
     with torch.no_grad():
         out = [model.pin_tower({k: v[i:i + batch] for k, v in x.items()}) for i in range(0, len(feats), batch)]
     if not out:
-        raise IndexError_("the serving corpus is empty: nothing to index")
+        raise IndexBuildError("the serving corpus is empty: nothing to index")
     vectors = torch.cat(out).numpy().astype(np.float32)
     frame = pd.DataFrame({
         "pin_id": pins["pin_id"].astype("int64"),
@@ -114,7 +122,6 @@ def embed_corpus(cfg: Config, model, encoder, batch: int = 8192) -> PinEmbedding
         "decayed_engagement": pins["decayed_engagement"].astype("float32"),
         EMBEDDING: list(vectors),
     })
-    frame = pin_embedding_schema(vectors.shape[1]).validate(frame, lazy=True)
     log.info("embedded %d corpus pins (online features %.1fs, tower %.1fs)", len(frame), t1 - t0,
              time.perf_counter() - t1)
     return PinEmbeddings(frame)
@@ -226,7 +233,7 @@ def collection_metadata(client, collection: str) -> dict[str, Any]:
             continue
         if isinstance(meta, dict) and "model_version" in meta:
             return meta
-    raise IndexError_(f"collection {collection} has no version metadata")
+    raise IndexBuildError(f"collection {collection} has no version metadata")
 
 
 # --- build -------------------------------------------------------------------------------------------------------

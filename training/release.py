@@ -43,7 +43,7 @@ import pandas as pd
 
 from training.config import Config, TrainConfig
 from training.index import (
-    IndexError_,
+    IndexBuildError,
     IndexStore,
     PinEmbeddings,
     build_collection,
@@ -303,7 +303,7 @@ def publish(cfg: Config, checkpoint: Path | None = None, embeddings: PinEmbeddin
         t0 = time.perf_counter()
         pause_point("embed")
         torch.set_num_threads(max(1, cfg.train.threads))
-        emb = embed_corpus(cfg, model, encoder) if embeddings is None else embeddings
+        emb = (embed_corpus(cfg, model, encoder) if embeddings is None else embeddings).validated()
         t_embed = time.perf_counter() - t0
         tag = f"{USER_TOWER_MODEL}:{version}"
         meta = {"model_version": version, "user_tower": tag, "feature_services": payload["feature_services"],
@@ -314,14 +314,14 @@ def publish(cfg: Config, checkpoint: Path | None = None, embeddings: PinEmbeddin
                 info = build_collection(client, name, emb, meta, ic, on_progress=lambda n: pause_point("insert"))
                 rows = row_count(client, name)
                 if rows != len(emb):
-                    raise IndexError_(f"{name}: {rows} rows after flush, expected {len(emb)}")
+                    raise IndexBuildError(f"{name}: {rows} rows after flush, expected {len(emb)}")
                 check_pair(version, name, collection_metadata(client, name))
                 queries, interests = sample_users(cfg, model, encoder, ic.verify_queries, seed=cfg.train.seed)
                 verification, params = _verify_with_escalation(client, name, emb, queries, interests, cfg, info)
                 info["search_params"] = params
                 info["verification"] = verification
                 if min(verification["recall"], verification.get("filtered_recall", 1.0)) < ic.min_recall:
-                    raise IndexError_(f"{name}: ANN recall@{verification['k']} {verification['recall']:.3f} "
+                    raise IndexBuildError(f"{name}: ANN recall@{verification['k']} {verification['recall']:.3f} "
                                       f"(filtered {verification.get('filtered_recall', float('nan')):.3f}) is below "
                                       f"index.min_recall {ic.min_recall} even with {params}")
             pause_point("tower")

@@ -114,6 +114,30 @@ def test_old_releases_are_pruned_but_live_is_kept(cfg, checkpoints):
     assert Registry(cfg).records() == sorted(versions[1:])
 
 
+def test_embedding_contract_rejects_bad_vectors_and_ids():
+    import pandera.errors
+
+    from training.index import EMBEDDING, PinEmbeddings
+
+    rng = np.random.default_rng(0)
+    v = rng.normal(size=(4, 8)).astype(np.float32)
+    v /= np.linalg.norm(v, axis=1, keepdims=True)
+    good = pd.DataFrame({"pin_id": [1, 2, 3, 4], "interest_id": [0, 1, 1, -1], "image_signature": ["a", "b", "c", "d"],
+                         "decayed_engagement": np.float32([0.5, 0, 2, 1]), EMBEDDING: list(v)})
+    assert len(PinEmbeddings(good).validated()) == 4
+    bad = {
+        "nan": {EMBEDDING: [v[0], v[1] * np.nan, v[2], v[3]]},
+        "not unit": {EMBEDDING: [v[0] * 2, v[1], v[2], v[3]]},
+        "wrong dim": {EMBEDDING: [v[0][:7], v[1], v[2], v[3]]},
+        "duplicate id": {"pin_id": [1, 1, 3, 4]},
+        "negative engagement": {"decayed_engagement": np.float32([-1, 0, 2, 1])},
+    }
+    for case, change in bad.items():
+        with pytest.raises(pandera.errors.SchemaErrors):
+            PinEmbeddings(good.assign(**change)).validated()
+            pytest.fail(case)
+
+
 def test_version_guard_refuses_mismatched_tower_and_collection(cfg, checkpoints):
     publish(cfg, checkpoints[0])
     publish(cfg, checkpoints[1])
