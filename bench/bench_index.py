@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import sys
 import time
@@ -28,6 +27,8 @@ import pandas as pd  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from common import machine, save_and_print  # noqa: E402  (bench/common.py)
 
 from training.config import Config, IndexConfig  # noqa: E402
 from training.index import EMBEDDING, IndexStore, PinEmbeddings, build_collection, exact_top_k, search  # noqa: E402
@@ -128,18 +129,12 @@ def main() -> None:
     rows = []
     for n in args.sizes:
         rows += run_size(n, args.index_types, args.queries, args.k, Path(args.work))
-    meta = {"machine": f"{platform.machine()}, {os.cpu_count()} cores", "load_avg_at_end": os.getloadavg(),
-            "pymilvus": pymilvus.__version__, "milvus_lite": getattr(milvus_lite, "__version__", "?"),
+    meta = {**machine(), "pymilvus": pymilvus.__version__, "milvus_lite": getattr(milvus_lite, "__version__", "?"),
             "k": args.k, "queries": args.queries}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
-    print(f"\n{meta}\n")
-    print(f"| pins | engine | filter | p50 ms | p99 ms | recall@{args.k} | build s |")
-    print("|---|---|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['pins']:,} | {r['engine']} | {r['filter']} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | "
-              f"{r['recall']:.3f} | {r['build_s']:.1f} |")
-
+    header = ["pins", "engine", "filter", "p50 ms", "p99 ms", f"recall@{args.k}", "build s"]
+    save_and_print(args.out, meta, rows, header,
+                   lambda r: [f"{r['pins']:,}", r["engine"], r["filter"], f"{r['p50_ms']:.1f}", f"{r['p99_ms']:.1f}",
+                              f"{r['recall']:.3f}", f"{r['build_s']:.1f}"])
 
 if __name__ == "__main__":
     main()

@@ -20,7 +20,6 @@ import argparse
 import dataclasses
 import json
 import os
-import platform
 import sys
 import threading
 import time
@@ -35,6 +34,8 @@ import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from common import machine, save_and_print  # noqa: E402  (bench/common.py)
 
 from training.config import DEFAULT_YAML, Config  # noqa: E402
 from training.index import EMBEDDING, PinEmbeddings, embed_corpus, exact_top_k  # noqa: E402
@@ -181,16 +182,12 @@ def main() -> None:
         for _ in range(published):
             if Registry(cfg).state()["live"] != was_live:
                 rollback(cfg)
-    meta = {"machine": f"{platform.machine()}, {os.cpu_count()} cores", "load_avg_at_end": os.getloadavg(),
-            "k": args.k, "seconds_per_level": args.seconds, "model": payload["model_version"]}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
-    print(f"\n{meta}\n\n| pins | mode | concurrency | requests | errors | req/s | p50 ms | p99 ms |")
-    print("|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['pins']:,} | {r['mode']} | {r.get('concurrency', '')} | {r.get('requests', '')} | "
-              f"{r.get('errors', '')} | {r.get('rps', 0):.0f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} |")
-
+    meta = {**machine(), "k": args.k, "seconds_per_level": args.seconds, "model": payload["model_version"]}
+    save_and_print(args.out, meta, rows,
+                   ["pins", "mode", "concurrency", "requests", "errors", "req/s", "p50 ms", "p99 ms"],
+                   lambda r: [f"{r['pins']:,}", r["mode"], str(r.get("concurrency", "")), str(r.get("requests", "")),
+                              str(r.get("errors", "")), f"{r.get('rps', 0):.0f}", f"{r['p50_ms']:.1f}",
+                              f"{r['p99_ms']:.1f}"])
 
 if __name__ == "__main__":
     main()

@@ -36,6 +36,17 @@ def _check(cond: bool, name: str, msg: str) -> None:
         raise ConfigError(f"config {name}: {msg}")
 
 
+def _positive(section: Any, prefix: str, *names: str) -> None:
+    """Every named field of ``section`` must be > 0 (errors name ``<prefix>.<field>``)."""
+    for name in names:
+        _check(getattr(section, name) > 0, f"{prefix}.{name}", f"must be > 0, got {getattr(section, name)}")
+
+
+def _identifier(value: str, name: str) -> None:
+    _check(re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", value) is not None, name,
+           "letters, digits and underscores, not starting with a digit")
+
+
 def parse_utc(value: str) -> datetime:
     """Parse an ISO date or datetime as an aware UTC datetime."""
     dt = datetime.fromisoformat(value)
@@ -72,8 +83,7 @@ class DataConfig:
     def __post_init__(self) -> None:
         _check(self.source in ("synthetic", "movielens"), "data.source",
                f"must be 'synthetic' or 'movielens', got {self.source!r}")
-        for name in ("n_users", "n_pins", "n_events", "n_interests", "days"):
-            _check(getattr(self, name) > 0, f"data.{name}", f"must be > 0, got {getattr(self, name)}")
+        _positive(self, "data", "n_users", "n_pins", "n_events", "n_interests", "days")
         _check(0 <= self.duplicate_fraction < 1, "data.duplicate_fraction", "must be in [0, 1)")
         _check(self.zipf_exponent > 0, "data.zipf_exponent", "must be > 0")
         try:
@@ -121,8 +131,7 @@ class TransformConfig:
 
     def __post_init__(self) -> None:
         _check(self.half_life_days > 0, "transform.half_life_days", "must be > 0")
-        for name in ("corpus_window_days", "corpus_size", "history_length", "top_interests", "threads"):
-            _check(getattr(self, name) > 0, f"transform.{name}", f"must be > 0, got {getattr(self, name)}")
+        _positive(self, "transform", "corpus_window_days", "corpus_size", "history_length", "top_interests", "threads")
 
     def dbt_vars(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "threads"}
@@ -179,14 +188,12 @@ class IndexConfig:
 
     def __post_init__(self) -> None:
         _check(self.index_type in ("IVF_FLAT", "HNSW", "FLAT"), "index.index_type", "must be IVF_FLAT, HNSW or FLAT")
-        for name in ("nprobe", "hnsw_m", "hnsw_ef", "insert_batch", "verify_queries", "verify_k", "keep_releases"):
-            _check(getattr(self, name) > 0, f"index.{name}", f"must be > 0, got {getattr(self, name)}")
+        _positive(self, "index",
+                  "nprobe", "hnsw_m", "hnsw_ef", "insert_batch", "verify_queries", "verify_k", "keep_releases")
         _check(self.nlist >= 0, "index.nlist", "must be >= 0")
         _check(0 < self.min_recall <= 1, "index.min_recall", "must be in (0, 1]")
-        _check(re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", self.collection_prefix) is not None,
-               "index.collection_prefix", "letters, digits and underscores, not starting with a digit")
-        _check(re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", self.alias) is not None,
-               "index.alias", "letters, digits and underscores, not starting with a digit")
+        _identifier(self.collection_prefix, "index.collection_prefix")
+        _identifier(self.alias, "index.alias")
 
 
 @dataclass
@@ -211,8 +218,7 @@ class ServeConfig:
     """Worker processes (each loads the live release)."""
 
     def __post_init__(self) -> None:
-        for name in ("port", "max_k", "max_interests", "max_body_bytes", "threads", "workers"):
-            _check(getattr(self, name) > 0, f"serve.{name}", f"must be > 0, got {getattr(self, name)}")
+        _positive(self, "serve", "port", "max_k", "max_interests", "max_body_bytes", "threads", "workers")
         _check(self.poll_seconds > 0, "serve.poll_seconds", "must be > 0")
 
 
@@ -259,8 +265,8 @@ class TrainConfig:
     """torch CPU threads per process."""
 
     def __post_init__(self) -> None:
-        for name in ("embed_dim", "dim", "batch_size", "target_window", "epochs", "patience", "valid_k", "threads"):
-            _check(getattr(self, name) > 0, f"train.{name}", f"must be > 0, got {getattr(self, name)}")
+        _positive(self, "train",
+                  "embed_dim", "dim", "batch_size", "target_window", "epochs", "patience", "valid_k", "threads")
         _check(self.temperature > 0, "train.temperature", "must be > 0")
         _check(0 <= self.dropout < 1, "train.dropout", "must be in [0, 1)")
         _check(0 <= self.seq_dropout < 1, "train.seq_dropout", "must be in [0, 1)")

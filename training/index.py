@@ -311,7 +311,7 @@ def search(client, name: str, vectors: np.ndarray, k: int, search_params: dict[s
         filters.append(f"interest_id in {sorted(int(i) for i in interests)}")
     if exclude:
         filters.append(f"pin_id not in {sorted(int(i) for i in exclude)}")
-    raw = client.search(name, data=[list(map(float, v)) for v in vectors], limit=k, anns_field=EMBEDDING,
+    raw = client.search(name, data=np.asarray(vectors, np.float32).tolist(), limit=k, anns_field=EMBEDDING,
                         filter=" and ".join(filters), output_fields=list(output_fields),
                         search_params={"metric_type": "IP", "params": search_params})
     return [[{"pin_id": int(h["id"]), "score": float(h["distance"]),

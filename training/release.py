@@ -33,7 +33,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -84,7 +84,6 @@ class Release:
     index: dict[str, Any]
     """Rows, index type and parameters, search parameters, timings and the verification result."""
     created_at: str
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Release:
@@ -158,10 +157,6 @@ def _atomic_write(path: Path, text: str) -> None:
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
-
-
-def live_release(cfg: Config) -> Release | None:
-    return Registry(cfg).live()
 
 
 # --- the user tower in the BentoML model store -------------------------------------------------------------------
@@ -265,21 +260,26 @@ def sample_users(cfg: Config, model, encoder, n: int, seed: int = 0) -> tuple[np
     return vectors.astype(np.float32), top
 
 
+def _recall_ok(result: dict[str, Any], min_recall: float) -> bool:
+    """Verification passes when both the unfiltered and the filtered recall reach ``min_recall``."""
+    return min(result["recall"], result.get("filtered_recall", 1.0)) >= min_recall
+
+
 def _verify_with_escalation(client, name: str, emb: PinEmbeddings, queries: np.ndarray, interests: np.ndarray,
                             cfg: Config, info: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     """Verify; while recall is short of ``index.min_recall``, double nprobe (up to nlist) or ef, 3 times at most."""
     params = dict(info["search_params"])
     knob = "nprobe" if "nprobe" in params else "ef" if "ef" in params else None
     cap = info["build_params"].get("nlist", 1 << 16)
-    for attempt in range(4):
+    raises = 0
+    while True:
         result = verify(client, name, emb, queries, cfg.index, params, query_interests=interests)
         log.info("verify %s with %s: recall@%d %.4f, filtered %.4f", name, params, result["k"], result["recall"],
                  result.get("filtered_recall", float("nan")))
-        passed = min(result["recall"], result.get("filtered_recall", 1.0)) >= cfg.index.min_recall
-        if passed or knob is None or attempt == 3 or params[knob] >= cap:
+        if _recall_ok(result, cfg.index.min_recall) or knob is None or raises == 3 or params[knob] >= cap:
             return result, params
         params[knob] = min(params[knob] * 2, cap)
-    raise AssertionError("unreachable")
+        raises += 1
 
 
 def publish(cfg: Config, checkpoint: Path | None = None, embeddings: PinEmbeddings | None = None) -> dict[str, Any]:
@@ -320,7 +320,7 @@ def publish(cfg: Config, checkpoint: Path | None = None, embeddings: PinEmbeddin
                 verification, params = _verify_with_escalation(client, name, emb, queries, interests, cfg, info)
                 info["search_params"] = params
                 info["verification"] = verification
-                if min(verification["recall"], verification.get("filtered_recall", 1.0)) < ic.min_recall:
+                if not _recall_ok(verification, ic.min_recall):
                     raise IndexBuildError(f"{name}: ANN recall@{verification['k']} {verification['recall']:.3f} "
                                       f"(filtered {verification.get('filtered_recall', float('nan')):.3f}) is below "
                                       f"index.min_recall {ic.min_recall} even with {params}")
@@ -330,9 +330,9 @@ def publish(cfg: Config, checkpoint: Path | None = None, embeddings: PinEmbeddin
                 model_version=version, collection=name, index_uri=store.uri(name), alias=ic.alias, user_tower=tag,
                 feature_services=list(payload["feature_services"]), snapshot_id=payload["snapshot_id"],
                 as_of=str(payload.get("as_of", "")), metrics=dict(payload.get("metrics", {})),
-                index={**info, "embed_seconds": round(t_embed, 3), "publish_seconds": 0.0},
+                index={**info, "embed_seconds": round(t_embed, 3),
+                       "publish_seconds": round(time.perf_counter() - t0, 3)},
                 created_at=meta["created_at"])
-            release.index["publish_seconds"] = round(time.perf_counter() - t0, 3)
             reg.save_record(release)
         except BaseException:
             store.drop(name)
