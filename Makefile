@@ -21,10 +21,10 @@ $(STAMP): pyproject.toml constraints.txt
 # → train → publish a release (Milvus collection + user tower) → start the service in the background, once ready.
 run: $(STAMP)
 	$(BIN)/retrieval run
-	$(BIN)/retrieval serve --detach
+	$(BIN)/retrieval-service start
 
 stop: $(STAMP)
-	$(BIN)/retrieval stop
+	$(BIN)/retrieval-service stop
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -m "not bench" -q
@@ -52,5 +52,5 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 
 clean:
-	-[ -x $(BIN)/retrieval ] && $(BIN)/retrieval stop
+	-[ -x $(BIN)/retrieval-service ] && $(BIN)/retrieval-service stop
 	rm -rf .data dbt_project/target dbt_project/logs .pytest_cache

@@ -35,9 +35,11 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from training.baselines import ImplicitALS, ItemKNN, Oracle, Popularity, fit_tune_evaluate  # noqa: E402
 from training.config import Config, DataConfig  # noqa: E402
-from training.evaluate import Split, format_table, interest_map, positives, temporal_split, write_report  # noqa: E402
+from training.evaluation.baselines import ImplicitALS, ItemKNN, Popularity, fit_tune_evaluate  # noqa: E402
+from training.evaluation.oracle import Oracle  # noqa: E402
+from training.evaluation.report import format_table, write_report  # noqa: E402
+from training.evaluation.split import Split, interest_map, positives, temporal_split  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 ML100K_DEFAULT = "/work/shared/datasets/ml-100k"
@@ -147,7 +149,8 @@ def reference_check(pos: pd.DataFrame, imap: pd.Series, corpus: np.ndarray, main
 
 
 def synthetic(args: argparse.Namespace) -> None:
-    from training.data.synthetic import GroundTruth, oracle_recall_at_k
+    from training.data.synthetic import GroundTruth
+    from training.evaluation.oracle import oracle_recall_at_k
 
     data_dir, data_seconds = training_set(args.synthetic_data_dir, DataConfig())
     pos, imap, _ = load(data_dir)

@@ -103,12 +103,11 @@ def main() -> None:
     ap.add_argument("--keep-raw", action="store_true", help="reuse raw files of a previous run with the same sizes")
     args = ap.parse_args()
 
+    from training.data.dbt import dbt_args
     from training.data.raw import write_raw
     from training.data.snapshot import raw_dir
-    from training.transform import dbt_args, dbt_env
 
     cfg = Config(data_dir=args.data_dir, data=DataConfig(n_users=args.users, n_pins=args.pins, n_events=args.events))
-    os.environ["RETRIEVAL_DATA_DIR"] = cfg.data_dir
     figures: dict[str, float] = {}
 
     raw = raw_dir(cfg)
@@ -129,7 +128,7 @@ def main() -> None:
     (build_dir / "tables").mkdir(parents=True, exist_ok=True)
 
     dbt = str(Path(sys.executable).parent / "dbt")
-    env = dbt_env(cfg, build_dir)
+    env: dict[str, str] = {}   # everything dbt reads comes in --vars (training/data/dbt.py)
     run_cmd([dbt, "parse", *dbt_args("parse", cfg, build_dir)[1:]], env)  # warm the partial-parse cache
     figures["dbt_run_s"] = run_cmd([dbt, *dbt_args("run", cfg, build_dir)], env)
     figures["dbt_test_s"] = run_cmd([dbt, *dbt_args("test", cfg, build_dir)], env)
@@ -139,7 +138,7 @@ def main() -> None:
     # make the build live the way the pipeline does, then materialize every view from scratch
     import duckdb
 
-    from training import features as feast_stage
+    from training.features.store import definitions, feature_store, materialize_all
 
     with duckdb.connect(str(build_dir / "warehouse.duckdb"), read_only=True) as con:
         as_of = con.execute("select as_of from int_data_window").fetchone()[0].astimezone(UTC)
@@ -155,9 +154,10 @@ def main() -> None:
         rows[name] = duckdb.execute(
             f"select count(distinct {'user_id' if name.startswith('user') else 'pin_id'}) "
             f"from read_parquet('{snap_dir / 'tables' / (name + '.parquet')}')").fetchone()[0]
-    feast_stage.apply(cfg)
+    store = feature_store(cfg)
+    store.apply()
     (cfg.data_path / "feast" / "online_state.json").unlink(missing_ok=True)
-    state, figures["materialize_s"] = timed(feast_stage.materialize, cfg, as_of, "bench")
+    state, figures["materialize_s"] = timed(store.materialize, as_of, "bench")
     entities = sum(rows.values())
     figures["materialized_entities"] = entities
     figures["materialize_entities_per_s"] = entities / figures["materialize_s"]
@@ -167,7 +167,7 @@ def main() -> None:
     repo = _feast_cli_repo(cfg, stock=False)
     end = as_of.replace(tzinfo=None).isoformat()
     figures["feast_cli_materialize_s"] = run_cmd([feast, "-c", str(repo), "materialize", "1970-01-01T00:00:00", end],
-                                                 {"RETRIEVAL_DATA_DIR": cfg.data_dir})
+                                                 {})
     figures["feast_cli_entities_per_s"] = entities / figures["feast_cli_materialize_s"]
     figures["import_feast_s"] = run_cmd([sys.executable, "-c", "import feast"], {})
 
@@ -178,8 +178,8 @@ def main() -> None:
     from feast.repo_config import load_repo_config
 
     stock = FeatureStore(config=load_repo_config(stock_repo, stock_repo / "feature_store.yaml"))
-    stock.apply(feast_stage.definitions(cfg))
-    _, figures["stock_feast_materialize_s"] = timed(feast_stage.materialize_all, stock, as_of)
+    stock.apply(definitions(cfg))
+    _, figures["stock_feast_materialize_s"] = timed(materialize_all, stock, as_of)
     figures["stock_feast_entities_per_s"] = entities / figures["stock_feast_materialize_s"]
     figures["materialize_speedup_vs_stock"] = figures["stock_feast_materialize_s"] / figures["materialize_s"]
     figures.update({f"rows_{k}": v for k, v in rows.items()})
@@ -199,7 +199,7 @@ def _feast_cli_repo(cfg: Config, stock: bool) -> Path:
     (sqlite online store, default engine) with its own registry and online db."""
     import yaml
 
-    from training.features import repo_config
+    from training.features.store import repo_config
 
     rc = repo_config(cfg)
     repo = cfg.data_path / ("feast_repo_stock" if stock else "feast_repo")

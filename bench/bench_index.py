@@ -31,7 +31,9 @@ sys.path.insert(0, str(ROOT))
 from common import machine, save_and_print  # noqa: E402  (bench/common.py)
 
 from training.config import Config, IndexConfig  # noqa: E402
-from training.index import EMBEDDING, IndexStore, PinEmbeddings, build_collection, exact_top_k, search  # noqa: E402
+from training.evaluation.metrics import top_k  # noqa: E402
+from training.release.embeddings import PinEmbeddings  # noqa: E402
+from training.release.index import EMBEDDING, IndexStore, build_collection, search  # noqa: E402
 
 DIM = 64
 N_INTERESTS = 20
@@ -69,9 +71,9 @@ def run_size(n: int, index_types: list[str], queries: int, k: int, work: Path) -
 
     def exact(qv: np.ndarray, f: list[int] | None) -> np.ndarray:
         if f is None:
-            return ids[exact_top_k(x, qv[None, :], k)[0]]
+            return ids[top_k(qv[None, :] @ x.T, k)[0]]
         sub = np.flatnonzero(np.isin(interest, f))
-        return ids[sub][exact_top_k(x[sub], qv[None, :], k)[0]]
+        return ids[sub][top_k(qv[None, :] @ x[sub].T, k)[0]]
 
     rows = []
     truth: dict[str, list[np.ndarray]] = {}

@@ -37,15 +37,23 @@ sys.path.insert(0, str(ROOT))
 
 from common import machine, save_and_print  # noqa: E402  (bench/common.py)
 
-from training.config import DEFAULT_YAML, Config  # noqa: E402
-from training.index import EMBEDDING, PinEmbeddings, embed_corpus, exact_top_k  # noqa: E402
-from training.release import Registry, latest_checkpoint, load_checkpoint, publish, rollback  # noqa: E402
-from training.serving import serve, stop  # noqa: E402
+from bentos.launcher import start, stop  # noqa: E402
+from training.config import Config  # noqa: E402
+from training.evaluation.metrics import top_k  # noqa: E402
+from training.features.store import feature_store  # noqa: E402
+from training.model.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
+from training.model.towers import run_tower  # noqa: E402
+from training.release.embeddings import PinEmbeddings, embed_corpus  # noqa: E402
+from training.release.index import EMBEDDING  # noqa: E402
+from training.release.publish import latest_checkpoint, publish, rollback  # noqa: E402
+from training.release.registry import Registry  # noqa: E402
+
+USER_SERVICE, PIN_SERVICE = "user_tower_v1", "pin_tower_v1"
 
 
 def corpus_of_size(cfg: Config, model, encoder, n: int, seed: int = 0) -> PinEmbeddings:
     """The live serving corpus embedded, plus synthetic pins through the same pin tower, n in all."""
-    real = embed_corpus(cfg, model, encoder).frame
+    real = embed_corpus(cfg, model, encoder, PIN_SERVICE).frame
     extra = n - len(real)
     if extra <= 0:
         return PinEmbeddings(real.head(n).reset_index(drop=True))
@@ -58,10 +66,7 @@ def corpus_of_size(cfg: Config, model, encoder, n: int, seed: int = 0) -> PinEmb
         "pin_impressions_30d": rng.poisson(20, extra), "pin_engagements_30d": rng.poisson(3, extra),
         "pin_saves_30d": rng.poisson(1, extra), "age_days": rng.uniform(0, 90, extra),
     })
-    x = encoder.pins(feats)
-    with torch.no_grad():
-        vectors = torch.cat([model.pin_tower({k: v[i:i + 65536] for k, v in x.items()})
-                             for i in range(0, extra, 65536)]).numpy()
+    vectors = run_tower(model.pin_tower, encoder.pins(feats), batch=65536)
     synth = pd.DataFrame({"pin_id": feats.pin_id, "interest_id": feats.interest_id.astype("int64"),
                           "image_signature": [f"bench{i}" for i in range(extra)],
                           "decayed_engagement": feats.decayed_engagement, EMBEDDING: list(vectors)})
@@ -78,19 +83,16 @@ def users_with_history(cfg: Config, n: int = 500) -> list[int]:
 
 def floor(cfg: Config, model, encoder, emb: PinEmbeddings, users: list[int], k: int) -> dict[str, float]:
     """In-process work of one request: online features + user tower + exact top-k (numpy)."""
-    from training.features import get_store
-
-    store = get_store(cfg)
-    service = store.get_feature_service("user_tower_v1")
+    store = feature_store(cfg)
     vectors = emb.vectors
     lat = []
     torch.set_num_threads(1)
     for i, u in enumerate(users[:300] * 2):
         t = time.perf_counter()
-        feats = store.get_online_features(features=service, entity_rows=[{"user_id": u}]).to_dict()
+        feats = store.online(USER_SERVICE, "user_id", [u])
         with torch.no_grad():
             q = model.user_tower(encoder.users(pd.DataFrame(feats))).numpy()
-        exact_top_k(vectors, q, k)
+        top_k(q @ vectors.T, k)
         if i >= 20:   # warm-up
             lat.append(time.perf_counter() - t)
     a = np.asarray(lat) * 1e3
@@ -142,7 +144,7 @@ def main() -> None:
     ap.add_argument("--port", type=int, default=3100)
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "service.json"))
     args = ap.parse_args()
-    cfg = Config.load(DEFAULT_YAML, {"data_dir": args.data_dir})
+    cfg = Config.load(overrides={"data_dir": args.data_dir})
     cfg = dataclasses.replace(cfg, serve=dataclasses.replace(cfg.serve, port=args.port),
                               index=dataclasses.replace(cfg.index, keep_releases=100))
     stop(cfg)
@@ -159,7 +161,7 @@ def main() -> None:
             version = f"{payload['model_version']}-bench{n}-{int(time.time())}"
             bench_ckpt = cfg.data_path / "bench_models" / version / "model.pt"   # not under models/: never "latest"
             bench_ckpt.parent.mkdir(parents=True, exist_ok=True)
-            torch.save({**payload, "model_version": bench_ckpt.parent.name}, bench_ckpt)
+            save_checkpoint({**payload, "model_version": bench_ckpt.parent.name}, bench_ckpt)
             t0 = time.perf_counter()
             out = publish(cfg, bench_ckpt, embeddings=emb)
             published += 1
@@ -169,7 +171,7 @@ def main() -> None:
             fl = floor(cfg, model, encoder, emb, users, args.k)
             rows.append({"pins": len(emb), "mode": "in-process floor", **fl})
             print(json.dumps(rows[-1]), flush=True)
-            info = serve(cfg, detach=True)
+            info = start(cfg)
             try:
                 load(info["url"], users, 4, 3.0, args.k)   # warm-up
                 for c in args.concurrency:

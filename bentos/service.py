@@ -5,17 +5,17 @@
     GET  /readyz     200 with the loaded release once one is loaded, else 503
     GET  /metadata   the loaded release, limits and config; OpenAPI: GET /docs.json, Swagger UI at /
 
-Run from the repo root: ``BENTOML_HOME=<data_dir>/bentoml bentoml serve bentos/service.py:RetrievalService``
-(``make run`` does this). Config: ``RETRIEVAL_CONFIG`` (YAML, default training/config.yaml) and
-``RETRIEVAL_DATA_DIR``. The work is in ``training.retriever``; this module is the HTTP surface: strict
-request validation (every bad input is a 4xx naming the field), a body-size limit, the ops endpoints,
-and a background thread that follows the release registry.
+Run from the repo root: ``BENTOML_HOME=<data_dir>/bentoml bentoml serve bentos.service:RetrievalService``
+(``retrieval-service start`` does this; ``make run`` calls it). Config: the defaults of training/config.py,
+overridden by the YAML file named in ``RETRIEVAL_CONFIG``; the data dir is ``RETRIEVAL_DATA_DIR`` unless that
+file names one. The work is in ``bentos.retriever``; this module is the HTTP surface: strict request
+validation (every bad input is a 4xx naming the field), a body-size limit, the ops endpoints, and a
+background thread that follows the release registry.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import threading
 from typing import Annotated, Any
 
@@ -24,12 +24,12 @@ from fastapi import FastAPI
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.responses import JSONResponse
 
-from training.config import DEFAULT_YAML, Config
-from training.retriever import NotReady, RetrievalError, Retriever
+from bentos.retriever import NotReady, RetrievalError, Retriever
+from training.config import Config
 
 log = logging.getLogger("retrieval.service")
 
-CONFIG = Config.load(os.environ.get("RETRIEVAL_CONFIG") or DEFAULT_YAML, {})
+CONFIG = Config.load()
 SERVE = CONFIG.serve
 
 
@@ -155,7 +155,7 @@ class RetrievalService:
     """User id -> candidate pins from the live release (user tower + Milvus), cold start when unknown."""
 
     def __init__(self) -> None:
-        self.retriever = Retriever(CONFIG, max_k=SERVE.max_k)
+        self.retriever = Retriever(CONFIG)
         self.switches = 0
         self._stop = threading.Event()
         self._poll()
@@ -189,8 +189,7 @@ class RetrievalService:
             result = self.retriever.retrieve(request["user_id"], k=request["k"], interests=request["interests"],
                                              exclude_seen=request["exclude_seen"])
         except RetrievalError as e:
-            field = str(e).split(":", 1)[0]
-            return _error(400, str(e), field)
+            return _error(400, str(e), e.field)
         except NotReady as e:
             return _error(503, str(e))
         return RetrieveResponse(**result)

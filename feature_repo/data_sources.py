@@ -2,23 +2,23 @@
 
 ``live`` is a symlink switched atomically after a data-stage build succeeds, so Feast always reads a
 complete snapshot. Paths are absolute (the DuckDB offline store resolves relative paths against the
-current directory): ``<data_dir>`` is ``$RETRIEVAL_DATA_DIR``, or ``.data`` in the checkout.
+current directory). The objects below point at the checkout's ``.data`` (what a plain ``feast apply`` from
+the repo root registers, next to feature_store.yaml's ``.data/feast``); ``retrieval`` re-roots them at its
+configured data dir (``training.features.store.definitions``).
 """
 
-import os
 from pathlib import Path
 
 from feast import FileSource
 
-DATA_DIR = Path(os.environ.get("RETRIEVAL_DATA_DIR", Path(__file__).resolve().parent.parent / ".data")).resolve()
-TABLES_DIR = DATA_DIR / "live" / "tables"
+CHECKOUT_DATA_DIR = Path(__file__).resolve().parent.parent / ".data"
 
 
-def dbt_table(model: str) -> FileSource:
+def dbt_table(model: str, data_dir: Path = CHECKOUT_DATA_DIR) -> FileSource:
     """The parquet file dbt model ``model`` writes; tagged with the model so lineage is one lookup."""
     return FileSource(
         name=f"{model}_source",
-        path=str(TABLES_DIR / f"{model}.parquet"),
+        path=str(Path(data_dir) / "live" / "tables" / f"{model}.parquet"),
         timestamp_field="event_timestamp",
         tags={"dbt_model": model},
     )

@@ -7,3 +7,5 @@ user = Entity(name="user", join_keys=["user_id"], value_type=ValueType.INT64, de
 
 # Why: pins are what we retrieve; always the canonical pin id (near-duplicates remapped by dbt).
 pin = Entity(name="pin", join_keys=["pin_id"], value_type=ValueType.INT64, description="A canonical pin.")
+
+ENTITIES = [user, pin]

@@ -14,3 +14,8 @@ user_tower_v1 = FeatureService(
 
 # Why: the pin tower's inputs, used to embed the serving corpus and in the training set.
 pin_tower_v1 = FeatureService(name=PIN_TOWER_SERVICE, features=[pin_profile, pin_features], tags={"tower": "pin"})
+
+FEATURE_SERVICES = [user_tower_v1, pin_tower_v1]
+
+SERVICES_BY_ROLE = {"user": USER_TOWER_SERVICE, "pin": PIN_TOWER_SERVICE}
+"""The feature service of each tower: training sets, checkpoints and releases record it by role."""

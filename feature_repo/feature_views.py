@@ -93,3 +93,5 @@ pin_features = FeatureView(
     online=True,
     tags={"dbt_model": "pin_features"},
 )
+
+FEATURE_VIEWS = [user_profile, user_sequence, user_features, pin_profile, pin_features]

@@ -29,7 +29,7 @@ def pipeline_cfg(tmp_path_factory) -> Config:
     from training.pipeline import run_data
 
     cfg = small_config(tmp_path_factory.mktemp("data"))
-    os.environ["RETRIEVAL_DATA_DIR"] = cfg.data_dir
+    os.environ["BENTOML_HOME"] = str(cfg.bentoml_home)   # the one model store of this test session
     run_data(cfg)
     return cfg
 
@@ -39,12 +39,12 @@ def checkpoints(pipeline_cfg) -> list[Path]:
     """One short real training run, plus two copies under other model versions (perturbed weights)."""
     import torch
 
-    from training.report import train
+    from training.train import train
 
     cfg = dataclasses.replace(pipeline_cfg, train=dataclasses.replace(pipeline_cfg.train, epochs=2, patience=2,
                                                                       batch_size=256, threads=1))
     first = Path(train(cfg)["checkpoint"])
-    payload = torch.load(first, weights_only=False)
+    payload = torch.load(first, weights_only=True)
     paths = [first]
     for i in (1, 2):
         version = f"{payload['model_version']}-v{i}"
@@ -66,7 +66,7 @@ def unpublished(cfg: Config) -> Config:
     """``cfg``'s data dir with no release: registry removed, every collection and user tower dropped."""
     import shutil
 
-    from training.release import recover
+    from training.release.publish import recover
 
     shutil.rmtree(cfg.data_path / "releases", ignore_errors=True)
     recover(cfg)

@@ -7,10 +7,11 @@
     retrieval training-set         point-in-time training set through the feature services
     retrieval train | report       two-tower training (checkpoint) | model vs baselines report
     retrieval release ACTION       publish | rollback | status | recover: versioned Milvus index + user tower
-    retrieval serve [--detach]     the BentoML retrieval service on serve.host:serve.port | retrieval stop
     retrieval config               print the effective config as YAML
 
-Every subcommand accepts ``--config FILE`` (YAML like training/config.yaml) and ``--section.field VALUE``.
+Every subcommand accepts ``--config FILE`` (a YAML file of overrides) and ``--section.field VALUE``. The
+service has its own command, ``retrieval-service`` (bentos/launcher.py): the online path lives in bentos/.
+``retrieval train`` under ``torchrun --nproc_per_node=N`` trains with N DDP ranks (training/train.py).
 """
 
 from __future__ import annotations
@@ -26,20 +27,7 @@ from collections.abc import Callable
 
 import yaml
 
-from training.config import DEFAULT_YAML, Config, ConfigError, iter_fields
-
-
-def _add_config_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", help="YAML config file (defaults: training/config.yaml)")
-    group = parser.add_argument_group("config (see training/config.py)")
-    for name, ftype, default, doc in iter_fields():
-        group.add_argument(f"--{name}", dest=f"cfg:{name}", type=str, metavar=ftype.__name__.upper(),
-                           help=f"{doc} [default: {default}]")
-
-
-def load_config(args: argparse.Namespace) -> Config:
-    overrides = {k[4:]: v for k, v in vars(args).items() if k.startswith("cfg:") and v is not None}
-    return Config.load(args.config or DEFAULT_YAML, overrides)
+from training.config import Config, ConfigError, add_config_flags, config_from_args
 
 
 def _cmd(fn_name: str) -> Callable[[Config, argparse.Namespace], object]:
@@ -71,26 +59,14 @@ def _run(cfg: Config, args: argparse.Namespace) -> object:
     return pipeline.run_all(cfg, regenerate=not args.keep_raw, data_only=args.data_only)
 
 
-def _serve(cfg: Config, args: argparse.Namespace) -> object:
-    from training import serving
-
-    return serving.serve(cfg, detach=args.detach)
-
-
-def _stop(cfg: Config, args: argparse.Namespace) -> object:
-    from training import serving
-
-    return serving.stop(cfg)
-
-
 def _release(cfg: Config, args: argparse.Namespace) -> object:
     from pathlib import Path
 
-    from training import release
+    from training.release import publish
 
     if args.action == "publish":
-        return release.publish(cfg, Path(args.checkpoint) if args.checkpoint else None)
-    return getattr(release, args.action)(cfg)
+        return publish.publish(cfg, Path(args.checkpoint) if args.checkpoint else None)
+    return getattr(publish, args.action)(cfg)
 
 
 def _print_config(cfg: Config, args: argparse.Namespace) -> object:
@@ -108,8 +84,6 @@ COMMANDS: dict[str, tuple[Callable[[Config, argparse.Namespace], object], str]] 
     "train": (_cmd("train"), "train the two-tower model on the live training set; save the checkpoint"),
     "report": (_cmd("report"), "two-tower vs popularity, item-kNN and tuned ALS on one split: markdown + PNG"),
     "release": (_release, "publish (build + verify + switch) | rollback | status | recover the retrieval release"),
-    "serve": (_serve, "run the BentoML retrieval service (--detach: in the background, once it is ready)"),
-    "stop": (_stop, "stop a service started with `retrieval serve --detach`"),
     "config": (_print_config, "print the effective config as YAML"),
 }
 
@@ -120,15 +94,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (_, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
-        _add_config_flags(p)
+        add_config_flags(p)
         if name == "release":
             p.add_argument("action", choices=["publish", "rollback", "status", "recover"])
             p.add_argument("--checkpoint", help="publish this model.pt (default: the newest under <data_dir>/models)")
         if name == "run":
             p.add_argument("--keep-raw", action="store_true", help="reuse <data_dir>/raw instead of regenerating it")
             p.add_argument("--data-only", action="store_true", help="stop after the training set (no train/publish)")
-        if name == "serve":
-            p.add_argument("--detach", action="store_true", help="start in the background, wait until ready, return")
     return parser
 
 
@@ -140,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("feast", "urllib3", "asyncio"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
-        cfg = load_config(args)
+        cfg = config_from_args(args)
         result = COMMANDS[args.command][0](cfg, args)
     except (ConfigError, FileNotFoundError, ValueError, RuntimeError) as e:
         print(f"retrieval {args.command}: error: {e}", file=sys.stderr)

@@ -1,9 +1,10 @@
 """The project's one typed configuration.
 
-``Config`` is the single source of truth: ``training/config.yaml`` mirrors its defaults (a test
-keeps them equal), and the ``retrieval`` CLI derives one ``--section.field`` flag per field from
-it, with the field's docstring as help text. Each section checks its own values in
-``__post_init__`` and names the offending field in the error.
+``Config`` holds every default, once. A YAML file (``--config FILE``, or ``RETRIEVAL_CONFIG`` for the
+service) holds overrides only, and the command lines derive one ``--section.field`` flag per field from it,
+with the field's docstring as help text (``add_config_flags`` / ``config_from_args``). Each section checks
+its own values in ``__post_init__`` and names the offending field in the error. The dbt project's variables
+are the ``TransformConfig`` fields marked ``dbt_var``; ``retrieval`` always passes them to dbt.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import dataclasses
 import inspect
 import os
 import re
+import typing
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import cache
@@ -24,7 +26,10 @@ import yaml
 REPO_ROOT = Path(__file__).resolve().parent.parent
 """The checkout: where feature_store.yaml, dbt_project/ and feature_repo/ live."""
 
-DEFAULT_YAML = Path(__file__).resolve().parent / "config.yaml"
+CONFIG_ENV = "RETRIEVAL_CONFIG"
+"""Environment variable naming a YAML file of overrides (read by the service and by every command)."""
+DATA_DIR_ENV = "RETRIEVAL_DATA_DIR"
+"""Environment variable naming the data dir (default: ``.data`` in the checkout)."""
 
 
 class ConfigError(ValueError):
@@ -112,29 +117,49 @@ class ContractConfig:
             raise ConfigError(f"config contracts.min_timestamp: not an ISO date: {self.min_timestamp!r}") from e
 
 
+def dbt_var(default: Any = dataclasses.MISSING, **kw: Any) -> Any:
+    """A TransformConfig field that is also a variable of the dbt project (``vars:`` in dbt_project.yml)."""
+    return field(default=default, metadata={"dbt_var": True}, **kw)
+
+
+def _default_engagement_weights() -> dict[str, float]:
+    return {"closeup": 1.0, "click": 2.0, "save": 4.0, "hide": 0.0}
+
+
 @dataclass
 class TransformConfig:
-    """Variables of the dbt project (passed as ``--vars``)."""
+    """The dbt stage. Fields marked ``dbt_var`` are passed as ``--vars``; dbt_project.yml repeats their
+    defaults for a plain ``dbt build`` (a test keeps the two equal)."""
 
-    half_life_days: float = 14.0
+    half_life_days: float = dbt_var(14.0)
     """Half-life of the time-decayed engagement, in days."""
-    corpus_window_days: int = 90
+    corpus_window_days: int = dbt_var(90)
     """Only engagement in this many days before the data's end counts toward the serving corpus."""
-    corpus_size: int = 100_000
+    corpus_size: int = dbt_var(100_000)
     """Maximum number of (canonical) pins in the serving corpus."""
-    history_length: int = 50
+    history_length: int = dbt_var(50)
     """Length of the user's recent-engaged-pins sequence feature."""
-    top_interests: int = 3
+    top_interests: int = dbt_var(3)
     """Number of interest ids in the user's top-interests feature."""
+    engagement_weights: dict[str, float] = dbt_var(default_factory=_default_engagement_weights)
+    """Weight of each engagement type in the decayed engagement (hides are negative feedback: weight 0)."""
     threads: int = 2
     """DuckDB threads used by dbt."""
+    keep_snapshots: int = 3
+    """Finished data snapshots kept on disk (the live one is always kept)."""
 
     def __post_init__(self) -> None:
         _check(self.half_life_days > 0, "transform.half_life_days", "must be > 0")
-        _positive(self, "transform", "corpus_window_days", "corpus_size", "history_length", "top_interests", "threads")
+        _positive(self, "transform", "corpus_window_days", "corpus_size", "history_length", "top_interests", "threads",
+                  "keep_snapshots")
+        _check(set(self.engagement_weights) == {"closeup", "click", "save", "hide"}, "transform.engagement_weights",
+               f"needs exactly closeup, click, save and hide, got {sorted(self.engagement_weights)}")
+        _check(all(w >= 0 for w in self.engagement_weights.values()), "transform.engagement_weights",
+               "weights must be >= 0")
 
     def dbt_vars(self) -> dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "threads"}
+        """The dbt project's variables, from this config."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.metadata.get("dbt_var")}
 
 
 @dataclass
@@ -226,9 +251,9 @@ class ServeConfig:
 class TrainConfig:
     """The two-tower model and its training."""
 
-    embed_dim: int = 64
+    id_embed_dim: int = 64
     """Width of the id, interest and sequence-item embeddings."""
-    dim: int = 64
+    out_dim: int = 64
     """Width of the shared user/pin vector space (the ANN index dimension)."""
     temperature: float = 0.05
     """Softmax temperature τ: score = <u, p> / τ with unit-norm u, p."""
@@ -266,7 +291,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         _positive(self, "train",
-                  "embed_dim", "dim", "batch_size", "target_window", "epochs", "patience", "valid_k", "threads")
+                  "id_embed_dim", "out_dim", "batch_size", "target_window", "epochs", "patience", "valid_k", "threads")
         _check(self.temperature > 0, "train.temperature", "must be > 0")
         _check(0 <= self.dropout < 1, "train.dropout", "must be in [0, 1)")
         _check(0 <= self.seq_dropout < 1, "train.seq_dropout", "must be in [0, 1)")
@@ -275,7 +300,7 @@ class TrainConfig:
 
 
 def _default_data_dir() -> str:
-    return os.environ.get("RETRIEVAL_DATA_DIR", str(REPO_ROOT / ".data"))
+    return os.environ.get(DATA_DIR_ENV, str(REPO_ROOT / ".data"))
 
 
 @dataclass
@@ -283,7 +308,8 @@ class Config:
     """Everything a run needs. Sections mirror the pipeline stages."""
 
     data_dir: str = field(default_factory=_default_data_dir)
-    """Root of all generated state (raw files, snapshots, Feast registry and online store); env RETRIEVAL_DATA_DIR."""
+    """Root of all generated state (raw files, snapshots, Feast registry and online store, models, releases);
+    default $RETRIEVAL_DATA_DIR, else .data in the checkout."""
     data: DataConfig = field(default_factory=DataConfig)
     contracts: ContractConfig = field(default_factory=ContractConfig)
     transform: TransformConfig = field(default_factory=TransformConfig)
@@ -296,6 +322,12 @@ class Config:
     def data_path(self) -> Path:
         return Path(self.data_dir).expanduser().resolve()
 
+    @property
+    def bentoml_home(self) -> Path:
+        """This deployment's BentoML home (its model store holds the user towers); ``bentoml serve`` and
+        ``bentoml build`` run with BENTOML_HOME set to it."""
+        return self.data_path / "bentoml"
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -305,8 +337,10 @@ class Config:
 
     @classmethod
     def load(cls, path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Config:
-        """Defaults, then the YAML file (if given), then dotted overrides like {'data.seed': 3}."""
+        """Defaults, then the YAML file of overrides (``path``, else ``$RETRIEVAL_CONFIG`` when set), then dotted
+        overrides like {'data.seed': 3}."""
         raw: dict[str, Any] = {}
+        path = path or os.environ.get(CONFIG_ENV) or None
         if path is not None:
             p = Path(path)
             if not p.exists():
@@ -340,8 +374,6 @@ def _from_dict(cls: type, raw: dict[str, Any], prefix: str) -> Any:
 
 @cache
 def _hints(cls: type) -> dict[str, Any]:
-    import typing
-
     return typing.get_type_hints(cls)
 
 
@@ -359,12 +391,18 @@ def _coerce(value: Any, ftype: Any, name: str) -> Any:
                     return False
                 raise ValueError(value)
             return bool(value)
+        if typing.get_origin(ftype) is dict:
+            if isinstance(value, str):   # a command-line flag: YAML / JSON text
+                value = yaml.safe_load(value)
+            if not isinstance(value, dict):
+                raise ValueError(value)
+            return {str(k): float(v) for k, v in value.items()}
         if ftype in (int, float, str):
             if ftype is int and isinstance(value, float) and not value.is_integer():
                 raise ValueError(value)
             return ftype(value)
     except (TypeError, ValueError) as e:
-        raise ConfigError(f"config {name}: expected {ftype.__name__}, got {value!r}") from e
+        raise ConfigError(f"config {name}: expected {_type_name(ftype)}, got {value!r}") from e
     return value
 
 
@@ -396,3 +434,22 @@ def iter_fields(cls: type = Config, prefix: str = ""):
             yield from iter_fields(ftype, prefix=f"{prefix}{f.name}.")
         else:
             yield f"{prefix}{f.name}", ftype, getattr(defaults, f.name), docs.get(f.name, "")
+
+
+def _type_name(ftype: Any) -> str:
+    return "mapping" if typing.get_origin(ftype) is dict else ftype.__name__
+
+
+def add_config_flags(parser) -> None:
+    """Add ``--config FILE`` and one ``--section.field`` flag per config field to an argparse parser."""
+    parser.add_argument("--config", help=f"YAML file of config overrides (default: ${CONFIG_ENV} when set)")
+    group = parser.add_argument_group("config (see training/config.py)")
+    for name, ftype, default, doc in iter_fields():
+        group.add_argument(f"--{name}", dest=f"cfg:{name}", type=str, metavar=_type_name(ftype).upper(),
+                           help=f"{doc} [default: {default}]")
+
+
+def config_from_args(args) -> Config:
+    """The config of parsed ``add_config_flags`` arguments: defaults, the YAML file, then the flags."""
+    overrides = {k[4:]: v for k, v in vars(args).items() if k.startswith("cfg:") and v is not None}
+    return Config.load(args.config, overrides)

@@ -23,7 +23,7 @@ def make_raw(cfg: Config) -> dict[str, int]:
         if not cfg.data.movielens_path:
             raise ValueError("data.source is 'movielens' but data.movielens_path is empty: "
                              "pass --data.movielens_path DIR")
-        tables = ingest(cfg.data.movielens_path)
+        tables = ingest(cfg.data.movielens_path, cfg.contracts.max_bad_fraction)
         (out / "ground_truth.npz").unlink(missing_ok=True)
     else:
         from training.data.synthetic import generate
@@ -44,15 +44,16 @@ def build(cfg: Config) -> dict[str, Any]:
 
 def features(cfg: Config) -> dict[str, Any]:
     """Feast apply + materialize of the live snapshot."""
-    from training import features as feast_stage
+    from training.features.store import feature_store
 
     snap = snapshot.load_live(cfg)
-    feast_stage.apply(cfg)
-    return feast_stage.materialize(cfg, snap.as_of, snap.id)
+    store = feature_store(cfg)
+    store.apply()
+    return store.materialize(snap.as_of, snap.id)
 
 
 def training_set(cfg: Config) -> dict[str, Any]:
-    from training.dataset import build_training_set
+    from training.features.training_set import build_training_set
 
     return build_training_set(cfg)[1]
 
@@ -76,7 +77,7 @@ def run_all(cfg: Config, regenerate: bool = True, data_only: bool = False) -> di
     seconds: dict[str, Any] = run_data(cfg, regenerate=regenerate)
     if data_only:
         return seconds
-    from training.release import publish
+    from training.release.publish import publish
 
     results = {}
     for name, fn in (("train", train), ("publish", publish)):
@@ -89,12 +90,12 @@ def run_all(cfg: Config, regenerate: bool = True, data_only: bool = False) -> di
 
 
 def train(cfg: Config) -> dict[str, Any]:
-    from training import report as report_stage
+    from training.train import train as train_stage
 
-    return report_stage.train(cfg)
+    return train_stage(cfg)
 
 
 def report(cfg: Config) -> dict[str, Any]:
-    from training import report as report_stage
+    from training.evaluation.report import report as report_stage
 
-    return report_stage.report(cfg)
+    return report_stage(cfg)

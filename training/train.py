@@ -1,23 +1,28 @@
 """Stage: train the two-tower model on the point-in-time training set, with early stopping on validation.
 
-``TwoTowerScorer`` plugs the model into the evaluation harness (``training.evaluate``) exactly like the
-baselines: ``fit(split)`` trains on the split's train part, ``score(user_idx)`` ranks every candidate.
-Inputs come only from the Feast training set: the model trains on each positive label's point-in-time
-features; for evaluation, a user is represented by the features of their first held-out interaction
-(history strictly before it), and candidates by pin features fetched through the ``pin_tower_v1``
-feature service at a few times no later than that.
+``retrieval train`` fits the model on the live training set's temporal split (``training.evaluation.split``):
+train-proper examples, early stopping on validation recall, then one evaluation on test, and writes the
+checkpoint (``training.model.checkpoint``). The model trains on each positive label's point-in-time features;
+validation and test go through the same harness as the baselines (``training.evaluation``).
+
+Distributed: launched by ``torchrun --nproc_per_node=N``, the stage joins the process group itself (gloo on
+CPU; ``WORLD_SIZE`` > 1). Every rank takes its shard of each epoch and DDP averages the gradients; rank 0
+validates and broadcasts the figure, so every rank stops at the same epoch and restores the same weights;
+only rank 0 evaluates on test and writes the checkpoint. The ranks' final weights are fingerprinted and the
+fingerprints recorded in the checkpoint (``fit.rank_fingerprints``), so a divergence would show.
 """
 
 from __future__ import annotations
 
 import copy
+import hashlib
 import logging
 import math
 import os
 import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
-from typing import Any, Literal
+from datetime import UTC, datetime
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -26,36 +31,36 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from training.config import Config, TrainConfig
-from training.encoding import Encoder, take
-from training.evaluate import Split, evaluate
-from training.model import TwoTower, in_batch_softmax_loss
+from training.evaluation.harness import evaluate
+from training.evaluation.scorer import TwoTowerScorer
+from training.evaluation.split import Split, load_split
+from training.model.checkpoint import build_model, save_checkpoint
+from training.model.encoding import Encoder, take
+from training.model.two_tower import TwoTower, in_batch_softmax_loss
 
 log = logging.getLogger(__name__)
 
-KEYS = ["user_id", "pin_id", "event_timestamp"]
-PIN_TIME_POINTS = 8
-"""Pin features for evaluation are fetched at this many times (quantiles of the users' cut-off times)."""
 
-
-def init_distributed() -> bool:
-    """Join the process group when launched by torchrun (WORLD_SIZE > 1); gloo works on CPU."""
+def join_process_group() -> tuple[int, int]:
+    """(rank, world size). Under torchrun (WORLD_SIZE > 1) joins the gloo process group first."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
         dist.init_process_group("gloo")
-        return True
-    return False
+    return rank_and_world()
 
 
-def _rank() -> tuple[int, int]:
+def rank_and_world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
 
 
-def build_model(encoder: Encoder, tc: TrainConfig) -> TwoTower:
-    torch.manual_seed(tc.seed)
-    return TwoTower(encoder.n_pins, encoder.n_interests, len(encoder.genders), len(encoder.segments),
-                    embed_dim=tc.embed_dim, dim=tc.dim, dropout=tc.dropout, temperature=tc.temperature,
-                    seq_dropout=tc.seq_dropout)
+def fingerprint(model: torch.nn.Module) -> str:
+    """sha256 of every parameter and buffer, in state-dict order: equal fingerprints = identical weights."""
+    h = hashlib.sha256()
+    for name, t in model.state_dict().items():
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
 
 
 @dataclass
@@ -67,15 +72,19 @@ class FitResult:
     seconds_to_best: float
     examples_per_s: float
     history: list[dict[str, float]] = field(default_factory=list)
+    world_size: int = 1
+    rank_fingerprints: list[str] = field(default_factory=list)
+    """Each rank's final weights (``fingerprint``); all equal when DDP kept the ranks in step."""
 
 
 def train_model(model: TwoTower, encoder: Encoder, examples: pd.DataFrame, tc: TrainConfig,
                 epochs: int | None = None, validate=None) -> FitResult:
     """Train on positive pairs ``examples`` (training-set rows). ``validate(model) -> float`` is called
-    after each epoch; the best epoch's weights are restored. Runs unchanged under torchrun (DDP, gloo):
-    every rank takes its shard of each epoch's permutation; gradients are averaged by DDP."""
+    after each epoch (on rank 0, which broadcasts the figure); the best epoch's weights are restored. Runs
+    unchanged under torchrun (DDP, gloo): every rank takes its shard of each epoch's permutation; gradients
+    are averaged by DDP."""
     torch.set_num_threads(tc.threads)
-    rank, world = _rank()
+    rank, world = rank_and_world()
     users, pins = encoder.users(examples), encoder.pins(examples)
     pin_idx = pins["pin"]
     future = FutureTargets(examples, tc.target_window)
@@ -127,7 +136,7 @@ def train_model(model: TwoTower, encoder: Encoder, examples: pd.DataFrame, tc: T
         row = {"epoch": epoch, "loss": total / steps, "seconds": time.perf_counter() - t0}
         if validate is not None:
             model.eval()
-            row["valid"] = float(validate(model))
+            row["valid"] = _on_rank0(lambda: float(validate(model)), rank, world)
             if row["valid"] > best[0]:
                 best = (row["valid"], epoch, copy.deepcopy(model.state_dict()))
                 seconds_to_best = row["seconds"]
@@ -144,8 +153,21 @@ def train_model(model: TwoTower, encoder: Encoder, examples: pd.DataFrame, tc: T
         best = (math.nan, len(history), None)
         seconds_to_best = seconds
     model.eval()
+    prints = [fingerprint(model)]
+    if world > 1:
+        prints = [None] * world
+        dist.all_gather_object(prints, fingerprint(model))
     return FitResult(best_epoch=best[1], best_valid=best[0], epochs_run=len(history), seconds=seconds,
-                     seconds_to_best=seconds_to_best, examples_per_s=seen / seconds, history=history)
+                     seconds_to_best=seconds_to_best, examples_per_s=seen / seconds, history=history,
+                     world_size=world, rank_fingerprints=prints)
+
+
+def _on_rank0(fn, rank: int, world: int) -> float:
+    """``fn()`` computed on rank 0 and broadcast to every rank."""
+    value = torch.tensor([fn() if rank == 0 else 0.0], dtype=torch.float64)
+    if world > 1:
+        dist.broadcast(value, src=0)
+    return float(value.item())
 
 
 class FutureTargets:
@@ -183,99 +205,72 @@ def _gather(x: torch.Tensor) -> torch.Tensor:
     return torch.cat(out)
 
 
-class TwoTowerScorer:
-    """The two-tower model behind the harness's ``Scorer`` protocol.
+@dataclass
+class Trained:
+    """A model fitted on a split's train part, with what the evaluation of it needs."""
 
-    ``fit(split)`` trains on the train part with early stopping on validation recall. It is not refit on
-    train + validation (unlike the baselines): validation interactions still reach the model at test time,
-    as the users' point-in-time history features. ``prepare(on)`` embeds users and candidates for ``on``.
-    """
-
-    def __init__(self, cfg: Config, training_set: pd.DataFrame, n_interests: int):
-        self.cfg = cfg
-        self.tc = cfg.train
-        self.training_set = training_set
-        self.n_interests = n_interests
-        self.result: FitResult | None = None
-        self.model: TwoTower | None = None
-        self.encoder: Encoder | None = None
-        self._pin_cache: dict[pd.Timestamp, pd.DataFrame] = {}
-
-    # --- the harness protocol ---------------------------------------------------------------------------------
-    def fit(self, split: Split) -> None:
-        parts = split.frame[KEYS + ["part"]]
-        rows = self.training_set.merge(parts, on=KEYS, how="inner")
-        train = rows[rows["part"] == "train"].reset_index(drop=True)
-        self.encoder = Encoder.fit(train, self.n_interests, history_length=self.cfg.transform.history_length,
-                                   top_interests=self.cfg.transform.top_interests)
-        self.model = build_model(self.encoder, self.tc)
-        self.split = split
-        if split.is_merged:
-            raise ValueError("the two-tower model early-stops on validation: fit it on a split with validation")
-
-        def validate(_model: TwoTower) -> float:
-            self.prepare("valid")
-            k = self.tc.valid_k
-            return evaluate(self, split, ks=(k,), on="valid", curve_k=k, ndcg_k=10, interest_k=k)[f"recall@{k}"]
-
-        self.result = train_model(self.model, self.encoder, train, self.tc, validate=validate)
-        log.info("two-tower fit: best epoch %s, %.1fs to best, %.0f examples/s", self.result.best_epoch,
-                 self.result.seconds_to_best, self.result.examples_per_s)
-
-    def score(self, user_idx: np.ndarray) -> np.ndarray:
-        u = self._user_vectors[user_idx]                          # (n, D)
-        bucket = self._user_bucket[user_idx]                      # (n,)
-        out = np.empty((len(user_idx), self._pin_vectors.shape[1]), dtype=np.float32)
-        for b in np.unique(bucket):
-            rows = bucket == b
-            out[rows] = u[rows] @ self._pin_vectors[b].T
-        return out
-
-    # --- embeddings for an evaluation phase -------------------------------------------------------------------
-    @torch.no_grad()
-    def prepare(self, on: Literal["valid", "test"]) -> None:
-        """Embed every evaluable user at their cut-off (first ``on`` interaction) and the candidates at
-        ``PIN_TIME_POINTS`` times; each user is scored against the latest pin snapshot not after them."""
-        assert self.model is not None and self.encoder is not None
-        split = self.split
-        first = (split.frame[split.frame["part"] == on].sort_values(["event_timestamp", "pin_id"])
-                 .drop_duplicates("user_id"))
-        rows = first[KEYS + ["user_idx"]].merge(self.training_set, on=KEYS, how="left")
-        dim = self.tc.dim
-        self._user_vectors = np.zeros((split.n_users, dim), dtype=np.float32)
-        self._user_bucket = np.zeros(split.n_users, dtype=np.int64)
-        users = self.encoder.users(rows)
-        self._user_vectors[rows["user_idx"].to_numpy()] = _embed(self.model.user_tower, users)
-        cutoffs = rows["event_timestamp"]
-        times = sorted(set(cutoffs.quantile(np.linspace(0, 1, PIN_TIME_POINTS), interpolation="lower")))
-        self._user_bucket[rows["user_idx"].to_numpy()] = np.searchsorted(times, cutoffs, side="right") - 1
-        self._pin_vectors = np.stack([_embed(self.model.pin_tower, self.encoder.pins(self._pins_at(t)))
-                                      for t in times])       # (T, n_items, D)
-
-    def _pins_at(self, t: pd.Timestamp) -> pd.DataFrame:
-        """Pin features of every candidate as of ``t`` through the pin feature service (Feast offline)."""
-        if t not in self._pin_cache:
-            from feature_repo.feature_services import PIN_TOWER_SERVICE
-            from training.features import historical_features
-
-            entity = pd.DataFrame({"pin_id": self.split.items, "event_timestamp": t})
-            df = historical_features(self.cfg, entity, PIN_TOWER_SERVICE)
-            self._pin_cache[t] = df.set_index("pin_id").loc[self.split.items].reset_index()
-        return self._pin_cache[t]
-
-    def checkpoint(self) -> dict[str, Any]:
-        assert self.model is not None and self.encoder is not None
-        return {"config": asdict(self.tc), "encoder": self.encoder.state(), "model": self.model.state_dict(),
-                "fit": asdict(self.result) if self.result else None}
+    model: TwoTower
+    encoder: Encoder
+    result: FitResult
+    scorer: TwoTowerScorer
+    """The model behind the harness's Scorer protocol, on the split it was trained on."""
 
 
-def _embed(tower: torch.nn.Module, x: dict[str, torch.Tensor], batch: int = 4096) -> np.ndarray:
-    n = len(next(iter(x.values())))
-    return torch.cat([tower(take(x, torch.arange(i, min(i + batch, n)))) for i in range(0, n, batch)]).numpy()
+def fit(cfg: Config, training_set: pd.DataFrame, split: Split, manifest: dict[str, Any]) -> Trained:
+    """Train on the split's train-proper examples with early stopping on validation recall@``valid_k``.
+
+    Not refit on train + validation (unlike the baselines): validation interactions still reach the model at
+    test time, as the users' point-in-time history features."""
+    if split.is_merged:
+        raise ValueError("the two-tower model early-stops on validation: fit it on a split with validation")
+    tc = cfg.train
+    parts = split.frame[["user_id", "pin_id", "event_timestamp", "part"]]
+    rows = training_set.merge(parts, on=["user_id", "pin_id", "event_timestamp"], how="inner")
+    train_rows = rows[rows["part"] == "train"].reset_index(drop=True)
+    encoder = Encoder.fit(train_rows, manifest["n_interests"], history_length=cfg.transform.history_length,
+                          top_interests=cfg.transform.top_interests)
+    model = build_model(encoder, tc)
+    scorer = TwoTowerScorer(cfg, model, encoder, training_set, split, manifest["feature_services"]["pin"])
+
+    def validate(_model: TwoTower) -> float:
+        k = tc.valid_k
+        return evaluate(scorer.prepare("valid"), split, ks=(k,), on="valid", curve_k=k, ndcg_k=10,
+                        interest_k=k)[f"recall@{k}"]
+
+    result = train_model(model, encoder, train_rows, tc, validate=validate)
+    log.info("two-tower fit: best epoch %s, %.1fs to best, %.0f examples/s", result.best_epoch,
+             result.seconds_to_best, result.examples_per_s)
+    return Trained(model, encoder, result, scorer)
 
 
-def save_checkpoint(payload: dict[str, Any], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save(payload, tmp)
-    tmp.replace(path)
+def train(cfg: Config) -> dict[str, Any]:
+    """The ``retrieval train`` stage: fit on the live training set, evaluate on test, save the checkpoint.
+    Under torchrun every rank trains; rank 0 alone evaluates and writes."""
+    rank, world = join_process_group()
+    try:
+        ts, split, manifest = load_split(cfg)
+        trained = fit(cfg, ts, split, manifest)
+        if rank != 0:
+            return {"rank": rank, "world_size": world, "wrote": None}
+        result = evaluate(trained.scorer.prepare("test"), split, on="test")
+        version = f"tt-{manifest['snapshot_id']}-{datetime.now(UTC):%Y%m%d-%H%M%S}"
+        payload = {
+            "config": asdict(cfg.train),
+            "encoder": trained.encoder.state(),
+            "model": trained.model.state_dict(),
+            "fit": asdict(trained.result),
+            "model_version": version,
+            "feature_services": manifest["feature_services"],
+            "interest_ids": manifest["interest_ids"],
+            "snapshot_id": manifest["snapshot_id"],
+            "as_of": manifest["as_of"],
+            "metrics": {k: v for k, v in result.items() if not isinstance(v, (list, dict))},
+        }
+        path = cfg.data_path / "models" / version / "model.pt"
+        save_checkpoint(payload, path)
+        log.info("checkpoint %s", path)
+        fit_summary = {k: v for k, v in payload["fit"].items() if k != "history"}
+        return {"model_version": version, "checkpoint": str(path), "test": payload["metrics"], "fit": fit_summary}
+    finally:
+        if world > 1:
+            dist.destroy_process_group()

@@ -27,7 +27,8 @@ UNPINNED = {"setuptools": "<82"}
 """Ranges on purpose: not in constraints.txt (milvus-lite 2.5 needs pkg_resources; same range as pyproject.toml)."""
 FROM_EXTRAS = {"redis", "hiredis"}
 """Brought by feast[redis] within feast's ranges: neither in constraints.txt nor in the dev venv."""
-TRAINING_ONLY = {"dbt-core", "dbt-duckdb", "implicit", "matplotlib", "threadpoolctl", "pytest", "ruff"}
+TRAINING_ONLY = {"dbt-core", "dbt-duckdb", "implicit", "matplotlib", "threadpoolctl", "scipy", "pandera", "pytest",
+                 "ruff"}
 DEAD_PROXY = "http://127.0.0.1:9"
 """Nothing listens on the discard port: any download during the build fails."""
 CUDA = re.compile(r"^(nvidia-(?!ml-py\b)\S+|triton\b|\S*cuda\S*|torch==\S+\+cu\d+)", re.IGNORECASE)
@@ -126,14 +127,13 @@ def test_requirements_cover_their_dependencies():
 
 IMPORT_CHAIN = """
 import importlib.metadata as md, json, sys, tempfile
-import bentos.service
-import training.train, training.data.snapshot, training.fast_sqlite
+import bentos.service, bentos.launcher
+import feature_repo.infra.fast_sqlite
 from pymilvus import MilvusClient
 from milvus_lite.server_manager import server_manager_instance
-from bentoml._internal.models.model import ModelStore
 from training.config import Config
-from training.features import get_store
-get_store(Config(data_dir=tempfile.mkdtemp()))  # the offline (DuckDB/ibis) and online store classes
+from training.features.store import feature_store
+feature_store(Config(data_dir=tempfile.mkdtemp()))  # the offline (DuckDB/ibis) and online store classes
 owners = md.packages_distributions()
 dists = set()
 for name, mod in list(sys.modules.items()):
@@ -147,7 +147,7 @@ print(json.dumps(sorted(dists)))
 
 @pytest.mark.slow
 def test_service_imports_only_listed_packages(tmp_path):
-    """bentos.service and what a release load imports (user tower -> training.train, snapshot, Feast, Milvus)."""
+    """bentos.service and what a release load imports (user tower, Feast, Milvus), nothing of training's."""
     env = {**os.environ, "RETRIEVAL_DATA_DIR": str(tmp_path)}
     out = subprocess.run([sys.executable, "-c", IMPORT_CHAIN], cwd=REPO, env=env, capture_output=True, text=True,
                          timeout=120)
@@ -233,10 +233,13 @@ def test_image_requirements(bento):
 def test_bento_sources(bento):
     src = bento["path"] / "src"
     files = {p.relative_to(src).as_posix() for p in src.rglob("*") if p.is_file()}
-    assert {"bentos/service.py", "training/retriever.py", "training/config.yaml", "feature_store.yaml",
-            "feature_repo/feature_views.py"} <= files
-    assert {f for f in files if f.startswith("training/") and f.endswith(".py")} == {
-        p.relative_to(REPO).as_posix() for p in (REPO / "training").rglob("*.py")}
+    assert {"bentos/service.py", "bentos/retriever.py", "feature_store.yaml", "feature_repo/feature_views.py",
+            "feature_repo/infra/fast_sqlite.py"} <= files
+    online = {"training/__init__.py", "training/config.py", "training/io.py", "training/features/__init__.py",
+              "training/features/store.py", "training/release/__init__.py", "training/release/index.py",
+              "training/release/registry.py", "training/release/model_store.py",
+              *(p.relative_to(REPO).as_posix() for p in (REPO / "training" / "model").glob("*.py"))}
+    assert {f for f in files if f.startswith("training/")} == online   # the online path, not the offline stages
     banned = {"tests", ".data", ".venv", "dbt_project", "bench", "__pycache__"}
     assert not [f for f in files if banned & set(f.split("/")) or f.endswith(".pyc")]
     meta = yaml.safe_load((bento["path"] / "bento.yaml").read_text())

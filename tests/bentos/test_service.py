@@ -3,24 +3,23 @@ release switches (publish, rollback) under concurrent requests."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
-import signal
 import socket
-import subprocess
 import threading
 import time
-from pathlib import Path
 
 import httpx
 import pandas as pd
 import pytest
 
+from bentos.launcher import start, stop
 from tests.conftest import unpublished, version_of
-from training.index import IndexStore
-from training.release import bentoml_home, publish, rollback
+from training.config import DATA_DIR_ENV
+from training.release.index import IndexStore
+from training.release.publish import publish, rollback
 
 pytestmark = pytest.mark.slow
-REPO = Path(__file__).resolve().parents[2]
 UNKNOWN_USER = 987_654_321
 
 
@@ -50,6 +49,7 @@ class TestInProcess:
     def client(self, live):
         from starlette.testclient import TestClient
 
+        os.environ[DATA_DIR_ENV] = live.data_dir   # what `retrieval-service` hands the service process
         from bentos.service import RetrievalService
 
         with TestClient(RetrievalService.to_asgi(), raise_server_exceptions=False) as c:
@@ -136,7 +136,7 @@ class TestInProcess:
         assert "RetrieveRequest" in schema or "user_id" in str(client.get("/docs.json").json()["components"])
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -144,33 +144,13 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def server(live):
-    """`bentoml serve` on loopback, as `make run` starts it."""
-    port = _free_port()
-    log = open(live.data_path / "serve-test.log", "w")
-    env = {**os.environ, "BENTOML_HOME": str(bentoml_home(live)), "RETRIEVAL_DATA_DIR": live.data_dir}
-    cmd = [str(Path(os.sys.executable).parent / "bentoml"), "serve", "bentos/service.py:RetrievalService",
-           "--host", "127.0.0.1", "--port", str(port)]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
+    """`bentoml serve` on loopback, started as `make run` starts it (`retrieval-service start`)."""
+    cfg = dataclasses.replace(live, serve=dataclasses.replace(live.serve, port=free_port()))
+    out = start(cfg)
     try:
-        while True:
-            try:
-                if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError((live.data_path / "serve-test.log").read_text()[-3000:])
-            time.sleep(0.3)
-        yield url
+        yield out["url"]
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-        log.close()
+        stop(cfg)
 
 
 def test_real_server_round_trip(server, users, checkpoints):
@@ -185,11 +165,11 @@ def test_real_server_round_trip(server, users, checkpoints):
 def test_release_switch_under_concurrent_requests(server, live, users, checkpoints):
     v0, v1 = version_of(checkpoints[0]), version_of(checkpoints[1])
     results: list[tuple[int, dict]] = []
-    stop = threading.Event()
+    done = threading.Event()
 
     def load(user_id: int) -> None:
         with httpx.Client(base_url=server, timeout=10) as c:
-            while not stop.is_set():
+            while not done.is_set():
                 r = c.post("/retrieve", json={"user_id": user_id, "k": 20})
                 results.append((r.status_code, r.json()))
 
@@ -213,7 +193,7 @@ def test_release_switch_under_concurrent_requests(server, live, users, checkpoin
         rollback(live)
         wait_for(v0)
     finally:
-        stop.set()
+        done.set()
         for t in threads:
             t.join()
     codes = pd.Series([c for c, _ in results]).value_counts().to_dict()

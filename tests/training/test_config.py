@@ -3,14 +3,31 @@ import dataclasses
 import pytest
 import yaml
 
-from training.cli import build_parser, load_config
-from training.config import DEFAULT_YAML, Config, ConfigError, iter_fields
+from training.cli import build_parser
+from training.config import CONFIG_ENV, REPO_ROOT, Config, ConfigError, config_from_args, iter_fields
+
+load_config = config_from_args
 
 
-def test_yaml_mirrors_the_dataclass_defaults():
-    mirrored = yaml.safe_load(DEFAULT_YAML.read_text())
-    defaults = {k: v for k, v in Config().to_dict().items() if k != "data_dir"}
-    assert mirrored == defaults
+def test_yaml_files_hold_overrides_only(tmp_path, monkeypatch):
+    p = tmp_path / "c.yaml"
+    p.write_text("train:\n  lr: 0.5\ntransform:\n  engagement_weights: {closeup: 1, click: 1, save: 3, hide: 0}\n")
+    cfg = Config.load(p)
+    assert cfg.train.lr == 0.5 and cfg.transform.engagement_weights["save"] == 3.0
+    assert cfg.train.epochs == Config().train.epochs   # everything else: the dataclass defaults
+    monkeypatch.setenv(CONFIG_ENV, str(p))
+    assert Config.load().train.lr == 0.5   # the service's way: RETRIEVAL_CONFIG
+    args = build_parser().parse_args(["build", "--transform.engagement_weights",
+                                      "{closeup: 2, click: 2, save: 2, hide: 0}"])
+    assert load_config(args).transform.engagement_weights == {"closeup": 2.0, "click": 2.0, "save": 2.0, "hide": 0.0}
+    with pytest.raises(ConfigError, match="transform.engagement_weights"):
+        Config.load(overrides={"transform.engagement_weights": {"save": 1}})
+
+
+def test_dbt_project_defaults_equal_the_typed_config():
+    """A plain `dbt build` uses dbt_project.yml's vars; `retrieval build` passes the config's: they must agree."""
+    project = yaml.safe_load((REPO_ROOT / "dbt_project" / "dbt_project.yml").read_text())
+    assert project["vars"] == Config().transform.dbt_vars()
 
 
 def test_every_field_has_a_docstring_and_a_cli_flag():
@@ -42,6 +59,6 @@ def test_unknown_yaml_field_is_named(tmp_path):
         Config.load(tmp_path / "missing.yaml")
 
 
-def test_dbt_vars_cover_the_transform_section():
-    names = {f.name for f in dataclasses.fields(Config().transform)} - {"threads"}
-    assert set(Config().transform.dbt_vars()) == names
+def test_dbt_vars_are_the_marked_transform_fields():
+    marked = {f.name for f in dataclasses.fields(Config().transform) if f.metadata.get("dbt_var")}
+    assert set(Config().transform.dbt_vars()) == marked and {"threads", "keep_snapshots"}.isdisjoint(marked)

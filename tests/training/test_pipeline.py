@@ -5,7 +5,7 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
-from tests.training.test_contracts import tiny_raw
+from tests.training.data.test_contracts import tiny_raw
 from training.cli import main
 from training.config import Config
 from training.data.contracts import ContractError

@@ -1,16 +1,24 @@
-"""A short real training run on the Feast training set, its evaluation and the checkpoint reload."""
+"""A short real training run on the Feast training set, its evaluation, the checkpoint reload and the
+exported user tower."""
 
 from __future__ import annotations
 
 import dataclasses
+import io
 
 import pandas as pd
 import pytest
 import torch
 
-from training.encoding import Encoder
-from training.report import train
-from training.train import build_model
+from training.model.checkpoint import (
+    ArtifactError,
+    export_user_tower,
+    load_checkpoint,
+    load_user_tower,
+    save_user_tower,
+)
+from training.model.towers import run_tower
+from training.train import train
 
 pytestmark = pytest.mark.slow
 
@@ -22,16 +30,41 @@ def test_short_training_run_beats_chance_and_reloads(pipeline_cfg):
     test = out["test"]
     # 900 pins: a random ranking would put ~50/900 of the relevant items in the top 50
     assert test["recall@50"] > 3 * 50 / test["items"]
-    ckpt = torch.load(out["checkpoint"], weights_only=False)
-    assert ckpt["model_version"] == out["model_version"] and ckpt["feature_services"] == ["user_tower_v1",
-                                                                                          "pin_tower_v1"]
-    assert ckpt["snapshot_id"] and ckpt["config"]["epochs"] == 3
-    enc = Encoder.from_state(ckpt["encoder"])
-    model = build_model(enc, dataclasses.replace(cfg.train, **{k: ckpt["config"][k] for k in ("dim", "embed_dim")}))
-    model.load_state_dict(ckpt["model"])
-    model.eval()
+    model, enc, ckpt = load_checkpoint(out["checkpoint"])
+    assert ckpt["model_version"] == out["model_version"]
+    assert ckpt["feature_services"] == {"user": "user_tower_v1", "pin": "pin_tower_v1"}
+    assert ckpt["snapshot_id"] and ckpt["config"]["epochs"] == 3 and ckpt["fit"]["world_size"] == 1
     rows = pd.read_parquet(pipeline_cfg.data_path / "training" / "training_set.parquet").head(64)
     with torch.no_grad():
         u = model.user_tower(enc.users(rows))
         p = model.pin_tower(enc.pins(rows))
-    assert u.shape == (64, cfg.train.dim) and torch.allclose(p.norm(dim=1), torch.ones(64))
+    assert u.shape == (64, cfg.train.out_dim) and torch.allclose(p.norm(dim=1), torch.ones(64))
+
+
+def test_exported_user_tower_is_small_and_reproduces_the_training_model(pipeline_cfg, checkpoints, tmp_path):
+    model, enc, payload = load_checkpoint(checkpoints[0])
+    path = tmp_path / "user_tower.pt"
+    save_user_tower(export_user_tower(payload, model, "pins_x"), path)
+    tower, enc2, meta = load_user_tower(path)
+    assert meta["model_version"] == payload["model_version"] and meta["collection"] == "pins_x"
+    exported = torch.load(path, weights_only=True)["user_tower"]
+    assert not any("frequency" in k or k.startswith("pin_tower") for k in exported)
+    assert path.stat().st_size < 0.5 * checkpoints[0].stat().st_size   # no pin tower, no logQ buffers
+    rows = pd.read_parquet(pipeline_cfg.data_path / "training" / "training_set.parquet").sample(300, random_state=1)
+    expected = run_tower(model.user_tower, enc.users(rows))
+    assert (run_tower(tower, enc2.users(rows)) == expected).all()   # bit for bit
+
+
+def test_artifacts_refuse_pickled_code(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (print, ("ran code from a checkpoint",))
+
+    path = tmp_path / "model.pt"
+    buf = io.BytesIO()
+    torch.save({"config": {}, "encoder": {}, "model": Evil(), "model_version": "x"}, buf)
+    path.write_bytes(buf.getvalue())
+    with pytest.raises(ArtifactError, match="not a model artifact"):
+        load_checkpoint(path)
+    with pytest.raises(ArtifactError, match="no such file"):
+        load_user_tower(tmp_path / "missing.pt")

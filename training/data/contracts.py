@@ -25,7 +25,8 @@ import pyarrow as pa_arrow
 import pyarrow.parquet as pq
 
 from training.config import ContractConfig, parse_utc
-from training.data.raw import EVENT_TYPES, SCHEMAS, TABLES, atomic_write_parquet, to_arrow
+from training.data.raw import EVENT_TYPES, SCHEMAS, TABLES, to_arrow
+from training.io import atomic_write_parquet
 
 log = logging.getLogger(__name__)
 

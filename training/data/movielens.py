@@ -27,7 +27,8 @@ Mapping:
 
 Malformed rows (wrong field count, unparsable ids/ratings/timestamps/genre flags) and ratings of
 unknown users or movies are dropped and counted; a WARNING names the file and the count, and more
-than ``MAX_BAD_FRACTION`` of a file, or an empty file, raises ValueError naming the file. Missing
+than ``max_bad_fraction`` of a file (``contracts.max_bad_fraction``), or an empty file, raises ValueError
+naming the file. Missing
 files raise FileNotFoundError naming the path and the expected files.
 """
 
@@ -54,25 +55,24 @@ ML100K_GENRES = (
     "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery", "Romance", "Sci-Fi", "Thriller", "War", "Western",
 )  # fmt: skip
 LATEST_NO_GENRE = "(no genres listed)"
-MAX_BAD_FRACTION = 0.01
-"""Largest tolerated fraction of dropped rows per file."""
 SAVE_MIN_RATING = 4.0
 US_PER_SECOND = 1_000_000
 
 _EXPECTED = f"expected ML-100k files ({', '.join(ML100K_FILES)}) or ml-latest csv files ({', '.join(LATEST_FILES)})"
 
 
-def ingest(path: str | Path) -> RawTables:
-    """Read a MovieLens directory (either layout) into the raw tables."""
+def ingest(path: str | Path, max_bad_fraction: float = 0.01) -> RawTables:
+    """Read a MovieLens directory (either layout) into the raw tables; a file with more than
+    ``max_bad_fraction`` malformed or dangling rows is an error."""
     root = Path(path)
     if not root.exists():
         raise FileNotFoundError(f"MovieLens path {root} does not exist; {_EXPECTED}")
     if not root.is_dir():
         raise ValueError(f"MovieLens path {root} is not a directory; {_EXPECTED}")
     if (root / "u.data").exists():
-        layout, tables = "ML-100k", _ingest_100k(root)
+        layout, tables = "ML-100k", _ingest_100k(root, max_bad_fraction)
     elif (root / "ratings.csv").exists():
-        layout, tables = "ml-latest", _ingest_latest(root)
+        layout, tables = "ml-latest", _ingest_latest(root, max_bad_fraction)
     else:
         raise FileNotFoundError(f"MovieLens path {root} holds neither layout; {_EXPECTED}")
     log.info(
@@ -95,12 +95,13 @@ def _require(root: Path, names: tuple[str, ...], layout: str) -> None:
         )
 
 
-def _check_dropped(path: Path, dropped: int, total: int, what: str) -> None:
-    """Log dropped rows; raise when they exceed ``MAX_BAD_FRACTION`` of the file."""
+def _check_dropped(path: Path, dropped: int, total: int, what: str, max_bad: float) -> None:
+    """Log dropped rows; raise when they exceed ``max_bad`` of the file."""
     if dropped == 0:
         return
-    if dropped > MAX_BAD_FRACTION * total:
-        raise ValueError(f"{path}: {dropped:,} of {total:,} rows are {what} (more than {MAX_BAD_FRACTION:.0%})")
+    if dropped > max_bad * total:
+        raise ValueError(f"{path}: {dropped:,} of {total:,} rows are {what} (more than {max_bad:.0%}; "
+                         "contracts.max_bad_fraction)")
     log.warning("%s: dropped %s of %s rows (%s)", path, f"{dropped:,}", f"{total:,}", what)
 
 
@@ -112,6 +113,7 @@ def _load(
     floats: tuple[str, ...] = (),
     encoding: str = "utf8",
     header: str | None = None,
+    max_bad: float = 0.01,
 ) -> tuple[pd.DataFrame, int]:
     """Read a delimited file as strings and parse ``ints`` (whole numbers) and ``floats``.
 
@@ -152,7 +154,7 @@ def _load(
     ok = np.logical_and.reduce([v.notna().to_numpy() for v in parsed.values()])
     for c in ints:
         ok &= (parsed[c] % 1 == 0).to_numpy()
-    _check_dropped(path, total - int(ok.sum()), total, "malformed")
+    _check_dropped(path, total - int(ok.sum()), total, "malformed", max_bad)
     return df.assign(**parsed)[ok].reset_index(drop=True), total
 
 
@@ -168,13 +170,14 @@ def _signature(titles: pd.Series) -> np.ndarray:
     )
 
 
-def _events(path: Path, ratings: pd.DataFrame, total: int, users: np.ndarray, movies: np.ndarray) -> pd.DataFrame:
+def _events(path: Path, ratings: pd.DataFrame, total: int, users: np.ndarray, movies: np.ndarray,
+            max_bad: float) -> pd.DataFrame:
     """Impressions and engagements from ratings (user, item, rating, ts) of known users and movies.
 
     ``total`` is the number of lines of the ratings file, for the dropped-rows check.
     """
     known = ratings["user"].isin(users).to_numpy() & ratings["item"].isin(movies).to_numpy()
-    _check_dropped(path, int((~known).sum()), total, "ratings of unknown users or movies")
+    _check_dropped(path, int((~known).sum()), total, "ratings of unknown users or movies", max_bad)
     r = ratings[known]
     user = r["user"].to_numpy(np.int64)
     item = r["item"].to_numpy(np.int64)
@@ -221,22 +224,22 @@ def _signup(ratings: pd.DataFrame, ids: np.ndarray) -> pd.DatetimeIndex:
     return _utc_seconds(first - 1)
 
 
-def _ingest_100k(root: Path) -> RawTables:
+def _ingest_100k(root: Path, max_bad: float) -> RawTables:
     _require(root, ML100K_FILES, "ML-100k")
     rating_cols = ["user", "item", "rating", "ts"]
     data_path = root / "u.data"
-    ratings, n_ratings = _load(data_path, rating_cols, "\t", ["user", "item", "ts"], ("rating",))
+    ratings, n_ratings = _load(data_path, rating_cols, "\t", ["user", "item", "ts"], ("rating",), max_bad=max_bad)
 
     flags = [f"g{i}" for i in range(len(ML100K_GENRES))]
     item_path = root / "u.item"
     item_cols = ["id", "title", "release", "video", "url", *flags]
-    items, _ = _load(item_path, item_cols, "|", ["id", *flags], encoding="latin-1")
+    items, _ = _load(item_path, item_cols, "|", ["id", *flags], encoding="latin-1", max_bad=max_bad)
     flag_values = items[flags].to_numpy() == 1
     interest = np.where(flag_values.any(axis=1), flag_values.argmax(axis=1), 0)
     item_ids = items["id"].to_numpy(np.int64)
 
     user_path = root / "u.user"
-    users, _ = _load(user_path, ["id", "age", "gender", "occupation", "zip"], "|", ["id", "age"])
+    users, _ = _load(user_path, ["id", "age", "gender", "occupation", "zip"], "|", ["id", "age"], max_bad=max_bad)
     user_ids = users["id"].to_numpy(np.int64)
     gender = users["gender"].str.strip().str.lower()
     occupation = users["occupation"].str.strip()
@@ -252,20 +255,22 @@ def _ingest_100k(root: Path) -> RawTables:
         ),
         interests=pd.DataFrame({"interest_id": np.arange(len(ML100K_GENRES), dtype=np.int64), "name": ML100K_GENRES}),
         pins=_pins(item_ids, interest, items["title"], ratings),
-        events=_events(data_path, ratings, n_ratings, user_ids, item_ids),
+        events=_events(data_path, ratings, n_ratings, user_ids, item_ids, max_bad),
     )
 
 
-def _ingest_latest(root: Path) -> RawTables:
+def _ingest_latest(root: Path, max_bad: float) -> RawTables:
     _require(root, LATEST_FILES, "ml-latest")
     rating_cols = ["user", "item", "rating", "ts"]
     ratings_path = root / "ratings.csv"
     ratings, n_ratings = _load(
-        ratings_path, rating_cols, ",", ["user", "item", "ts"], ("rating",), header="userId,movieId,rating,timestamp"
+        ratings_path, rating_cols, ",", ["user", "item", "ts"], ("rating",), header="userId,movieId,rating,timestamp",
+        max_bad=max_bad,
     )
 
     movies_path = root / "movies.csv"
-    movies, _ = _load(movies_path, ["id", "title", "genres"], ",", ["id"], header="movieId,title,genres")
+    movies, _ = _load(movies_path, ["id", "title", "genres"], ",", ["id"], header="movieId,title,genres",
+                      max_bad=max_bad)
     genre_lists = movies["genres"].str.split("|")
     names = {g.strip() for gs in genre_lists for g in gs} - {LATEST_NO_GENRE, UNKNOWN_GENRE, ""}
     genres = [UNKNOWN_GENRE, *sorted(names)]
@@ -287,5 +292,5 @@ def _ingest_latest(root: Path) -> RawTables:
         ),
         interests=pd.DataFrame({"interest_id": np.arange(len(genres), dtype=np.int64), "name": genres}),
         pins=_pins(movie_ids, interest, movies["title"], ratings),
-        events=_events(ratings_path, ratings, n_ratings, user_ids, movie_ids),
+        events=_events(ratings_path, ratings, n_ratings, user_ids, movie_ids, max_bad),
     )

@@ -16,13 +16,13 @@ Timestamps are written as microsecond, UTC-aware: with duckdb 2.0 a nanosecond t
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 import pyarrow as pa
-import pyarrow.parquet as pq
+
+from training.io import atomic_write_parquet
 
 log = logging.getLogger(__name__)
 
@@ -81,14 +81,6 @@ def to_arrow(name: str, df: pd.DataFrame) -> pa.Table:
         if pa.types.is_timestamp(schema.field(col).type):
             df[col] = pd.to_datetime(df[col], utc=True).dt.floor("us").astype("datetime64[us, UTC]")
     return pa.Table.from_pandas(df, schema=schema, preserve_index=False)
-
-
-def atomic_write_parquet(table: pa.Table, path: Path) -> None:
-    """Write to a temporary name in the same folder, then rename: readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
 
 
 def write_raw(tables: RawTables, out_dir: Path) -> dict[str, int]:

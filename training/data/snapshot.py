@@ -5,8 +5,9 @@ Layout under ``<data_dir>``::
     raw/                         source output (synthetic generator or MovieLens ingest)
     build/                       the build in progress (contracts + dbt); wiped at the start of a build
     snapshots/<id>-<utc time>/   finished builds: staged/, quarantine/, tables/*.parquet, warehouse.duckdb,
-                                 manifest.json
+                                 manifest.json (the newest ``transform.keep_snapshots`` are kept)
     live -> snapshots/...        symlink, replaced atomically (rename) only after a build fully succeeded
+    dev/                         where a plain ``dbt build`` from the repo root writes (dbt_project/profiles.yml)
 
 The snapshot id is a content hash of the raw files, the contract and transform config, and the dbt
 project's code: the same input always gets the same id. A crashed or failed build never touches
@@ -32,12 +33,12 @@ import duckdb
 
 from training.config import Config
 from training.data.contracts import validate_raw
+from training.data.dbt import DBT_DIR, run_dbt
 from training.data.raw import TABLES
-from training.transform import DBT_DIR, run_dbt
+from training.io import atomic_symlink
 
 log = logging.getLogger(__name__)
 
-KEEP_SNAPSHOTS = 3
 MANIFEST = "manifest.json"
 FEATURE_TABLES = ("user_profile", "user_sequence", "user_features", "pin_profile", "pin_features")
 MART_TABLES = ("fct_engagements", "pin_engagement_decayed", "serving_corpus", "pin_canonical_map")
@@ -149,13 +150,9 @@ def build(cfg: Config) -> Snapshot:
 
 def switch_live(cfg: Config, snap: Snapshot) -> None:
     """Point ``live`` at the snapshot with one atomic rename, then drop old snapshots."""
-    link = live_path(cfg)
-    tmp = link.with_name(f".live.tmp-{os.getpid()}")
-    if tmp.is_symlink() or tmp.exists():
-        tmp.unlink()
-    os.symlink(os.path.relpath(snap.path, link.parent), tmp)
-    os.replace(tmp, link)
+    atomic_symlink(snap.path, live_path(cfg))
     log.info("live -> %s", snap.path.name)
+    (cfg.data_path / "dev" / "tables").mkdir(parents=True, exist_ok=True)   # a plain `dbt build` writes here
     _gc(cfg, keep=snap.path)
 
 
@@ -163,7 +160,7 @@ def _gc(cfg: Config, keep: Path) -> None:
     snaps = sorted((p for p in (cfg.data_path / "snapshots").iterdir() if p.is_dir()), key=lambda p: p.name[13:])
     finished = [p for p in snaps if (p / MANIFEST).exists()]
     for p in snaps:
-        if p not in finished[-KEEP_SNAPSHOTS:] and p.resolve() != keep.resolve():
+        if p not in finished[-cfg.transform.keep_snapshots:] and p.resolve() != keep.resolve():
             shutil.rmtree(p, ignore_errors=True)
 
 

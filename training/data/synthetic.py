@@ -154,7 +154,7 @@ class GroundTruth:
         this one tempered toward popularity; the ranking it implies is the generator's target.
         Columns follow ``self.pin_ids``.
         """
-        uidx = _index_of(self.user_ids, np.asarray(user_ids), "user_ids")
+        uidx = index_of(self.user_ids, np.asarray(user_ids), "user_ids")
         w = self.trend_weights(at)
         mix = self.theta[uidx] * w
         with np.errstate(divide="ignore"):
@@ -201,7 +201,7 @@ def _log_trend(
     return amplitude * np.sin(2 * np.pi * t / period + phase) + drift * (t / days - 0.5)
 
 
-def _index_of(sorted_ids: np.ndarray, ids: np.ndarray, what: str) -> np.ndarray:
+def index_of(sorted_ids: np.ndarray, ids: np.ndarray, what: str) -> np.ndarray:
     """(n,) positions of ``ids`` (shape (n,)) in the ascending ``sorted_ids``; unknown ids raise ValueError."""
     pos = np.searchsorted(sorted_ids, ids)
     found = pos < len(sorted_ids)
@@ -537,32 +537,3 @@ def generate(cfg: DataConfig) -> tuple[RawTables, GroundTruth]:
         ", ".join(f"{t}={int(counts.get(t, 0)):,}" for t in EVENT_TYPES),
     )
     return tables, truth
-
-
-def oracle_recall_at_k(truth: GroundTruth, train: pd.DataFrame, test: pd.DataFrame, k: int) -> float:
-    """Recall@k of ranking every pin by ``truth.scores`` (the best any model can do in expectation).
-
-    ``train`` and ``test`` hold positive interactions (columns user_id, pin_id). For each test
-    user, all pins except the user's train pins are ranked and the top ``k`` are kept. The
-    relevant set is the user's distinct test pins that are not among their train pins (those
-    cannot be retrieved); users left without any are skipped. Recall divides by the full size of
-    the relevant set (see ``training.metrics.recall_at_k``), averaged over users. This is the
-    evaluation harness's protocol, and it runs through it (``training.evaluate.evaluate`` with
-    ``training.baselines.Oracle``, every pin of the ground truth as the candidate set).
-    """
-    from training.baselines import Oracle
-    from training.evaluate import Split, evaluate
-
-    for name, df in (("train", train), ("test", test)):
-        _index_of(truth.user_ids, df["user_id"].to_numpy(np.int64), f"{name} user_id")
-        _index_of(truth.pin_ids, df["pin_id"].to_numpy(np.int64), f"{name} pin_id")
-    frame = pd.concat(
-        [train[["user_id", "pin_id"]].assign(part="train"), test[["user_id", "pin_id"]].assign(part="test")],
-        ignore_index=True,
-    )
-    split = Split.from_frame(frame, truth.pin_ids)
-    if split.relevant("test").nnz == 0:
-        raise ValueError("no test user has a test pin outside their train pins")
-    oracle = Oracle(truth)
-    oracle.fit(split)
-    return evaluate(oracle, split, ks=(k,), on="test", curve_k=1)[f"recall@{k}"]

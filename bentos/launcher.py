@@ -1,0 +1,159 @@
+"""``retrieval-service``: run the BentoML retrieval service (bentos/service.py) for a data dir.
+
+    retrieval-service serve     ``bentoml serve`` in the foreground
+    retrieval-service start     in the background (its own session), wait until ``/readyz`` reports the loaded
+                                release, print an example request and return, leaving the service answering
+                                (pid and log under ``<data_dir>/serve.{pid,log}``)
+    retrieval-service stop      stop a service started with ``start``
+
+Every action takes the config flags of ``retrieval`` (``--data_dir``, ``--serve.port``, ``--config FILE``...).
+The effective config is written to ``<data_dir>/serve.config.yaml`` and handed to the service process as
+``RETRIEVAL_CONFIG``, with ``BENTOML_HOME=<data_dir>/bentoml`` (the model store that ``release publish``
+writes the user towers to).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from training.config import CONFIG_ENV, REPO_ROOT, Config, ConfigError, add_config_flags, config_from_args
+from training.io import atomic_write_text
+
+SERVICE = "bentos.service:RetrievalService"
+
+
+class NotReadyError(RuntimeError):
+    """The service did not answer /readyz with 200 in time (or its process ended)."""
+
+
+def _paths(cfg: Config) -> tuple[Path, Path]:
+    return cfg.data_path / "serve.pid", cfg.data_path / "serve.log"
+
+
+def command(cfg: Config) -> tuple[list[str], dict[str, str]]:
+    """The ``bentoml serve`` command line and environment of the service for ``cfg`` (whose effective config
+    this writes to ``<data_dir>/serve.config.yaml``)."""
+    config_file = cfg.data_path / "serve.config.yaml"
+    atomic_write_text(config_file, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    bentoml = str(Path(sys.executable).parent / "bentoml")
+    cmd = [bentoml, "serve", SERVICE, "--host", cfg.serve.host, "--port", str(cfg.serve.port)]
+    env = {**os.environ, CONFIG_ENV: str(config_file), "BENTOML_HOME": str(cfg.bentoml_home),
+           "BENTOML_DO_NOT_TRACK": "True"}
+    return cmd, env
+
+
+def get_json(url: str, timeout: float = 2.0) -> tuple[int, dict[str, Any]]:
+    """(status, JSON body) of a GET; (0, {}) when nothing answers."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as r:
+            return r.status, json.loads(r.read() or b"{}")
+    except urllib.error.HTTPError as e:
+        return e.code, {}
+    except (urllib.error.URLError, OSError):
+        return 0, {}
+
+
+def wait_ready(base_url: str, timeout_s: float = 180.0, proc: subprocess.Popen | None = None,
+               poll_s: float = 0.3) -> dict[str, Any]:
+    """Poll ``<base_url>/readyz`` until it answers 200; returns its body. Raises ``NotReadyError`` when the
+    deadline passes or ``proc`` (the server process, if given) ends first."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        status, body = get_json(f"{base_url}/readyz")
+        if status == 200:
+            return body
+        if proc is not None and proc.poll() is not None:
+            raise NotReadyError(f"the service process exited with code {proc.returncode} before it was ready")
+        if time.monotonic() > deadline:
+            raise NotReadyError(f"{base_url}/readyz did not answer 200 within {timeout_s:.0f}s (last: {status})")
+        time.sleep(poll_s)
+
+
+def serve(cfg: Config) -> None:
+    """``bentoml serve`` in the foreground (replaces this process)."""
+    cmd, env = command(cfg)
+    os.chdir(REPO_ROOT)
+    os.execvpe(cmd[0], cmd, env)
+
+
+def start(cfg: Config, timeout_s: float = 180.0) -> dict[str, Any]:
+    """Start the service in the background and return once it is ready (stopping one already running)."""
+    stop(cfg)
+    cmd, env = command(cfg)
+    pid_file, log_file = _paths(cfg)
+    with open(log_file, "w") as out:
+        proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True)
+    pid_file.write_text(str(proc.pid))
+    base = f"http://{cfg.serve.host}:{cfg.serve.port}"
+    try:
+        body = wait_ready(base, timeout_s, proc)
+    except NotReadyError as e:
+        tail = log_file.read_text()[-2000:]
+        stop(cfg)
+        raise RuntimeError(f"{e} (see {log_file}):\n{tail}") from e
+    release = body["release"]
+    example = (f"curl -s -X POST {base}/retrieve -H 'Content-Type: application/json' "
+               f"-d '{{\"user_id\": {release.get('example_user_id') or 1}, \"k\": 10}}'")
+    print(f"\nThe retrieval service is answering on {base} (release {release['model_version']}).\n"
+          f"  {example}\n  OpenAPI: {base}/docs.json   log: {log_file}   stop: retrieval-service stop (or make stop)\n",
+          file=sys.stderr)
+    return {"url": base, "pid": proc.pid, "release": release["model_version"], "example": example}
+
+
+def stop(cfg: Config) -> dict[str, Any]:
+    """Stop the service ``start`` left running for this data dir (its whole process group)."""
+    pid_file, _ = _paths(cfg)
+    if not pid_file.exists():
+        return {"stopped": None}
+    pid = int(pid_file.read_text())
+    try:
+        os.killpg(pid, signal.SIGTERM)
+        for _ in range(100):
+            os.killpg(pid, 0)
+            time.sleep(0.1)
+        os.killpg(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    pid_file.unlink(missing_ok=True)
+    return {"stopped": pid}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="retrieval-service", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
+    for name, text in (("serve", "run the service in the foreground"),
+                       ("start", "start it in the background and wait until it is ready"),
+                       ("stop", "stop the service started with `start`")):
+        add_config_flags(sub.add_parser(name, help=text, description=text))
+    args = parser.parse_args(argv)
+    try:
+        cfg = config_from_args(args)
+        if args.action == "serve":
+            serve(cfg)
+        result = start(cfg) if args.action == "start" else stop(cfg)
+    except (ConfigError, RuntimeError) as e:
+        print(f"retrieval-service {args.action}: error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def entry() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    entry()

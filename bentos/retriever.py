@@ -1,0 +1,252 @@
+"""Online retrieval: user id -> candidate pins, with the live release. ``bentos/service.py`` wraps this in HTTP.
+
+Per request: the user's features from the Feast online store through the release's user feature service
+(the one the model was trained with) -> the release's user tower -> ANN search in the release's
+collection (filtered to the requested interests, without the user's recent pins when asked). A user
+with no features or no history gets the cold-start answer: the release's collection ranked by decayed
+engagement (within the requested interests), flagged as such. Request bounds (k, number of interests,
+types) are the request model's job (``bentos/service.py``); what depends on the release (which interest
+ids exist) is checked here.
+
+Versions never mix: a ``LoadedRelease`` holds one user tower, one collection client and one corpus,
+checked against each other at load (``check_pair``), and a request uses the one object it read at its
+start. ``Retriever.refresh`` loads a newly published (or rolled back) release next to the current one
+and swaps the reference; the old one is closed only after the requests that hold it have finished.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from training.config import Config
+from training.features.store import feature_store
+from training.release.index import IndexStore, collection_metadata, scalar_table, search
+from training.release.model_store import open_user_tower
+from training.release.registry import Registry, Release, check_pair
+
+log = logging.getLogger(__name__)
+
+
+class RetrievalError(ValueError):
+    """A request that cannot be answered as asked; ``field`` names the request field at fault."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"{field}: {message}")
+        self.field = field
+
+
+class NotReady(RuntimeError):
+    """No release is live yet."""
+
+
+@dataclass
+class LoadedRelease:
+    """Everything one release needs to answer, loaded and cross-checked."""
+
+    release: Release
+    tower: Any
+    """The release's user tower (eval mode)."""
+    encoder: Any
+    client: Any
+    corpus: pd.DataFrame
+    """The collection's pins: pin_id, interest_id, decayed_engagement, best decayed engagement first (cold start)."""
+    pin_ids: np.ndarray
+    """Sorted pin ids of the collection and their interests (``pin_interests``): interest of a hit without
+    asking Milvus to decode fields."""
+    pin_interests: np.ndarray
+    interests: frozenset[int]
+    user_service: str
+    loaded_at: float = field(default_factory=time.time)
+    _stack: ExitStack = field(default_factory=ExitStack, repr=False)
+    _users: int = 0
+    _closed: bool = False
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    @property
+    def version(self) -> str:
+        return self.release.model_version
+
+    def enter(self) -> bool:
+        """Count a request in; False if this release was closed meanwhile (the caller reads the new one)."""
+        with self._lock:
+            if self._closed:
+                return False
+            self._users += 1
+            return True
+
+    def leave(self) -> None:
+        """Count a request out."""
+        with self._lock:
+            self._users -= 1
+
+    def close_if_idle(self) -> bool:
+        with self._lock:
+            if self._users or self._closed:
+                return self._closed
+            self._closed = True
+        self._stack.close()
+        return True
+
+
+def load_release(cfg: Config, release: Release) -> LoadedRelease:
+    """Load the user tower, open the collection and check that both are of ``release``'s version."""
+    tower, encoder, meta = open_user_tower(cfg, release.user_tower)
+    store = IndexStore(cfg)
+    stack = ExitStack()
+    try:
+        client = stack.enter_context(store.client(release.collection, load=True))
+        check_pair(meta["model_version"], release.collection, collection_metadata(client, release.collection))
+        if meta["model_version"] != release.model_version:
+            raise RuntimeError(f"release {release.model_version} points at user tower {meta['model_version']}")
+        table = scalar_table(client, release.collection)
+        corpus = table.sort_values(["decayed_engagement", "pin_id"], ascending=[False, True]).reset_index(drop=True)
+        by_id = table.sort_values("pin_id")
+        _warm_up(tower, encoder, client, release)
+    except BaseException:
+        stack.close()
+        raise
+    return LoadedRelease(release=release, tower=tower, encoder=encoder, client=client, corpus=corpus,
+                         pin_ids=by_id["pin_id"].to_numpy(np.int64),
+                         pin_interests=by_id["interest_id"].to_numpy(np.int64),
+                         interests=frozenset(int(i) for i in release.interest_ids),
+                         user_service=release.feature_services["user"], _stack=stack)
+
+
+def _warm_up(tower, encoder, client, release: Release) -> None:
+    """One user-tower pass and one search before the release serves: the first torch call and the first search
+    of a fresh client are several times slower than the next ones."""
+    empty = pd.DataFrame({"user_id": [0], "recent_pin_ids": [None], "recent_pin_ages_days": [None],
+                          "top_interest_ids": [None]})
+    with torch.no_grad():
+        vector = tower(encoder.users(empty)).numpy()
+    search(client, release.collection, vector, 10, release.index["search_params"])
+
+
+class Retriever:
+    """Answers retrieval requests with whatever release is live; ``refresh`` follows the registry."""
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.registry = Registry(cfg)
+        self._current: LoadedRelease | None = None
+        self._loaded: dict[str, LoadedRelease] = {}
+        """Open releases by version: the current one and retired ones still finishing requests. A rollback
+        to a retired release reuses it (one client per database file and process)."""
+        self._switch = threading.Lock()
+        self.features = feature_store(cfg)
+        torch.set_num_threads(1)
+
+    # --- release management --------------------------------------------------------------------------------
+    @property
+    def current(self) -> LoadedRelease | None:
+        return self._current
+
+    def refresh(self) -> bool:
+        """Serve the registry's live release if it is not the one being served; True if it switched."""
+        with self._switch:
+            self._close_retired()
+            live = self.registry.live()
+            if live is None or (self._current and self._current.version == live.model_version):
+                return False
+            loaded = self._loaded.get(live.model_version)
+            if loaded is None:
+                loaded = self._loaded[live.model_version] = load_release(self.cfg, live)
+                self._features(loaded, 0)   # warm the online store connection too
+            old, self._current = self._current, loaded    # the switch: one reference assignment
+            log.info("serving release %s (collection %s)%s", loaded.version, live.collection,
+                     f", was {old.version}" if old else "")
+            return True
+
+    def _close_retired(self) -> None:
+        for version, rel in list(self._loaded.items()):
+            if rel is not self._current and rel.close_if_idle():
+                del self._loaded[version]
+
+    def close(self) -> None:
+        with self._switch:
+            self._current = None
+            self._close_retired()
+
+    # --- requests -------------------------------------------------------------------------------------------
+    def retrieve(self, user_id: int, k: int = 100, interests: list[int] | None = None,
+                 exclude_seen: bool = True) -> dict[str, Any]:
+        """The answer for one (already validated) request, from the release live when it started."""
+        while True:
+            rel = self._current
+            if rel is None:
+                raise NotReady("no release is live yet: run `retrieval release publish`")
+            if rel.enter():
+                break
+        try:
+            if interests:
+                unknown = sorted(set(int(i) for i in interests) - rel.interests)
+                if unknown:
+                    raise RetrievalError("interests", f"unknown interest id(s) {unknown}")
+            t0 = time.perf_counter()
+            feats = self._features(rel, user_id)
+            t1 = time.perf_counter()
+            history = feats["recent_pin_ids"][0] if "recent_pin_ids" in feats else None
+            has_profile = any(feats[c][0] is not None for c in feats if c != "user_id")
+            if not has_profile or not history:
+                pins = self._cold_start(rel, k, interests, set(history or []) if exclude_seen else set())
+                how = "cold_start"
+                t2 = t3 = time.perf_counter()
+            else:
+                frame = pd.DataFrame(feats)
+                with torch.no_grad():
+                    vector = rel.tower(rel.encoder.users(frame)).numpy()
+                t2 = time.perf_counter()
+                hits = search(rel.client, rel.release.collection, vector, k, rel.release.index["search_params"],
+                              interests=interests, exclude=list(history) if exclude_seen else None)[0]
+                t3 = time.perf_counter()
+                ids = np.fromiter((h["pin_id"] for h in hits), np.int64, len(hits))
+                interest = rel.pin_interests[np.searchsorted(rel.pin_ids, ids).clip(0, max(len(rel.pin_ids) - 1, 0))]
+                pins = [{"pin_id": int(p), "score": h["score"], "interest_id": int(i)}
+                        for p, h, i in zip(ids, hits, interest, strict=True)]
+                how = "learned"
+            return {
+                "user_id": user_id,
+                "pins": pins,
+                "model_version": rel.version,
+                "collection": rel.release.collection,
+                "retrieval": how,
+                "timings_ms": {"features": round((t1 - t0) * 1e3, 3), "user_tower": round((t2 - t1) * 1e3, 3),
+                               "search": round((t3 - t2) * 1e3, 3)},
+            }
+        finally:
+            rel.leave()
+
+    def _features(self, rel: LoadedRelease, user_id: int) -> dict[str, list]:
+        return self.features.online(rel.user_service, "user_id", [user_id])
+
+    @staticmethod
+    def _cold_start(rel: LoadedRelease, k: int, interests: list[int] | None, seen: set[int]) -> list[dict[str, Any]]:
+        c = rel.corpus
+        if interests:
+            c = c[c["interest_id"].isin(interests)]
+        if seen:
+            c = c[~c["pin_id"].isin(list(seen))]
+        top = c.head(k)
+        return [{"pin_id": int(p), "score": float(s), "interest_id": int(i)}
+                for p, s, i in zip(top["pin_id"], top["decayed_engagement"], top["interest_id"], strict=True)]
+
+    def status(self) -> dict[str, Any]:
+        rel = self._current
+        if rel is None:
+            return {"ready": False, "release": None}
+        r = rel.release
+        return {"ready": True, "release": {"model_version": r.model_version, "collection": r.collection,
+                                           "user_tower": r.user_tower, "feature_services": r.feature_services,
+                                           "snapshot_id": r.snapshot_id, "created_at": r.created_at,
+                                           "example_user_id": r.example_user_id,
+                                           "loaded_at": rel.loaded_at, "corpus_pins": len(rel.corpus),
+                                           "search_params": r.index.get("search_params")}}

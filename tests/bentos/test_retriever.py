@@ -1,0 +1,72 @@
+"""The request logic in process (no HTTP): learned and cold-start answers, the release-dependent checks, and
+the release lifecycle (refresh, a retired release closed only once its requests are done)."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+
+from bentos.retriever import NotReady, RetrievalError, Retriever
+from tests.conftest import unpublished, version_of
+from training.release.publish import publish, rollback
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def cfg(pipeline_cfg, checkpoints):
+    return unpublished(pipeline_cfg)
+
+
+@pytest.fixture(scope="module")
+def retriever(cfg, checkpoints):
+    r = Retriever(cfg)
+    with pytest.raises(NotReady, match="no release is live"):
+        r.retrieve(1)
+    assert r.refresh() is False and r.status() == {"ready": False, "release": None}
+    publish(cfg, checkpoints[0])
+    assert r.refresh() is True and r.refresh() is False
+    yield r
+    r.close()
+
+
+def _user_with_history(cfg) -> int:
+    seq = pd.read_parquet(cfg.data_path / "live" / "tables" / "user_sequence.parquet")
+    return int(seq.loc[seq.recent_pin_ids.map(len) > 3, "user_id"].iloc[0])
+
+
+def test_learned_and_cold_start(retriever, cfg, checkpoints):
+    out = retriever.retrieve(_user_with_history(cfg), k=7, interests=[1, 2])
+    assert out["retrieval"] == "learned" and out["model_version"] == version_of(checkpoints[0])
+    assert len(out["pins"]) == 7 and {p["interest_id"] for p in out["pins"]} <= {1, 2}
+    assert set(out["timings_ms"]) == {"features", "user_tower", "search"}
+    cold = retriever.retrieve(987_654_321, k=3)
+    assert cold["retrieval"] == "cold_start" and len(cold["pins"]) == 3
+
+
+def test_unknown_interest_names_the_field(retriever):
+    with pytest.raises(RetrievalError, match="unknown interest") as err:
+        retriever.retrieve(1, interests=[10_000])
+    assert err.value.field == "interests"
+
+
+def test_status_reports_the_release_and_an_example_user(retriever, checkpoints):
+    status = retriever.status()
+    assert status["ready"] and status["release"]["model_version"] == version_of(checkpoints[0])
+    assert isinstance(status["release"]["example_user_id"], int)
+
+
+def test_switch_keeps_a_retired_release_open_until_its_requests_finish(retriever, cfg, checkpoints):
+    old = retriever.current
+    assert old.enter()   # a request in flight on the old release
+    publish(cfg, checkpoints[1])
+    assert retriever.refresh() and retriever.current.version == version_of(checkpoints[1])
+    new = retriever.current
+    retriever.refresh()
+    assert not old._closed   # still in use  # noqa: SLF001
+    rollback(cfg)
+    assert retriever.refresh() and retriever.current is old   # a rollback reuses the release still open
+    old.leave()
+    assert retriever.retrieve(987_654_321, k=1)["model_version"] == version_of(checkpoints[0])
+    retriever.refresh()
+    assert new._closed and not old._closed   # the retired, idle one is closed; the live one stays  # noqa: SLF001

@@ -1,0 +1,139 @@
+"""MovieLens ingest: the real ML-100k files, a tiny ml-latest fixture, and error handling."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from tests.conftest import ML100K
+from training.data import raw
+from training.data.movielens import ingest
+
+
+def _check_schemas(tables: raw.RawTables) -> None:
+    for name, df in tables.frames().items():
+        table = raw.to_arrow(name, df)
+        assert table.schema == raw.SCHEMAS[name], name
+        assert all(table.column(c).null_count == 0 for c in table.column_names), name
+
+
+def test_ml100k() -> None:
+    if not ML100K.is_dir():
+        pytest.skip(f"{ML100K} is absent")
+    tables = ingest(ML100K)
+    _check_schemas(tables)
+    assert len(tables.users) == 943 and len(tables.pins) == 1682 and len(tables.interests) == 19
+    ev = tables.events
+    assert len(ev) == 200_000
+    assert ev["event_type"].value_counts().to_dict().keys() == {"impression", "save", "click"}
+    assert (ev["event_type"] == "impression").sum() == 100_000
+    assert set(tables.users["gender"]) == {"f", "m"}
+    assert tables.users["segment"].nunique() == 21
+    assert tables.interests["name"].iloc[0] == "unknown" and tables.interests["name"].iloc[-1] == "Western"
+    # Movies listed twice under two ids share one signature: 18 such titles.
+    groups = tables.pins.groupby("image_signature")["pin_id"].size()
+    assert (groups == 2).sum() == 18 and groups.max() == 2
+    chasing_amy = tables.pins[tables.pins["pin_id"].isin([246, 268])]
+    assert chasing_amy["image_signature"].nunique() == 1
+    created = ev["pin_id"].map(tables.pins.set_index("pin_id")["created_at"])
+    assert (ev["event_timestamp"] >= created).all()
+    first = ev.groupby("user_id")["event_timestamp"].min()
+    assert (tables.users.set_index("user_id")["signup_at"].reindex(first.index) < first).all()
+
+
+RATINGS = """userId,movieId,rating,timestamp
+1,10,4.0,964982703
+1,20,3.5,964981247
+2,10,5.0,964982224
+2,30,2.0,964983815
+3,20,4.5,964982931
+"""
+MOVIES = """movieId,title,genres
+10,Toy Story (1995),Adventure|Animation|Children|Comedy|Fantasy
+20,"American President, The (1995)",Comedy|Drama|Romance
+30,Babylon 5,(no genres listed)
+40,"american  president, the (1995)",Drama
+50,Never Rated (1990),Sci-Fi
+"""
+
+
+def _latest(root: Path, ratings: str = RATINGS, movies: str = MOVIES) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "ratings.csv").write_text(ratings)
+    (root / "movies.csv").write_text(movies)
+    return root
+
+
+def test_ml_latest_fixture(tmp_path: Path) -> None:
+    tables = ingest(_latest(tmp_path))
+    _check_schemas(tables)
+    names = tables.interests.set_index("interest_id")["name"].to_dict()
+    assert names[0] == "unknown" and list(names.values())[1:] == sorted(
+        ["Adventure", "Animation", "Children", "Comedy", "Fantasy", "Drama", "Romance", "Sci-Fi"]
+    )
+    pins = tables.pins.set_index("pin_id")
+    assert [names[i] for i in pins["interest_id"]] == ["Adventure", "Comedy", "unknown", "Drama", "Sci-Fi"]
+    assert pins.loc[20, "image_signature"] == pins.loc[40, "image_signature"] != pins.loc[10, "image_signature"]
+    # created_at = one second before the first rating; unrated -> one second before the data set's first
+    first = tables.events.groupby("pin_id")["event_timestamp"].min()
+    for pin in (10, 20, 30):
+        assert pins.loc[pin, "created_at"] == first[pin] - pd.Timedelta(seconds=1)
+    for pin in (40, 50):
+        assert pins.loc[pin, "created_at"] == tables.events["event_timestamp"].min() - pd.Timedelta(seconds=1)
+
+    users = tables.users.set_index("user_id")
+    assert list(users.index) == [1, 2, 3]
+    assert (users["age"] == 0).all() and (users["gender"] == "u").all() and (users["segment"] == "unknown").all()
+    assert users.loc[1, "signup_at"] == pd.Timestamp(964981247 - 1, unit="s", tz="UTC")
+
+    ev = tables.events
+    assert len(ev) == 10 and (ev["event_type"] == "impression").sum() == 5
+    engaged = ev[ev["event_type"] != "impression"].set_index(["user_id", "pin_id"])["event_type"].to_dict()
+    assert engaged == {(1, 10): "save", (1, 20): "click", (2, 10): "save", (2, 30): "click", (3, 20): "save"}
+    save = ev[(ev["user_id"] == 1) & (ev["pin_id"] == 10)]
+    assert list(save["event_timestamp"].diff().dropna()) == [pd.Timedelta(seconds=1)]
+    assert ev["event_timestamp"].is_monotonic_increasing
+
+
+def test_malformed_lines_are_dropped_and_logged(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    good = "".join(f"{u},{m},4.0,{964982703 + u}\n" for u in range(1, 200) for m in (10, 20))
+    # Two malformed lines (bad movie id, too few fields) and one rating of an unknown movie.
+    ratings = "userId,movieId,rating,timestamp\n" + good + "7,abc,4.0,964982703\n8,10\n9,99,4.0,964982703\n"
+    with caplog.at_level(logging.WARNING, logger="training.data.movielens"):
+        tables = ingest(_latest(tmp_path, ratings=ratings))
+    assert (tables.events["event_type"] == "impression").sum() == 398
+    messages = [r.getMessage() for r in caplog.records if "ratings.csv" in r.getMessage()]
+    assert any("dropped 2 of 401 rows (malformed)" in m for m in messages), messages
+    assert any("dropped 1 of 401 rows (ratings of unknown users or movies)" in m for m in messages), messages
+
+    lines = good.splitlines(keepends=True)[:90] + [f"{u},x,4,1\n" for u in range(10)]
+    bad = "userId,movieId,rating,timestamp\n" + "".join(lines)
+    with pytest.raises(ValueError, match=r"ratings\.csv.*malformed"):
+        ingest(_latest(tmp_path / "bad", ratings=bad))
+
+
+def test_errors_name_the_path(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="does-not-exist"):
+        ingest(tmp_path / "does-not-exist")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(FileNotFoundError, match=r"empty.*u\.data.*ratings\.csv"):
+        ingest(empty)
+
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    (partial / "u.data").write_text("1\t10\t4\t881250949\n")
+    with pytest.raises(FileNotFoundError, match=r"u\.item, u\.user"):
+        ingest(partial)
+
+    (partial / "u.data").write_text("")
+    (partial / "u.item").write_text("10|Toy Story (1995)|01-Jan-1995||http://x" + "|0" * 18 + "|1\n")
+    (partial / "u.user").write_text("1|24|M|technician|85711\n")
+    with pytest.raises(ValueError, match=r"u\.data is empty"):
+        ingest(partial)
+
+    with pytest.raises(ValueError, match="header"):
+        ingest(_latest(tmp_path / "header", ratings="user,movie,rating,ts\n1,10,4,1\n"))

@@ -1,0 +1,119 @@
+"""Baselines through the harness: popularity and item-kNN on toy data, ALS and the oracle on small synthetic data."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from training.config import DataConfig
+from training.data.synthetic import GroundTruth, generate
+from training.evaluation.baselines import ImplicitALS, ItemKNN, Popularity, fit_tune_evaluate, tune_knn
+from training.evaluation.harness import evaluate
+from training.evaluation.oracle import Oracle
+from training.evaluation.split import Split, temporal_split
+
+POSITIVE = ("closeup", "click", "save")
+
+
+def _split(rows: list[tuple[int, int, str]], items: list[int] | None = None) -> Split:
+    return Split.from_frame(pd.DataFrame(rows, columns=["user_id", "pin_id", "part"]), items)
+
+
+def test_popularity_ranks_by_train_counts_and_skips_own_items() -> None:
+    # Train counts: 1 -> 3 rows, 2 -> 2, 3 -> 1, 4 -> 0.
+    split = _split(
+        [
+            (1, 1, "train"), (2, 1, "train"), (3, 1, "train"), (1, 2, "train"), (2, 2, "train"), (3, 3, "train"),
+            (1, 3, "test"), (2, 4, "test"), (3, 2, "test"),
+        ],
+        items=[1, 2, 3, 4],
+    )  # fmt: skip
+    pop = Popularity()
+    pop.fit(split)
+    assert pop.score(np.array([0, 2])).tolist() == [[3, 2, 1, 0]] * 2
+    res = evaluate(pop, split, ks=(1, 2))
+    # user 1 (seen 1, 2): ranks 3, 4 -> hit at 1; user 2 (seen 1, 2): 3, 4 -> hit at 2; user 3 (seen 1, 3): 2, 4 -> 1.
+    assert res["recall@1"] == pytest.approx(2 / 3) and res["recall@2"] == 1.0
+    assert res["ndcg@10"] == pytest.approx((1 + 1 / math.log2(3) + 1) / 3)
+
+
+def test_item_knn_cosine_on_a_known_matrix() -> None:
+    # Users 1, 2 engaged with A, B; user 3 with C, D; user 4 with A only (test: B).
+    a, b, c, d = 1, 2, 3, 4
+    split = _split(
+        [
+            (1, a, "train"), (1, b, "train"), (2, a, "train"), (2, b, "train"), (3, c, "train"), (3, d, "train"),
+            (4, a, "train"), (4, b, "test"),
+        ]
+    )  # fmt: skip
+    knn = ItemKNN()
+    knn.fit(split)
+    # sim(A, B) = 2 / sqrt(3 * 2); sim(C, D) = 1; across the two groups 0; diagonal 0.
+    expected = np.array(
+        [[0, 2 / math.sqrt(6), 0, 0], [2 / math.sqrt(6), 0, 0, 0], [0, 0, 0, 1], [0, 0, 1, 0]], dtype=np.float32
+    )
+    np.testing.assert_allclose(np.asarray(knn.sim), expected, rtol=1e-6)
+    np.testing.assert_allclose(knn.score(np.array([3])), [[0, 2 / math.sqrt(6), 0, 0]], rtol=1e-6)
+    assert evaluate(knn, split, ks=(1,))["recall@1"] == 1.0
+    # k = 1 keeps each row's strongest neighbour: the same here; the pruned matrix is sparse.
+    knn.set_k(1)
+    np.testing.assert_allclose(knn.sim.toarray(), expected, rtol=1e-6)
+
+
+def test_item_knn_neighbourhood_pruning_keeps_the_top_k_per_row() -> None:
+    rng = np.random.default_rng(1)
+    rows = [(u, int(i), "train") for u in range(30) for i in rng.choice(20, 6, replace=False)]
+    split = _split(rows, items=list(range(20)))
+    full, pruned = ItemKNN(), ItemKNN(k=3)
+    full.fit(split)
+    pruned.fit(split)
+    dense = np.asarray(full.sim)
+    assert np.allclose(np.diag(dense), 0) and np.allclose(dense, dense.T, atol=1e-6)
+    p = pruned.sim.toarray()
+    assert ((p > 0).sum(axis=1) <= 3).all()
+    for i in range(20):
+        kept = np.flatnonzero(p[i])
+        assert np.allclose(p[i, kept], dense[i, kept])
+        assert dense[i, kept].min() >= np.sort(dense[i])[-3] - 1e-6
+
+
+@pytest.fixture(scope="module")
+def synthetic() -> tuple[Split, GroundTruth]:
+    tables, truth = generate(DataConfig(n_users=300, n_pins=800, n_events=60_000, seed=11))
+    ev = tables.events
+    pos = ev[ev["event_type"].isin(POSITIVE)]
+    interest = tables.pins.set_index("pin_id")["interest_id"]
+    return temporal_split(pos, item_interest=interest), truth
+
+
+def test_als_beats_popularity_and_the_oracle_beats_both(synthetic: tuple[Split, GroundTruth]) -> None:
+    split, truth = synthetic
+    pop, _ = fit_tune_evaluate(Popularity(), split)
+    als, records = fit_tune_evaluate(
+        ImplicitALS(iterations=10), split, grid={"factors": [16, 32], "regularization": [0.1], "alpha": [10.0]}
+    )
+    oracle, _ = fit_tune_evaluate(Oracle(truth), split)
+    assert len(records) == 2 and records[0]["recall@50"] >= records[1]["recall@50"]
+    assert als["params"] == records[0]["params"] and als["params"]["factors"] in (16, 32)
+    assert als["recall@50"] > pop["recall@50"] + 0.02, (als["recall@50"], pop["recall@50"])
+    assert oracle["recall@50"] > als["recall@50"], (oracle["recall@50"], als["recall@50"])
+    assert als["coverage@50"] > pop["coverage@50"] and als["logpop@50"] < pop["logpop@50"]
+    assert set(als["recall@50_by_interest"]) <= {str(i) for i in range(24)}
+
+
+def test_als_is_deterministic_and_knn_tuning_refits(synthetic: tuple[Split, GroundTruth]) -> None:
+    split, _ = synthetic
+    scores = []
+    for _ in range(2):
+        als = ImplicitALS(factors=16, iterations=5)
+        als.fit(split)
+        scores.append(als.score(np.arange(5)))
+    np.testing.assert_allclose(scores[0], scores[1], rtol=1e-5, atol=1e-6)
+    knn = ItemKNN()
+    records = tune_knn(knn, split, grid=(None, 20))
+    assert len(records) == 2 and knn.k == records[0]["params"]["k"]
+    res, _ = fit_tune_evaluate(knn, split, grid=(None, 20))
+    assert 0 < res["recall@50"] <= 1 and res["params"]["k"] in (None, 20)

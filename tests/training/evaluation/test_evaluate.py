@@ -1,0 +1,222 @@
+"""The evaluation harness: metrics on a hand-computed case, the split rules, exclusions, batching, the report."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from training.evaluation.harness import evaluate
+from training.evaluation.metrics import ndcg_at_k, recall_at_k, recall_curve
+from training.evaluation.report import format_table, write_report
+from training.evaluation.split import Split, temporal_split
+
+ITEMS = np.array([10, 20, 30, 40, 50])
+INTEREST = {10: 0, 20: 0, 30: 1, 40: 1, 50: 2}
+
+
+class FixedScorer:
+    """Returns rows of a fixed (n_users, n_items) score matrix."""
+
+    def __init__(self, scores: np.ndarray) -> None:
+        self.scores = np.asarray(scores, dtype=np.float32)
+
+    def fit(self, split: Split) -> None:
+        pass
+
+    def score(self, user_idx: np.ndarray) -> np.ndarray:
+        return self.scores[user_idx].copy()
+
+
+def _toy_split() -> Split:
+    """3 users × 5 items with explicit parts.
+
+    user 1: train 10 (twice), 20; test 40, 50, 10 (10 is a train item, so not relevant) -> relevant {40, 50}
+    user 2: train 30; valid 40; test 40 (excluded: valid), 50                           -> relevant {50}
+    user 3: train 10; test 20                                                          -> relevant {20}
+    """
+    rows = [
+        (1, 10, "train"), (1, 10, "train"), (1, 20, "train"), (1, 40, "test"), (1, 50, "test"), (1, 10, "test"),
+        (2, 30, "train"), (2, 40, "valid"), (2, 40, "test"), (2, 50, "test"),
+        (3, 10, "train"), (3, 20, "test"),
+    ]  # fmt: skip
+    frame = pd.DataFrame(rows, columns=["user_id", "pin_id", "part"])
+    return Split.from_frame(frame, ITEMS, INTEREST)
+
+
+# Scores over items [10, 20, 30, 40, 50]. After exclusions the rankings are
+#   user 1 (excl. 10, 20):      40, 50, 30          hits 1 1 0
+#   user 2 (excl. 30, 40):      50, 20, 10          hits 1 0 0
+#   user 3 (excl. 10):          50, 40, 30, 20      hits 0 0 0 1
+TOY_SCORES = np.array([[5, 4, 1, 3, 2], [1, 2, 3, 4, 5], [0, 1, 2, 3, 4]])
+
+
+def test_metrics_by_hand() -> None:
+    res = evaluate(FixedScorer(TOY_SCORES), _toy_split(), ks=(1, 3), on="test", interest_k=3)
+    assert res["users"] == 3 and res["items"] == 5
+    # recall@1: 1/2, 1/1, 0/1; recall@3: 2/2, 1/1, 0/1 (denominator |relevant|).
+    assert res["recall@1"] == pytest.approx((0.5 + 1 + 0) / 3)
+    assert res["recall@3"] == pytest.approx((1 + 1 + 0) / 3)
+    # capped: denominator min(|relevant|, K): user 1 at K=1 is 1/1.
+    assert res["capped_recall@1"] == pytest.approx((1 + 1 + 0) / 3)
+    assert res["capped_recall@3"] == pytest.approx(2 / 3)
+    # The curve runs to the ranked depth (5 items): everyone's relevant items are within 4 ranks.
+    assert res["recall_curve"] == pytest.approx([0.5, 2 / 3, 2 / 3, 1.0, 1.0])
+    # NDCG@10: user 1 hits ranks 1, 2 of 2 relevant -> 1; user 2 rank 1 -> 1; user 3 rank 4 -> 1/log2(5).
+    assert res["ndcg@10"] == pytest.approx((1 + 1 + 1 / math.log2(5)) / 3)
+    # coverage@1: {40, 50}; coverage@3: every item appears in someone's top 3.
+    assert res["coverage@1"] == pytest.approx(2 / 5)
+    assert res["coverage@3"] == pytest.approx(1.0)
+    # log-popularity: counts in train + valid = 10: 3 (user 1 twice, user 3), 20: 1, 30: 1, 40: 1, 50: 0.
+    log2 = math.log(2)
+    assert res["logpop@1"] == pytest.approx((log2 + 0 + 0) / 3)
+    top3 = [log2, 0, log2] + [0, log2, math.log(4)] + [0, log2, log2]  # users 1, 2, 3
+    assert res["logpop@3"] == pytest.approx(sum(top3) / 9)
+    # per interest (top 3): interest 0 {user 3: 20} 0/1; interest 1 {user 1: 40} 1/1; interest 2 {50, 50} 2/2.
+    assert res["recall@3_by_interest"] == pytest.approx({"0": 0.0, "1": 1.0, "2": 1.0})
+    assert res["relevant_by_interest"] == {"0": 1, "1": 1, "2": 2}
+
+
+def test_validation_excludes_train_proper_only() -> None:
+    split = _toy_split()
+    res = evaluate(FixedScorer(TOY_SCORES), split, ks=(1, 3), on="valid")
+    # Only user 2 has a validation item (40), ranked 50, 40, 20, 10 with 30 excluded.
+    assert res["users"] == 1
+    assert res["recall@1"] == 0.0 and res["recall@3"] == 1.0
+    assert res["ndcg@10"] == pytest.approx(1 / math.log2(3))
+    merged = split.merged()
+    assert merged.train.sum() == split.train.sum() + split.valid.sum() and merged.valid.nnz == 0
+    with pytest.raises(ValueError, match="merged"):
+        evaluate(FixedScorer(TOY_SCORES), merged, on="valid")
+    # After the merge the test evaluation sees the same exclusions.
+    assert evaluate(FixedScorer(TOY_SCORES), merged, ks=(1, 3))["recall@3"] == pytest.approx(2 / 3)
+
+
+def test_batches_give_the_same_results() -> None:
+    split = _toy_split()
+    whole = evaluate(FixedScorer(TOY_SCORES), split, ks=(1, 3))
+    one_by_one = evaluate(FixedScorer(TOY_SCORES), split, ks=(1, 3), batch_bytes=1)
+    for key in ("recall@1", "recall@3", "ndcg@10", "coverage@3", "logpop@3", "recall_curve"):
+        assert whole[key] == pytest.approx(one_by_one[key]), key
+
+
+def test_recall_curve_matches_recall_at_k() -> None:
+    rng = np.random.default_rng(0)
+    n_users, n_items, depth = 40, 30, 12
+    topk = np.stack([rng.permutation(n_items)[:depth] for _ in range(n_users)])
+    relevant = [set(rng.choice(n_items, rng.integers(1, 8), replace=False).tolist()) for _ in range(n_users)]
+    hits = np.array([[i in rel for i in row] for row, rel in zip(topk.tolist(), relevant, strict=True)])
+    n_rel = np.array([len(r) for r in relevant])
+    curve = recall_curve(hits, n_rel).mean(axis=0)
+    for k in (1, 5, 12):
+        assert curve[k - 1] == pytest.approx(recall_at_k(topk[:, :k], relevant))
+    capped = recall_curve(hits, n_rel, capped=True)
+    assert capped[:, 4] == pytest.approx(hits[:, :5].sum(1) / np.minimum(n_rel, 5))
+    assert ((ndcg_at_k(hits, n_rel, 10) >= 0) & (ndcg_at_k(hits, n_rel, 10) <= 1 + 1e-12)).all()
+    with pytest.raises(ValueError, match="relevant"):
+        recall_curve(hits, np.zeros(n_users, dtype=int))
+
+
+def _interactions(counts: dict[int, int], start: str = "2026-01-01") -> pd.DataFrame:
+    """``counts[user]`` interactions per user, one minute apart, pins 100, 101, ... in time order."""
+    rows = []
+    for user, n in counts.items():
+        for j in range(n):
+            rows.append((user, 100 + j, pd.Timestamp(start, tz="UTC") + pd.Timedelta(minutes=j)))
+    return pd.DataFrame(rows, columns=["user_id", "pin_id", "event_timestamp"])
+
+
+def _parts(split: Split, user: int) -> list[str]:
+    f = split.frame[split.frame["user_id"] == user].sort_values(["event_timestamp", "pin_id"])
+    return f["part"].tolist()
+
+
+def test_split_rules() -> None:
+    split = temporal_split(_interactions({1: 10, 2: 5, 3: 1, 4: 2, 5: 3, 6: 38}))
+    # 10: test ceil(2) = 2, valid ceil(0.1 * 8) = 1, train 7.
+    assert _parts(split, 1) == ["train"] * 7 + ["valid"] + ["test"] * 2
+    # 5: test 1; valid ceil(0.4) = 1 of the 4 left.
+    assert _parts(split, 2) == ["train"] * 3 + ["valid"] + ["test"]
+    # A single interaction: nothing to condition on, all train (never evaluated).
+    assert _parts(split, 3) == ["train"]
+    # 2: one test, one train, no validation (a lone train row stays train).
+    assert _parts(split, 4) == ["train", "test"]
+    # 3: one test, then one of the two left is validation.
+    assert _parts(split, 5) == ["train", "valid", "test"]
+    # 38: test ceil(7.6) = 8, valid ceil(3.0) = 3.
+    assert _parts(split, 6) == ["train"] * 27 + ["valid"] * 3 + ["test"] * 8
+    # The last rows (latest timestamps) are the test ones.
+    user1 = split.frame[split.frame["user_id"] == 1]
+    assert user1.loc[user1["part"] == "test", "pin_id"].tolist() == [108, 109]
+    assert split.users.tolist() == [1, 2, 3, 4, 5, 6]
+    assert split.train.shape == (6, 38) and split.items.tolist() == list(range(100, 138))
+
+
+def test_split_ceil_ignores_float_noise_and_test_keeps_a_train_row() -> None:
+    # 0.14 * 50 == 7.000000000000001: 7 test rows, not 8.
+    split = temporal_split(_interactions({1: 50}), test_fraction=0.14, valid_fraction=0.0)
+    assert _parts(split, 1).count("test") == 7 and "valid" not in _parts(split, 1)
+    # A large fraction still leaves one train row.
+    split = temporal_split(_interactions({1: 3}), test_fraction=0.9)
+    assert _parts(split, 1) == ["train", "test", "test"]
+
+
+def test_split_ties_labels_and_candidates() -> None:
+    ts = pd.Timestamp("2026-01-01", tz="UTC")
+    df = pd.DataFrame(
+        {
+            "user_id": [1, 1, 1, 1, 1],
+            "pin_id": [30, 10, 20, 40, 99],
+            "event_timestamp": [ts, ts, ts, ts + pd.Timedelta(hours=1), ts],
+            "label": [1, 1, 1, 0, 1],
+        }
+    )
+    # The hide (label 0) is dropped; pin 99 is outside the candidate set and dropped before splitting;
+    # ties at equal timestamps are ordered by pin id: 10, 20, 30.
+    split = temporal_split(df, items=[10, 20, 30, 40])
+    f = split.frame.sort_values("pin_id")
+    assert f["pin_id"].tolist() == [10, 20, 30]
+    assert f["part"].tolist() == ["train", "valid", "test"]
+    assert split.items.tolist() == [10, 20, 30, 40]
+    # "hash" ties: a fixed order that does not depend on the input's row order.
+    a = temporal_split(df, items=[10, 20, 30, 40], tie_break="hash").frame
+    b = temporal_split(df.iloc[::-1], items=[10, 20, 30, 40], tie_break="hash").frame
+    assert a.sort_values("pin_id")["part"].tolist() == b.sort_values("pin_id")["part"].tolist()
+    with pytest.raises(ValueError, match="tie_break"):
+        temporal_split(df, tie_break="random")  # type: ignore[arg-type]
+
+
+def test_relevant_set_exclusions_and_skipped_users() -> None:
+    rows = [
+        (1, 10, "train"), (1, 10, "test"), (1, 20, "test"), (1, 20, "test"),  # relevant {20}: 10 was seen
+        (2, 30, "train"), (2, 30, "test"),  # only a re-engagement: skipped
+        (3, 40, "train"),  # no test rows: never evaluated
+    ]  # fmt: skip
+    split = Split.from_frame(pd.DataFrame(rows, columns=["user_id", "pin_id", "part"]))
+    rel = split.relevant("test")
+    assert rel[0].indices.tolist() == [1] and rel[1].nnz == 0 and rel[2].nnz == 0
+    assert split.test[0, 1] == 2  # counts keep repeated rows
+    res = evaluate(FixedScorer(np.ones((3, 4))), split, ks=(1,))
+    assert res["users"] == 1 and res["recall@1"] == 1.0  # 20 is the only item left after excluding 10
+    with pytest.raises(ValueError, match="no user"):
+        evaluate(FixedScorer(np.ones((3, 4))), split, on="valid")
+
+
+def test_write_report(tmp_path: Path) -> None:
+    split = _toy_split()
+    results = {
+        "fixed": evaluate(FixedScorer(TOY_SCORES), split, ks=(1, 3)),
+        "reversed": evaluate(FixedScorer(-TOY_SCORES), split, ks=(1, 3)),
+    }
+    md = write_report(results, tmp_path / "out", "toy", notes=["a note"])
+    text = md.read_text()
+    assert md.name == "report.md" and "# toy" in text and "a note" in text
+    assert "| fixed |" in text and "| reversed |" in text and "recall@3" in text and "ndcg@10" in text
+    for png in ("recall_curve.png", "recall_by_interest.png"):
+        data = (tmp_path / "out" / png).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 1000, png
+    assert (tmp_path / "out" / "results.json").exists()
+    assert format_table(results).count("\n") == 3

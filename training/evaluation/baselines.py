@@ -1,0 +1,310 @@
+"""Non-neural baselines for the evaluation harness (``training.evaluation.harness``): every one is a ``Scorer``.
+
+- ``Popularity``: global train interaction counts (the same list for everyone, minus their own items).
+- ``ItemKNN``: item-item cosine similarity on the binary (user × item) train matrix; a user's score for
+  item j is ``Σ_{i in user's train items} sim(i, j)``. With a neighbourhood size ``k`` every item keeps
+  only its ``k`` most similar items (rows of the similarity matrix are pruned, as in Deshpande & Karypis'
+  item-based top-N), tuned on validation.
+- ``ImplicitALS``: the ``implicit`` library's CPU ALS (Hu, Koren & Volinsky) on confidences
+  ``c = 1 + alpha · count`` (passed to implicit as the matrix of confidences with its own ``alpha`` at 1);
+  scores are ``user_factors @ item_factors.T`` (no ``recalculate_user``), so the harness does the
+  ranking and filtering. Fixed ``random_state``; ``num_threads`` = 2 and BLAS limited to one thread
+  (threadpoolctl) during fitting, as implicit recommends (the bench also sets OPENBLAS_NUM_THREADS=1).
+
+Tuning protocol (``tune``): fit on ``split.train`` (train-proper), pick the hyperparameters with the best
+validation recall@50, then set them on the scorer; the caller refits on ``split.merged()`` (train +
+validation) before the test evaluation (``fit_tune_evaluate`` does all of it).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import scipy.sparse as sp
+
+from training.evaluation.harness import Scorer, evaluate
+from training.evaluation.split import Split
+
+log = logging.getLogger(__name__)
+
+TUNE_METRIC = "recall@50"
+DENSE_SIMILARITY_BYTES = 1 << 30
+"""Largest full (k = None) item-item similarity matrix ItemKNN keeps dense."""
+KNN_GRID: tuple[int | None, ...] = (None, 10, 20, 50, 100, 200, 400)
+ALS_GRID: dict[str, Sequence[Any]] = {
+    "factors": (32, 64, 128),
+    "regularization": (0.01, 0.1, 1.0),
+    "alpha": (1.0, 10.0, 40.0),
+    "iterations": (15, 30),
+}
+
+
+class _Unfitted(RuntimeError):
+    pass
+
+
+class Popularity:
+    """Scores every item by its number of train interactions (rows of ``split.train``)."""
+
+    def __init__(self) -> None:
+        self.counts: np.ndarray | None = None
+
+    def fit(self, split: Split) -> None:
+        self.counts = np.asarray(split.train.sum(axis=0), dtype=np.float32).ravel()
+
+    def score(self, user_idx: np.ndarray) -> np.ndarray:
+        """(len(user_idx), n_items) float32: the same count row for every user."""
+        if self.counts is None:
+            raise _Unfitted("Popularity.fit first")
+        return np.broadcast_to(self.counts, (len(user_idx), len(self.counts))).copy()
+
+
+class ItemKNN:
+    """Item-based collaborative filtering with cosine similarity on binary train interactions.
+
+    ``sim(i, j) = |U_i ∩ U_j| / sqrt(|U_i| |U_j|)`` (U_i = users who engaged with i), ``sim(i, i) = 0``.
+    With ``k`` set, row i keeps its ``k`` largest similarities. A user's score is
+    ``x_u @ S`` with ``x_u`` the (n_items,) binary train row.
+    """
+
+    def __init__(self, k: int | None = None) -> None:
+        if k is not None and k < 1:
+            raise ValueError(f"k must be >= 1 or None, got {k}")
+        self.k = k
+        self.x: sp.csr_matrix | None = None
+        self.sim: np.ndarray | sp.csr_matrix | None = None
+        self._full: np.ndarray | None = None
+
+    def fit(self, split: Split) -> None:
+        self.x = sp.csr_matrix(split.train > 0, dtype=np.float32)
+        self._full = None
+        self.sim = self._similarity(self.x, self.k)
+
+    def set_k(self, k: int | None) -> None:
+        """Change the neighbourhood size without recomputing the co-occurrences (after a k=None fit)."""
+        if self.x is None:
+            raise _Unfitted("ItemKNN.fit first")
+        self.k = k
+        self.sim = self._similarity(self.x, k)
+
+    def score(self, user_idx: np.ndarray) -> np.ndarray:
+        """(len(user_idx), n_items) float32 sums of similarities to each user's train items."""
+        if self.x is None or self.sim is None:
+            raise _Unfitted("ItemKNN.fit first")
+        out = self.x[user_idx] @ self.sim
+        return (out.toarray() if sp.issparse(out) else np.asarray(out)).astype(np.float32, copy=False)
+
+    def _similarity(self, x: sp.csr_matrix, k: int | None) -> np.ndarray | sp.csr_matrix:
+        """(n_items, n_items) cosine similarity, dense when k is None, else the row-pruned CSR."""
+        n_items = x.shape[1]
+        if self._full is None:
+            if n_items * n_items * 4 > DENSE_SIMILARITY_BYTES:
+                if k is None:
+                    raise MemoryError(f"{n_items:,} items: the full similarity matrix is too large; set k")
+                return _pruned_cosine_blocks(x, k)
+            self._full = _cosine(x)
+        if k is None or k >= n_items - 1:
+            return self._full
+        return _prune_rows(self._full, k)
+
+
+class ImplicitALS:
+    """``implicit.cpu.als.AlternatingLeastSquares`` as a harness scorer (confidence ``1 + alpha · count``)."""
+
+    def __init__(
+        self,
+        factors: int = 64,
+        regularization: float = 0.1,
+        alpha: float = 10.0,
+        iterations: int = 15,
+        random_state: int = 42,
+        num_threads: int = 2,
+    ) -> None:
+        self.params: dict[str, Any] = {
+            "factors": factors,
+            "regularization": regularization,
+            "alpha": alpha,
+            "iterations": iterations,
+        }
+        self.random_state = random_state
+        self.num_threads = num_threads
+        self.user_factors: np.ndarray | None = None
+        self.item_factors: np.ndarray | None = None
+
+    def set_params(self, **params: Any) -> None:
+        unknown = set(params) - set(self.params)
+        if unknown:
+            raise ValueError(f"unknown ALS parameters {sorted(unknown)}")
+        self.params.update(params)
+
+    def fit(self, split: Split) -> None:
+        from implicit.cpu.als import AlternatingLeastSquares
+        from threadpoolctl import threadpool_limits
+
+        conf = split.train.astype(np.float32, copy=True).tocsr()
+        conf.data = 1.0 + float(self.params["alpha"]) * conf.data
+        # implicit's own threads do the work; BLAS threads on top of them only contend.
+        with threadpool_limits(1, "blas"):
+            model = AlternatingLeastSquares(
+                factors=int(self.params["factors"]),
+                regularization=float(self.params["regularization"]),
+                alpha=1.0,
+                iterations=int(self.params["iterations"]),
+                random_state=self.random_state,
+                num_threads=self.num_threads,
+                calculate_training_loss=False,
+            )
+            model.fit(conf, show_progress=False)
+        self.user_factors = np.asarray(model.user_factors, dtype=np.float32)
+        self.item_factors = np.asarray(model.item_factors, dtype=np.float32)
+
+    def score(self, user_idx: np.ndarray) -> np.ndarray:
+        """(len(user_idx), n_items) float32 dot products of user and item factors."""
+        if self.user_factors is None or self.item_factors is None:
+            raise _Unfitted("ImplicitALS.fit first")
+        return self.user_factors[user_idx] @ self.item_factors.T
+
+    def tune(self, split: Split, grid: Mapping[str, Sequence[Any]] | None = None) -> list[dict[str, Any]]:
+        """Grid search on validation recall@50 (fit on ``split.train``); keeps the best parameters.
+
+        ``grid`` maps parameter names (factors, regularization, alpha, iterations) to candidate values
+        (default ``ALS_GRID``, 54 fits). Returns one record per configuration (params, the validation
+        metric, seconds), best first. Refit on ``split.merged()`` before evaluating on test.
+        """
+        grid = dict(ALS_GRID if grid is None else grid)
+        names = list(grid)
+        configs = [dict(zip(names, values, strict=True)) for values in itertools.product(*grid.values())]
+
+        def setup(params: dict[str, Any]) -> ImplicitALS:
+            self.set_params(**params)
+            return self
+
+        records = tune(setup, split, configs)
+        self.set_params(**records[0]["params"])
+        return records
+
+
+def tune(
+    setup: Callable[[dict[str, Any]], Scorer],
+    split: Split,
+    configs: Iterable[dict[str, Any]],
+    metric: str = TUNE_METRIC,
+) -> list[dict[str, Any]]:
+    """Fit ``setup(params)`` on ``split.train`` for every config; rank them by validation ``metric``.
+
+    Returns ``[{"params", metric, "seconds"}]`` sorted best first (ties keep the config order).
+    """
+    if split.is_merged:
+        raise ValueError("tune needs the unmerged split (validation is the tuning target)")
+    records = []
+    for params in configs:
+        t0 = time.perf_counter()
+        scorer = setup(params)
+        scorer.fit(split)
+        res = evaluate(scorer, split, ks=(int(metric.split("@")[1]),), on="valid", curve_k=1, interest_k=1)
+        records.append({"params": params, metric: res[metric], "seconds": round(time.perf_counter() - t0, 3)})
+        log.info("tune %s: valid %s = %.4f (%.1fs)", params, metric, res[metric], records[-1]["seconds"])
+    if not records:
+        raise ValueError("no configuration to tune")
+    return sorted(records, key=lambda r: -r[metric])
+
+
+def tune_knn(knn: ItemKNN, split: Split, grid: Sequence[int | None] = KNN_GRID) -> list[dict[str, Any]]:
+    """Pick ItemKNN's neighbourhood size on validation recall@50 (one co-occurrence computation)."""
+    knn.k = None
+    knn.fit(split)
+
+    def setup(params: dict[str, Any]) -> Scorer:
+        knn.set_k(params["k"])
+        return _Prefitted(knn)
+
+    records = tune(setup, split, [{"k": k} for k in grid])
+    knn.k = records[0]["params"]["k"]
+    return records
+
+
+class _Prefitted:
+    """Wraps a scorer whose fit already happened (``tune`` calls fit on every config)."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+
+    def fit(self, split: Split) -> None:
+        pass
+
+    def score(self, user_idx: np.ndarray) -> np.ndarray:
+        return self.inner.score(user_idx)
+
+
+def fit_tune_evaluate(
+    scorer: Scorer,
+    split: Split,
+    ks: Sequence[int] = (10, 50, 100),
+    grid: Any = None,
+    tuned: bool = True,
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Tune on validation (ItemKNN, ImplicitALS when ``tuned``), refit on train + validation, evaluate on test.
+
+    Returns the test results (plus ``fit_seconds``, ``tune_seconds`` and ``params`` when tuned) and the
+    tuning records (empty when nothing was tuned).
+    """
+    records: list[dict[str, Any]] = []
+    t0 = time.perf_counter()
+    if tuned and isinstance(scorer, ImplicitALS):
+        records = scorer.tune(split, grid)
+    elif tuned and isinstance(scorer, ItemKNN):
+        records = tune_knn(scorer, split, KNN_GRID if grid is None else grid)
+    tune_seconds = time.perf_counter() - t0
+    merged = split.merged()
+    t0 = time.perf_counter()
+    scorer.fit(merged)
+    fit_seconds = time.perf_counter() - t0
+    res = evaluate(scorer, merged, ks=ks, on="test")
+    res["fit_seconds"] = round(fit_seconds, 3)
+    if records:
+        res["tune_seconds"] = round(tune_seconds, 3)
+        res["params"] = records[0]["params"]
+    return res, records
+
+
+def _cosine(x: sp.csr_matrix) -> np.ndarray:
+    """(n_items, n_items) float32 cosine similarity of the columns of the binary ``x``, zero diagonal."""
+    co = (x.T @ x).toarray().astype(np.float32)
+    norms = np.sqrt(np.diag(co)).astype(np.float32)
+    norms[norms == 0] = 1.0
+    co /= norms[:, None]
+    co /= norms[None, :]
+    np.fill_diagonal(co, 0.0)
+    return co
+
+
+def _prune_rows(sim: np.ndarray, k: int) -> sp.csr_matrix:
+    """(n, n) CSR keeping the ``k`` largest entries of every row of the dense ``sim`` (ties by index)."""
+    n = sim.shape[0]
+    keep = np.argpartition(-sim, k - 1, axis=1)[:, :k]
+    vals = np.take_along_axis(sim, keep, axis=1)
+    m = sp.csr_matrix((vals.ravel(), keep.ravel(), np.arange(0, n * k + 1, k)), shape=sim.shape)
+    m.eliminate_zeros()
+    m.sort_indices()
+    return m
+
+
+def _pruned_cosine_blocks(x: sp.csr_matrix, k: int, block: int = 1024) -> sp.csr_matrix:
+    """Row-pruned cosine similarity computed ``block`` rows at a time (for catalogues too big to hold dense)."""
+    xt = x.T.tocsr()
+    norms = np.sqrt(np.asarray(x.sum(axis=0)).ravel()).astype(np.float32)
+    norms[norms == 0] = 1.0
+    parts = []
+    for start in range(0, x.shape[1], block):
+        rows = np.arange(start, min(start + block, x.shape[1]))
+        co = (xt[rows] @ x).toarray().astype(np.float32)
+        co /= norms[rows][:, None]
+        co /= norms[None, :]
+        co[np.arange(len(rows)), rows] = 0.0
+        parts.append(_prune_rows(co, min(k, x.shape[1] - 1)) if k < x.shape[1] - 1 else sp.csr_matrix(co))
+    return sp.vstack(parts).tocsr()

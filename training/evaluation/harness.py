@@ -1,0 +1,146 @@
+"""Offline evaluation harness shared by the retrieval model and the baselines.
+
+Protocol (one definition for every model):
+
+- **Split**: ``training.evaluation.split.temporal_split`` (per user, the last 20% of positive interactions
+  are test and the last 10% of the rest validation).
+- **Ranking**: every scorer ranks the full candidate set for every evaluated user, after removing the
+  items the user engaged with in the data it was fit on: train + validation for ``on="test"``,
+  train-proper for ``on="valid"``. Ties are broken by item index (deterministic).
+- **Relevant set** of a user: their distinct target-part (test or validation) items that are not
+  excluded (an excluded item cannot be retrieved); users left without any are skipped. The generator's
+  oracle (``training.evaluation.oracle``) runs through this harness too.
+- **Fitting**: scorers fit on ``split.train``. Tune on ``on="valid"`` with the split as built, then
+  refit on ``split.merged()`` (train + validation in ``train``) before ``on="test"``.
+
+Metrics (``evaluate``): recall@K (mean over users of ``|top-K ∩ relevant| / |relevant|``, see
+``training.evaluation.metrics``), capped recall@K (denominator ``min(|relevant|, K)``, the "normalized"
+recall of Liang et al. 2018), the whole recall@1..``curve_k`` curve from the same ranked lists, NDCG@10
+(binary relevance, ideal DCG over ``min(|relevant|, 10)`` hits), catalogue coverage@K (distinct items in
+all users' top-K / number of candidates), mean log-popularity@K (``log(1 + count)`` of the recommended
+items, ``count`` = the item's interactions in the data the model was fit on, averaged over every
+recommended slot of every user), and per-interest recall@50 (for each interest ``c`` of the relevant
+items: ``Σ_users hits in c / Σ_users relevant items in c``, i.e. micro-averaged within the interest; it
+needs ``item_interest`` on the split). Users are scored in batches so that one batch's
+(n_users, n_items) float32 score matrix stays under ``batch_bytes`` (256 MB by default).
+
+The reference figures of ML-100k are reproduced only with the capped recall and ties at equal timestamps in
+a pseudo-random order (``tie_break="hash"``); ``bench/bench_baselines.py`` prints the comparison.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Any, Literal, Protocol, runtime_checkable
+
+import numpy as np
+import scipy.sparse as sp
+
+from training.evaluation.metrics import coverage, mean_log_popularity, ndcg_at_k, recall_curve, top_k
+from training.evaluation.split import Split
+
+BATCH_BYTES = 256 * 2**20
+"""Default bound on one batch's (n_users, n_items) float32 score matrix."""
+
+
+@runtime_checkable
+class Scorer(Protocol):
+    """A model the harness can rank with."""
+
+    def fit(self, split: Split) -> None:
+        """Fit on ``split.train`` (interaction counts, (n_users, n_items))."""
+
+    def score(self, user_idx: np.ndarray) -> np.ndarray:
+        """(len(user_idx), n_items) float32 scores of every candidate for the users at rows ``user_idx``.
+
+        Higher is better; the harness masks excluded items with -inf in place (it copies views first).
+        """
+
+
+def evaluate(
+    scorer: Scorer,
+    split: Split,
+    ks: Sequence[int] = (10, 50, 100),
+    on: Literal["test", "valid"] = "test",
+    *,
+    curve_k: int = 100,
+    ndcg_k: int = 10,
+    interest_k: int = 50,
+    batch_bytes: int = BATCH_BYTES,
+) -> dict[str, Any]:
+    """Rank the candidate set for every evaluable user with an already fitted ``scorer``.
+
+    Returns ``recall@K``, ``capped_recall@K`` (denominator ``min(|relevant|, K)``), ``coverage@K`` and
+    ``logpop@K`` for K in ``ks``, ``ndcg@{ndcg_k}``,
+    ``recall_curve`` (list of recall@1..curve_k), ``recall@{interest_k}_by_interest`` (interest id ->
+    recall, only with ``split.item_interest``), ``relevant_by_interest`` (interest id -> number of
+    relevant user-item pairs), ``users`` (number evaluated), ``items`` and ``seconds``. Holds the top
+    ``max(ks, curve_k, ...)`` item indices of every evaluated user (n_users × depth int32) in memory.
+    """
+    ks = sorted({int(k) for k in ks})
+    if not ks or ks[0] < 1:
+        raise ValueError(f"ks must be positive, got {ks}")
+    depth = min(max(*ks, curve_k, ndcg_k, interest_k), split.n_items)
+    t0 = time.perf_counter()
+    excluded = split.excluded(on)
+    relevant = split.relevant(on)
+    n_rel = np.diff(relevant.indptr)
+    users = np.flatnonzero(n_rel > 0)
+    if len(users) == 0:
+        raise ValueError(f"no user has a relevant {on} item")
+    batch = max(1, batch_bytes // (4 * split.n_items))
+    topk = np.empty((len(users), depth), dtype=np.int32)
+    hits = np.empty((len(users), depth), dtype=bool)
+    for start in range(0, len(users), batch):
+        rows = users[start : start + batch]
+        scores = np.asarray(scorer.score(rows), dtype=np.float32)
+        if scores.shape != (len(rows), split.n_items):
+            raise ValueError(f"scorer returned {scores.shape}, expected {(len(rows), split.n_items)}")
+        if scores.base is not None or not scores.flags.writeable:
+            scores = scores.copy()  # never write -inf into a view of the scorer's own state
+        ex = excluded[rows]
+        scores[np.repeat(np.arange(len(rows)), np.diff(ex.indptr)), ex.indices] = -np.inf
+        top = top_k(scores, depth)
+        rel = relevant[rows].toarray()
+        sl = slice(start, start + len(rows))
+        topk[sl] = top
+        hits[sl] = np.take_along_axis(rel, np.maximum(top, 0), axis=1) & (top >= 0)
+    n_rel = n_rel[users]
+    curve = recall_curve(hits, n_rel).mean(axis=0)
+    capped = recall_curve(hits, n_rel, capped=True).mean(axis=0)
+    counts = np.asarray(excluded.sum(axis=0)).ravel()
+    out: dict[str, Any] = {}
+    for k in ks:
+        out[f"recall@{k}"] = float(curve[min(k, depth) - 1])
+    for k in ks:
+        out[f"capped_recall@{k}"] = float(capped[min(k, depth) - 1])
+    out[f"ndcg@{ndcg_k}"] = float(ndcg_at_k(hits, n_rel, min(ndcg_k, depth)).mean())
+    for k in ks:
+        out[f"coverage@{k}"] = coverage(topk[:, : min(k, depth)], split.n_items)
+    for k in ks:
+        out[f"logpop@{k}"] = mean_log_popularity(topk[:, : min(k, depth)], counts)
+    out["recall_curve"] = curve[: min(curve_k, depth)].tolist()
+    if split.item_interest is not None:
+        by_interest, rel_by_interest = _recall_by_interest(
+            hits[:, : min(interest_k, depth)], topk[:, : min(interest_k, depth)], relevant[users], split.item_interest
+        )
+        out[f"recall@{interest_k}_by_interest"] = by_interest
+        out["relevant_by_interest"] = rel_by_interest
+    out["users"] = len(users)
+    out["items"] = split.n_items
+    out["seconds"] = round(time.perf_counter() - t0, 3)
+    return out
+
+
+def _recall_by_interest(
+    hits: np.ndarray, topk: np.ndarray, relevant: sp.csr_matrix, item_interest: np.ndarray
+) -> tuple[dict[str, float], dict[str, int]]:
+    """Per interest: Σ hits / Σ relevant over users (hits (n, k) bool, topk (n, k), relevant (n, n_items))."""
+    hit_interest = item_interest[topk[hits]]
+    rel_interest = item_interest[relevant.indices]
+    ids, rel_counts = np.unique(rel_interest, return_counts=True)
+    hit_ids, hit_counts = np.unique(hit_interest, return_counts=True)
+    hit_map = dict(zip(hit_ids.tolist(), hit_counts.tolist(), strict=True))
+    recall = {str(i): hit_map.get(i, 0) / c for i, c in zip(ids.tolist(), rel_counts.tolist(), strict=True)}
+    return recall, {str(i): int(c) for i, c in zip(ids.tolist(), rel_counts.tolist(), strict=True)}

@@ -1,0 +1,82 @@
+"""A trained two-tower model behind the harness's ``Scorer`` protocol.
+
+Inputs come only from the Feast training set: a user is represented by the features of their first held-out
+interaction (history strictly before it), and candidates by pin features fetched through the pin feature
+service at a few times no later than that, so nothing from the evaluated period leaks in. Each user is
+scored against the latest pin snapshot not after their cut-off.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import numpy as np
+import pandas as pd
+
+from training.config import Config
+from training.evaluation.split import Split
+from training.model.encoding import Encoder
+from training.model.towers import run_tower
+from training.model.two_tower import TwoTower
+
+KEYS = ["user_id", "pin_id", "event_timestamp"]
+PIN_TIME_POINTS = 8
+"""Pin features for evaluation are fetched at this many times (quantiles of the users' cut-off times)."""
+
+
+class TwoTowerScorer:
+    """Scores a split's candidates with a trained model. ``prepare(on)`` embeds the users and candidates for an
+    evaluation phase ('valid' or 'test'); ``fit`` does nothing (training is ``training.train.fit``)."""
+
+    def __init__(self, cfg: Config, model: TwoTower, encoder: Encoder, training_set: pd.DataFrame, split: Split,
+                 pin_service: str):
+        self.cfg = cfg
+        self.model = model
+        self.encoder = encoder
+        self.training_set = training_set
+        self.split = split
+        self.pin_service = pin_service
+        self._pin_cache: dict[pd.Timestamp, pd.DataFrame] = {}
+        self._user_vectors = self._user_bucket = self._pin_vectors = None
+
+    def fit(self, split: Split) -> None:
+        if split is not self.split:
+            raise ValueError("a TwoTowerScorer scores the split its model was trained on")
+
+    def score(self, user_idx: np.ndarray) -> np.ndarray:
+        u = self._user_vectors[user_idx]                          # (n, D)
+        bucket = self._user_bucket[user_idx]                      # (n,)
+        out = np.empty((len(user_idx), self._pin_vectors.shape[1]), dtype=np.float32)
+        for b in np.unique(bucket):
+            rows = bucket == b
+            out[rows] = u[rows] @ self._pin_vectors[b].T
+        return out
+
+    def prepare(self, on: Literal["valid", "test"]) -> TwoTowerScorer:
+        """Embed every evaluable user at their cut-off (first ``on`` interaction) and the candidates at
+        ``PIN_TIME_POINTS`` times."""
+        self.model.eval()
+        split = self.split
+        first = (split.frame[split.frame["part"] == on].sort_values(["event_timestamp", "pin_id"])
+                 .drop_duplicates("user_id"))
+        rows = first[KEYS + ["user_idx"]].merge(self.training_set, on=KEYS, how="left")
+        users = run_tower(self.model.user_tower, self.encoder.users(rows))
+        self._user_vectors = np.zeros((split.n_users, users.shape[1]), dtype=np.float32)
+        self._user_bucket = np.zeros(split.n_users, dtype=np.int64)
+        self._user_vectors[rows["user_idx"].to_numpy()] = users
+        cutoffs = rows["event_timestamp"]
+        times = sorted(set(cutoffs.quantile(np.linspace(0, 1, PIN_TIME_POINTS), interpolation="lower")))
+        self._user_bucket[rows["user_idx"].to_numpy()] = np.searchsorted(times, cutoffs, side="right") - 1
+        self._pin_vectors = np.stack([run_tower(self.model.pin_tower, self.encoder.pins(self._pins_at(t)))
+                                      for t in times])       # (T, n_items, D)
+        return self
+
+    def _pins_at(self, t: pd.Timestamp) -> pd.DataFrame:
+        """Pin features of every candidate as of ``t`` through the pin feature service (Feast offline)."""
+        if t not in self._pin_cache:
+            from training.features.store import feature_store
+
+            entity = pd.DataFrame({"pin_id": self.split.items, "event_timestamp": t})
+            df = feature_store(self.cfg).historical(entity, self.pin_service)
+            self._pin_cache[t] = df.set_index("pin_id").loc[self.split.items].reset_index()
+        return self._pin_cache[t]

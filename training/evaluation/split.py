@@ -1,0 +1,250 @@
+"""The evaluation split: a per-user temporal split over a dense user × candidate index.
+
+Interactions are positive engagements (``label == 1``) with ``user_id``, ``pin_id`` (canonical) and
+``event_timestamp``. Every row counts (a user may engage with one pin several times); interactions with pins
+outside the candidate set are dropped *before* the split, so the split and every metric live on the
+candidate set. A user's rows sorted by ``(event_timestamp, pin_id)`` (or a fixed hash for ties): the last
+``ceil(test_fraction · n)`` rows are test (at least one, and at least one row is left for training); of the
+remaining ``m`` rows the last ``ceil(valid_fraction · m)`` are validation (at least one when ``m >= 2``, none
+when ``m == 1`` or ``valid_fraction == 0``); the rest is train-proper. A user with a single interaction cannot
+be evaluated (nothing to condition on) and goes entirely to train. ``ceil`` ignores floating-point noise
+(``0.14 · 50`` = 7.000000000000001 -> 7, not 8).
+
+Candidate set: a parameter of the split (``items``; default every canonical pin in the positives).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
+from typing import Any, Literal
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from training.config import Config
+from training.features.training_set import training_set_path
+
+PARTS = ("train", "valid", "test")
+_CEIL_EPS = 1e-9
+
+
+@dataclass(frozen=True)
+class Split:
+    """A per-user temporal split over a dense user and item (candidate set) index.
+
+    Matrices are (n_users, n_items) float32 CSR holding interaction counts (rows per user-item pair);
+    row ``u`` is ``users[u]``, column ``i`` is ``items[i]``.
+    """
+
+    users: np.ndarray
+    """(n_users,) int64 user ids, ascending: the row index of every matrix and score."""
+    items: np.ndarray
+    """(n_items,) int64 candidate pin ids, ascending: the column index of every matrix and score."""
+    train: sp.csr_matrix
+    """Counts in train-proper (train + validation after ``merged()``)."""
+    valid: sp.csr_matrix
+    """Counts in validation (empty after ``merged()``)."""
+    test: sp.csr_matrix
+    """Counts in test."""
+    frame: pd.DataFrame
+    """The interactions: user_id, pin_id, event_timestamp, user_idx, item_idx, part ('train'|'valid'|'test')."""
+    item_interest: np.ndarray | None = None
+    """(n_items,) int64 interest of each candidate, -1 when unknown; None without an interest map."""
+    is_merged: bool = False
+    """True after ``merged()``: validation is folded into train and can no longer be evaluated."""
+
+    @property
+    def n_users(self) -> int:
+        return len(self.users)
+
+    @property
+    def n_items(self) -> int:
+        return len(self.items)
+
+    @classmethod
+    def from_frame(
+        cls,
+        frame: pd.DataFrame,
+        items: np.ndarray | Sequence[int] | None = None,
+        item_interest: Mapping[int, int] | pd.Series | None = None,
+    ) -> Split:
+        """Build a split from interactions already assigned to parts (column ``part``).
+
+        ``frame`` needs user_id, pin_id and part (event_timestamp is kept when present). Rows whose
+        pin is not in ``items`` (default: every pin in ``frame``) are dropped. ``item_interest`` maps
+        pin id -> interest id.
+        """
+        missing = {"user_id", "pin_id", "part"} - set(frame.columns)
+        if missing:
+            raise ValueError(f"frame lacks columns {sorted(missing)}")
+        bad = set(frame["part"].unique()) - set(PARTS)
+        if bad:
+            raise ValueError(f"unknown parts {sorted(bad)}; expected {PARTS}")
+        item_ids = _candidate_ids(frame, items)
+        df = frame[frame["pin_id"].isin(item_ids)].copy()
+        if df.empty:
+            raise ValueError("no interaction falls inside the candidate set")
+        users = np.unique(df["user_id"].to_numpy(np.int64))
+        df["user_idx"] = np.searchsorted(users, df["user_id"].to_numpy(np.int64))
+        df["item_idx"] = np.searchsorted(item_ids, df["pin_id"].to_numpy(np.int64))
+        shape = (len(users), len(item_ids))
+        mats = {part: _counts(df[df["part"] == part], shape) for part in PARTS}
+        return cls(
+            users=users,
+            items=item_ids,
+            train=mats["train"],
+            valid=mats["valid"],
+            test=mats["test"],
+            frame=df.reset_index(drop=True),
+            item_interest=None if item_interest is None else _interest_array(item_ids, item_interest),
+        )
+
+    def merged(self) -> Split:
+        """The split with validation folded into train (for the final fit before the test evaluation)."""
+        if self.is_merged:
+            return self
+        frame = self.frame.assign(part=self.frame["part"].replace("valid", "train"))
+        empty = sp.csr_matrix(self.valid.shape, dtype=np.float32)
+        return replace(self, train=(self.train + self.valid).tocsr(), valid=empty, frame=frame, is_merged=True)
+
+    def excluded(self, on: Literal["test", "valid"]) -> sp.csr_matrix:
+        """(n_users, n_items) counts of the items removed from each user's ranking when evaluating ``on``."""
+        if on == "test":
+            return (self.train + self.valid).tocsr()
+        if on == "valid":
+            if self.is_merged:
+                raise ValueError("validation was merged into train; evaluate on='valid' before merged()")
+            return self.train
+        raise ValueError(f"on must be 'test' or 'valid', got {on!r}")
+
+    def relevant(self, on: Literal["test", "valid"]) -> sp.csr_matrix:
+        """(n_users, n_items) bool: the user's distinct ``on`` items that are not excluded."""
+        target = self.test if on == "test" else self.valid
+        excluded = self.excluded(on)
+        t = (target > 0).astype(np.int8)
+        rel = sp.csr_matrix((t - t.multiply(excluded > 0)) > 0)
+        rel.sort_indices()
+        return rel
+
+
+def temporal_split(
+    interactions: pd.DataFrame,
+    test_fraction: float = 0.2,
+    valid_fraction: float = 0.1,
+    *,
+    items: np.ndarray | Sequence[int] | None = None,
+    item_interest: Mapping[int, int] | pd.Series | None = None,
+    tie_break: Literal["pin_id", "hash"] = "pin_id",
+    seed: int = 0,
+) -> Split:
+    """Per-user temporal split of positive interactions (see the module docstring for the rules).
+
+    ``interactions`` needs user_id, pin_id, event_timestamp; when it has a ``label`` column only the
+    rows with ``label == 1`` are used. ``items`` is the candidate set (default: every pin in the
+    positives); rows outside it are dropped before splitting. ``item_interest`` maps pin id -> interest
+    id (needed for the per-interest recall).
+
+    ``tie_break`` orders a user's interactions with equal timestamps: ``"pin_id"`` (ascending id, the
+    default) or ``"hash"`` (a fixed pseudo-random order from a hash of (user_id, pin_id, ``seed``),
+    independent of row order). It matters when timestamps tie a lot: 76% of ML-100k's ratings share
+    their (user, second) with another rating, and ML-100k movie ids follow catalogue order, so ordering
+    ties by id puts each user's newest-catalogued (least popular) movies into test.
+    """
+    if not 0 < test_fraction < 1:
+        raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
+    if not 0 <= valid_fraction < 1:
+        raise ValueError(f"valid_fraction must be in [0, 1), got {valid_fraction}")
+    missing = {"user_id", "pin_id", "event_timestamp"} - set(interactions.columns)
+    if missing:
+        raise ValueError(f"interactions lack columns {sorted(missing)}")
+    df = interactions
+    if "label" in df.columns:
+        df = df[df["label"] == 1]
+    df = df[["user_id", "pin_id", "event_timestamp"]]
+    item_ids = _candidate_ids(df, items)
+    df = df[df["pin_id"].isin(item_ids)]
+    if tie_break == "pin_id":
+        df = df.sort_values(["user_id", "event_timestamp", "pin_id"], kind="stable").reset_index(drop=True)
+    elif tie_break == "hash":
+        key = _hash_order(df["user_id"].to_numpy(np.int64), df["pin_id"].to_numpy(np.int64), seed)
+        df = df.assign(_tie=key).sort_values(["user_id", "event_timestamp", "_tie", "pin_id"], kind="stable")
+        df = df.drop(columns="_tie").reset_index(drop=True)
+    else:
+        raise ValueError(f"tie_break must be 'pin_id' or 'hash', got {tie_break!r}")
+    grouped = df.groupby("user_id", sort=False)
+    n = grouped["pin_id"].transform("size").to_numpy(np.int64)
+    position = grouped.cumcount().to_numpy(np.int64)
+    n_test = np.where(n >= 2, np.clip(_ceil(test_fraction * n), 1, n - 1), 0)
+    rest = n - n_test
+    n_valid = np.where((rest >= 2) & (valid_fraction > 0), np.clip(_ceil(valid_fraction * rest), 1, rest - 1), 0)
+    part = np.where(position >= rest, "test", np.where(position >= rest - n_valid, "valid", "train"))
+    return Split.from_frame(df.assign(part=part), item_ids, item_interest)
+
+
+def _hash_order(user_ids: np.ndarray, pin_ids: np.ndarray, seed: int) -> np.ndarray:
+    """(n,) uint64 pseudo-random keys of (user_id, pin_id, seed) pairs (splitmix64 finalizer)."""
+    with np.errstate(over="ignore"):
+        x = user_ids.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)
+        x ^= pin_ids.astype(np.uint64) + np.uint64(seed) * np.uint64(0xD1B54A32D192ED03)
+        x ^= x >> np.uint64(30)
+        x *= np.uint64(0xBF58476D1CE4E5B9)
+        x ^= x >> np.uint64(27)
+        x *= np.uint64(0x94D049BB133111EB)
+        x ^= x >> np.uint64(31)
+    return x
+
+
+def _ceil(x: np.ndarray) -> np.ndarray:
+    """Elementwise ceil that ignores floating-point noise above an integer (0.14 · 50 -> 7, not 8)."""
+    return np.ceil(np.asarray(x, dtype=np.float64) - _CEIL_EPS).astype(np.int64)
+
+
+def _candidate_ids(frame: pd.DataFrame, items: np.ndarray | Sequence[int] | None) -> np.ndarray:
+    ids = frame["pin_id"].to_numpy(np.int64) if items is None else np.asarray(items, dtype=np.int64)
+    ids = np.unique(ids)
+    if len(ids) == 0:
+        raise ValueError("the candidate set is empty")
+    return ids
+
+
+def _counts(df: pd.DataFrame, shape: tuple[int, int]) -> sp.csr_matrix:
+    """(n_users, n_items) float32 CSR of interaction counts of the rows of ``df``."""
+    ones = np.ones(len(df), dtype=np.float32)
+    m = sp.coo_matrix((ones, (df["user_idx"].to_numpy(), df["item_idx"].to_numpy())), shape=shape).tocsr()
+    m.sum_duplicates()
+    m.sort_indices()
+    return m
+
+
+def _interest_array(items: np.ndarray, item_interest: Mapping[int, int] | pd.Series) -> np.ndarray:
+    """(n_items,) int64 interest of each candidate id (-1 when the map lacks it)."""
+    s = item_interest if isinstance(item_interest, pd.Series) else pd.Series(dict(item_interest))
+    s = s[~s.index.duplicated()].dropna()
+    return s.reindex(items).fillna(-1).to_numpy(np.int64)
+
+
+def positives(training_set: pd.DataFrame) -> pd.DataFrame:
+    """The positive interactions (label == 1) of a training set: user_id, pin_id, event_timestamp."""
+    df = training_set[training_set["label"] == 1] if "label" in training_set.columns else training_set
+    return df[["user_id", "pin_id", "event_timestamp"]].reset_index(drop=True)
+
+
+def interest_map(training_set: pd.DataFrame) -> pd.Series:
+    """pin_id -> interest_id from a training set's pin features (the first non-null value per pin)."""
+    df = training_set[["pin_id", "interest_id"]].dropna().drop_duplicates("pin_id")
+    return pd.Series(df["interest_id"].to_numpy(np.int64), index=df["pin_id"].to_numpy(np.int64))
+
+
+def load_split(cfg: Config) -> tuple[pd.DataFrame, Split, dict[str, Any]]:
+    """(training set, its temporal split, its manifest) of the live training set: the one split every model of
+    a run is fitted and evaluated on (ties at equal timestamps by a fixed hash of ``train.seed``)."""
+    path = training_set_path(cfg)
+    if not path.exists():
+        raise FileNotFoundError(f"no training set at {path}: run `retrieval run` (or `retrieval training-set`)")
+    manifest = json.loads(path.with_suffix(".json").read_text())
+    ts = pd.read_parquet(path)
+    split = temporal_split(ts, item_interest=interest_map(ts), tie_break="hash", seed=cfg.train.seed)
+    return ts, split, manifest

@@ -1,0 +1,63 @@
+"""Atomic file writes: readers see the old file or the new one, never half of one.
+
+Every writer goes through ``atomic_path``: the content is written to a temporary name in the target's folder
+(``.<name>.tmp-<pid>``), flushed to disk, then renamed over the target in one ``os.replace``. If the writer
+fails (or is killed), the target is untouched and only a dot-file is left, which ``sweep_temporaries`` removes.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+TMP_MARK = ".tmp-"
+
+
+@contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; when the block ends without error, fsync it and rename it onto
+    ``path``. On error the temporary file is removed and ``path`` is left as it was."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}{TMP_MARK}{os.getpid()}")
+    try:
+        yield tmp
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def atomic_write_parquet(table, path: str | Path) -> None:
+    """Write a pyarrow Table as parquet, atomically."""
+    import pyarrow.parquet as pq
+
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp)
+
+
+def atomic_symlink(target: str | Path, link: str | Path) -> None:
+    """Point the symlink ``link`` at ``target`` (relative to the link's folder) with one rename."""
+    link = Path(link)
+    tmp = link.with_name(f".{link.name}{TMP_MARK}{os.getpid()}")
+    if tmp.is_symlink() or tmp.exists():
+        tmp.unlink()
+    os.symlink(os.path.relpath(target, link.parent), tmp)
+    os.replace(tmp, link)
+
+
+def sweep_temporaries(folder: str | Path) -> list[Path]:
+    """Delete what interrupted atomic writes left in ``folder`` (its ``.<name>.tmp-<pid>`` files)."""
+    gone = [p for p in Path(folder).glob(f".*{TMP_MARK}*") if p.is_file() or p.is_symlink()]
+    for p in gone:
+        p.unlink(missing_ok=True)
+    return gone

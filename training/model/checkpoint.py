@@ -1,0 +1,123 @@
+"""Model artifacts: build a model from its config, the training checkpoint, and the exported user tower.
+
+- **Checkpoint** (``<data_dir>/models/<version>/model.pt``, written by ``retrieval train``): the
+  ``TrainConfig``, the encoder state, the whole ``TwoTower`` state (logQ frequency buffers included), the model
+  version, the feature services by role, the data snapshot, the fit summary and the test metrics. Publishing
+  and evaluation start from it.
+- **User-tower export** (what the service loads): only what a request needs: the ``UserTower`` weights
+  (with the shared pin-id and interest tables it reads), the encoder state, the config, the model version
+  and the collection it is paired with. No pin tower, no logQ buffers, no training state.
+
+Both are plain tensors, numbers, strings, lists and dicts, and are only ever loaded with
+``torch.load(weights_only=True)``: a file holding anything else (pickled code) is refused.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from training.config import TrainConfig
+from training.io import atomic_path
+from training.model.encoding import Encoder
+from training.model.towers import UserTower
+from training.model.two_tower import TwoTower
+
+USER_TOWER_FORMAT = "user_tower/1"
+"""Format tag of an exported user tower (checked on load)."""
+
+
+class ArtifactError(ValueError):
+    """A checkpoint or exported tower that cannot be loaded; the message names the file and why."""
+
+
+def train_config(state: dict[str, Any]) -> TrainConfig:
+    """The ``TrainConfig`` stored in an artifact (fields this code no longer has are ignored)."""
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    return TrainConfig(**{k: v for k, v in state.items() if k in known})
+
+
+def build_model(encoder: Encoder, tc: TrainConfig) -> TwoTower:
+    """A freshly initialised two-tower model (seeded by ``tc.seed``) sized for ``encoder``'s vocabularies."""
+    torch.manual_seed(tc.seed)
+    return TwoTower(encoder.n_pins, encoder.n_interests, len(encoder.genders), len(encoder.segments),
+                    id_embed_dim=tc.id_embed_dim, out_dim=tc.out_dim, dropout=tc.dropout,
+                    temperature=tc.temperature, seq_dropout=tc.seq_dropout)
+
+
+def build_user_tower(encoder: Encoder, tc: TrainConfig) -> UserTower:
+    """A user tower alone, with its own pin-id and interest tables (filled by loading an export)."""
+    return UserTower(nn.Embedding(encoder.n_pins, tc.id_embed_dim, padding_idx=0),
+                     nn.Embedding(encoder.n_interests + 1, tc.id_embed_dim, padding_idx=0),
+                     len(encoder.genders), len(encoder.segments), tc.id_embed_dim, tc.out_dim,
+                     dropout=tc.dropout, seq_dropout=tc.seq_dropout)
+
+
+def _save(payload: dict[str, Any], path: Path) -> None:
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
+
+
+def _load(path: Path) -> dict[str, Any]:
+    if not Path(path).is_file():
+        raise ArtifactError(f"{path}: no such file")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - pickled code, a corrupt or foreign file: refuse it, say why
+        raise ArtifactError(f"{path}: not a model artifact of this project (only tensors and plain data are "
+                            f"loaded): {str(e).splitlines()[0][:300]}") from e
+    if not isinstance(payload, dict):
+        raise ArtifactError(f"{path}: not a model artifact of this project (a {type(payload).__name__})")
+    return payload
+
+
+def save_checkpoint(payload: dict[str, Any], path: Path) -> None:
+    """Write a training checkpoint atomically."""
+    _save(payload, path)
+
+
+def load_checkpoint(path: Path) -> tuple[TwoTower, Encoder, dict[str, Any]]:
+    """(model in eval mode, encoder, payload) from a ``retrieval train`` checkpoint."""
+    payload = _load(path)
+    missing = {"config", "encoder", "model", "model_version"} - set(payload)
+    if missing:
+        raise ArtifactError(f"{path}: not a training checkpoint (lacks {sorted(missing)})")
+    encoder = Encoder.from_state(payload["encoder"])
+    model = build_model(encoder, train_config(payload["config"]))
+    model.load_state_dict(payload["model"])
+    model.eval()
+    return model, encoder, payload
+
+
+def export_user_tower(payload: dict[str, Any], model: TwoTower, collection: str) -> dict[str, Any]:
+    """The serving artifact of a checkpoint's model: its user tower, encoder, config, version and collection."""
+    return {
+        "format": USER_TOWER_FORMAT,
+        "model_version": payload["model_version"],
+        "collection": collection,
+        "config": payload["config"],
+        "encoder": payload["encoder"],
+        "feature_services": payload["feature_services"],
+        "user_tower": model.user_tower.state_dict(),
+    }
+
+
+def save_user_tower(export: dict[str, Any], path: Path) -> None:
+    _save(export, path)
+
+
+def load_user_tower(path: Path) -> tuple[UserTower, Encoder, dict[str, Any]]:
+    """(user tower in eval mode, encoder, the export's metadata without the weights) from an exported tower."""
+    payload = _load(path)
+    if payload.get("format") != USER_TOWER_FORMAT:
+        raise ArtifactError(f"{path}: not an exported user tower (format {payload.get('format')!r}, "
+                            f"expected {USER_TOWER_FORMAT!r})")
+    encoder = Encoder.from_state(payload["encoder"])
+    tower = build_user_tower(encoder, train_config(payload["config"]))
+    tower.load_state_dict(payload["user_tower"])
+    tower.eval()
+    return tower, encoder, {k: v for k, v in payload.items() if k != "user_tower"}

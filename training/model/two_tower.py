@@ -1,0 +1,100 @@
+"""Two-tower retrieval task: towers in one space, in-batch softmax with logQ correction.
+
+Scores are dot products of unit vectors divided by a temperature τ (``TrainConfig.temperature``), so a
+score lies in [-1/τ, 1/τ]. In-batch negatives over-penalize popular items (they appear in many batches);
+the logQ correction subtracts log q_j, the item's estimated probability of being in a batch, from every
+logit (Yi et al., RecSys 2019), with q estimated online by ``StreamingFrequency``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from training.model.towers import PinTower, UserTower
+
+
+class StreamingFrequency(nn.Module):
+    """Streaming estimate of each item's sampling probability per batch (Yi et al. 2019, Alg. 2).
+
+    For an item seen at step t, ``gap`` is an exponential moving average of the steps between its
+    occurrences and q = 1 / gap. Items hash into ``buckets`` slots (collisions only merge estimates).
+    State is in buffers, so it is checkpointed and identical on every DDP rank.
+    """
+
+    def __init__(self, buckets: int = 1 << 20, alpha: float = 0.01, initial_gap: float = 100.0):
+        super().__init__()
+        self.alpha = alpha
+        self.register_buffer("last_step", torch.zeros(buckets, dtype=torch.float64))
+        self.register_buffer("gap", torch.full((buckets,), initial_gap, dtype=torch.float64))
+        self.register_buffer("step", torch.zeros((), dtype=torch.float64))
+
+    def _slot(self, ids: torch.Tensor) -> torch.Tensor:
+        return (ids * 2654435761) % self.gap.numel()
+
+    @torch.no_grad()
+    def update(self, ids: torch.Tensor) -> None:
+        """Record one batch of (canonical pin) ids, shape (B,)."""
+        self.step += 1
+        slots = torch.unique(self._slot(ids))
+        seen = self.last_step[slots] > 0
+        delta = self.step - self.last_step[slots]
+        self.gap[slots] = torch.where(seen, (1 - self.alpha) * self.gap[slots] + self.alpha * delta, self.gap[slots])
+        self.last_step[slots] = self.step
+
+    def log_q(self, ids: torch.Tensor) -> torch.Tensor:
+        """(B,) log of the estimated per-batch sampling probability of each id."""
+        return -torch.log(self.gap[self._slot(ids)].clamp(min=1.0)).float()
+
+
+def in_batch_softmax_loss(user: torch.Tensor, pin: torch.Tensor, temperature: float,
+                          log_q: torch.Tensor | None = None, pin_ids: torch.Tensor | None = None,
+                          weights: torch.Tensor | None = None, extra: torch.Tensor | None = None,
+                          extra_log_q: torch.Tensor | None = None,
+                          extra_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """Extreme multi-class softmax over the batch's pins.
+
+    user, pin: (B, D) embeddings of positive pairs (row i's positive is pin i); log_q: (B,) log sampling
+    probability of each pin, subtracted from its column (logQ correction); pin_ids: (B,) so that other
+    rows' copies of a row's own positive are masked instead of counted as negatives; weights: (B,).
+    extra: (R, D) additional negatives (mixed negative sampling: pins drawn uniformly from the vocabulary)
+    with their log sampling probability extra_log_q (R,) and ids extra_ids (R,) (a row's own positive among
+    them is masked).
+    """
+    logits = user @ pin.T / temperature                                   # (B, B)
+    if log_q is not None:
+        logits = logits - log_q.unsqueeze(0)
+    if pin_ids is not None:
+        same = pin_ids.unsqueeze(0) == pin_ids.unsqueeze(1)
+        same.fill_diagonal_(False)
+        logits = logits.masked_fill(same, float("-inf"))
+    if extra is not None:
+        more = user @ extra.T / temperature                               # (B, R)
+        if extra_log_q is not None:
+            more = more - extra_log_q.unsqueeze(0)
+        if extra_ids is not None and pin_ids is not None:
+            more = more.masked_fill(pin_ids.unsqueeze(1) == extra_ids.unsqueeze(0), float("-inf"))
+        logits = torch.cat([logits, more], dim=1)
+    target = torch.arange(len(user), device=user.device)
+    loss = F.cross_entropy(logits, target, reduction="none")
+    if weights is not None:
+        return (loss * weights).sum() / weights.sum()
+    return loss.mean()
+
+
+class TwoTower(nn.Module):
+    """User and pin towers sharing the pin id and interest tables; outputs (B, D) unit vectors."""
+
+    def __init__(self, n_pins: int, n_interests: int, n_genders: int, n_segments: int, id_embed_dim: int = 64,
+                 out_dim: int = 64, dropout: float = 0.0, temperature: float = 0.05,
+                 seq_dropout: float = 0.0):
+        super().__init__()
+        self.temperature = temperature
+        self.pin_tower = PinTower(n_pins, n_interests, id_embed_dim, out_dim, dropout)
+        self.user_tower = UserTower(self.pin_tower.pin_embedding, self.pin_tower.interest_embedding,
+                                    n_genders, n_segments, id_embed_dim, out_dim, dropout, seq_dropout=seq_dropout)
+        self.frequency = StreamingFrequency()
+
+    def forward(self, users: dict[str, torch.Tensor], pins: dict[str, torch.Tensor]):
+        return self.user_tower(users), self.pin_tower(pins)
