@@ -5,6 +5,11 @@
   item j is ``Σ_{i in user's train items} sim(i, j)``. With a neighbourhood size ``k`` every item keeps
   only its ``k`` most similar items (rows of the similarity matrix are pruned, as in Deshpande & Karypis'
   item-based top-N), tuned on validation.
+- ``EASE``: Steck's embarrassingly shallow autoencoder (WWW 2019): the item-item matrix
+  ``B = I - P·diag(1/diag(P))`` with ``P = (XᵀX + λI)⁻¹`` on the binary train matrix X, zero diagonal; a user's
+  scores are ``x_u @ B``. With ``recency`` set, each of the user's train items enters ``x_u`` with weight
+  ``exp(-r / recency)``, r = its rank from the user's newest interaction (0 = newest), instead of 1 (B is
+  unchanged). λ and the recency scale are tuned on validation.
 - ``ImplicitALS``: the ``implicit`` library's CPU ALS (Hu, Koren & Volinsky) on confidences
   ``c = 1 + alpha · count`` (passed to implicit as the matrix of confidences with its own ``alpha`` at 1);
   scores are ``user_factors @ item_factors.T`` (no ``recalculate_user``), so the harness does the
@@ -36,6 +41,11 @@ TUNE_METRIC = "recall@50"
 DENSE_SIMILARITY_BYTES = 1 << 30
 """Largest full (k = None) item-item similarity matrix ItemKNN keeps dense."""
 KNN_GRID: tuple[int | None, ...] = (None, 10, 20, 50, 100, 200, 400)
+EASE_GRID: dict[str, Sequence[Any]] = {"l2": (50.0, 100.0, 200.0, 500.0, 1000.0, 2000.0),
+                                       "recency": (None,)}
+"""Plain EASE (unweighted history); add recency scales, e.g. (None, 10, 20, 50), for the recency-weighted one."""
+EASE_MAX_ITEMS = 25_000
+"""Largest catalogue EASE inverts densely (n_items² float32, twice)."""
 ALS_GRID: dict[str, Sequence[Any]] = {
     "factors": (32, 64, 128),
     "regularization": (0.01, 0.1, 1.0),
@@ -111,6 +121,73 @@ class ItemKNN:
         if k is None or k >= n_items - 1:
             return self._full
         return _prune_rows(self._full, k)
+
+
+class EASE:
+    """Steck's EASE on binary train interactions, optionally with a recency-weighted history (see module doc)."""
+
+    def __init__(self, l2: float = 200.0, recency: float | None = None) -> None:
+        self.params: dict[str, Any] = {"l2": float(l2), "recency": recency}
+        self.b: np.ndarray | None = None
+        self._fitted_l2: float | None = None
+        self._split: Split | None = None
+        self.x: sp.csr_matrix | None = None
+
+    def set_params(self, **params: Any) -> None:
+        unknown = set(params) - set(self.params)
+        if unknown:
+            raise ValueError(f"unknown EASE parameters {sorted(unknown)}")
+        self.params.update(params)
+
+    def fit(self, split: Split) -> None:
+        n_items = split.n_items
+        if n_items > EASE_MAX_ITEMS:
+            raise MemoryError(f"EASE inverts an n_items × n_items matrix: {n_items:,} items is over {EASE_MAX_ITEMS:,}")
+        l2 = float(self.params["l2"])
+        if self.b is None or self._split is not split or self._fitted_l2 != l2:   # B depends on λ and X only
+            x = sp.csr_matrix(split.train > 0, dtype=np.float32)
+            gram = (x.T @ x).toarray().astype(np.float64)
+            gram[np.diag_indices(n_items)] += l2
+            p = np.linalg.inv(gram)
+            b = -p / np.diag(p)[None, :]
+            np.fill_diagonal(b, 0.0)
+            self.b = b.astype(np.float32)
+            self._fitted_l2, self._split = l2, split
+        self.x = history_weights(split, self.params["recency"])
+
+    def score(self, user_idx: np.ndarray) -> np.ndarray:
+        """(len(user_idx), n_items) float32 ``x_u @ B``."""
+        if self.x is None or self.b is None:
+            raise _Unfitted("EASE.fit first")
+        return np.asarray(self.x[user_idx] @ self.b, dtype=np.float32)
+
+    def tune(self, split: Split, grid: Mapping[str, Sequence[Any]] | None = None) -> list[dict[str, Any]]:
+        """Grid search of λ (and the recency scale) on validation recall@50; keeps the best parameters."""
+        grid = dict(EASE_GRID if grid is None else grid)
+        configs = [dict(zip(grid, values, strict=True)) for values in itertools.product(*grid.values())]
+
+        def setup(params: dict[str, Any]) -> EASE:
+            self.set_params(**params)
+            return self
+
+        records = tune(setup, split, configs)
+        self.set_params(**records[0]["params"])
+        return records
+
+
+def history_weights(split: Split, recency: float | None) -> sp.csr_matrix:
+    """(n_users, n_items) float32: 1 for every train item of a user, or, with ``recency``, ``exp(-r / recency)``
+    where r is the rank of the item's latest train interaction from the user's newest one (0 = newest; the split's
+    order, so ties at equal timestamps follow its tie-break)."""
+    binary = sp.csr_matrix(split.train > 0, dtype=np.float32)
+    if recency is None:
+        return binary
+    rows = split.frame.loc[split.frame["part"] == "train", ["user_idx", "item_idx"]]
+    rows = rows.assign(rank=rows.groupby("user_idx").cumcount(ascending=False))   # 0 = the user's newest
+    latest = rows.groupby(["user_idx", "item_idx"], sort=False)["rank"].min().reset_index()
+    w = np.exp(-latest["rank"].to_numpy() / float(recency)).astype(np.float32)
+    m = sp.coo_matrix((w, (latest["user_idx"].to_numpy(), latest["item_idx"].to_numpy())), shape=binary.shape)
+    return m.tocsr()
 
 
 class ImplicitALS:
@@ -248,14 +325,14 @@ def fit_tune_evaluate(
     grid: Any = None,
     tuned: bool = True,
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """Tune on validation (ItemKNN, ImplicitALS when ``tuned``), refit on train + validation, evaluate on test.
+    """Tune on validation (ItemKNN, EASE, ImplicitALS when ``tuned``), refit on train + validation, evaluate on test.
 
     Returns the test results (plus ``fit_seconds``, ``tune_seconds`` and ``params`` when tuned) and the
     tuning records (empty when nothing was tuned).
     """
     records: list[dict[str, Any]] = []
     t0 = time.perf_counter()
-    if tuned and isinstance(scorer, ImplicitALS):
+    if tuned and isinstance(scorer, (ImplicitALS, EASE)):
         records = scorer.tune(split, grid)
     elif tuned and isinstance(scorer, ItemKNN):
         records = tune_knn(scorer, split, KNN_GRID if grid is None else grid)

@@ -10,7 +10,15 @@ import pytest
 
 from training.config import DataConfig
 from training.data.synthetic import GroundTruth, generate
-from training.evaluation.baselines import ImplicitALS, ItemKNN, Popularity, fit_tune_evaluate, tune_knn
+from training.evaluation.baselines import (
+    EASE,
+    ImplicitALS,
+    ItemKNN,
+    Popularity,
+    fit_tune_evaluate,
+    history_weights,
+    tune_knn,
+)
 from training.evaluation.harness import evaluate
 from training.evaluation.oracle import Oracle
 from training.evaluation.split import Split, temporal_split
@@ -117,3 +125,37 @@ def test_als_is_deterministic_and_knn_tuning_refits(synthetic: tuple[Split, Grou
     assert len(records) == 2 and knn.k == records[0]["params"]["k"]
     res, _ = fit_tune_evaluate(knn, split, grid=(None, 20))
     assert 0 < res["recall@50"] <= 1 and res["params"]["k"] in (None, 20)
+
+
+def test_ease_is_the_closed_form_and_ranks_co_engaged_items() -> None:
+    a, b, c, d = 1, 2, 3, 4
+    split = _split(
+        [
+            (1, a, "train"), (1, b, "train"), (2, a, "train"), (2, b, "train"), (3, c, "train"), (3, d, "train"),
+            (4, a, "train"), (4, b, "test"),
+        ]
+    )  # fmt: skip
+    ease = EASE(l2=1.0)
+    ease.fit(split)
+    x = (split.train > 0).toarray().astype(np.float64)
+    p = np.linalg.inv(x.T @ x + np.eye(4))
+    b_expected = np.eye(4) - p / np.diag(p)[None, :]
+    np.testing.assert_allclose(ease.b, b_expected, atol=1e-5)
+    assert np.diag(ease.b).tolist() == [0, 0, 0, 0]
+    assert evaluate(ease, split, ks=(1,))["recall@1"] == 1.0   # A -> B, never C or D
+
+
+def test_recency_weights_follow_the_split_order() -> None:
+    frame = pd.DataFrame({"user_id": [1, 1, 1, 1], "pin_id": [10, 11, 12, 13],
+                          "part": ["train", "train", "train", "test"]})
+    split = Split.from_frame(frame)
+    w = history_weights(split, recency=1.0).toarray()[0]
+    np.testing.assert_allclose(w, [np.exp(-2), np.exp(-1), 1.0, 0.0], rtol=1e-6)   # newest train item weighs 1
+    assert history_weights(split, None).toarray()[0].tolist() == [1, 1, 1, 0]
+
+
+def test_ease_is_tuned_on_validation(synthetic: tuple[Split, GroundTruth]) -> None:
+    split, _ = synthetic
+    res, records = fit_tune_evaluate(EASE(), split, grid={"l2": (10.0, 500.0), "recency": (None, 20.0)})
+    assert len(records) == 4 and res["params"] == records[0]["params"]
+    assert records[0]["recall@50"] >= records[-1]["recall@50"] and res["capped_recall@50"] > 0.1
