@@ -84,6 +84,10 @@ class DataConfig:
     """Synthetic: fraction of pins that are near-duplicate copies of another pin's image."""
     zipf_exponent: float = 1.05
     """Synthetic: exponent of the Zipf-like pin popularity within an interest."""
+    other_surface_share: float = 0.25
+    """Synthetic: share of impressions shown on the other surfaces (split evenly between search and related)
+    instead of Homefeed. They come from the same user–pin affinity process, so their engagements say as much
+    about a user's tastes; only Homefeed ones become labels, all feed the cross-surface pre-training mart."""
 
     def __post_init__(self) -> None:
         _check(self.source in ("synthetic", "movielens"), "data.source",
@@ -91,6 +95,8 @@ class DataConfig:
         _positive(self, "data", "n_users", "n_pins", "n_events", "n_interests", "days")
         _check(0 <= self.duplicate_fraction < 1, "data.duplicate_fraction", "must be in [0, 1)")
         _check(self.zipf_exponent > 0, "data.zipf_exponent", "must be > 0")
+        _check(0 <= self.other_surface_share < 0.5, "data.other_surface_share",
+               f"must be in [0, 0.5) (homefeed stays the majority), got {self.other_surface_share}")
         try:
             parse_utc(self.end_date)
         except ValueError as e:
@@ -241,46 +247,147 @@ class ServeConfig:
     """Request threads per worker (sync API methods run on this many threads)."""
     workers: int = 1
     """Worker processes (each loads the live release)."""
+    max_in_flight: int = 32
+    """Requests in flight per worker past which POST /retrieve is refused at once with 503 + Retry-After."""
+    body_seconds: float = 5.0
+    """A request body that has not fully arrived after this long gets 408."""
+    request_seconds: float = 10.0
+    """Server-side timeout of one request."""
+    store_timeout_seconds: float = 1.0
+    """Longest wait on the online store (e.g. a locked SQLite file) before a request gets 503."""
 
     def __post_init__(self) -> None:
-        _positive(self, "serve", "port", "max_k", "max_interests", "max_body_bytes", "threads", "workers")
+        _positive(self, "serve", "port", "max_k", "max_interests", "max_body_bytes", "threads", "workers",
+                  "max_in_flight", "body_seconds", "request_seconds", "store_timeout_seconds")
         _check(self.poll_seconds > 0, "serve.poll_seconds", "must be > 0")
+
+
+def _choice(value: str, name: str, options: tuple[str, ...]) -> None:
+    _check(value in options, name, f"must be one of {', '.join(options)}, got {value!r}")
+
+
+@dataclass
+class PretrainConfig:
+    """Pre-trained ID embeddings (``retrieval pretrain``): user and pin tables learned on a window of engagement
+    that ends where the two-tower's training window begins (``train.window_fraction``)."""
+
+    method: str = "ease_svd"
+    """'contrastive': user and pin tables trained with an in-batch softmax (+ logQ) on every positive engagement of
+    the window, every surface, no positive downsampling; 'ease_svd': the closed-form alternative, a rank-``dim``
+    factorisation of EASE's item-item matrix (history-side and candidate-side pin tables; users = their pooled
+    history)."""
+    dim: int = 48
+    """Width of the pre-trained tables."""
+    recency: float = 10.0
+    """A user's history is pooled with weights exp(-r / recency), r = rank from the newest engagement (0 = newest);
+    the same pooling as the towers' pre-trained history field."""
+    epochs: int = 30
+    """contrastive: maximum epochs (early stopping on the held-back newest tenth of the window)."""
+    batch_size: int = 1024
+    """contrastive: examples per step."""
+    lr: float = 0.01
+    """contrastive: Adam learning rate."""
+    temperature: float = 0.1
+    """contrastive: softmax temperature of the table scores."""
+    l2: float = 500.0
+    """ease_svd: EASE's λ."""
+    seed: int = 0
+    """Seed of the contrastive training."""
+
+    def __post_init__(self) -> None:
+        _choice(self.method, "pretrain.method", ("contrastive", "ease_svd"))
+        _positive(self, "pretrain", "dim", "recency", "epochs", "batch_size", "lr", "temperature", "l2")
 
 
 @dataclass
 class TrainConfig:
     """The two-tower model and its training."""
 
+    backbone: str = "mlp"
+    """Feature crossing in both towers: 'mlp' (concatenated field tokens through an MLP), 'masknet' (parallel
+    MaskNet, Pinterest's variant) or 'dhen' (MLP ∥ MaskNet, then MLP ∥ transformer over the field tokens)."""
     id_embed_dim: int = 64
-    """Width of the id, interest and sequence-item embeddings."""
+    """Width of the learned id, interest and sequence-item embeddings."""
+    field_dim: int = 32
+    """Width of each field token (each feature group is projected to one layer-normalised token)."""
+    hidden_dim: int = 256
+    """Width of the backbone's hidden layers."""
+    masknet_blocks: int = 4
+    """MaskNet / DHEN: parallel mask blocks."""
     out_dim: int = 64
     """Width of the shared user/pin vector space (the ANN index dimension)."""
+    normalize: bool = True
+    """Unit-normalise both towers' outputs (cosine; the pin bias, if any, stays outside). Off: raw inner product
+    (the index searches by inner product either way)."""
+    pin_bias: bool = True
+    """Reserve the last dimension for a per-pin bias: the user tower's last output is the constant 1 and the pin
+    tower's is a learned scalar, so <u, p> = <u', p'> + b_p and popularity is one coordinate (with ``normalize``,
+    u' and p' are unit vectors and the bias comes on top)."""
     temperature: float = 0.05
-    """Softmax temperature τ: score = <u, p> / τ with unit-norm u, p."""
+    """Softmax temperature τ at initialisation: logits = <u, p> / τ."""
+    learn_temperature: bool = True
+    """Learn τ (as a log-scale) with the model."""
+    history_encoder: str = "pool"
+    """How the learned history is read: 'pool' (attention pooling next to a mean) or 'transformer' (one
+    transformer layer over the sequence, then the attention pooling)."""
+    history_recency: float = 10.0
+    """Recency scale of the pre-trained history field: item r (0 = newest) weighs exp(-r / history_recency)."""
+    multi_embedding: int = 0
+    """Multi-embedding users: up to this many user embeddings per user (K_max), one per cluster of the history
+    (maxmin-initialised, single-assignment routing); a user with n history items keeps the first
+    max(1, min(K_max, ceil(log2 n))). 0 = one embedding per user."""
+    routing_iterations: int = 3
+    """Routing rounds of the history clustering."""
+    conditional: bool = False
+    """Conditional retrieval: the user tower also reads an interest id (early fusion, one field like the others;
+    a learned "no condition" value when none is given)."""
+    condition_rate: float = 0.5
+    """Conditional training: the share of examples conditioned on their target pin's interest (the others learn
+    the unconditioned use)."""
     dropout: float = 0.1
     """Dropout inside the tower MLPs."""
     seq_dropout: float = 0.4
-    """Training only: each item of the user's history sequence is dropped with this probability."""
+    """Training only: each item of the user's learned history sequence is dropped with this probability."""
+    pretrained: str = "frozen"
+    """Pre-trained ID embeddings (``retrieval pretrain``): 'none', 'frozen' (as Pinterest: not updated, dropout on
+    top) or 'finetune' (initialised from the table, trained)."""
+    pretrained_dropout: float = 0.5
+    """Dropout on the pre-trained embeddings while training."""
+    pretrained_blend: bool = True
+    """Also append the pre-trained history pool / pin vector to the towers' outputs as their own subspace, so a
+    score is w_learned · learned + w_table · pre-trained, with the weights chosen on validation after training
+    (the index dimension becomes out_dim + pretrain.dim)."""
+    allow_overlapping_pretrain: bool = False
+    """Ablation only: accept a pre-trained table whose window overlaps the training window (never the default)."""
+    window_fraction: float = 0.3
+    """The two-tower trains on the newest ``window_fraction`` of the training interactions (by time); the
+    pre-trained table must end before that window starts. 1 = every interaction (then pre-training is off)."""
+    negatives: str = "in_batch"
+    """'in_batch' (the scalable default: other rows' positives, logQ-corrected) or 'full' (a softmax over every pin
+    of the vocabulary; only for small catalogues)."""
+    random_negatives: int = 0
+    """Extra negatives per step drawn uniformly from the pin vocabulary (mixed negative sampling); 0 = off."""
     logq: bool = True
     """Subtract the streaming log sampling probability of each in-batch pin (logQ correction)."""
     logq_weight: float = 1.0
-    """Scale of the logQ correction: logits - logq_weight · log q (1 = the unbiased correction; more favours
-    popular pins, less favours rare ones)."""
+    """Scale of the logQ correction: logits - logq_weight · log q (1 = the unbiased correction)."""
     batch_size: int = 1024
-    """Positive pairs per step (each row's negatives are the other rows' pins)."""
+    """Positive pairs per step."""
     target_window: int = 1
     """Each example's positive is drawn uniformly from the user's next ``target_window`` engagements (its own
-    label and those after it, within the training data); 1 = next-engagement prediction. Larger windows
-    train the user vector to retrieve the user's whole near future, as retrieval is judged."""
-    random_negatives: int = 0
-    """Extra negatives per step drawn uniformly from the pin vocabulary (mixed negative sampling); 0 = off."""
-    lr: float = 0.01
+    label and those after it, within the training window); 1 = next-engagement prediction."""
+    user_weight_power: float = 0.0
+    """Example weight n_u^-power (n_u = the user's examples): 0 = every example counts once, 1 = every user counts
+    once, as the per-user mean of the evaluation does."""
+    lr: float = 0.003
     """AdamW learning rate."""
+    lr_schedule: str = "constant"
+    """'constant' or 'cosine' (decay to 0 over ``epochs``)."""
     weight_decay: float = 0.0
     """AdamW weight decay."""
-    epochs: int = 40
-    """Maximum epochs."""
-    patience: int = 4
+    epochs: int = 100
+    """Maximum epochs: a safety net, not a schedule (runs stop by validation; the report says when the cap hit)."""
+    patience: int = 6
     """Stop after this many epochs without a better validation recall@valid_k."""
     valid_k: int = 50
     """K of the validation recall used for early stopping."""
@@ -290,13 +397,43 @@ class TrainConfig:
     """torch CPU threads per process."""
 
     def __post_init__(self) -> None:
-        _positive(self, "train",
-                  "id_embed_dim", "out_dim", "batch_size", "target_window", "epochs", "patience", "valid_k", "threads")
+        _positive(self, "train", "id_embed_dim", "field_dim", "hidden_dim", "masknet_blocks", "out_dim", "batch_size",
+                  "target_window", "epochs", "patience", "valid_k", "threads", "history_recency")
+        _choice(self.backbone, "train.backbone", ("mlp", "masknet", "dhen"))
+        _choice(self.history_encoder, "train.history_encoder", ("pool", "transformer"))
+        _choice(self.pretrained, "train.pretrained", ("none", "frozen", "finetune"))
+        _choice(self.negatives, "train.negatives", ("in_batch", "full"))
+        _choice(self.lr_schedule, "train.lr_schedule", ("constant", "cosine"))
         _check(self.temperature > 0, "train.temperature", "must be > 0")
         _check(0 <= self.dropout < 1, "train.dropout", "must be in [0, 1)")
         _check(0 <= self.seq_dropout < 1, "train.seq_dropout", "must be in [0, 1)")
+        _check(0 <= self.pretrained_dropout < 1, "train.pretrained_dropout", "must be in [0, 1)")
+        _check(0 < self.window_fraction <= 1, "train.window_fraction", "must be in (0, 1]")
+        _check(self.pretrained == "none" or self.window_fraction < 1, "train.window_fraction",
+               "must be < 1 with pre-trained ids: the table's window ends where the training window starts")
+        _check(self.multi_embedding >= 0, "train.multi_embedding", "must be >= 0 (0 = one embedding)")
+        _check(self.multi_embedding != 1, "train.multi_embedding", "1 is the single embedding: use 0")
+        _check(0 <= self.condition_rate <= 1, "train.condition_rate", "must be in [0, 1]")
+        _check(self.routing_iterations >= 1, "train.routing_iterations", "must be >= 1")
         _check(self.logq_weight >= 0, "train.logq_weight", "must be >= 0")
+        _check(self.user_weight_power >= 0, "train.user_weight_power", "must be >= 0")
         _check(self.lr > 0, "train.lr", "must be > 0")
+
+
+@dataclass
+class ReportConfig:
+    """``retrieval report``: the two-tower variants next to the baselines on one split."""
+
+    seeds: int = 3
+    """Training seeds of every two-tower row (same split); the table shows mean ± std."""
+    variants: str = "default,backbone,pretrained,negatives"
+    """Comma-separated ablation groups (training/evaluation/report.py: VARIANT_GROUPS; also 'objective', 'extra');
+    'default' alone = the default config only."""
+    baselines: str = "popularity,item-knn,als,ease,ease-recency"
+    """Comma-separated baselines, each tuned on validation and refit on train + validation."""
+
+    def __post_init__(self) -> None:
+        _positive(self, "report", "seeds")
 
 
 def _default_data_dir() -> str:
@@ -314,9 +451,12 @@ class Config:
     contracts: ContractConfig = field(default_factory=ContractConfig)
     transform: TransformConfig = field(default_factory=TransformConfig)
     features: FeatureConfig = field(default_factory=FeatureConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     index: IndexConfig = field(default_factory=IndexConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
+
 
     @property
     def data_path(self) -> Path:

@@ -11,11 +11,18 @@ from training.data.snapshot import load_live
 pytestmark = pytest.mark.slow
 
 WEIGHTS = {"closeup": 1.0, "click": 2.0, "save": 4.0, "hide": 0.0, "impression": 0.0}
+POSITIVE = ("closeup", "click", "save")
 
 
 @pytest.fixture(scope="module")
 def live(pipeline_cfg):
-    snap = load_live(pipeline_cfg)
+    """The live snapshot, its Homefeed events (what labels and features are made of) and its pins."""
+    snap, events, pins = _staged(pipeline_cfg)
+    return snap, events[events["surface"] == "homefeed"], pins
+
+
+def _staged(cfg):
+    snap = load_live(cfg)
     staged = snap.path / "staged"
     return snap, pd.read_parquet(staged / "events.parquet"), pd.read_parquet(staged / "pins.parquet")
 
@@ -32,7 +39,8 @@ def test_build_ran_every_unit_test(pipeline_cfg, live):
                   "same_instant_events_collapse_to_the_strongest", "decayed_engagement_halves_every_half_life",
                   "corpus_keeps_top_pins_by_decayed_engagement_inside_the_window",
                   "user_features_only_see_events_before_their_timestamp",
-                  "user_sequence_holds_engagements_up_to_its_event_newest_first"}
+                  "user_sequence_holds_engagements_up_to_its_event_newest_first",
+                  "labels_keep_homefeed_engagements_only", "pretrain_engagements_keep_positives_of_every_surface"}
     assert unit_tests <= set(snap.manifest["dbt_nodes"])
 
 
@@ -42,6 +50,45 @@ def test_canonical_map_matches_earliest_created_pin(live):
     expected = _canonical(pins).sort_index()
     assert got.to_dict() == expected.to_dict()
     assert (got != got.index).sum() > 0, "the synthetic data must contain near-duplicates"
+
+
+def _engagements(events: pd.DataFrame, pins: pd.DataFrame) -> pd.DataFrame:
+    """Engagement events with canonical pins and weights, ordered so the strongest event of an instant comes
+    first (ties: alphabetical surface, as the dbt model breaks them)."""
+    ev = events[events["event_type"] != "impression"]
+    ev = ev.assign(pin_id=ev["pin_id"].map(_canonical(pins)), weight=ev["event_type"].map(WEIGHTS))
+    return ev.sort_values(["weight", "surface"], ascending=[False, True], kind="stable")
+
+
+KEY = ["user_id", "pin_id", "event_timestamp"]
+
+
+def test_labels_equal_a_recomputation_from_homefeed_events(pipeline_cfg, live):
+    snap, homefeed, pins = live
+    _, events, _ = _staged(pipeline_cfg)
+    other = events[(events["surface"] != "homefeed") & events["event_type"].isin(POSITIVE)]
+    assert len(other) > 0.1 * len(events[events["event_type"].isin(POSITIVE)]), "the data must have other surfaces"
+    strongest = _engagements(homefeed, pins).groupby(KEY, as_index=False).first()
+    expected = strongest.assign(label=(strongest["weight"] > 0).astype("int64"))
+    got = pd.read_parquet(snap.table("fct_engagements"))
+    cols = [*KEY, "event_type", "weight", "label"]
+    pd.testing.assert_frame_equal(got[cols].sort_values(KEY, ignore_index=True),
+                                  expected[cols].sort_values(KEY, ignore_index=True), check_dtype=False)
+
+
+def test_pretrain_engagements_equal_a_pandas_recomputation(pipeline_cfg):
+    snap, events, pins = _staged(pipeline_cfg)
+    positive = _engagements(events[events["event_type"].isin(POSITIVE)], pins)
+    expected = positive.groupby(KEY, as_index=False).first()[[*KEY, "surface", "weight"]]
+    got = pd.read_parquet(snap.table("fct_pretrain_engagements"))
+    assert list(got.columns) == [*KEY, "surface", "weight"]
+    pd.testing.assert_frame_equal(got.sort_values(KEY, ignore_index=True),
+                                  expected.sort_values(KEY, ignore_index=True), check_dtype=False)
+    assert set(got["surface"]) == {"homefeed", "search", "related"}
+    labels = pd.read_parquet(snap.table("fct_engagements"))
+    homefeed = got[got["surface"] == "homefeed"].merge(labels, on=KEY, how="left")
+    assert (homefeed["label"] == 1).all(), "a Homefeed positive is a positive label too"
+    assert len(got) > (labels["label"] == 1).sum()
 
 
 def test_serving_corpus_equals_a_pandas_recomputation(pipeline_cfg, live):

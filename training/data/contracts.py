@@ -7,6 +7,10 @@ file, input rows == accepted + quarantined is asserted. A missing file, a missin
 file is an error naming the file; so is a file whose quarantined fraction exceeds
 ``contracts.max_bad_fraction`` (the message names the file, the worst column and the count).
 
+An events file without a ``surface`` column (written before surfaces existed, or external data that only
+knows one feed) is read as all Homefeed: the column is added before the checks, with one INFO line saying so.
+A file that has the column is held to it like any other: a null or unknown surface is quarantined.
+
 Training set (``TRAINING_SET_SCHEMA``): the point-in-time join's output, checked before it is written.
 """
 
@@ -25,7 +29,7 @@ import pyarrow as pa_arrow
 import pyarrow.parquet as pq
 
 from training.config import ContractConfig, parse_utc
-from training.data.raw import EVENT_TYPES, SCHEMAS, TABLES, to_arrow
+from training.data.raw import EVENT_TYPES, HOMEFEED, SCHEMAS, SURFACES, TABLES, to_arrow
 from training.io import atomic_write_parquet
 
 log = logging.getLogger(__name__)
@@ -86,6 +90,7 @@ def raw_schema(table: str, known: dict[str, np.ndarray], lo: pd.Timestamp, hi: p
             "pin_id": pa.Column(**int_id, checks=ids("pins")),
             "event_type": pa.Column(str, pa.Check.isin(EVENT_TYPES), nullable=False),
             "event_timestamp": pa.Column(**ts, checks=ts_check),
+            "surface": pa.Column(str, pa.Check.isin(SURFACES), nullable=False),
         },
     }[table]
     return pa.DataFrameSchema(columns, name=table, strict=False)
@@ -124,6 +129,9 @@ def check_table(
     table: str, df: pd.DataFrame, schema: pa.DataFrameSchema, path: Path
 ) -> tuple[pd.DataFrame, pd.DataFrame, TableReport]:
     """Split a raw frame into accepted rows (typed) and quarantined rows (as text, with a reason)."""
+    if table == "events" and "surface" not in df.columns:
+        log.info("contract events: %s has no surface column; reading all %s rows as %s", path, f"{len(df):,}", HOMEFEED)
+        df = df.assign(surface=HOMEFEED)
     missing = [c for c in SCHEMAS[table].names if c not in df.columns]
     if missing:
         expected = ", ".join(SCHEMAS[table].names)

@@ -11,7 +11,8 @@ Layouts (detected from the files present):
 Mapping:
 
 - Every rating is an ``impression`` at its timestamp plus an engagement one second later:
-  ``save`` if rating >= 4, else ``click``.
+  ``save`` if rating >= 4, else ``click``. Every event is on the ``homefeed`` surface: a rating says
+  nothing about where the movie was found, and this keeps all of it as training labels.
 - Interests are the genres: ``unknown`` is id 0, then the other genres in alphabetical order
   (ML-100k: its 19 genres in file order, which is exactly that). A movie's ``interest_id`` is its
   first genre (first flagged column / first listed name); a movie without any is ``unknown``.
@@ -43,7 +44,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.csv as pacsv
 
-from training.data.raw import RawTables
+from training.data.raw import HOMEFEED, RawTables
 
 log = logging.getLogger(__name__)
 
@@ -194,6 +195,7 @@ def _events(path: Path, ratings: pd.DataFrame, total: int, users: np.ndarray, mo
             "pin_id": all_item[order],
             "event_type": labels[all_code[order]],
             "event_timestamp": pd.DatetimeIndex(all_ts[order].view("datetime64[us]")).tz_localize("UTC"),
+            "surface": np.full(len(order), HOMEFEED, dtype=object),
         }
     )
 

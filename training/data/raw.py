@@ -7,7 +7,13 @@ A source produces ``RawTables`` and ``write_raw`` stores them as parquet under `
 - ``pins.parquet``      pin_id int64, interest_id int64 (primary topic), image_signature string,
                         created_at timestamp[us, UTC]
 - ``events.parquet``    user_id int64, pin_id int64, event_type string (impression | closeup | click |
-                        save | hide), event_timestamp timestamp[us, UTC]
+                        save | hide), event_timestamp timestamp[us, UTC], surface string (homefeed |
+                        search | related: where the impression was shown; an engagement carries the
+                        surface of its impression)
+
+Only Homefeed events become training labels and features; the other surfaces' positive engagements feed
+the cross-surface pre-training mart (``fct_pretrain_engagements``). An events file written before
+``surface`` existed is read by the contract as all Homefeed (``training.data.contracts``).
 
 Timestamps are written as microsecond, UTC-aware: with duckdb 2.0 a nanosecond tz-aware
 ``event_timestamp`` breaks ``feast materialize``.
@@ -27,6 +33,9 @@ from training.io import atomic_write_parquet
 log = logging.getLogger(__name__)
 
 EVENT_TYPES = ("impression", "closeup", "click", "save", "hide")
+HOMEFEED = "homefeed"
+"""The surface retrieval serves: the only one whose events become training labels and features."""
+SURFACES = (HOMEFEED, "search", "related")
 
 TABLES = ("users", "interests", "pins", "events")
 
@@ -55,6 +64,7 @@ SCHEMAS: dict[str, pa.Schema] = {
             ("pin_id", pa.int64()),
             ("event_type", pa.string()),
             ("event_timestamp", pa.timestamp("us", tz="UTC")),
+            ("surface", pa.string()),
         ]
     ),
 }
@@ -74,8 +84,15 @@ class RawTables:
 
 
 def to_arrow(name: str, df: pd.DataFrame) -> pa.Table:
-    """Convert a frame to the table's exact arrow schema (microsecond UTC timestamps)."""
+    """Convert a frame to the table's exact arrow schema (microsecond UTC timestamps, columns in layout order).
+
+    A missing column is an error naming it, never a silent default: a source must say which surface its
+    events come from (only the contract, reading files, treats a missing ``surface`` as Homefeed).
+    """
     schema = SCHEMAS[name]
+    missing = [c for c in schema.names if c not in df.columns]
+    if missing:
+        raise ValueError(f"{name}: missing column(s) {', '.join(missing)} (raw layout: {', '.join(schema.names)})")
     df = df[schema.names].copy()
     for col in schema.names:
         if pa.types.is_timestamp(schema.field(col).type):

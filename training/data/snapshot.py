@@ -41,7 +41,8 @@ log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 FEATURE_TABLES = ("user_profile", "user_sequence", "user_features", "pin_profile", "pin_features")
-MART_TABLES = ("fct_engagements", "pin_engagement_decayed", "serving_corpus", "pin_canonical_map")
+MART_TABLES = ("fct_engagements", "fct_pretrain_engagements", "pin_engagement_decayed", "serving_corpus",
+               "pin_canonical_map")
 
 
 @dataclass

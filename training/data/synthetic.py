@@ -23,6 +23,14 @@ Generative process (U users, P pins, K interests, latent dimension d = ``LATENT_
 - Outcome of an impression: none / closeup / click / save / hide with multinomial logits
   ``OUTCOME_BIAS + OUTCOME_SLOPE·a`` (higher affinity → more saves, lower → more hides); an
   engagement row follows its impression after 1–30 s.
+- Surface of an impression: ``search`` or ``related`` with probability ``other_surface_share / 2``
+  each, else ``homefeed``; its engagement carries the same surface. The surface is a label on
+  impressions drawn by the process above, not a process of its own, so other-surface engagements
+  hold the same signal about a user's tastes as Homefeed ones (what makes them worth pre-training
+  on); query intent and seed pins are not modelled. It is drawn from its own random stream (one
+  uniform per impression: search below ``share / 2``, related from ``1 - share / 2``): the share
+  changes which events are Homefeed, never the events themselves or the ground truth, and a larger
+  share only moves Homefeed impressions to the other surfaces.
 - Impressions are generated in chunks until the row count reaches ``n_events``; the last chunk
   is cut so the total is ``n_events`` (or one less, when an impression and its engagement would
   straddle the limit).
@@ -43,7 +51,7 @@ import pandas as pd
 from tqdm import tqdm
 
 from training.config import DataConfig, parse_utc
-from training.data.raw import EVENT_TYPES, RawTables
+from training.data.raw import EVENT_TYPES, SURFACES, RawTables
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +78,9 @@ OUTCOME_BIAS = np.array([0.0, -2.2, -2.6, -3.0, -3.5])
 OUTCOME_SLOPE = np.array([0.0, 0.6, 0.8, 1.4, -1.2])
 POSITIVE_OUTCOMES = np.array([1, 2, 3])
 """closeup, click, save: the engagement types counted as positive interactions."""
+
+SURFACE_STREAM = 1
+"""Spawn key of the surface draws' random stream (independent of the main stream seeded by ``seed``)."""
 
 US_PER_SECOND = 1_000_000
 US_PER_HOUR = 3600 * US_PER_SECOND
@@ -356,12 +367,14 @@ def _make_users(rng: np.random.Generator, cfg: DataConfig, has_pins: np.ndarray,
 
 @dataclass
 class _Events:
-    """Event rows (unsorted); arrays of shape (n,): user and pin positions, type code, time."""
+    """Event rows (unsorted); arrays of shape (n,): user and pin positions, type code, time, surface code
+    (index into ``SURFACES``)."""
 
     user: np.ndarray
     pin: np.ndarray
     code: np.ndarray
     ts: np.ndarray
+    surface: np.ndarray
 
 
 def _make_events(
@@ -380,6 +393,8 @@ def _make_events(
     size = np.bincount(pins.interest, minlength=n_interests)
     mass = _zipf_cdf(size + 1.0, cfg.zipf_exponent)
     v = pins.v
+    surface_rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence(cfg.seed, spawn_key=(SURFACE_STREAM,))))
+    share = cfg.other_surface_share
 
     parts: list[_Events] = []
     total = 0
@@ -417,12 +432,15 @@ def _make_events(
             n_rows = np.cumsum(1 + (outcome > 0))
             keep = int(np.searchsorted(n_rows, cfg.n_events - total, side="right"))
             u, p, ts, outcome, delay = u[:keep], p[:keep], ts[:keep], outcome[:keep], delay[:keep]
+            draw = surface_rng.random(keep)  # the i-th impression gets the i-th draw, whatever the chunking
+            surface = np.select([draw < share / 2, draw >= 1 - share / 2], [1, 2], 0).astype(np.int8)
             eng = np.flatnonzero(outcome > 0)
             part = _Events(
                 user=np.concatenate([u, u[eng]]).astype(np.int32),
                 pin=np.concatenate([p, p[eng]]).astype(np.int32),
                 code=np.concatenate([np.zeros(keep, dtype=np.int8), outcome[eng]]),
                 ts=np.concatenate([ts, ts[eng] + delay[eng]]),
+                surface=np.concatenate([surface, surface[eng]]),
             )
             parts.append(part)
             total += len(part.ts)
@@ -433,7 +451,7 @@ def _make_events(
 
 
 def _sort_events(ev: _Events) -> np.ndarray:
-    """(n,) permutation ordering the rows by (time, user, pin, type).
+    """(n,) permutation ordering the rows by (time, user, pin, type, surface).
 
     User and pin positions are in id order, so this sorts by ids too. Timestamps are microseconds
     and nearly unique: sort by time, then re-sort only the runs of tied times by all keys.
@@ -444,7 +462,7 @@ def _sort_events(ev: _Events) -> np.ndarray:
     if len(tied):
         pos = np.union1d(tied, tied + 1)
         sub = order[pos]
-        order[pos] = sub[np.lexsort((ev.code[sub], ev.pin[sub], ev.user[sub], ev.ts[sub]))]
+        order[pos] = sub[np.lexsort((ev.surface[sub], ev.code[sub], ev.pin[sub], ev.user[sub], ev.ts[sub]))]
     return order
 
 
@@ -498,6 +516,7 @@ def generate(cfg: DataConfig) -> tuple[RawTables, GroundTruth]:
             "pin_id": pins.ids[ev.pin[order]],
             "event_type": np.array(EVENT_TYPES, dtype=object)[ev.code[order]],
             "event_timestamp": _utc(ev.ts[order]),
+            "surface": np.array(SURFACES, dtype=object)[ev.surface[order]],
         }
     )
     del ev, order
@@ -525,8 +544,9 @@ def generate(cfg: DataConfig) -> tuple[RawTables, GroundTruth]:
         events=events,
     )
     counts = events["event_type"].value_counts()
+    surfaces = events["surface"].value_counts()
     log.info(
-        "generated %s users (%s active), %s pins (%s near-duplicates), %s interests, %s events over %d days: %s",
+        "generated %s users (%s active), %s pins (%s near-duplicates), %s interests, %s events over %d days: %s; %s",
         f"{cfg.n_users:,}",
         f"{int(active.sum()):,}",
         f"{cfg.n_pins:,}",
@@ -535,5 +555,6 @@ def generate(cfg: DataConfig) -> tuple[RawTables, GroundTruth]:
         f"{len(events):,}",
         cfg.days,
         ", ".join(f"{t}={int(counts.get(t, 0)):,}" for t in EVENT_TYPES),
+        ", ".join(f"{s}={int(surfaces.get(s, 0)):,}" for s in SURFACES),
     )
     return tables, truth

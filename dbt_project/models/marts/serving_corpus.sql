@@ -1,6 +1,7 @@
 -- The pins retrieval serves: canonical pins ranked by engagement decayed to `as_of`, counting only the
 -- last `corpus_window_days`, top `corpus_size`. Engagement on near-duplicates was already remapped to the
--- canonical pin, so each image signature appears once.
+-- canonical pin, so each image signature appears once. Only Homefeed engagement counts: the corpus is what
+-- Homefeed retrieval serves, ranked like the pin features the model was trained on.
 with windowed as (
     select
         e.pin_id,
@@ -9,6 +10,7 @@ with windowed as (
     from {{ ref('int_engagements') }} as e
     cross join {{ ref('int_data_window') }} as w
     where e.weight > 0
+      and e.surface = {{ label_surface() }}
       and e.event_timestamp >= w.corpus_window_start
       and e.event_timestamp < w.as_of
     group by e.pin_id

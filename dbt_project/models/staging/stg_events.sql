@@ -2,5 +2,6 @@ select
     user_id,
     pin_id,
     event_type,
-    event_timestamp
+    event_timestamp,
+    surface
 from {{ source('raw', 'events') }}

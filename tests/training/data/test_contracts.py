@@ -1,5 +1,6 @@
 """pandera contracts on raw inputs: quarantine with reasons, counts add up, clear errors."""
 
+import logging
 from datetime import UTC, datetime
 
 import pandas as pd
@@ -7,7 +8,7 @@ import pytest
 
 from training.config import ContractConfig
 from training.data.contracts import ContractError, validate_raw
-from training.data.raw import RawTables, write_raw
+from training.data.raw import SURFACES, RawTables, write_raw
 
 NOW = datetime(2026, 11, 21, tzinfo=UTC)
 T0 = pd.Timestamp("2026-06-01", tz="UTC")
@@ -24,6 +25,7 @@ def tiny_raw(n_events: int = 200) -> RawTables:
         "pin_id": [10 + i % 3 for i in range(n_events)],
         "event_type": ["impression", "save", "click", "hide"] * (n_events // 4),
         "event_timestamp": [T0 + pd.Timedelta(hours=i) for i in range(n_events)],
+        "surface": [SURFACES[i % len(SURFACES)] for i in range(n_events)],
     })
     return RawTables(users, interests, pins, events)
 
@@ -44,6 +46,7 @@ def test_clean_input_is_accepted_whole(tmp_path):
         "interests": (2, 0), "users": (3, 0), "pins": (3, 0), "events": (200, 0)}
     staged = pd.read_parquet(tmp_path / "build" / "staged" / "events.parquet")
     assert len(staged) == 200 and str(staged["event_timestamp"].dtype) == "datetime64[us, UTC]"
+    assert staged["surface"].tolist() == tiny_raw().events["surface"].tolist()
     assert not (tmp_path / "build" / "quarantine").exists()
 
 
@@ -119,3 +122,32 @@ def test_missing_empty_and_corrupt_files(tmp_path):
     (tmp_path / "raw" / "events.parquet").write_text("user_id,pin_id\n1,2\n")
     with pytest.raises(ContractError, match="events.parquet: cannot be read as parquet"):
         validate_raw(tmp_path / "raw", tmp_path / "build", ContractConfig(), now=NOW)
+
+
+def test_surface_must_be_known_and_present(tmp_path):
+    run(tmp_path, tiny_raw())
+    ev = tiny_raw().events
+    ev.loc[0, "surface"] = "email"       # not a surface
+    ev.loc[1, "surface"] = "Search"      # surfaces are lower case
+    ev.loc[2, "surface"] = None          # missing
+    write_events(tmp_path, ev)
+    reports = validate_raw(tmp_path / "raw", tmp_path / "build", ContractConfig(max_bad_fraction=0.05), now=NOW)
+    assert (reports["events"].accepted, reports["events"].quarantined) == (197, 3)
+    q = pd.read_parquet(tmp_path / "build" / "quarantine" / "events.parquet").set_index("row_number")
+    assert sorted(q.index) == [0, 1, 2]
+    assert q.loc[0, "reason"].startswith("events.surface: isin(") and q.loc[1, "reason"] == q.loc[0, "reason"]
+    assert q.loc[2, "reason"] == "events.surface: not_nullable"
+    staged = pd.read_parquet(tmp_path / "build" / "staged" / "events.parquet")
+    assert set(staged["surface"]) == set(SURFACES)
+
+
+def test_events_without_a_surface_column_are_read_as_homefeed(tmp_path, caplog):
+    run(tmp_path, tiny_raw())
+    write_events(tmp_path, tiny_raw().events.drop(columns=["surface"]))
+    with caplog.at_level(logging.INFO, logger="training.data.contracts"):
+        reports = validate_raw(tmp_path / "raw", tmp_path / "build", ContractConfig(), now=NOW)
+    assert (reports["events"].accepted, reports["events"].quarantined) == (200, 0)
+    staged = pd.read_parquet(tmp_path / "build" / "staged" / "events.parquet")
+    assert (staged["surface"] == "homefeed").all()
+    said = [r for r in caplog.records if "no surface column" in r.getMessage()]
+    assert len(said) == 1 and said[0].levelno == logging.INFO and "events.parquet" in said[0].getMessage()

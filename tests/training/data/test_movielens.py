@@ -30,6 +30,7 @@ def test_ml100k() -> None:
     assert len(ev) == 200_000
     assert ev["event_type"].value_counts().to_dict().keys() == {"impression", "save", "click"}
     assert (ev["event_type"] == "impression").sum() == 100_000
+    assert (ev["surface"] == raw.HOMEFEED).all()
     assert set(tables.users["gender"]) == {"f", "m"}
     assert tables.users["segment"].nunique() == 21
     assert tables.interests["name"].iloc[0] == "unknown" and tables.interests["name"].iloc[-1] == "Western"
@@ -91,6 +92,7 @@ def test_ml_latest_fixture(tmp_path: Path) -> None:
 
     ev = tables.events
     assert len(ev) == 10 and (ev["event_type"] == "impression").sum() == 5
+    assert (ev["surface"] == "homefeed").all()
     engaged = ev[ev["event_type"] != "impression"].set_index(["user_id", "pin_id"])["event_type"].to_dict()
     assert engaged == {(1, 10): "save", (1, 20): "click", (2, 10): "save", (2, 30): "click", (3, 20): "save"}
     save = ev[(ev["user_id"] == 1) & (ev["pin_id"] == 10)]

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from training.config import DataConfig
+from training.config import ConfigError, DataConfig
 from training.data import raw
 from training.data.synthetic import GroundTruth, generate
 from training.evaluation.metrics import recall_at_k
@@ -102,12 +102,60 @@ def test_events_count_order_types_and_times(small: tuple[raw.RawTables, GroundTr
         engaged.sort_values("event_timestamp"),
         impressions.sort_values("event_timestamp"),
         on="event_timestamp",
-        by=["user_id", "pin_id"],
+        by=["user_id", "pin_id", "surface"],  # an engagement is on its impression's surface
         tolerance=pd.Timedelta(seconds=30),
         allow_exact_matches=False,
         suffixes=("", "_impression"),
     )
     assert pairs["event_type_impression"].notna().all()
+
+
+def test_other_surfaces_get_their_share_of_impressions(small: tuple[raw.RawTables, GroundTruth]) -> None:
+    ev = small[0].events
+    assert set(ev["surface"]) == set(raw.SURFACES)
+    share = ev.loc[ev["event_type"] == "impression", "surface"].value_counts(normalize=True)
+    assert SMALL.other_surface_share == 0.25
+    assert abs(1 - share["homefeed"] - SMALL.other_surface_share) < 0.02, share
+    for surface in ("search", "related"):
+        assert abs(share[surface] - SMALL.other_surface_share / 2) < 0.02, share
+    assert (ev["surface"] == "homefeed").mean() > 0.5
+
+
+def test_the_share_only_relabels_impressions(small: tuple[raw.RawTables, GroundTruth]) -> None:
+    """The surface has its own random stream: any share gives the same events and ground truth, and a larger
+    share only moves Homefeed events to the other surfaces."""
+    tables, truth = small
+    keys = ["user_id", "pin_id", "event_type", "event_timestamp"]
+    none, truth_none = generate(dataclasses.replace(SMALL, other_surface_share=0.0))
+    more, _ = generate(dataclasses.replace(SMALL, other_surface_share=0.45))
+    assert (none.events["surface"] == "homefeed").all()
+    for other in (none, more):
+        pd.testing.assert_frame_equal(other.events[keys], tables.events[keys])
+    for f in dataclasses.fields(GroundTruth):
+        np.testing.assert_array_equal(getattr(truth_none, f.name), getattr(truth, f.name), err_msg=f.name)
+    moved = tables.events["surface"] != more.events["surface"]
+    assert moved.any() and (tables.events.loc[moved, "surface"] == "homefeed").all()
+    assert (more.events["surface"] != "homefeed").mean() == pytest.approx(0.45, abs=0.02)
+
+
+def test_other_surface_engagements_follow_the_same_tastes(small: tuple[raw.RawTables, GroundTruth]) -> None:
+    tables, truth = small
+    ev = tables.events[tables.events["event_type"].isin(POSITIVE)]
+    u = np.searchsorted(truth.user_ids, ev["user_id"].to_numpy())
+    p = np.searchsorted(truth.pin_ids, ev["pin_id"].to_numpy())
+    affinity = pd.Series(np.einsum("ij,ij->i", truth.z[u], truth.v[p]), index=ev.index).groupby(ev["surface"]).mean()
+    rng = np.random.default_rng(0)
+    pairs = rng.integers(0, len(truth.user_ids), 20_000), rng.integers(0, len(truth.pin_ids), 20_000)
+    random = np.einsum("ij,ij->i", truth.z[pairs[0]], truth.v[pairs[1]]).mean()
+    for surface in ("search", "related"):
+        assert affinity[surface] > random + 0.2, affinity
+        assert abs(affinity[surface] - affinity["homefeed"]) < 0.1, affinity
+
+
+@pytest.mark.parametrize("share", [-0.1, 0.5, 1.5])
+def test_other_surface_share_is_checked(share: float) -> None:
+    with pytest.raises(ConfigError, match=r"data\.other_surface_share"):
+        DataConfig(other_surface_share=share)
 
 
 def test_near_duplicates_share_signature_and_come_later(small: tuple[raw.RawTables, GroundTruth]) -> None:
