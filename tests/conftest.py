@@ -39,10 +39,12 @@ def checkpoints(pipeline_cfg) -> list[Path]:
     """One short real training run, plus two copies under other model versions (perturbed weights)."""
     import torch
 
+    from training.pretrain import pretrain_stage
     from training.train import train
 
     cfg = dataclasses.replace(pipeline_cfg, train=dataclasses.replace(pipeline_cfg.train, epochs=2, patience=2,
                                                                       batch_size=256, threads=1))
+    pretrain_stage(cfg)
     first = Path(train(cfg)["checkpoint"])
     payload = torch.load(first, weights_only=True)
     paths = [first]
@@ -51,7 +53,9 @@ def checkpoints(pipeline_cfg) -> list[Path]:
         out = pipeline_cfg.data_path / "models" / version / "model.pt"
         out.parent.mkdir(parents=True, exist_ok=True)
         gen = torch.Generator().manual_seed(i)
-        model = {k: v + 0.01 * torch.randn(v.shape, generator=gen) if v.is_floating_point() and "frequency" not in k
+        model = {k: v + 0.01 * torch.randn(v.shape, generator=gen)
+                 if v.is_floating_point() and not any(s in k for s in ("frequency", "blend", "pretrained.weight",
+                                                                       "pretrained_users.weight"))
                  else v for k, v in payload["model"].items()}
         torch.save({**payload, "model_version": version, "model": model}, out)
         paths.append(out)

@@ -5,7 +5,8 @@
     retrieval build                pandera contracts + dbt build, then switch live
     retrieval features             feast apply + materialize (incremental when possible)
     retrieval training-set         point-in-time training set through the feature services
-    retrieval train | report       two-tower training (checkpoint) | model vs baselines report
+    retrieval pretrain             pre-trained ID embeddings (a versioned table under <data_dir>/pretrained)
+    retrieval train | report       two-tower training (checkpoint) | model variants vs baselines report
     retrieval release ACTION       publish | rollback | status | recover: versioned Milvus index + user tower
     retrieval config               print the effective config as YAML
 
@@ -81,8 +82,9 @@ COMMANDS: dict[str, tuple[Callable[[Config, argparse.Namespace], object], str]] 
     "build": (_cmd("build"), "pandera contracts + dbt build, then switch the live snapshot"),
     "features": (_cmd("features"), "feast apply + materialize the live snapshot"),
     "training-set": (_cmd("training_set"), "point-in-time training set through the feature services"),
+    "pretrain": (_cmd("pretrain"), "pre-train user and pin ID embeddings on the window before the training window"),
     "train": (_cmd("train"), "train the two-tower model on the live training set; save the checkpoint"),
-    "report": (_cmd("report"), "two-tower vs popularity, item-kNN and tuned ALS on one split: markdown + PNG"),
+    "report": (_cmd("report"), "two-tower variants (seeds) vs tuned baselines on one split: report.md/.json, plot"),
     "release": (_release, "publish (build + verify + switch) | rollback | status | recover the retrieval release"),
     "config": (_print_config, "print the effective config as YAML"),
 }

@@ -73,20 +73,28 @@ def run_data(cfg: Config, regenerate: bool = True) -> dict[str, float]:
 
 
 def run_all(cfg: Config, regenerate: bool = True, data_only: bool = False) -> dict[str, Any]:
-    """The main job: every data stage, then training and a published release (what the service serves)."""
+    """The main job: every data stage, then the pre-trained ID embeddings (when the model uses them), training
+    and a published release (what the service serves)."""
     seconds: dict[str, Any] = run_data(cfg, regenerate=regenerate)
     if data_only:
         return seconds
     from training.release.publish import publish
 
     results = {}
-    for name, fn in (("train", train), ("publish", publish)):
+    stages = [("pretrain", pretrain)] if cfg.train.pretrained != "none" else []
+    for name, fn in (*stages, ("train", train), ("publish", publish)):
         t0 = time.perf_counter()
         results[name] = fn(cfg)
         seconds[name] = round(time.perf_counter() - t0, 2)
         log.info("stage %s done in %.1fs", name, seconds[name])
     return {"seconds": seconds, "model_version": results["publish"]["live"],
             "test": {k: round(v, 4) for k, v in results["train"]["test"].items() if k.startswith("capped_recall")}}
+
+
+def pretrain(cfg: Config) -> dict[str, Any]:
+    from training.pretrain import pretrain_stage
+
+    return pretrain_stage(cfg)
 
 
 def train(cfg: Config) -> dict[str, Any]:

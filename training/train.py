@@ -36,9 +36,14 @@ from training.evaluation.scorer import TwoTowerScorer
 from training.evaluation.split import Split, load_split
 from training.model.checkpoint import build_model, save_checkpoint
 from training.model.encoding import Encoder, take
-from training.model.two_tower import TwoTower, in_batch_softmax_loss
+from training.model.pretrained import PretrainedTable, check_window, latest_usable
+from training.model.two_tower import TwoTower, closest_embedding, full_softmax_loss, in_batch_softmax_loss
 
 log = logging.getLogger(__name__)
+
+BLEND_GRID = (0.0, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0, math.inf)
+"""Weights of the pre-trained scores against the learned ones tried on validation (inf = the pre-trained scores
+alone; 0 = the learned towers alone)."""
 
 
 def join_process_group() -> tuple[int, int]:
@@ -75,60 +80,86 @@ class FitResult:
     world_size: int = 1
     rank_fingerprints: list[str] = field(default_factory=list)
     """Each rank's final weights (``fingerprint``); all equal when DDP kept the ranks in step."""
+    hit_epoch_cap: bool = False
+    """True when the run ended at ``epochs`` while validation was still improving within ``patience``: the cap,
+    not early stopping, ended it."""
+    blend: dict[str, Any] | None = None
+    """With the pre-trained blend: the weight chosen on validation and the figure of every weight tried."""
 
 
 def train_model(model: TwoTower, encoder: Encoder, examples: pd.DataFrame, tc: TrainConfig,
                 epochs: int | None = None, validate=None) -> FitResult:
-    """Train on positive pairs ``examples`` (training-set rows). ``validate(model) -> float`` is called
-    after each epoch (on rank 0, which broadcasts the figure); the best epoch's weights are restored. Runs
-    unchanged under torchrun (DDP, gloo): every rank takes its shard of each epoch's permutation; gradients
-    are averaged by DDP."""
+    """Train on positive pairs ``examples`` (training-set rows). ``validate(model) -> float`` is called after
+    each epoch (on rank 0, which broadcasts the figure); the best epoch's weights are restored. Runs unchanged under
+    torchrun (DDP, gloo): every rank takes its shard of each epoch's permutation; gradients are averaged."""
     torch.set_num_threads(tc.threads)
     rank, world = rank_and_world()
     users, pins = encoder.users(examples), encoder.pins(examples)
     pin_idx = pins["pin"]
     future = FutureTargets(examples, tc.target_window)
-    # for mixed negatives: each vocabulary pin's latest features among the examples (its PIT row)
+    # each vocabulary pin's latest features among the examples: mixed negatives and the full softmax use them
     latest = examples.assign(_pin=pin_idx.numpy()).sort_values("event_timestamp").drop_duplicates("_pin", keep="last")
+    latest = latest.sort_values("_pin")
     vocab_pins = encoder.pins(latest)
+    vocab_row = torch.full((encoder.n_pins,), -1, dtype=torch.long)
+    vocab_row[torch.from_numpy(latest["_pin"].to_numpy())] = torch.arange(len(latest))
     n_vocab = len(latest)
     n = len(examples)
+    user_codes, user_counts = np.unique(examples["user_id"].to_numpy(), return_inverse=True, return_counts=True)[1:]
+    weights = (torch.from_numpy(user_counts[user_codes].astype(np.float32)) ** -tc.user_weight_power
+               if tc.user_weight_power else None)
     net: torch.nn.Module = model
     if world > 1:
-        net = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=False)
-    opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+        net = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
+    epochs = epochs or tc.epochs
+    steps = n // (tc.batch_size * world) or 1
+    sched = (torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs * steps) if tc.lr_schedule == "cosine"
+             else None)
     gen = torch.Generator().manual_seed(tc.seed)
     best = (-math.inf, 0, None)
     history: list[dict[str, float]] = []
     t0 = time.perf_counter()
     seconds_to_best = 0.0
-    epochs = epochs or tc.epochs
     seen = 0
     for epoch in range(1, epochs + 1):
         model.train()
         perm = torch.randperm(n, generator=gen)
-        steps = n // (tc.batch_size * world) or 1
         total = 0.0
         bar = tqdm(range(steps), desc=f"epoch {epoch}", leave=False, disable=True if rank else None)
         for step in bar:
             batch = perm[(step * world + rank) * tc.batch_size:(step * world + rank + 1) * tc.batch_size]
             target = future.sample(batch, gen)
-            all_ids = _gather(pin_idx[target]) if world > 1 else pin_idx[target]
-            model.frequency.update(all_ids)
-            u, p = net(take(users, batch), take(pins, target))
-            log_q = tc.logq_weight * model.frequency.log_q(pin_idx[target]) if tc.logq else None
-            extra = extra_log_q = extra_ids = None
-            if tc.random_negatives:
-                pick = torch.randint(0, n_vocab, (tc.random_negatives,), generator=gen)
-                extra_x = take(vocab_pins, pick)
-                extra, extra_ids = model.pin_tower(extra_x), extra_x["pin"]
-                extra_log_q = (torch.full((len(pick),), tc.logq_weight * math.log(tc.random_negatives / n_vocab))
-                               if tc.logq else None)
-            loss = in_batch_softmax_loss(u, p, tc.temperature, log_q=log_q, pin_ids=pin_idx[target], extra=extra,
-                                         extra_log_q=extra_log_q, extra_ids=extra_ids)
+            w = None if weights is None else weights[batch]
+            x_users = take(users, batch)
+            if tc.conditional:   # condition on the target's interest for a share of the examples, none for the rest
+                on = torch.rand(len(batch), generator=gen) < tc.condition_rate
+                x_users["condition"] = torch.where(on, pins["interest"][target], torch.zeros_like(on, dtype=torch.long))
+            if tc.negatives == "full":
+                (u, mask), vocab, _, scale = net(x_users, vocab_pins)
+                u = closest_embedding(u, mask, vocab[vocab_row[pin_idx[target]]])
+                loss = full_softmax_loss(u, vocab, vocab_row[pin_idx[target]], scale, weights=w)
+            else:
+                all_ids = _gather(pin_idx[target]) if world > 1 else pin_idx[target]
+                model.frequency.update(all_ids)
+                extra_x = extra_log_q = extra_ids = None
+                if tc.random_negatives:
+                    pick = torch.randint(0, n_vocab, (tc.random_negatives,), generator=gen)
+                    extra_x = take(vocab_pins, pick)
+                    extra_ids = extra_x["pin"]
+                    extra_log_q = (torch.full((len(pick),), tc.logq_weight * math.log(tc.random_negatives / n_vocab))
+                                   if tc.logq else None)
+                (u, mask), p, extra, scale = net(x_users, take(pins, target), extra_x)
+                u = closest_embedding(u, mask, p)
+                log_q = tc.logq_weight * model.frequency.log_q(pin_idx[target]) if tc.logq else None
+                loss = in_batch_softmax_loss(u, p, scale, log_q=log_q, pin_ids=pin_idx[target], weights=w,
+                                             extra=extra, extra_log_q=extra_log_q, extra_ids=extra_ids)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            if sched is not None:
+                sched.step()
             total += loss.item()
             seen += len(batch) * world
             if step % 20 == 0:
@@ -157,9 +188,33 @@ def train_model(model: TwoTower, encoder: Encoder, examples: pd.DataFrame, tc: T
     if world > 1:
         prints = [None] * world
         dist.all_gather_object(prints, fingerprint(model))
-    return FitResult(best_epoch=best[1], best_valid=best[0], epochs_run=len(history), seconds=seconds,
-                     seconds_to_best=seconds_to_best, examples_per_s=seen / seconds, history=history,
-                     world_size=world, rank_fingerprints=prints)
+    return FitResult(best_epoch=best[1], best_valid=best[0], epochs_run=len(history),
+                     seconds=seconds, seconds_to_best=seconds_to_best, examples_per_s=seen / max(seconds, 1e-9),
+                     history=history, world_size=world, rank_fingerprints=prints,
+                     hit_epoch_cap=validate is not None and len(history) == epochs and epochs - best[1] < tc.patience)
+
+
+def choose_blend(model: TwoTower, scorer: TwoTowerScorer, split: Split, k: int) -> dict[str, Any]:
+    """Pick the weight of the pre-trained scores against the learned ones on validation recall@``k``
+    (``BLEND_GRID``) and set it on both towers; returns every tried weight's figure. The towers run once: a
+    blended score is learned + w · pre-trained, computed from the two subspaces. Rank 0 decides (broadcast)."""
+    rank, world = rank_and_world()
+    for tower in (model.user_tower, model.pin_tower):
+        tower.set_blend(1.0, 1.0)
+    scorer.prepare("valid")
+    learned_dim = model.user_tower.out.out_features
+    figures = {}
+    for w in BLEND_GRID:
+        parts = (0.0, 1.0) if math.isinf(w) else (1.0, w)
+        blended = scorer.reweighted(learned_dim, *parts)
+        figures[str(w)] = _on_rank0(lambda b=blended: float(
+            evaluate(b, split, ks=(k,), on="valid", curve_k=k, ndcg_k=10, interest_k=k)[f"recall@{k}"]), rank, world)
+    best = max(BLEND_GRID, key=lambda w: (figures[str(w)], -BLEND_GRID.index(w)))
+    learned, table = (0.0, 1.0) if math.isinf(best) else (1.0, best)
+    for tower in (model.user_tower, model.pin_tower):
+        tower.set_blend(learned, table)
+    log.info("pre-trained blend weight %s (valid %s)", best, {k: round(v, 4) for k, v in figures.items()})
+    return {"weight": str(best), "learned": learned, "table": table, "valid": figures}
 
 
 def _on_rank0(fn, rank: int, world: int) -> float:
@@ -214,22 +269,43 @@ class Trained:
     result: FitResult
     scorer: TwoTowerScorer
     """The model behind the harness's Scorer protocol, on the split it was trained on."""
+    window_start: str = ""
+    """ISO UTC start of the training window."""
+    pretrained: dict[str, Any] | None = None
+    """The pre-trained table used: id, method, width and window."""
 
 
-def fit(cfg: Config, training_set: pd.DataFrame, split: Split, manifest: dict[str, Any]) -> Trained:
-    """Train on the split's train-proper examples with early stopping on validation recall@``valid_k``.
+def fit(cfg: Config, training_set: pd.DataFrame, split: Split, manifest: dict[str, Any],
+        table: PretrainedTable | None = None) -> Trained:
+    """Train on the split's train-proper examples of the training window with early stopping on validation
+    recall@``valid_k``.
 
-    Not refit on train + validation (unlike the baselines): validation interactions still reach the model at
-    test time, as the users' point-in-time history features."""
+    The training window is the newest ``train.window_fraction`` of the train-proper interactions. With
+    pre-trained IDs, ``table`` (default: the newest table under <data_dir>/pretrained that ends by the window's
+    start) must not overlap it (``train.allow_overlapping_pretrain`` is for the ablation only). Not refit on
+    train + validation (unlike the baselines): validation interactions still reach the model at test time, as
+    the users' point-in-time history features."""
     if split.is_merged:
         raise ValueError("the two-tower model early-stops on validation: fit it on a split with validation")
     tc = cfg.train
+    start = split.window_start(tc.window_fraction)
+    if tc.pretrained != "none":
+        if table is None:
+            table = latest_usable(cfg.data_path / "pretrained", start.to_pydatetime(), tc.allow_overlapping_pretrain)
+        check_window(table, start.to_pydatetime(), tc.allow_overlapping_pretrain)
+    else:
+        table = None
     parts = split.frame[["user_id", "pin_id", "event_timestamp", "part"]]
     rows = training_set.merge(parts, on=["user_id", "pin_id", "event_timestamp"], how="inner")
-    train_rows = rows[rows["part"] == "train"].reset_index(drop=True)
+    train_rows = rows[(rows["part"] == "train") & (rows["event_timestamp"] >= start)].reset_index(drop=True)
+    if train_rows.empty:
+        raise ValueError(f"no training example in the window starting {start}: raise train.window_fraction")
     encoder = Encoder.fit(train_rows, manifest["n_interests"], history_length=cfg.transform.history_length,
-                          top_interests=cfg.transform.top_interests)
-    model = build_model(encoder, tc)
+                          top_interests=cfg.transform.top_interests,
+                          extra_pin_ids=None if table is None else table.pin_ids,
+                          user_ids=None if table is None else table.user_ids,
+                          pin_interest=training_set.drop_duplicates("pin_id").set_index("pin_id")["interest_id"])
+    model = build_model(encoder, tc, None if table is None else table.aligned(encoder.pin_ids, encoder.user_ids))
     scorer = TwoTowerScorer(cfg, model, encoder, training_set, split, manifest["feature_services"]["pin"])
 
     def validate(_model: TwoTower) -> float:
@@ -237,10 +313,16 @@ def fit(cfg: Config, training_set: pd.DataFrame, split: Split, manifest: dict[st
         return evaluate(scorer.prepare("valid"), split, ks=(k,), on="valid", curve_k=k, ndcg_k=10,
                         interest_k=k)[f"recall@{k}"]
 
+    log.info("two-tower fit on %s examples from %s%s", f"{len(train_rows):,}", start,
+             f" with pre-trained table {table.table_id}" if table is not None else "")
     result = train_model(model, encoder, train_rows, tc, validate=validate)
     log.info("two-tower fit: best epoch %s, %.1fs to best, %.0f examples/s", result.best_epoch,
              result.seconds_to_best, result.examples_per_s)
-    return Trained(model, encoder, result, scorer)
+    if model.user_tower.blend_dim is not None:
+        result.blend = choose_blend(model, scorer, split, tc.valid_k)
+    info = None if table is None else {"table_id": table.table_id, "method": table.method, "dim": table.dim,
+                                       "window_start": table.window_start, "window_end": table.window_end}
+    return Trained(model, encoder, result, scorer, window_start=start.isoformat(), pretrained=info)
 
 
 def train(cfg: Config) -> dict[str, Any]:
@@ -258,7 +340,8 @@ def train(cfg: Config) -> dict[str, Any]:
             "config": asdict(cfg.train),
             "encoder": trained.encoder.state(),
             "model": trained.model.state_dict(),
-            "fit": asdict(trained.result),
+            "fit": {**asdict(trained.result), "window_start": trained.window_start},
+            "pretrained": trained.pretrained,
             "model_version": version,
             "feature_services": manifest["feature_services"],
             "interest_ids": manifest["interest_ids"],

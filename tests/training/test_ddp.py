@@ -12,7 +12,8 @@ import torch
 pytestmark = pytest.mark.slow
 
 
-def test_cli_under_torchrun_trains_two_ranks_and_rank0_alone_writes(pipeline_cfg, tmp_path):
+def test_cli_under_torchrun_trains_two_ranks_and_rank0_alone_writes(pipeline_cfg, checkpoints, tmp_path):
+    """(``checkpoints`` pre-trained the ID table the ranks pick.)"""
     bin_dir = Path(sys.executable).parent
     models = pipeline_cfg.data_path / "models"
     before = set(models.glob("*/model.pt"))

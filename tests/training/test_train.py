@@ -23,22 +23,26 @@ from training.train import train
 pytestmark = pytest.mark.slow
 
 
-def test_short_training_run_beats_chance_and_reloads(pipeline_cfg):
+@pytest.mark.parametrize("backbone", ["mlp", "masknet", "dhen"])
+def test_short_training_run_beats_chance_and_reloads(pipeline_cfg, checkpoints, backbone):
     cfg = dataclasses.replace(pipeline_cfg, train=dataclasses.replace(pipeline_cfg.train, epochs=3, patience=3,
-                                                                      batch_size=256, threads=1))
-    out = train(cfg)
+                                                                      batch_size=256, threads=1, backbone=backbone))
+    out = train(cfg)   # the `checkpoints` fixture pre-trained the ID table this run picks
     test = out["test"]
-    # 900 pins: a random ranking would put ~50/900 of the relevant items in the top 50
-    assert test["recall@50"] > 3 * 50 / test["items"]
+    # a random ranking puts ~50/items of the relevant items in the top 50. Three epochs on 30% of a small world,
+    # with a table pre-trained before that window: a smoke test of learning, not of quality (`retrieval report`)
+    assert test["recall@50"] > 1.5 * 50 / test["items"]
     model, enc, ckpt = load_checkpoint(out["checkpoint"])
     assert ckpt["model_version"] == out["model_version"]
     assert ckpt["feature_services"] == {"user": "user_tower_v1", "pin": "pin_tower_v1"}
     assert ckpt["snapshot_id"] and ckpt["config"]["epochs"] == 3 and ckpt["fit"]["world_size"] == 1
+    assert ckpt["config"]["backbone"] == backbone and ckpt["pretrained"]["table_id"]
+    assert ckpt["pretrained"]["window_end"] <= ckpt["fit"]["window_start"]   # the non-overlap rule, recorded
     rows = pd.read_parquet(pipeline_cfg.data_path / "training" / "training_set.parquet").head(64)
     with torch.no_grad():
         u = model.user_tower(enc.users(rows))
         p = model.pin_tower(enc.pins(rows))
-    assert u.shape == (64, cfg.train.out_dim) and torch.allclose(p.norm(dim=1), torch.ones(64))
+    assert u.shape == p.shape == (64, model.user_tower.dim) and torch.isfinite(u).all() and torch.isfinite(p).all()
 
 
 def test_exported_user_tower_is_small_and_reproduces_the_training_model(pipeline_cfg, checkpoints, tmp_path):

@@ -1,8 +1,11 @@
-"""Stage: the two-tower model next to the baselines, in one run, on one split, and the report files.
+"""Stage: the two-tower variants next to the baselines, in one run, on one split, and the report files.
 
-``retrieval report`` fits popularity, item-kNN and tuned ALS (and, on synthetic data, scores the generator's
-oracle) and the two-tower model (``training.train.fit``), evaluates all of them on the test part with the
-same harness and writes ``report.md``, ``results.json`` and PNG plots.
+``retrieval report`` tunes and fits the baselines once (popularity, item-kNN, ALS, EASE, EASE with a
+recency-weighted history; on synthetic data also the generator's oracle) and trains every two-tower variant
+(the default config and the ablation groups of ``report.variants``) with ``report.seeds`` seeds, evaluates all
+of them on the test part with the same harness, and writes ``report.md`` (mean ± std, a verdict per metric),
+``report.json`` (every run's metrics, each variant's config, examples/s, seconds to the best checkpoint, the user
+tower's CPU time per request) and a recall@K plot.
 
 Protocol (``training.evaluation``): per user, the last 20% of positive interactions are test and the last
 10% of the rest validation; full ranking over every canonical pin in the interactions, excluding the
@@ -31,43 +34,265 @@ from training.evaluation.split import load_split
 log = logging.getLogger(__name__)
 
 
+BASELINES = {
+    "popularity": ("popularity", lambda: _baselines().Popularity()),
+    "item-knn": ("item-kNN (tuned)", lambda: _baselines().ItemKNN()),
+    "als": ("ALS (tuned)", lambda: _baselines().ImplicitALS()),
+    "ease": ("EASE (tuned)", lambda: _baselines().EASE()),
+    "ease-recency": ("EASE, recency-weighted history (tuned)", lambda: _baselines().EASE()),
+}
+"""Report baselines: name -> (row label, factory). EASE with recency is tuned over recency scales too."""
+EASE_RECENCY_GRID = {"l2": (100.0, 200.0, 500.0, 1000.0), "recency": (None, 10.0, 20.0, 50.0)}
+
+VARIANT_GROUPS: dict[str, list[tuple[str, dict[str, Any]]]] = {
+    "default": [("two-tower (default config)", {})],
+    "backbone": [("backbone = mlp", {"train.backbone": "mlp"}), ("backbone = masknet", {"train.backbone": "masknet"}),
+                 ("backbone = dhen", {"train.backbone": "dhen"})],
+    "pretrained": [
+        ("no pre-trained ids (all interactions)", {"train.pretrained": "none", "train.window_fraction": 1.0}),
+        ("pre-trained ids fine-tuned", {"train.pretrained": "finetune"}),
+        ("pre-trained ids frozen + dropout 0.5", {"train.pretrained": "frozen", "train.pretrained_dropout": 0.5}),
+        ("frozen + dropout, OVERLAPPING window (ablation)", {"train.pretrained": "frozen",
+                                                              "train.allow_overlapping_pretrain": True,
+                                                              "overlap": True}),
+        ("pre-training = contrastive", {"pretrain.method": "contrastive"}),
+        ("pre-training = ease_svd", {"pretrain.method": "ease_svd"}),
+    ],
+    "negatives": [("full softmax", {"train.negatives": "full"})],
+    "objective": [("target window 10", {"train.target_window": 10}),
+                  ("history transformer", {"train.history_encoder": "transformer"})],
+    "extra": [("in-batch + 1024 uniform (mixed)", {"train.random_negatives": 1024}),
+              ("no pre-trained blend (fields only)", {"train.pretrained_blend": False}),
+              ("in-batch without logQ", {"train.logq": False}),
+              ("frozen, no dropout", {"train.pretrained_dropout": 0.0}),
+              ("every user counts once", {"train.user_weight_power": 1.0}),
+              ("cosine learning-rate schedule", {"train.lr_schedule": "cosine"}),
+              ("fixed temperature", {"train.learn_temperature": False}),
+              ("raw inner product (no normalisation)", {"train.normalize": False})],
+}
+"""Named ablation groups: (row label, config overrides; ``overlap`` = pre-train a table that overlaps)."""
+HEADLINE = ("capped_recall@10", "capped_recall@50", "capped_recall@100", "recall@50", "ndcg@10", "coverage@50")
+
+
+def _baselines():
+    from training.evaluation import baselines
+
+    return baselines
+
+
+def _variants(spec: str, cfg: Config) -> list[tuple[str, dict[str, Any]]]:
+    """The report's two-tower rows: the default config first, then every group's rows that differ from it."""
+    out, seen = [], set()
+    for group in ["default", *[g.strip() for g in spec.split(",") if g.strip() and g.strip() != "default"]]:
+        if group not in VARIANT_GROUPS:
+            raise ValueError(f"report.variants: unknown group {group!r} (known: {', '.join(VARIANT_GROUPS)})")
+        for label, overrides in VARIANT_GROUPS[group]:
+            key = _effective(cfg, overrides)
+            if key in seen:
+                continue
+            seen.add(key)
+            out.append((label, overrides))
+    return out
+
+
+def _effective(cfg: Config, overrides: dict[str, Any]) -> str:
+    c = _with(cfg, overrides)
+    used = {"train": c.train, "pretrain": c.pretrain if c.train.pretrained != "none" else None,
+            "overlap": bool(overrides.get("overlap"))}
+    return json.dumps(used, default=lambda o: o.__dict__, sort_keys=True)
+
+
+def _with(cfg: Config, overrides: dict[str, Any]) -> Config:
+    raw = cfg.to_dict()
+    for key, value in overrides.items():
+        if key == "overlap":
+            continue
+        section, name = key.split(".")
+        raw[section][name] = value
+    return Config.from_dict(raw)
+
+
+def user_tower_cost(model, encoder, rows, n: int = 200) -> dict[str, float]:
+    """CPU time of the user tower for one request (one user, one thread), p50 / p99 in ms over ``n`` users."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    sample = rows.sample(min(n, len(rows)), random_state=0)
+    times = []
+    try:
+        with torch.no_grad():
+            for i in range(len(sample)):
+                x = encoder.users(sample.iloc[i:i + 1])
+                t0 = time.perf_counter()
+                model.user_tower(x)
+                times.append((time.perf_counter() - t0) * 1e3)
+    finally:
+        torch.set_num_threads(threads)
+    return {"p50_ms": float(np.percentile(times[10:], 50)), "p99_ms": float(np.percentile(times[10:], 99))}
+
+
+def _aggregate(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    keys = [k for k, v in runs[0].items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    mean = {k: float(np.mean([r[k] for r in runs])) for k in keys}
+    std = {k: float(np.std([r[k] for r in runs], ddof=1)) if len(runs) > 1 else 0.0 for k in keys}
+    curve = np.mean([r["recall_curve"] for r in runs], axis=0).tolist() if "recall_curve" in runs[0] else []
+    return {"mean": mean, "std": std, "recall_curve": curve}
+
+
 def report(cfg: Config, out_dir: Path | None = None) -> dict[str, Any]:
-    """Every model on the same split with the same metric code; writes the report."""
+    """The baselines (tuned on validation, once) and every two-tower variant (``report.seeds`` training seeds)
+    on one split with the same metric code; writes report.md, report.json and plots, and a verdict per metric."""
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
-    from training.evaluation.baselines import ImplicitALS, ItemKNN, Popularity, fit_tune_evaluate
+    from training.evaluation.baselines import fit_tune_evaluate
+    from training.pretrain import pretrain
     from training.train import fit
 
     ts, split, manifest = load_split(cfg)
-    results: dict[str, dict[str, Any]] = {}
-    for name, scorer in (("popularity", Popularity()), ("item-kNN", ItemKNN()), ("ALS tuned", ImplicitALS())):
+    started = time.perf_counter()
+    baselines: dict[str, dict[str, Any]] = {}
+    for name in [b.strip() for b in cfg.report.baselines.split(",") if b.strip()]:
+        if name not in BASELINES:
+            raise ValueError(f"report.baselines: unknown baseline {name!r} (known: {', '.join(BASELINES)})")
+        label, factory = BASELINES[name]
         t0 = time.perf_counter()
-        results[name] = fit_tune_evaluate(scorer, split)[0]
-        log.info("%s: recall@50 %.4f (%.1fs)", name, results[name]["capped_recall@50"], time.perf_counter() - t0)
-    trained = fit(cfg, ts, split, manifest)
-    results["two-tower"] = evaluate(trained.scorer.prepare("test"), split, on="test")
-    results["two-tower"]["fit_seconds"] = round(trained.result.seconds, 2)
+        grid = EASE_RECENCY_GRID if name == "ease-recency" else None
+        res, _ = fit_tune_evaluate(factory(), split, grid=grid)
+        res["seconds"] = round(time.perf_counter() - t0, 2)
+        baselines[label] = res
+        log.info("%s: capped recall@10 %.4f @50 %.4f (%.1fs)", label, res["capped_recall@10"],
+                 res["capped_recall@50"], res["seconds"])
     truth_path = raw_dir(cfg) / "ground_truth.npz"
-    services = ", ".join(manifest["feature_services"].values())
-    notes = [f"Data snapshot `{manifest['snapshot_id']}`, training set through {services}; "
-             f"{split.n_users} users, {split.n_items} candidate pins. recall@K = hits / min(|relevant|, K); "
-             "plain recall = hits / |relevant|.",
-             f"Two-tower: best epoch {trained.result.best_epoch}, {trained.result.seconds_to_best:.1f}s to the best "
-             f"checkpoint, {trained.result.examples_per_s:,.0f} examples/s."]
     if cfg.data.source == "synthetic" and truth_path.exists():
         from training.data.synthetic import GroundTruth
         from training.evaluation.oracle import Oracle
 
         oracle = Oracle(GroundTruth.load(truth_path))
         oracle.fit(split)
-        results["oracle"] = evaluate(oracle, split, on="test")
-        ratio = results["two-tower"]["recall@50"] / results["oracle"]["recall@50"]
-        notes.append(f"Two-tower plain recall@50 is {ratio:.1%} of the generator's oracle.")
-    out = out_dir or cfg.data_path / "reports" / manifest["snapshot_id"]
-    md = write_report(results, out, title=f"Retrieval report ({cfg.data.source})", notes=notes)
+        baselines["oracle (generator's ground truth)"] = evaluate(oracle, split, on="test")
+
+    tables: dict[str, Any] = {}
+    variants: dict[str, dict[str, Any]] = {}
+    for label, overrides in _variants(cfg.report.variants, cfg):
+        runs = []
+        for seed in range(cfg.report.seeds):
+            vc = _with(cfg, {**overrides, "train.seed": seed, "pretrain.seed": seed})
+            table = None
+            if vc.train.pretrained != "none":
+                key = json.dumps([vars(vc.pretrain), vc.train.window_fraction, bool(overrides.get("overlap"))],
+                                 sort_keys=True)
+                if key not in tables:
+                    tables[key] = pretrain(vc, split, manifest["snapshot_id"], overlap=bool(overrides.get("overlap")))
+                table = tables[key]
+            trained = fit(vc, ts, split, manifest, table=table)
+            res = evaluate(trained.scorer.prepare("test"), split, on="test")
+            r = trained.result
+            test_rows = ts[ts["label"] == 1]
+            res.update({"seed": seed, "best_epoch": r.best_epoch, "epochs_run": r.epochs_run,
+                        "hit_epoch_cap": r.hit_epoch_cap, "examples_per_s": r.examples_per_s,
+                        "seconds_to_best": r.seconds_to_best, "fit_seconds": r.seconds,
+                        "valid": (max(r.blend["valid"].values()) if r.blend else r.best_valid),
+                        "blend_weight": (r.blend or {}).get("weight"),
+                        "user_tower_ms": user_tower_cost(trained.model, trained.encoder, test_rows)["p50_ms"]})
+            runs.append(res)
+            log.info("%s seed %d: capped recall@10 %.4f @50 %.4f (valid %.4f)", label, seed,
+                     res["capped_recall@10"], res["capped_recall@50"], res["valid"])
+        variants[label] = {"overrides": {k: v for k, v in overrides.items()},
+                           "config": {"train": vars(_with(cfg, overrides).train),
+                                      "pretrain": vars(_with(cfg, overrides).pretrain)},
+                           "runs": runs, **_aggregate(runs)}
+    verdict = _verdict(variants, baselines)
+    out = Path(out_dir or cfg.data_path / "reports" / manifest["snapshot_id"])
+    md = _write(out, cfg, manifest, split, baselines, variants, verdict, time.perf_counter() - started)
     log.info("report %s", md)
-    keys = ("capped_recall@10", "capped_recall@50", "capped_recall@100", "recall@50", "ndcg@10", "coverage@50",
-            "logpop@50")
-    return {"report": str(md), **{m: {k: round(r[k], 4) for k in keys if k in r} for m, r in results.items()}}
+    return {"report": str(md), "verdict": verdict["lines"],
+            **{label: {k: round(v["mean"][k], 4) for k in HEADLINE} for label, v in variants.items()},
+            **{label: {k: round(b[k], 4) for k in HEADLINE if k in b} for label, b in baselines.items()}}
+
+
+def _verdict(variants: dict[str, dict[str, Any]], baselines: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The best two-tower config (by mean validation recall, never test) against the best baseline of each
+    headline metric (its test figure): 'wins' only when mean − std is above it."""
+    real = {k: v for k, v in baselines.items() if not k.startswith("oracle")}
+    best = max(variants, key=lambda v: variants[v]["mean"]["valid"])
+    default = next(iter(variants))
+    lines = []
+    out: dict[str, Any] = {"best_by_validation": best, "default": default, "metrics": {}}
+    for label in dict.fromkeys([default, best]):
+        v = variants[label]
+        parts = []
+        for metric in ("capped_recall@10", "capped_recall@50"):
+            top = max(real, key=lambda b: real[b][metric])
+            lo = v["mean"][metric] - v["std"][metric]
+            won = lo > real[top][metric]
+            out["metrics"].setdefault(label, {})[metric] = {"mean": v["mean"][metric], "std": v["std"][metric],
+                                                            "best_baseline": top, "baseline": real[top][metric],
+                                                            "wins": won}
+            parts.append(f"{metric.replace('capped_', '')} {v['mean'][metric]:.3f} ± {v['std'][metric]:.3f} "
+                         f"{'WINS over' if won else 'does NOT beat'} {top} {real[top][metric]:.3f}")
+        tag = "default config" if label == default else "best config by validation"
+        lines.append(f"{tag} ({label}): " + "; ".join(parts))
+    out["lines"] = lines
+    return out
+
+
+def _write(out: Path, cfg: Config, manifest: dict[str, Any], split, baselines: dict[str, dict[str, Any]],
+           variants: dict[str, dict[str, Any]], verdict: dict[str, Any], seconds: float) -> Path:
+    out.mkdir(parents=True, exist_ok=True)
+    cols = ("capped_recall@10", "capped_recall@50", "capped_recall@100", "ndcg@10", "coverage@50")
+    lines = [f"# Retrieval report ({cfg.data.source})", "",
+             f"Data snapshot `{manifest['snapshot_id']}`; {split.n_users} users, {split.n_items} candidate pins. "
+             "recall@K = hits / min(|relevant|, K) (capped); baselines tuned on validation and refit on "
+             f"train + validation; two-tower rows: mean ± std over {cfg.report.seeds} training seeds, each early-"
+             "stopped on validation; the best config is chosen by validation recall, never by test.", "",
+             *[f"**Verdict**: {line}" for line in verdict["lines"]], "",
+             "| model | " + " | ".join(c.replace("capped_", "") for c in cols)
+             + " | valid R@50 | examples/s | s to best | epochs (cap hit) | user tower p50 ms |",
+             "|---|" + "---:|" * (len(cols) + 5)]
+    for label, b in baselines.items():
+        lines.append(f"| {label} | " + " | ".join(f"{b[c]:.3f}" for c in cols) + " | | | | | |")
+    for label, v in variants.items():
+        m, s, runs = v["mean"], v["std"], v["runs"]
+        caps = sum(r["hit_epoch_cap"] for r in runs)
+        lines.append(f"| {label} | " + " | ".join(f"{m[c]:.3f} ± {s[c]:.3f}" for c in cols)
+                     + f" | {m['valid']:.3f} | {m['examples_per_s']:,.0f} | {m['seconds_to_best']:.1f} | "
+                     f"{m['best_epoch']:.1f} / {m['epochs_run']:.1f}{f' ({caps} cap)' if caps else ''} | "
+                     f"{m['user_tower_ms']:.2f} |")
+    lines += ["", f"Report computed in {seconds / 60:.1f} min. Blend weights chosen on validation: "
+              + "; ".join(f"{label}: {[r['blend_weight'] for r in v['runs']]}" for label, v in variants.items()
+                          if any(r["blend_weight"] for r in v["runs"])), ""]
+    curves = {**{k: b for k, b in baselines.items()},
+              **{k: {"recall_curve": v["recall_curve"]} for k, v in variants.items()}}
+    _plot(curves, out / "recall_curve.png", f"Retrieval report ({cfg.data.source})")
+    lines += ["![recall@K](recall_curve.png)", ""]
+    (out / "report.json").write_text(json.dumps({"data": cfg.data.source, "snapshot_id": manifest["snapshot_id"],
+                                                 "users": split.n_users, "items": split.n_items,
+                                                 "seeds": cfg.report.seeds, "baselines": baselines,
+                                                 "two_tower": variants, "verdict": verdict},
+                                                indent=2, default=_jsonable))
+    md = out / "report.md"
+    md.write_text("\n".join(lines))
+    return md
+
+
+def _plot(results: Mapping[str, Mapping[str, Any]], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for name, res in results.items():
+        curve = res.get("recall_curve") or []
+        ax.plot(np.arange(1, len(curve) + 1), curve, label=name, lw=1)
+    ax.set_xlabel("K")
+    ax.set_ylabel("recall@K")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def write_report(

@@ -44,13 +44,8 @@ class TwoTowerScorer:
             raise ValueError("a TwoTowerScorer scores the split its model was trained on")
 
     def score(self, user_idx: np.ndarray) -> np.ndarray:
-        u = self._user_vectors[user_idx]                          # (n, D)
-        bucket = self._user_bucket[user_idx]                      # (n,)
-        out = np.empty((len(user_idx), self._pin_vectors.shape[1]), dtype=np.float32)
-        for b in np.unique(bucket):
-            rows = bucket == b
-            out[rows] = u[rows] @ self._pin_vectors[b].T
-        return out
+        """A pin's score is its best inner product with any of the user's embeddings (one, or up to K)."""
+        return _best_of(self._user_vectors[user_idx], self._user_bucket[user_idx], self._pin_vectors)
 
     def prepare(self, on: Literal["valid", "test"]) -> TwoTowerScorer:
         """Embed every evaluable user at their cut-off (first ``on`` interaction) and the candidates at
@@ -61,7 +56,9 @@ class TwoTowerScorer:
                  .drop_duplicates("user_id"))
         rows = first[KEYS + ["user_idx"]].merge(self.training_set, on=KEYS, how="left")
         users = run_tower(self.model.user_tower, self.encoder.users(rows))
-        self._user_vectors = np.zeros((split.n_users, users.shape[1]), dtype=np.float32)
+        if users.ndim == 2:
+            users = users[:, None, :]                            # (n, K, D): K = 1 for one embedding
+        self._user_vectors = np.zeros((split.n_users, *users.shape[1:]), dtype=np.float32)
         self._user_bucket = np.zeros(split.n_users, dtype=np.int64)
         self._user_vectors[rows["user_idx"].to_numpy()] = users
         cutoffs = rows["event_timestamp"]
@@ -70,6 +67,11 @@ class TwoTowerScorer:
         self._pin_vectors = np.stack([run_tower(self.model.pin_tower, self.encoder.pins(self._pins_at(t)))
                                       for t in times])       # (T, n_items, D)
         return self
+
+    def reweighted(self, split_dim: int, first: float, second: float) -> _Reweighted:
+        """A scorer over the vectors ``prepare`` computed, with the coordinates before ``split_dim`` weighted by
+        ``first`` and the rest by ``second`` (a blend of two subspaces, without running the towers again)."""
+        return _Reweighted(self, split_dim, first, second)
 
     def _pins_at(self, t: pd.Timestamp) -> pd.DataFrame:
         """Pin features of every candidate as of ``t`` through the pin feature service (Feast offline)."""
@@ -80,3 +82,32 @@ class TwoTowerScorer:
             df = feature_store(self.cfg).historical(entity, self.pin_service)
             self._pin_cache[t] = df.set_index("pin_id").loc[self.split.items].reset_index()
         return self._pin_cache[t]
+
+
+class _Reweighted:
+    def __init__(self, base: TwoTowerScorer, split_dim: int, first: float, second: float):
+        self.base = base
+        self.users = base._user_vectors.copy()                    # noqa: SLF001 - the same scorer's vectors
+        self.users[..., :split_dim] *= first
+        self.users[..., split_dim:] *= second
+        self.pins = base._pin_vectors                             # noqa: SLF001
+
+    def fit(self, split: Split) -> None:
+        self.base.fit(split)
+
+    def score(self, user_idx: np.ndarray) -> np.ndarray:
+        return _best_of(self.users[user_idx], self.base._user_bucket[user_idx], self.pins)   # noqa: SLF001
+
+
+def _best_of(users: np.ndarray, bucket: np.ndarray, pins: np.ndarray) -> np.ndarray:
+    """(n, items): each pin's best inner product over a user's real embeddings. users (n, K, D), zero rows for
+    the embeddings a user does not have; bucket (n,) the pin snapshot of each user; pins (T, items, D)."""
+    real = np.abs(users).sum(-1) > 0                                  # (n, K)
+    out = np.full((len(users), pins.shape[1]), -np.inf, dtype=np.float32)
+    for t in np.unique(bucket):
+        rows = bucket == t
+        for k in range(users.shape[1]):
+            s = users[rows, k] @ pins[t].T
+            s[~real[rows, k]] = -np.inf
+            out[rows] = np.maximum(out[rows], s)
+    return out

@@ -102,6 +102,20 @@ class Split:
             item_interest=None if item_interest is None else _interest_array(item_ids, item_interest),
         )
 
+    def window_start(self, fraction: float) -> pd.Timestamp:
+        """Start of the newest ``fraction`` of the train-proper interactions, by time: the two-tower's training
+        window is [window_start, end] and a pre-trained table must end before it. ``fraction`` 1 = the first one."""
+        times = self.frame.loc[self.frame["part"] == "train", "event_timestamp"]
+        if fraction >= 1:
+            return times.min()
+        return times.quantile(1 - fraction, interpolation="higher")
+
+    def cutoffs(self) -> pd.Series:
+        """user_id -> the time of the user's first held-out (validation or test) interaction: nothing from then on
+        may inform a model fitted for this split."""
+        held = self.frame[self.frame["part"] != "train"]
+        return held.groupby("user_id")["event_timestamp"].min()
+
     def merged(self) -> Split:
         """The split with validation folded into train (for the final fit before the test evaluation)."""
         if self.is_merged:

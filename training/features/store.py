@@ -31,8 +31,9 @@ log = logging.getLogger(__name__)
 FEATURE_STORE_YAML = REPO_ROOT / "feature_store.yaml"
 
 
-def repo_config(cfg: Config):
-    """feature_store.yaml with the registry and online-store paths moved under ``cfg.data_dir``."""
+def repo_config(cfg: Config, busy_timeout: float | None = None):
+    """feature_store.yaml with the registry and online-store paths moved under ``cfg.data_dir`` (and, for the bulk
+    SQLite store, ``busy_timeout`` as its lock wait)."""
     from feast.repo_config import RepoConfig
 
     raw = yaml.safe_load(os.path.expandvars(FEATURE_STORE_YAML.read_text()))
@@ -43,6 +44,8 @@ def repo_config(cfg: Config):
         raw["online_store"] = {"type": "redis", "connection_string": cfg.features.redis_connection}
     else:
         raw["online_store"] = {**raw["online_store"], "path": str(feast_dir / "online.db")}
+        if busy_timeout is not None:
+            raw["online_store"]["busy_timeout_seconds"] = busy_timeout
     rc = RepoConfig(**raw)
     rc.repo_path = REPO_ROOT
     return rc
@@ -64,8 +67,9 @@ def definitions(cfg: Config) -> list[Any]:
 class Features:
     """One Feast ``FeatureStore`` of a data dir and what the project does with it."""
 
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: Config, busy_timeout: float | None = None):
         self.cfg = cfg
+        self.busy_timeout = busy_timeout
         self._services: dict[str, Any] = {}
         self.store = self._open()
 
@@ -73,7 +77,7 @@ class Features:
         from feast import FeatureStore
 
         self._services.clear()
-        return FeatureStore(config=repo_config(self.cfg))
+        return FeatureStore(config=repo_config(self.cfg, self.busy_timeout))
 
     # --- definitions and the online store ----------------------------------------------------------------------
     def apply(self) -> None:
@@ -150,10 +154,10 @@ _stores: dict[tuple, Features] = {}
 _stores_lock = threading.Lock()
 
 
-def feature_store(cfg: Config) -> Features:
-    """The ``Features`` of ``cfg``'s data dir and online store, built once per process."""
-    key = (str(cfg.data_path), cfg.features.online_store, cfg.features.redis_connection)
+def feature_store(cfg: Config, busy_timeout: float | None = None) -> Features:
+    """The ``Features`` of ``cfg``'s data dir and online store, built once per process (per lock wait)."""
+    key = (str(cfg.data_path), cfg.features.online_store, cfg.features.redis_connection, busy_timeout)
     with _stores_lock:
         if key not in _stores:
-            _stores[key] = Features(cfg)
+            _stores[key] = Features(cfg, busy_timeout)
         return _stores[key]

@@ -41,20 +41,29 @@ def train_config(state: dict[str, Any]) -> TrainConfig:
     return TrainConfig(**{k: v for k, v in state.items() if k in known})
 
 
-def build_model(encoder: Encoder, tc: TrainConfig) -> TwoTower:
-    """A freshly initialised two-tower model (seeded by ``tc.seed``) sized for ``encoder``'s vocabularies."""
+def placeholder_tables(encoder: Encoder, dim: int | None) -> dict[str, torch.Tensor] | None:
+    """Zero pre-trained tables of the right shapes (filled by loading a state dict), or None without them."""
+    if dim is None:
+        return None
+    return {"context": torch.zeros(encoder.n_pins, dim), "target": torch.zeros(encoder.n_pins, dim),
+            "users": torch.zeros(encoder.n_users, dim)}
+
+
+def build_model(encoder: Encoder, tc: TrainConfig, tables: dict[str, torch.Tensor] | None = None) -> TwoTower:
+    """A freshly initialised two-tower model (seeded by ``tc.seed``) sized for ``encoder``'s vocabularies, with
+    the pre-trained ``tables`` aligned to them (``PretrainedTable.aligned``), if any."""
     torch.manual_seed(tc.seed)
-    return TwoTower(encoder.n_pins, encoder.n_interests, len(encoder.genders), len(encoder.segments),
-                    id_embed_dim=tc.id_embed_dim, out_dim=tc.out_dim, dropout=tc.dropout,
-                    temperature=tc.temperature, seq_dropout=tc.seq_dropout)
+    return TwoTower(encoder.n_pins, encoder.n_interests, len(encoder.genders), len(encoder.segments), tc,
+                    encoder.history_length, tables)
 
 
-def build_user_tower(encoder: Encoder, tc: TrainConfig) -> UserTower:
-    """A user tower alone, with its own pin-id and interest tables (filled by loading an export)."""
+def build_user_tower(encoder: Encoder, tc: TrainConfig, pretrained_dim: int | None) -> UserTower:
+    """A user tower alone, with its own pin-id, interest and pre-trained tables (filled by loading an export)."""
+    tables = placeholder_tables(encoder, pretrained_dim) or {}
     return UserTower(nn.Embedding(encoder.n_pins, tc.id_embed_dim, padding_idx=0),
                      nn.Embedding(encoder.n_interests + 1, tc.id_embed_dim, padding_idx=0),
-                     len(encoder.genders), len(encoder.segments), tc.id_embed_dim, tc.out_dim,
-                     dropout=tc.dropout, seq_dropout=tc.seq_dropout)
+                     len(encoder.genders), len(encoder.segments), tc, encoder.history_length,
+                     tables.get("context"), tables.get("users"))
 
 
 def _save(payload: dict[str, Any], path: Path) -> None:
@@ -87,7 +96,8 @@ def load_checkpoint(path: Path) -> tuple[TwoTower, Encoder, dict[str, Any]]:
     if missing:
         raise ArtifactError(f"{path}: not a training checkpoint (lacks {sorted(missing)})")
     encoder = Encoder.from_state(payload["encoder"])
-    model = build_model(encoder, train_config(payload["config"]))
+    pretrained = payload.get("pretrained") or {}
+    model = build_model(encoder, train_config(payload["config"]), placeholder_tables(encoder, pretrained.get("dim")))
     model.load_state_dict(payload["model"])
     model.eval()
     return model, encoder, payload
@@ -102,6 +112,7 @@ def export_user_tower(payload: dict[str, Any], model: TwoTower, collection: str)
         "config": payload["config"],
         "encoder": payload["encoder"],
         "feature_services": payload["feature_services"],
+        "pretrained": payload.get("pretrained"),
         "user_tower": model.user_tower.state_dict(),
     }
 
@@ -117,7 +128,7 @@ def load_user_tower(path: Path) -> tuple[UserTower, Encoder, dict[str, Any]]:
         raise ArtifactError(f"{path}: not an exported user tower (format {payload.get('format')!r}, "
                             f"expected {USER_TOWER_FORMAT!r})")
     encoder = Encoder.from_state(payload["encoder"])
-    tower = build_user_tower(encoder, train_config(payload["config"]))
+    tower = build_user_tower(encoder, train_config(payload["config"]), (payload.get("pretrained") or {}).get("dim"))
     tower.load_state_dict(payload["user_tower"])
     tower.eval()
     return tower, encoder, {k: v for k, v in payload.items() if k != "user_tower"}

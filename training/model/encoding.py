@@ -30,16 +30,37 @@ def _index(values: np.ndarray, vocab: np.ndarray) -> np.ndarray:
     return np.where(found, pos + 1, 0).astype(np.int64)
 
 
-def _strings(col: pd.Series) -> np.ndarray:
-    return col.fillna("").astype(str).to_numpy()
+Columns = pd.DataFrame | dict[str, list]
+"""Feature rows: a DataFrame (offline, batches) or a mapping column -> list of values (Feast's online
+``to_dict()``, one request: no DataFrame is built on the request path). Both give identical tensors."""
 
 
-def _lists(col: pd.Series, length: int, dtype: Any) -> tuple[np.ndarray, np.ndarray]:
+def _column(rows: Columns, name: str, n: int, default: Any = None) -> np.ndarray:
+    """One column as an (n,) object array (``default`` everywhere when the rows lack it)."""
+    if name not in rows:
+        return np.full(n, default, dtype=object)
+    values = rows[name]
+    return values.to_numpy(dtype=object) if isinstance(values, pd.Series) else np.asarray(values, dtype=object)
+
+
+def _numbers(values: np.ndarray, fill: float = 0.0) -> np.ndarray:
+    """(n,) float64 of an object column; missing or non-numeric values -> ``fill``."""
+    out = pd.to_numeric(values, errors="coerce")
+    out = np.asarray(out, dtype=np.float64)
+    return np.where(np.isnan(out), fill, out)
+
+
+def _strings(values: np.ndarray) -> np.ndarray:
+    return np.array(["" if v is None or v is pd.NA or (isinstance(v, float) and np.isnan(v)) else str(v)
+                     for v in values], dtype=object)
+
+
+def _lists(values: np.ndarray, length: int, dtype: Any) -> tuple[np.ndarray, np.ndarray]:
     """Ragged list column -> (n, length) padded array and (n,) lengths (truncated to ``length``)."""
-    n = len(col)
+    n = len(values)
     out = np.zeros((n, length), dtype=dtype)
     lens = np.zeros(n, dtype=np.int64)
-    for i, v in enumerate(col.to_numpy()):
+    for i, v in enumerate(values):
         if v is None or (isinstance(v, float) and np.isnan(v)):
             continue
         arr = np.asarray(v, dtype=dtype)[:length]
@@ -59,18 +80,37 @@ class Encoder:
     segments: list[str] = field(default_factory=list)
     history_length: int = 50
     top_interests: int = 3
+    user_ids: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    """Sorted user ids with a (pre-trained) user embedding (index = position + 1; 0 = unknown)."""
+    pin_interests: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    """Interest of each vocabulary pin + 1 (0 = unknown), aligned with ``pin_ids``: the interest of every
+    history item, which the history's interest histogram counts."""
 
     @classmethod
     def fit(cls, train: pd.DataFrame, n_interests: int, history_length: int = 50, top_interests: int = 3,
-            pin_ids: np.ndarray | None = None) -> Encoder:
-        ids = np.unique(train["pin_id"].to_numpy(np.int64) if pin_ids is None else np.asarray(pin_ids, np.int64))
+            extra_pin_ids: np.ndarray | None = None, user_ids: np.ndarray | None = None,
+            pin_interest: pd.Series | None = None) -> Encoder:
+        """Vocabularies of ``train`` (training rows): every pin they label or hold in their histories, plus
+        ``extra_pin_ids`` (e.g. a pre-trained table's pins); ``user_ids`` for the user-id input (default none);
+        ``pin_interest`` (pin_id -> interest_id; default: ``train``'s own) for the history items' interests."""
+        parts = [train["pin_id"].to_numpy(np.int64)]
+        if "recent_pin_ids" in train:
+            parts += [np.asarray(v, np.int64) for v in train["recent_pin_ids"] if v is not None and len(v)]
+        if extra_pin_ids is not None:
+            parts.append(np.asarray(extra_pin_ids, np.int64))
+        pin_ids = np.unique(np.concatenate(parts))
+        if pin_interest is None:
+            pin_interest = train.drop_duplicates("pin_id").set_index("pin_id")["interest_id"]
+        interest = pd.to_numeric(pin_interest[~pin_interest.index.duplicated()].reindex(pin_ids), errors="coerce")
         return cls(
-            pin_ids=ids,
+            pin_interests=np.clip(interest.fillna(-1).to_numpy(np.int64) + 1, 0, n_interests),
+            pin_ids=pin_ids,
             n_interests=n_interests,
-            genders=sorted(set(_strings(train["gender"]))) if "gender" in train else [],
-            segments=sorted(set(_strings(train["segment"]))) if "segment" in train else [],
+            genders=sorted(set(_strings(_column(train, "gender", len(train))))) if "gender" in train else [],
+            segments=sorted(set(_strings(_column(train, "segment", len(train))))) if "segment" in train else [],
             history_length=history_length,
             top_interests=top_interests,
+            user_ids=np.unique(np.asarray(user_ids if user_ids is not None else [], np.int64)),
         )
 
     @property
@@ -78,44 +118,61 @@ class Encoder:
         """Rows of the pin embedding table (vocabulary + index 0)."""
         return len(self.pin_ids) + 1
 
+    @property
+    def n_users(self) -> int:
+        """Rows of the user embedding table (vocabulary + index 0)."""
+        return len(self.user_ids) + 1
+
     def state(self) -> dict[str, Any]:
-        return {"pin_ids": self.pin_ids.tolist(), "n_interests": self.n_interests, "genders": self.genders,
+        return {"pin_ids": torch.from_numpy(self.pin_ids), "n_interests": self.n_interests, "genders": self.genders,
                 "segments": self.segments, "history_length": self.history_length,
-                "top_interests": self.top_interests}
+                "top_interests": self.top_interests, "user_ids": torch.from_numpy(self.user_ids),
+                "pin_interests": torch.from_numpy(self.pin_interests)}
 
     @classmethod
     def from_state(cls, state: dict[str, Any]) -> Encoder:
-        return cls(**{**state, "pin_ids": np.asarray(state["pin_ids"], dtype=np.int64)})
+        ids = {k: np.asarray(state.get(k, []), dtype=np.int64) for k in ("pin_ids", "user_ids", "pin_interests")}
+        return cls(**{**state, **ids})
 
-    def _category(self, col: pd.Series, vocab: list[str]) -> np.ndarray:
-        return _index(_strings(col), np.asarray(vocab, dtype=object)) if vocab else np.zeros(len(col), np.int64)
+    def _category(self, values: np.ndarray, vocab: list[str]) -> np.ndarray:
+        return _index(_strings(values), np.asarray(vocab, dtype=object)) if vocab else np.zeros(len(values), np.int64)
 
-    def users(self, df: pd.DataFrame) -> dict[str, torch.Tensor]:
+    def users(self, rows: Columns) -> dict[str, torch.Tensor]:
         """User-tower inputs, each (n, ...): categorical ids, log counts, the padded pin sequence with
-        recency buckets, and the top interests (+1 so that 0 is padding)."""
-        n = len(df)
-        age = pd.to_numeric(df.get("age", pd.Series(np.zeros(n))), errors="coerce").fillna(0).to_numpy()
+        recency buckets, and the top interests (+1 so that 0 is padding). ``rows``: a DataFrame or a mapping
+        column -> values (the online store's answer)."""
+        n = len(rows) if isinstance(rows, pd.DataFrame) else len(next(iter(rows.values())))
+        age = _numbers(_column(rows, "age", n))
         age_bucket = np.where(age > 0, np.searchsorted(AGE_BUCKETS, age, side="right") + 1, 0)
-        counts = np.stack([np.log1p(pd.to_numeric(df[c], errors="coerce").fillna(0).to_numpy(np.float64).clip(0))
-                           if c in df else np.zeros(n) for c in USER_COUNT_COLUMNS], axis=1)
-        seq_ids, seq_len = _lists(df["recent_pin_ids"], self.history_length, np.int64)
-        seq_age, _ = _lists(df["recent_pin_ages_days"], self.history_length, np.float64)
+        counts = np.stack([np.log1p(_numbers(_column(rows, c, n)).clip(0)) for c in USER_COUNT_COLUMNS], axis=1)
+        seq_ids, seq_len = _lists(_column(rows, "recent_pin_ids", n), self.history_length, np.int64)
+        seq_age, _ = _lists(_column(rows, "recent_pin_ages_days", n), self.history_length, np.float64)
         seq_idx = _index(seq_ids.ravel(), self.pin_ids).reshape(seq_ids.shape)
         valid = np.arange(self.history_length)[None, :] < seq_len[:, None]
         seq_idx = np.where(valid, seq_idx, 0)
         recency = np.clip(np.log2(1 + seq_age.clip(0) * 24).astype(np.int64), 0, RECENCY_BUCKETS - 1)
-        top, top_len = _lists(df["top_interest_ids"], self.top_interests, np.int64)
+        top, top_len = _lists(_column(rows, "top_interest_ids", n), self.top_interests, np.int64)
         top = np.where(np.arange(self.top_interests)[None, :] < top_len[:, None], top + 1, 0)
+        user = _index(_numbers(_column(rows, "user_id", n), fill=-1).astype(np.int64), self.user_ids)
         return {
+            "user": torch.from_numpy(user),
             "age_bucket": torch.from_numpy(age_bucket.astype(np.int64)),
-            "gender": torch.from_numpy(self._category(df.get("gender", pd.Series([""] * n)), self.genders)),
-            "segment": torch.from_numpy(self._category(df.get("segment", pd.Series([""] * n)), self.segments)),
+            "gender": torch.from_numpy(self._category(_column(rows, "gender", n, ""), self.genders)),
+            "segment": torch.from_numpy(self._category(_column(rows, "segment", n, ""), self.segments)),
             "counts": torch.from_numpy(counts.astype(np.float32)),
             "seq": torch.from_numpy(seq_idx),
+            "seq_interest": torch.from_numpy(self._pin_interest(seq_idx)),
             "seq_valid": torch.from_numpy(valid & (seq_idx > 0)),
             "seq_recency": torch.from_numpy(np.where(valid, recency + 1, 0)),
             "top_interests": torch.from_numpy(np.clip(top, 0, self.n_interests)),
         }
+
+    def _pin_interest(self, idx: np.ndarray) -> np.ndarray:
+        """Interest (+1; 0 = unknown/padding) of vocabulary indices ``idx`` (0 = padding)."""
+        if not len(self.pin_interests):
+            return np.zeros_like(idx)
+        table = np.concatenate([[0], self.pin_interests])
+        return table[idx]
 
     def pins(self, df: pd.DataFrame) -> dict[str, torch.Tensor]:
         """Pin-tower inputs, each (n, ...): pin index, interest (+1; 0 = unknown), log counts."""

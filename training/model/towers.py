@@ -1,91 +1,257 @@
-"""The two towers. Both end in L2-normalized vectors of ``out_dim`` in one space; relevance = dot product.
+"""The two towers. Both map their inputs to vectors of ``out_dim`` in one space; relevance = inner product.
 
-Shapes: B = batch, L = history length, T = top interests, E = ``id_embed_dim``, D = ``out_dim``.
+Each tower turns every feature group into one layer-normalised ``field_dim`` token (a "field"), crosses the
+fields with the configured backbone (``training.model.backbones``: mlp, masknet or dhen) and projects to the
+embedding space:
+
+- user fields: profile (age, gender, segment), engagement counts, top interests, the attention-pooled and the
+  mean learned history (pin + interest embeddings shared with the pin tower + recency buckets), the interest
+  shares of the history, and with pre-trained IDs
+  the recency-pooled pre-trained history ``Σ_r exp(-r/h)·P[h_r]`` and the pre-trained user embedding;
+- pin fields: learned pin id, interest, engagement counts, and with pre-trained IDs the pre-trained pin
+  embedding ``Q[pin]``.
+
+Pre-trained tables are frozen buffers (or parameters when fine-tuned) with dropout where they enter the
+backbone as fields (Pinterest's recipe). With ``pretrained_blend`` the pre-trained history pool and pin
+embedding are also appended to the towers' outputs as their own subspace, weighted so that a score is
+``w_learned · learned + w_table · pre-trained``; training runs with (1, 0) and the weights are chosen on
+validation afterwards (``training.train.choose_blend``): one ANN search serves the blend.
+
+Shapes: B = batch, L = history length, T = top interests, E = ``id_embed_dim``, d = ``field_dim``,
+k = pre-trained width, D = ``out_dim``.
 """
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from training.config import TrainConfig
+from training.model.backbones import make_backbone
+from training.model.clustering import k_for_length, route
 from training.model.encoding import AGE_BUCKETS, PIN_COUNT_COLUMNS, RECENCY_BUCKETS, USER_COUNT_COLUMNS, take
 
 
-def mlp(sizes: list[int], dropout: float = 0.0) -> nn.Sequential:
-    layers: list[nn.Module] = []
-    for i, (a, b) in enumerate(zip(sizes, sizes[1:], strict=False)):
-        layers.append(nn.Linear(a, b))
-        if i < len(sizes) - 2:
-            layers += [nn.LayerNorm(b), nn.GELU()] + ([nn.Dropout(dropout)] if dropout else [])
-    return nn.Sequential(*layers)
+class Field(nn.Module):
+    """One feature group -> one layer-normalised token: (B, in) -> (B, d)."""
+
+    def __init__(self, in_features: int, d: int):
+        super().__init__()
+        self.proj = nn.Linear(in_features, d)
+        self.norm = nn.LayerNorm(d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.proj(x))
 
 
-class PinTower(nn.Module):
-    """pin id + interest + log engagement counts -> (B, D) unit vectors.
+class Pretrained(nn.Module):
+    """A pre-trained table, frozen (buffer) or fine-tuned (parameter); ``drop`` is the dropout applied where the
+    vectors enter the backbone as fields (the blended subspace takes them as they are)."""
 
-    The pin id table is shared with the user tower's history encoder (``self.pin_embedding``).
+    def __init__(self, table: torch.Tensor, trainable: bool, dropout: float):
+        super().__init__()
+        if trainable:
+            self.weight = nn.Parameter(table.clone())
+        else:
+            self.register_buffer("weight", table.clone())
+        self.drop = nn.Dropout(dropout)
+
+    @property
+    def dim(self) -> int:
+        return self.weight.shape[1]
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return F.embedding(idx, self.weight)
+
+
+class Tower(nn.Module):
+    """Shared tail of both towers: fields -> backbone -> output projection, then (with the pre-trained blend) the
+    pre-trained vector appended as its own subspace: ``[√w_learned · y, √w_table · t]``, so that
+    <u, p> = w_learned · (learned score) + w_table · (pre-trained score). Both weights are buffers: training runs
+    with (1, 0); ``set_blend`` sets the weights chosen on validation after training."""
+
+    side = "pin"
+    """Which tower: 'user' or 'pin' (the bias coordinate differs)."""
+
+    def _init_tail(self, n_fields: int, tc: TrainConfig, blend_dim: int | None) -> None:
+        self.pin_bias = tc.pin_bias
+        self.backbone = make_backbone(tc.backbone, n_fields, tc.field_dim, tc.hidden_dim, tc.masknet_blocks,
+                                      tc.dropout)
+        self.out = nn.Linear(self.backbone.out_features, tc.out_dim)
+        self.normalize = tc.normalize
+        self.blend_dim = blend_dim
+        self.register_buffer("blend", torch.tensor([1.0, 0.0]))
+
+    def set_blend(self, learned: float, table: float) -> None:
+        self.blend.copy_(torch.tensor([learned, table]))
+
+    @property
+    def dim(self) -> int:
+        """Width of the output vectors (``out_dim``, plus the pre-trained subspace when blended)."""
+        return self.out.out_features + (self.blend_dim or 0)
+
+    def _tail(self, fields: list[torch.Tensor], table: torch.Tensor | None) -> torch.Tensor:
+        tokens = torch.stack(fields, dim=1)                                      # (B, F, d)
+        y = self.out(self.backbone(tokens))                                      # (B, D)
+        if self.pin_bias:   # the last coordinate: 1 for users, the pin's learned bias for pins
+            head = F.normalize(y[:, :-1], dim=-1) if self.normalize else y[:, :-1]
+            y = torch.cat([head, torch.ones_like(y[:, -1:]) if self.side == "user" else y[:, -1:]], dim=1)
+        elif self.normalize:
+            y = F.normalize(y, dim=-1)
+        if self.blend_dim is not None:
+            y = torch.cat([self.blend[0].sqrt() * y, self.blend[1].sqrt() * table], dim=1)   # (B, D + k)
+        return y
+
+
+class PinTower(Tower):
+    """pin id + interest + log engagement counts (+ pre-trained pin embedding) -> (B, D).
+
+    The learned pin id table is shared with the user tower's history encoder (``self.pin_embedding``).
     """
 
-    def __init__(self, n_pins: int, n_interests: int, id_embed_dim: int, out_dim: int, dropout: float = 0.0):
+    def __init__(self, n_pins: int, n_interests: int, tc: TrainConfig, target: torch.Tensor | None = None):
         super().__init__()
-        self.pin_embedding = nn.Embedding(n_pins, id_embed_dim, padding_idx=0)
-        self.interest_embedding = nn.Embedding(n_interests + 1, id_embed_dim, padding_idx=0)
-        n_counts = len(PIN_COUNT_COLUMNS)
-        self.counts_norm = nn.LayerNorm(n_counts)
-        self.head = mlp([2 * id_embed_dim + n_counts, 2 * out_dim, out_dim], dropout)
+        E, d = tc.id_embed_dim, tc.field_dim
+        self.pin_embedding = nn.Embedding(n_pins, E, padding_idx=0)
+        self.interest_embedding = nn.Embedding(n_interests + 1, E, padding_idx=0)
+        self.f_pin, self.f_interest = Field(E, d), Field(E, d)
+        self.f_counts = Field(len(PIN_COUNT_COLUMNS), d)
+        self.pretrained = None
+        n_fields = 3
+        if target is not None:
+            self.pretrained = Pretrained(target, tc.pretrained == "finetune", tc.pretrained_dropout)
+            self.f_pretrained = Field(self.pretrained.dim, d)
+            n_fields += 1
+        self._init_tail(n_fields, tc, self.pretrained.dim if self.pretrained is not None and tc.pretrained_blend
+                        else None)
 
     def forward(self, x: dict[str, torch.Tensor]) -> torch.Tensor:
-        h = torch.cat([self.pin_embedding(x["pin"]), self.interest_embedding(x["interest"]),
-                       self.counts_norm(x["counts"])], dim=-1)
-        return F.normalize(self.head(h), dim=-1)
+        fields = [self.f_pin(self.pin_embedding(x["pin"])), self.f_interest(self.interest_embedding(x["interest"])),
+                  self.f_counts(x["counts"])]
+        table = None
+        if self.pretrained is not None:
+            table = self.pretrained(x["pin"])                                    # (B, k)
+            fields.append(self.f_pretrained(self.pretrained.drop(table)))
+        return self._tail(fields, table)
 
 
-class UserTower(nn.Module):
-    """profile + counts + top interests + engagement history -> (B, D) unit vectors.
+class UserTower(Tower):
+    """profile + counts + top interests + engagement history (+ pre-trained history and user) -> (B, D).
 
-    History: each item is its pin embedding (shared with the pin tower) plus a recency embedding; items are
-    pooled by attention whose query comes from the user's context, next to a plain mean. In training, each
-    history item is dropped with probability ``seq_dropout`` (sequence dropout, a regularizer).
+    History: each item is its learned pin embedding (shared with the pin tower) plus a recency embedding,
+    optionally passed through one transformer layer; items are pooled by attention whose query comes from the
+    user's context fields, next to a plain mean. In training, each history item is dropped with probability
+    ``seq_dropout``.
     """
 
+    side = "user"
+
     def __init__(self, pin_embedding: nn.Embedding, interest_embedding: nn.Embedding, n_genders: int,
-                 n_segments: int, id_embed_dim: int, out_dim: int, dropout: float = 0.0, seq_dropout: float = 0.0):
+                 n_segments: int, tc: TrainConfig, history_length: int, context: torch.Tensor | None = None,
+                 users: torch.Tensor | None = None):
         super().__init__()
+        E, d = tc.id_embed_dim, tc.field_dim
         self.pin_embedding = pin_embedding
-        self.seq_dropout = seq_dropout
         self.interest_embedding = interest_embedding
-        self.recency = nn.Embedding(RECENCY_BUCKETS + 1, id_embed_dim, padding_idx=0)
+        self.seq_dropout = tc.seq_dropout
+        self.recency = nn.Embedding(RECENCY_BUCKETS + 1, E, padding_idx=0)
         self.age = nn.Embedding(len(AGE_BUCKETS) + 2, 8)
         self.gender = nn.Embedding(n_genders + 1, 4)
         self.segment = nn.Embedding(n_segments + 1, 8)
-        n_counts = len(USER_COUNT_COLUMNS)
-        self.counts_norm = nn.LayerNorm(n_counts)
-        context_in = 8 + 4 + 8 + n_counts + id_embed_dim
-        self.context = mlp([context_in, id_embed_dim, id_embed_dim], dropout)
-        self.attn_key = nn.Linear(id_embed_dim, id_embed_dim, bias=False)
-        self.head = mlp([3 * id_embed_dim, 2 * out_dim, out_dim], dropout)
+        self.f_profile = Field(8 + 4 + 8, d)
+        self.f_counts = Field(len(USER_COUNT_COLUMNS), d)
+        self.f_interests = Field(E, d)
+        self.query = nn.Linear(3 * d, E, bias=False)
+        self.history_encoder = None
+        if tc.history_encoder == "transformer":
+            heads = 2 if E % 2 == 0 else 1
+            self.history_encoder = nn.TransformerEncoderLayer(E, heads, dim_feedforward=2 * E, dropout=tc.dropout,
+                                                              batch_first=True, norm_first=True)
+        self.f_attended, self.f_mean = Field(E, d), Field(E, d)
+        self.n_interests = interest_embedding.num_embeddings
+        self.f_interest_mix = Field(self.n_interests, d)
+        n_fields = 6
+        self.k_max, self.routing_iterations = tc.multi_embedding, tc.routing_iterations
+        self.conditional = tc.conditional
+        if self.conditional:   # early fusion: the condition is one more field; 0 = the learned "no condition"
+            self.no_condition = nn.Parameter(torch.zeros(E))
+            self.f_condition = Field(E, d)
+            n_fields += 1
+        self.pretrained = self.pretrained_users = None
+        if context is not None:
+            trainable = tc.pretrained == "finetune"
+            self.pretrained = Pretrained(context, trainable, tc.pretrained_dropout)
+            self.pretrained_users = Pretrained(users, trainable, tc.pretrained_dropout)
+            self.f_pretrained = Field(self.pretrained.dim, d)
+            self.f_pretrained_user = Field(self.pretrained.dim, d)
+            self.register_buffer("recency_weights", torch.exp(-torch.arange(history_length) / tc.history_recency))
+            n_fields += 2
+        self._init_tail(n_fields, tc, self.pretrained.dim if self.pretrained is not None and tc.pretrained_blend
+                        else None)
 
-    def forward(self, x: dict[str, torch.Tensor]) -> torch.Tensor:
+    @property
+    def multi(self) -> bool:
+        return self.k_max > 1
+
+    def forward(self, x: dict[str, torch.Tensor], with_mask: bool = False):
+        """(B, D) vectors, or with multi-embedding (B, K, D) with the embeddings a user does not get zeroed;
+        ``with_mask`` also returns which embeddings are real ((B, K) bool; (B, 1) of True for one embedding).
+        ``x["condition"]`` (B,), optional: an interest id + 1 per row for a conditional tower (0 = none)."""
         top = self.interest_embedding(x["top_interests"])                       # (B, T, E)
         top_mask = (x["top_interests"] > 0).unsqueeze(-1).float()
         top_mean = (top * top_mask).sum(1) / top_mask.sum(1).clamp(min=1)        # (B, E)
-        ctx = self.context(torch.cat([self.age(x["age_bucket"]), self.gender(x["gender"]),
-                                      self.segment(x["segment"]), self.counts_norm(x["counts"]), top_mean], -1))
-        items = self.pin_embedding(x["seq"]) + self.recency(x["seq_recency"])   # (B, L, E)
+        profile = self.f_profile(torch.cat([self.age(x["age_bucket"]), self.gender(x["gender"]),
+                                            self.segment(x["segment"])], -1))
+        counts, interests = self.f_counts(x["counts"]), self.f_interests(top_mean)
+        items = (self.pin_embedding(x["seq"]) + self.interest_embedding(x["seq_interest"])
+                 + self.recency(x["seq_recency"]))                               # (B, L, E)
         valid = x["seq_valid"]                                                   # (B, L)
+        mix = torch.zeros(valid.shape[0], self.n_interests).scatter_add_(1, x["seq_interest"], x["seq_valid"].float())
+        mix = mix / mix.sum(1, keepdim=True).clamp(min=1)                        # (B, K+1) interest shares
         if self.training and self.seq_dropout:
             valid = valid & (torch.rand(valid.shape) >= self.seq_dropout)
-        # <attn_key(item), ctx> = <item, ctx @ W>: project the (B, E) query instead of the (B, L, E) keys
-        query = ctx @ self.attn_key.weight / items.shape[-1] ** 0.5               # (B, E)
-        scores = (items * query.unsqueeze(1)).sum(-1).masked_fill(~valid, float("-inf"))  # (B, L)
-        has_history = valid.any(1, keepdim=True)
+        has_history = valid.any(1, keepdim=True)                                 # (B, 1)
+        if self.history_encoder is not None:
+            # a row without history attends to its (zero) first slot only, then is zeroed below
+            mask = ~valid.clone()
+            mask[:, 0] &= has_history.squeeze(1)
+            items = self.history_encoder(items, src_key_padding_mask=mask)
+        query = self.query(torch.cat([profile, counts, interests], -1)) / math.sqrt(items.shape[-1])   # (B, E)
+        scores = (items * query.unsqueeze(1)).sum(-1).masked_fill(~valid, float("-inf"))          # (B, L)
         weights = torch.where(has_history, scores.softmax(-1).nan_to_num(0.0), torch.zeros_like(scores))
         attended = (items * weights.unsqueeze(-1)).sum(1)                         # (B, E)
         vf = valid.unsqueeze(-1).float()
         mean = (items * vf).sum(1) / vf.sum(1).clamp(min=1)                      # (B, E)
-        return F.normalize(self.head(torch.cat([attended, mean, ctx], -1)), dim=-1)
+        fields = [profile, counts, interests, self.f_attended(attended), self.f_mean(mean), self.f_interest_mix(mix)]
+        if self.conditional:
+            cond = x.get("condition", torch.zeros(valid.shape[0], dtype=torch.long))
+            cond_vec = torch.where((cond > 0).unsqueeze(-1), self.interest_embedding(cond),
+                                   self.no_condition.expand(len(cond), -1))
+            fields.append(self.f_condition(cond_vec))
+        table = None
+        if self.pretrained is not None:
+            w = self.recency_weights[: x["seq"].shape[1]] * x["seq_valid"].float()  # (B, L), the full history
+            table = (self.pretrained(x["seq"]) * w.unsqueeze(-1)).sum(1)          # (B, k)
+            user = self.pretrained_users.drop(self.pretrained_users(x["user"]))
+            fields += [self.f_pretrained(self.pretrained.drop(table)), self.f_pretrained_user(user)]
+        if not self.multi:
+            y = self._tail(fields, table)
+            return (y, torch.ones(len(y), 1, dtype=torch.bool)) if with_mask else y
+        # one embedding per history cluster: the cluster vector takes the attended-history field's place
+        clusters, ok, _ = route(items, valid, self.k_max, self.routing_iterations)   # (B, K, E), (B, K)
+        keep = ok & (torch.arange(self.k_max)[None, :] < k_for_length(valid.sum(1), self.k_max)[:, None])
+        keep[:, 0] = True                                                            # everyone gets one
+        b, k = keep.shape
+        per = [f.unsqueeze(1).expand(b, k, f.shape[-1]) for f in fields]
+        per[3] = torch.where(ok.unsqueeze(-1), self.f_attended(clusters), per[3])   # empty cluster: the pooled one
+        tokens = [f.reshape(b * k, -1) for f in per]
+        y = self._tail(tokens, None if table is None else table.repeat_interleave(k, 0)).view(b, k, -1)
+        y = y * keep.unsqueeze(-1).float()
+        return (y, keep) if with_mask else y
 
 
 @torch.no_grad()

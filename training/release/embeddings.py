@@ -24,15 +24,19 @@ from training.release.index import EMBEDDING, SIGNATURE_MAX, IndexBuildError
 log = logging.getLogger(__name__)
 
 
-def pin_embedding_schema(dim: int) -> pa.DataFrameSchema:
-    """Contract of the pin embeddings before they reach the index."""
+def pin_embedding_schema(dim: int, unit_norm: bool = False) -> pa.DataFrameSchema:
+    """Contract of the pin embeddings before they reach the index: ``dim`` finite values each (unit norm when the
+    model normalises its outputs); unique pin ids, known scalar fields."""
 
     def vectors_ok(col: pd.Series) -> pd.Series:
         shaped = col.map(lambda v: np.shape(v) == (dim,)).astype(bool)
         out = pd.Series(False, index=col.index)
         if shaped.any():
             a = np.stack(col[shaped].to_numpy()).astype(np.float64)
-            out[shaped] = np.isfinite(a).all(axis=1) & (np.abs((a * a).sum(axis=1) - 1.0) < 1e-3)
+            ok = np.isfinite(a).all(axis=1)
+            if unit_norm:
+                ok &= np.abs((a * a).sum(axis=1) - 1.0) < 1e-3
+            out[shaped] = ok
         return out
 
     return pa.DataFrameSchema(
@@ -42,7 +46,8 @@ def pin_embedding_schema(dim: int) -> pa.DataFrameSchema:
             "image_signature": pa.Column(str, pa.Check.str_length(0, SIGNATURE_MAX), nullable=False),
             "decayed_engagement": pa.Column("float32", pa.Check.ge(0), nullable=False),
             EMBEDDING: pa.Column(object, pa.Check(vectors_ok, element_wise=False,
-                                                  error=f"{dim}-d, finite, unit norm"), nullable=False),
+                                                  error=f"{dim}-d, finite{', unit norm' if unit_norm else ''}"),
+                                 nullable=False),
         },
         name="pin_embeddings", strict=True, coerce=True,
     )
@@ -62,10 +67,10 @@ class PinEmbeddings:
     def __len__(self) -> int:
         return len(self.frame)
 
-    def validated(self) -> PinEmbeddings:
+    def validated(self, unit_norm: bool = False) -> PinEmbeddings:
         """These embeddings if they pass ``pin_embedding_schema`` (else pandera's error names the failures)."""
         dim = len(self.frame[EMBEDDING].iloc[0]) if len(self.frame) else 0
-        return PinEmbeddings(pin_embedding_schema(dim).validate(self.frame, lazy=True))
+        return PinEmbeddings(pin_embedding_schema(dim, unit_norm).validate(self.frame, lazy=True))
 
 
 def corpus(cfg: Config) -> pd.DataFrame:

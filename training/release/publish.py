@@ -27,7 +27,7 @@ from training.config import Config, IndexConfig
 from training.data.snapshot import load_live
 from training.evaluation.metrics import top_k
 from training.features.store import feature_store
-from training.model.checkpoint import export_user_tower, load_checkpoint
+from training.model.checkpoint import export_user_tower, load_checkpoint, train_config
 from training.model.towers import run_tower
 from training.release.embeddings import PinEmbeddings, embed_corpus
 from training.release.index import IndexBuildError, IndexStore, build_collection, collection_metadata, row_count, search
@@ -63,6 +63,8 @@ def sample_users(cfg: Config, model, encoder, user_service: str, n: int, seed: i
     ids = np.random.default_rng(seed).choice(ids, size=min(n, len(ids)), replace=False)
     feats = feature_store(cfg).online_frame(user_service, "user_id", ids)
     vectors = run_tower(model.user_tower, encoder.users(feats)).astype(np.float32)
+    if vectors.ndim == 3:   # multi-embedding: the first (most representative) embedding checks the index
+        vectors = vectors[:, 0]
     return pd.DataFrame({
         "user_id": ids.astype(np.int64),
         "vector": list(vectors),
@@ -115,7 +117,11 @@ def publish(cfg: Config, checkpoint: Path | None = None, embeddings: PinEmbeddin
         t0 = time.perf_counter()
         pause_point("embed")
         torch.set_num_threads(max(1, cfg.train.threads))
-        emb = (embed_corpus(cfg, model, encoder, services["pin"]) if embeddings is None else embeddings).validated()
+        tc = train_config(payload["config"])
+        modes = ["single", *(["multi"] if tc.multi_embedding > 1 else []), *(["conditional"] if tc.conditional else [])]
+        unit_norm = tc.normalize and not tc.pin_bias and not (tc.pretrained != "none" and tc.pretrained_blend)
+        emb = (embed_corpus(cfg, model, encoder, services["pin"]) if embeddings is None
+               else embeddings).validated(unit_norm)
         t_embed = time.perf_counter() - t0
         tag = tag_of(version)
         meta = {"model_version": version, "user_tower": tag, "feature_services": services,
@@ -148,7 +154,8 @@ def publish(cfg: Config, checkpoint: Path | None = None, embeddings: PinEmbeddin
                 index={**info, "embed_seconds": round(t_embed, 3),
                        "publish_seconds": round(time.perf_counter() - t0, 3)},
                 created_at=meta["created_at"], interest_ids=list(payload["interest_ids"]),
-                example_user_id=int(example["user_id"].iloc[0]) if len(example) else None)
+                example_user_id=int(example["user_id"].iloc[0]) if len(example) else None, modes=modes,
+                default_mode="multi" if "multi" in modes else "single")
             reg.save_record(release)
         except BaseException:
             store.drop(name)

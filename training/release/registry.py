@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
@@ -55,6 +56,10 @@ class Release:
     """Every interest id of the release's data snapshot (what a request may filter on)."""
     example_user_id: int | None = None
     """A user with engagement history in the release's snapshot (for the printed example request)."""
+    modes: list[str] = field(default_factory=lambda: ["single"])
+    """Retrieval modes the model supports: 'single', plus 'multi' (multi-embedding) and 'conditional'."""
+    default_mode: str = "single"
+    """The mode a request gets when it names none: the best one measured for this model."""
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Release:
@@ -68,6 +73,35 @@ def check_pair(tower_version: str, collection: str, collection_meta: dict[str, A
     if built_by != tower_version:
         raise VersionMismatch(f"user tower {tower_version!r} cannot search collection {collection!r}, "
                               f"built by model version {built_by!r}")
+
+
+VERSION_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,200}")
+"""A model version is a file-name-safe token: it names a record file and a collection, never a path."""
+
+
+def check_version(version: object, where: str) -> str:
+    if not isinstance(version, str) or not VERSION_PATTERN.fullmatch(version) or ".." in version:
+        raise ReleaseError(f"{where}: {version!r} is not a model version (letters, digits, '.', '_', '-')")
+    return version
+
+
+def check_state(state: object, path: Path) -> dict[str, Any]:
+    """The registry's content, validated: {"live": version | null, "history": [versions], "previous": [...]}."""
+    if not isinstance(state, dict):
+        raise ReleaseError(f"{path}: expected an object with live/history/previous, got {type(state).__name__}")
+    missing = {"live", "history", "previous"} - set(state)
+    if missing:
+        raise ReleaseError(f"{path}: missing {sorted(missing)}")
+    for key in ("history", "previous"):
+        if not isinstance(state[key], list):
+            raise ReleaseError(f"{path}: {key} must be a list, got {type(state[key]).__name__}")
+        for v in state[key]:
+            check_version(v, f"{path}: {key}")
+    if state["live"] is not None:
+        check_version(state["live"], f"{path}: live")
+        if state["live"] not in state["history"]:
+            raise ReleaseError(f"{path}: live {state['live']!r} is not in the history")
+    return state
 
 
 class Registry:
@@ -88,22 +122,30 @@ class Registry:
                 fcntl.flock(fh, fcntl.LOCK_UN)
 
     def state(self) -> dict[str, Any]:
+        """The validated registry (empty when none was ever written); ``ReleaseError`` names what is wrong."""
         path = self.dir / "registry.json"
         if not path.exists():
             return {"live": None, "history": [], "previous": []}
-        return json.loads(path.read_text())
+        try:
+            raw = json.loads(path.read_text())
+        except (OSError, ValueError) as e:
+            raise ReleaseError(f"{path}: not readable JSON ({e})") from e
+        return check_state(raw, path)
 
     def write_state(self, state: dict[str, Any]) -> None:
         atomic_write_text(self.dir / "registry.json", json.dumps(state, indent=2))
 
     def record_path(self, version: str) -> Path:
-        return self.dir / f"{version}.json"
+        return self.dir / f"{check_version(version, 'release record')}.json"
 
     def record(self, version: str) -> Release:
         path = self.record_path(version)
         if not path.exists():
             raise ReleaseError(f"no release record for {version} at {path}")
-        return Release.from_dict(json.loads(path.read_text()))
+        try:
+            return Release.from_dict(json.loads(path.read_text()))
+        except (OSError, ValueError, TypeError) as e:
+            raise ReleaseError(f"{path}: not a readable release record ({e})") from e
 
     def save_record(self, release: Release) -> None:
         atomic_write_text(self.record_path(release.model_version), json.dumps(asdict(release), indent=2))

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+from datetime import datetime
+
 import numpy as np
 import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
 
+from training.config import TrainConfig
+from training.model.backbones import MaskBlock, ParallelMaskNet
 from training.model.encoding import Encoder
+from training.model.pretrained import PretrainedError, PretrainedTable, check_window, latest_usable
 from training.model.two_tower import StreamingFrequency, TwoTower, in_batch_softmax_loss
 
 
@@ -29,39 +34,91 @@ def frame(n: int = 6) -> pd.DataFrame:
     })
 
 
+def tc(**kw) -> TrainConfig:
+    base = dict(id_embed_dim=16, field_dim=8, hidden_dim=32, out_dim=8, dropout=0.0, seq_dropout=0.0,
+                pretrained="none", window_fraction=1.0)
+    return TrainConfig(**{**base, **kw})
+
+
+def build(df: pd.DataFrame, table: PretrainedTable | None = None, **kw) -> tuple[Encoder, TwoTower]:
+    enc = Encoder.fit(df, n_interests=5, extra_pin_ids=None if table is None else table.pin_ids,
+                      user_ids=None if table is None else table.user_ids)
+    torch.manual_seed(0)
+    tables = None if table is None else table.aligned(enc.pin_ids, enc.user_ids)
+    return enc, TwoTower(enc.n_pins, enc.n_interests, len(enc.genders), len(enc.segments), tc(**kw), 50, tables)
+
+
 def test_encoder_pads_truncates_and_maps_unknown_ids_to_zero():
     df = frame()
     enc = Encoder.fit(df, n_interests=5, history_length=50, top_interests=3)
     users = enc.users(df)
     assert users["seq"].shape == (6, 50) and users["seq"].dtype == torch.int64
     assert users["seq_valid"][0].sum() == 0                       # no history
-    assert users["seq_valid"][2].tolist()[:2] == [True, False]    # 999 is unknown -> masked
-    assert users["seq_valid"][4].sum() == 4                       # only 100..103 are in the vocabulary
+    assert users["seq_valid"][4].sum() == 50                      # 60 items truncated to the newest 50
     assert users["seq"][3, :3].tolist() == [1, 2, 3]              # 1-based positions in the sorted vocabulary
     assert users["top_interests"][0].tolist() == [0, 0, 0] and users["top_interests"][2].tolist()[:2] == [3, 4]
-    assert Encoder.from_state(enc.state()).state() == enc.state()
+    # history items carry their pin's interest (+1); 999 is in the vocabulary (a history pin) but has no interest
+    assert users["seq_interest"][3, :3].tolist() == [1, 2, 3] and users["seq_interest"][2, :2].tolist() == [3, 0]
+    unknown = enc.users(df.assign(recent_pin_ids=[[5555]] * 6, recent_pin_ages_days=[[1.0]] * 6))
+    assert unknown["seq_valid"].sum() == 0                        # never seen in training: masked
+    state = Encoder.from_state(enc.state()).state()
+    assert {k: (v.tolist() if torch.is_tensor(v) else v) for k, v in state.items()} == {
+        k: (v.tolist() if torch.is_tensor(v) else v) for k, v in enc.state().items()}
     pins = enc.pins(df)
-    assert pins["pin"].tolist() == [1, 2, 3, 4, 1, 2] and pins["interest"].tolist() == [1, 2, 3, 4, 5, 1]
+    assert pins["interest"].tolist() == [1, 2, 3, 4, 5, 1]
+    # the online store's answer (column -> list, no DataFrame on the request path) encodes identically
+    for i in range(len(df)):
+        online = {c: [df[c].iloc[i]] for c in df.columns}
+        for name, tensor in enc.users(online).items():
+            assert torch.equal(tensor, users[name][i:i + 1]), (i, name)
 
 
-def test_towers_output_unit_vectors_of_the_shared_dimension():
+@pytest.mark.parametrize("backbone", ["mlp", "masknet", "dhen"])
+@pytest.mark.parametrize("normalize, pin_bias", [(True, False), (True, True), (False, True)])
+def test_towers_output_vectors_of_the_shared_dimension(backbone, normalize, pin_bias):
     df = frame()
-    enc = Encoder.fit(df, n_interests=5)
-    model = TwoTower(enc.n_pins, enc.n_interests, len(enc.genders), len(enc.segments), id_embed_dim=16, out_dim=8)
+    enc, model = build(df, backbone=backbone, normalize=normalize, pin_bias=pin_bias)
     model.eval()
-    u, p = model(enc.users(df), enc.pins(df))
+    (u, _), p, _, _ = model(enc.users(df), enc.pins(df))
     assert u.shape == (6, 8) and p.shape == (6, 8)
-    torch.testing.assert_close(u.norm(dim=1), torch.ones(6))
-    torch.testing.assert_close(p.norm(dim=1), torch.ones(6))
     assert model.user_tower.pin_embedding is model.pin_tower.pin_embedding  # one id table for both towers
+    if pin_bias:
+        assert (u[:, -1] == 1).all()                                      # the user's bias coordinate
+        head_u, head_p = u[:, :-1], p[:, :-1]
+    else:
+        head_u, head_p = u, p
+    if normalize:
+        torch.testing.assert_close(head_u.norm(dim=1), torch.ones(6))
+        torch.testing.assert_close(head_p.norm(dim=1), torch.ones(6))
+
+
+@pytest.mark.parametrize("backbone", ["mlp", "masknet", "dhen"])
+def test_every_branch_of_the_backbone_receives_gradient(backbone):
+    df = frame()
+    enc, model = build(df, backbone=backbone, history_encoder="transformer")
+    model.train()
+    (u, _), p, _, _ = model(enc.users(df), enc.pins(df))
+    in_batch_softmax_loss(u, p, model.scale).backward()
+    silent = [n for n, prm in model.named_parameters()
+              if prm.requires_grad and (prm.grad is None or not prm.grad.abs().sum() > 0)
+              and not n.endswith(("age.weight", "gender.weight", "segment.weight", "recency.weight"))
+              and "embedding" not in n]
+    assert not silent, silent   # every layer of every branch (MLP, MaskNet blocks, transformer) learns
+
+
+def test_masknet_block_is_mlp_b_of_x_times_mlp_a_of_x():
+    torch.manual_seed(0)
+    block = MaskBlock(width=6, hidden=4, dropout=0.0)
+    x = torch.randn(3, 6)
+    torch.testing.assert_close(block(x), block.out(x * block.mask(x)))
+    net = ParallelMaskNet(width=6, hidden=4, blocks=4, dropout=0.0)
+    assert len(net.blocks) == 4 and net(x).shape == (3, 4)
 
 
 def test_sequence_dropout_acts_in_training_only():
     df = frame()
-    enc = Encoder.fit(df, n_interests=5)
+    enc, model = build(df, seq_dropout=0.5)
     users = enc.users(df)
-    model = TwoTower(enc.n_pins, enc.n_interests, len(enc.genders), len(enc.segments), id_embed_dim=16, out_dim=8,
-                     seq_dropout=0.5)
     model.eval()
     torch.testing.assert_close(model.user_tower(users), model.user_tower(users))
     model.train()
@@ -71,16 +128,70 @@ def test_sequence_dropout_acts_in_training_only():
     assert all(torch.isfinite(o).all() for o in outs)                   # rows left without history stay finite
 
 
+def _table(df: pd.DataFrame, end: str = "2026-01-01T00:00:00+00:00") -> PretrainedTable:
+    pins = np.array([100, 101, 102, 103], np.int64)
+    rng = np.random.default_rng(1)
+    return PretrainedTable(table_id="t1", method="ease_svd", window_start="2025-01-01T00:00:00+00:00",
+                           window_end=end, pin_ids=pins, context=rng.normal(size=(4, 3)).astype(np.float32),
+                           target=rng.normal(size=(4, 3)).astype(np.float32), user_ids=np.array([1, 2], np.int64),
+                           users=rng.normal(size=(2, 3)).astype(np.float32), meta={})
+
+
+def test_frozen_pretrained_tables_are_aligned_dropped_out_and_blended():
+    df = frame()
+    table = _table(df)
+    enc, model = build(df, table=table, pretrained="frozen", pretrained_dropout=0.5, window_fraction=0.5)
+    frozen = [n for n, _ in model.named_parameters() if n.endswith(("pretrained.weight", "pretrained_users.weight"))]
+    assert not frozen and "pin_tower.pretrained.weight" in dict(model.named_buffers())   # buffers: no gradient
+    aligned = model.pin_tower.pretrained.weight
+    assert aligned.shape == (enc.n_pins, 3) and aligned[0].abs().sum() == 0     # row 0 = unknown / padding
+    torch.testing.assert_close(aligned[1 + int(np.searchsorted(enc.pin_ids, 102))], torch.from_numpy(table.target[2]))
+    model.eval()
+    (u, _), p, _, _ = model(enc.users(df), enc.pins(df))
+    assert u.shape == (6, 8 + 3)                                        # learned space + pre-trained subspace
+    assert u[:, 8:].abs().sum() == 0                                    # blend (1, 0) while training
+    for tower in (model.user_tower, model.pin_tower):
+        tower.set_blend(0.0, 1.0)
+    (u, _), p, _, _ = model(enc.users(df), enc.pins(df))
+    # pre-trained scores alone: u = Σ_r exp(-r/10) P[h_r] over the whole history, p = Q[pin]
+    hist = [102, 103]                                                    # row 2: [102, 999] -> 999 unknown
+    w = np.exp(-np.arange(2) / 10.0) * np.array([1.0, 0.0])
+    pool = sum(wi * table.context[table.pin_ids.tolist().index(h)] if h in table.pin_ids else 0 for wi, h in
+               zip(w, [102, 999], strict=True))
+    torch.testing.assert_close(u[2, 8:], torch.from_numpy(np.asarray(pool, np.float32)))
+    torch.testing.assert_close(p[2, 8:], torch.from_numpy(table.target[2]))
+    assert hist   # (documentation of the row used)
+
+
+def test_pretrained_window_must_end_by_the_training_window(tmp_path):
+    df = frame()
+    start = datetime.fromisoformat("2026-01-01T00:00:00+00:00")
+    check_window(_table(df, "2026-01-01T00:00:00+00:00"), start)                      # ends exactly there: fine
+    with pytest.raises(PretrainedError, match="overlaps the training window"):
+        check_window(_table(df, "2026-01-02T00:00:00+00:00"), start)
+    check_window(_table(df, "2026-01-02T00:00:00+00:00"), start, allow_overlap=True)  # the ablation only
+    old, new, late = (_table(df, e) for e in ("2025-06-01T00:00:00+00:00", "2025-12-01T00:00:00+00:00",
+                                              "2026-02-01T00:00:00+00:00"))
+    for i, t in enumerate((old, new, late)):
+        t.table_id = f"t{i}"
+        t.save(tmp_path)
+    assert latest_usable(tmp_path, start).table_id == "t1"             # the newest that does not overlap
+    with pytest.raises(PretrainedError, match="no pre-trained table .* ends by"):
+        latest_usable(tmp_path, datetime.fromisoformat("2025-01-01T00:00:00+00:00"))
+    loaded = PretrainedTable.load(tmp_path / "t1")
+    np.testing.assert_array_equal(loaded.context, new.context) and loaded.window_end == new.window_end
+
+
 def test_logq_correction_shifts_every_logit_by_minus_log_q():
     torch.manual_seed(0)
     u, p = F.normalize(torch.randn(5, 4), dim=1), F.normalize(torch.randn(5, 4), dim=1)
     log_q = torch.log(torch.tensor([0.5, 0.1, 0.05, 0.3, 0.05]))
-    got = in_batch_softmax_loss(u, p, temperature=0.1, log_q=log_q)
+    got = in_batch_softmax_loss(u, p, scale=10.0, log_q=log_q)
     logits = u @ p.T / 0.1 - log_q[None, :]
     assert got.item() == pytest.approx(F.cross_entropy(logits, torch.arange(5)).item(), rel=1e-6)
     # a constant q changes nothing: only relative sampling probabilities matter
-    flat = in_batch_softmax_loss(u, p, 0.1, log_q=torch.full((5,), -2.0))
-    assert flat.item() == pytest.approx(in_batch_softmax_loss(u, p, 0.1).item(), rel=1e-6)
+    flat = in_batch_softmax_loss(u, p, 10.0, log_q=torch.full((5,), -2.0))
+    assert flat.item() == pytest.approx(in_batch_softmax_loss(u, p, 10.0).item(), rel=1e-6)
     # a popular negative (high q) is penalized less than without the correction
     plain = (u @ p.T / 0.1).softmax(1)[0, 3]
     corrected = (u @ p.T / 0.1 - log_q[None, :]).softmax(1)[0, 3]
@@ -91,7 +202,7 @@ def test_other_rows_copies_of_the_positive_are_not_negatives():
     u = F.normalize(torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]]), dim=1)
     p = u.clone()
     ids = torch.tensor([7, 8, 7])
-    masked = in_batch_softmax_loss(u, p, 0.5, pin_ids=ids)
+    masked = in_batch_softmax_loss(u, p, 2.0, pin_ids=ids)
     logits = u @ p.T / 0.5
     logits[0, 2] = logits[2, 0] = float("-inf")
     assert masked.item() == pytest.approx(F.cross_entropy(logits, torch.arange(3)).item(), rel=1e-6)
@@ -111,8 +222,38 @@ def test_mixed_negatives_extend_the_softmax_with_their_own_correction():
     u, p = F.normalize(torch.randn(3, 4), dim=1), F.normalize(torch.randn(3, 4), dim=1)
     extra = F.normalize(torch.randn(2, 4), dim=1)
     ids, extra_ids = torch.tensor([1, 2, 3]), torch.tensor([2, 9])
-    got = in_batch_softmax_loss(u, p, 0.2, pin_ids=ids, extra=extra, extra_log_q=torch.tensor([-1.0, -1.0]),
+    got = in_batch_softmax_loss(u, p, 5.0, pin_ids=ids, extra=extra, extra_log_q=torch.tensor([-1.0, -1.0]),
                                 extra_ids=extra_ids)
     logits = torch.cat([u @ p.T / 0.2, u @ extra.T / 0.2 + 1.0], dim=1)
     logits[1, 3] = float("-inf")  # row 1's positive (pin 2) drawn as a random negative is masked
     assert got.item() == pytest.approx(F.cross_entropy(logits, torch.arange(3)).item(), rel=1e-6)
+
+
+def test_multi_embedding_users_get_k_by_history_length_and_train_through_the_closest():
+    from training.model.two_tower import closest_embedding
+
+    df = frame()
+    enc, model = build(df, multi_embedding=3)
+    model.eval()
+    u, mask = model.user_tower(enc.users(df), with_mask=True)
+    assert u.shape == (6, 3, 8) and mask.shape == (6, 3)
+    # history lengths 0, 1, 2, 3, 50, 2 -> K = 1, 1, 1, 2, 3, 1 (every user keeps at least the first)
+    assert mask.sum(1).tolist() == [1, 1, 1, 2, 3, 1]
+    assert (u[~mask] == 0).all() and (u[mask].abs().sum(-1) > 0).all()
+    (uu, m), p, _, _ = model(enc.users(df), enc.pins(df))
+    picked = closest_embedding(uu, m, p)
+    best = (uu * p.unsqueeze(1)).sum(-1).masked_fill(~m, float("-inf")).argmax(1)
+    torch.testing.assert_close(picked, uu[torch.arange(6), best])
+
+
+def test_the_conditioned_tower_changes_with_the_condition_and_none_is_the_unconditioned_use():
+    df = frame()
+    enc, model = build(df, conditional=True)
+    model.eval()
+    x = enc.users(df)
+    plain = model.user_tower(x)
+    none = model.user_tower({**x, "condition": torch.zeros(6, dtype=torch.long)})
+    torch.testing.assert_close(plain, none)                 # no condition given = the learned "no condition"
+    on = model.user_tower({**x, "condition": torch.full((6,), 3, dtype=torch.long)})
+    other = model.user_tower({**x, "condition": torch.full((6,), 4, dtype=torch.long)})
+    assert not torch.allclose(on, plain) and not torch.allclose(on, other)

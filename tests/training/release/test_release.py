@@ -22,7 +22,7 @@ from training.features.store import feature_store
 from training.model.checkpoint import load_checkpoint
 from training.model.towers import run_tower
 from training.release.embeddings import corpus, embed_corpus
-from training.release.index import IndexStore, collection_metadata, search
+from training.release.index import EMBEDDING, IndexStore, collection_metadata, search
 from training.release.model_store import open_user_tower, stored_user_towers
 from training.release.publish import PAUSE_ENV, publish, rollback, sample_users, status
 from training.release.registry import Registry, ReleaseError, VersionMismatch, check_pair
@@ -124,10 +124,13 @@ def test_embedding_contract_rejects_bad_vectors_and_ids():
     v /= np.linalg.norm(v, axis=1, keepdims=True)
     good = pd.DataFrame({"pin_id": [1, 2, 3, 4], "interest_id": [0, 1, 1, -1], "image_signature": ["a", "b", "c", "d"],
                          "decayed_engagement": np.float32([0.5, 0, 2, 1]), EMBEDDING: list(v)})
-    assert len(PinEmbeddings(good).validated()) == 4
+    assert len(PinEmbeddings(good).validated(unit_norm=True)) == 4
+    assert len(PinEmbeddings(good.assign(**{EMBEDDING: list(v * 3)})).validated()) == 4   # raw inner product
+    with pytest.raises(pandera.errors.SchemaErrors):
+        PinEmbeddings(good.assign(**{EMBEDDING: [v[0] * 2, v[1], v[2], v[3]]})).validated(unit_norm=True)
     bad = {
         "nan": {EMBEDDING: [v[0], v[1] * np.nan, v[2], v[3]]},
-        "not unit": {EMBEDDING: [v[0] * 2, v[1], v[2], v[3]]},
+        "inf": {EMBEDDING: [v[0], v[1] * np.inf, v[2], v[3]]},
         "wrong dim": {EMBEDDING: [v[0][:7], v[1], v[2], v[3]]},
         "duplicate id": {"pin_id": [1, 1, 3, 4]},
         "negative engagement": {"decayed_engagement": np.float32([-1, 0, 2, 1])},
@@ -201,7 +204,9 @@ def test_publish_killed_at_any_stage_leaves_live_serving_and_next_run_recovers(c
     live = reg.live()
     with store.client(live.collection, load=True) as c:   # the live release still answers
         check_pair(v0, live.collection, collection_metadata(c, live.collection))
-        assert len(search(c, live.collection, np.eye(1, cfg.train.out_dim, dtype=np.float32), 5,
+        dim = next(f["params"]["dim"] for f in c.describe_collection(live.collection)["fields"]
+                   if f["name"] == EMBEDDING)
+        assert len(search(c, live.collection, np.eye(1, dim, dtype=np.float32), 5,
                           live.index["search_params"])[0]) == 5
     # the next publish cleans up what the killed one left, then succeeds
     out = publish(cfg, checkpoints[1])

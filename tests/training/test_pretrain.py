@@ -1,0 +1,68 @@
+"""Pre-trained ID embeddings on the real data stage: the window (before the training window, before every
+user's first held-out interaction, every surface), both methods, and the non-overlap rule at training time."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from training.evaluation.split import load_split
+from training.model.pretrained import PretrainedError, PretrainedTable
+from training.pretrain import pretrain, pretrain_stage, window_events
+
+pytestmark = pytest.mark.slow
+
+
+def _cfg(cfg, **pretrain_kw):
+    return dataclasses.replace(cfg, pretrain=dataclasses.replace(cfg.pretrain, **pretrain_kw),
+                               train=dataclasses.replace(cfg.train, threads=1))
+
+
+def test_window_holds_nothing_a_model_is_evaluated_on(pipeline_cfg):
+    ts, split, manifest = load_split(pipeline_cfg)
+    end = split.window_start(pipeline_cfg.train.window_fraction)
+    ev = window_events(pipeline_cfg, split, end)
+    assert (ev["event_timestamp"] < end).all()
+    cutoff = ev["user_id"].map(split.cutoffs())
+    assert (cutoff.isna() | (ev["event_timestamp"] < cutoff)).all()
+    held = split.frame[split.frame["part"] != "train"][["user_id", "pin_id", "event_timestamp"]]
+    assert ev.merge(held, on=["user_id", "pin_id", "event_timestamp"]).empty
+    from training.data.snapshot import load_live
+
+    surfaces = pd.read_parquet(load_live(pipeline_cfg).table("fct_pretrain_engagements"))["surface"]
+    assert set(surfaces) > {"homefeed"}   # cross-surface data reaches pre-training
+
+
+@pytest.mark.parametrize("method", ["ease_svd", "contrastive"])
+def test_both_methods_give_calibrated_tables_for_the_window(pipeline_cfg, method, tmp_path):
+    cfg = _cfg(pipeline_cfg, method=method, epochs=3, dim=16)
+    ts, split, manifest = load_split(cfg)
+    table = pretrain(cfg, split, manifest["snapshot_id"])
+    assert table.window_end == split.window_start(cfg.train.window_fraction).isoformat()
+    assert table.context.shape == table.target.shape == (len(table.pin_ids), 16)
+    assert table.users.shape == (len(table.user_ids), 16)
+    assert all(np.isfinite(a).all() for a in (table.context, table.target, table.users))
+    assert table.meta["score_scale"] > 0 and table.meta["events"] > 100
+    loaded = PretrainedTable.load(table.save(tmp_path))
+    np.testing.assert_array_equal(loaded.target, table.target)
+
+
+def test_training_refuses_an_overlapping_table_and_records_the_one_it_used(pipeline_cfg):
+    from training.train import fit
+
+    cfg = _cfg(pipeline_cfg, dim=16)
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, epochs=1, patience=1, batch_size=256))
+    ts, split, manifest = load_split(cfg)
+    overlapping = pretrain(cfg, split, manifest["snapshot_id"], overlap=True)
+    with pytest.raises(PretrainedError, match="overlaps the training window"):
+        fit(cfg, ts, split, manifest, table=overlapping)
+    ablation = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, allow_overlapping_pretrain=True))
+    assert fit(ablation, ts, split, manifest, table=overlapping).pretrained["table_id"] == overlapping.table_id
+    out = pretrain_stage(cfg)
+    trained = fit(cfg, ts, split, manifest)   # the newest table on disk that ends by the window start
+    assert trained.pretrained["table_id"] == out["table_id"]
+    assert trained.result.blend is not None and trained.result.blend["weight"] in {
+        str(w) for w in __import__("training.train", fromlist=["BLEND_GRID"]).BLEND_GRID}
