@@ -3,7 +3,8 @@
     retrieval-service serve     ``bentoml serve`` in the foreground
     retrieval-service start     in the background (its own session), wait until ``/readyz`` reports the loaded
                                 release, print an example request and return, leaving the service answering
-                                (pid and log under ``<data_dir>/serve.{pid,log}``)
+                                (pids and the size-rotated log under ``<data_dir>/serve.{pid,log}``); refuses
+                                when the port is taken
     retrieval-service stop      stop a service started with ``start``
 
 Every action takes the config flags of ``retrieval`` (``--data_dir``, ``--serve.port``, ``--config FILE``...).
@@ -18,6 +19,7 @@ import argparse
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -32,6 +34,9 @@ from training.config import CONFIG_ENV, REPO_ROOT, Config, ConfigError, add_conf
 from training.io import atomic_write_text
 
 SERVICE = "bentos.service:RetrievalService"
+LOG_MAX_BYTES = 10 * 2**20
+LOG_BACKUPS = 3
+"""``<data_dir>/serve.log`` rotates at 10 MB, keeping 3 older files (bentos/logpipe.py)."""
 
 
 class NotReadyError(RuntimeError):
@@ -88,20 +93,34 @@ def serve(cfg: Config) -> None:
     os.execvpe(cmd[0], cmd, env)
 
 
+def port_taken(host: str, port: int) -> bool:
+    """True when something already listens on host:port."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.settimeout(0.5)
+        return s.connect_ex((host, port)) == 0
+
+
 def start(cfg: Config, timeout_s: float = 180.0) -> dict[str, Any]:
-    """Start the service in the background and return once it is ready (stopping one already running)."""
+    """Start the service in the background and return once it is ready (stopping the one this data dir started
+    before). Refuses, naming the port, when another process already listens there."""
     stop(cfg)
+    if port_taken(cfg.serve.host, cfg.serve.port):
+        raise RuntimeError(f"{cfg.serve.host}:{cfg.serve.port} is already in use by another process: stop it, or "
+                           "choose another --serve.port")
     cmd, env = command(cfg)
     pid_file, log_file = _paths(cfg)
-    with open(log_file, "w") as out:
-        proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, start_new_session=True)
-    pid_file.write_text(str(proc.pid))
+    piped = [sys.executable, "-m", "bentos.logpipe", str(log_file), str(LOG_MAX_BYTES), str(LOG_BACKUPS), "--", *cmd]
+    proc = subprocess.Popen(piped, cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            stdin=subprocess.DEVNULL, start_new_session=True)
+    _record(pid_file, proc.pid)
     base = f"http://{cfg.serve.host}:{cfg.serve.port}"
     try:
         body = wait_ready(base, timeout_s, proc)
+        if proc.poll() is not None:   # something else answered: our server is gone
+            raise NotReadyError(f"the service process exited with code {proc.returncode}")
+        _record(pid_file, proc.pid)   # now with its workers
     except NotReadyError as e:
-        tail = log_file.read_text()[-2000:]
+        tail = log_file.read_text()[-2000:] if log_file.exists() else ""
         stop(cfg)
         raise RuntimeError(f"{e} (see {log_file}):\n{tail}") from e
     release = body["release"]
@@ -113,20 +132,50 @@ def start(cfg: Config, timeout_s: float = 180.0) -> dict[str, Any]:
     return {"url": base, "pid": proc.pid, "release": release["model_version"], "example": example}
 
 
+def _record(pid_file: Path, pid: int) -> None:
+    """Write the server's pid and every descendant's (its workers) to the pid file."""
+    import psutil
+
+    try:
+        children = [c.pid for c in psutil.Process(pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        children = []
+    atomic_write_text(pid_file, json.dumps({"pid": pid, "descendants": children}))
+
+
+def _alive(pids: list[int]) -> list[int]:
+    import psutil
+
+    return [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
+
+
 def stop(cfg: Config) -> dict[str, Any]:
-    """Stop the service ``start`` left running for this data dir (its whole process group)."""
+    """Stop the service ``start`` left running for this data dir: its process group and every process it
+    recorded (workers outlive a killed leader; they are stopped too). SIGTERM, then SIGKILL after 10 s."""
     pid_file, _ = _paths(cfg)
     if not pid_file.exists():
         return {"stopped": None}
-    pid = int(pid_file.read_text())
     try:
-        os.killpg(pid, signal.SIGTERM)
-        for _ in range(100):
-            os.killpg(pid, 0)
+        recorded = json.loads(pid_file.read_text())
+        pid, pids = int(recorded["pid"]), [int(recorded["pid"]), *map(int, recorded.get("descendants", []))]
+    except (ValueError, KeyError, TypeError):
+        pid = int(pid_file.read_text().strip())
+        pids = [pid]
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+        for p in _alive(pids):
+            try:
+                os.kill(p, sig)
+            except (ProcessLookupError, PermissionError):
+                pass
+        deadline = time.monotonic() + (10 if sig == signal.SIGTERM else 5)
+        while _alive(pids) and time.monotonic() < deadline:
             time.sleep(0.1)
-        os.killpg(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
+        if not _alive(pids):
+            break
     pid_file.unlink(missing_ok=True)
     return {"stopped": pid}
 

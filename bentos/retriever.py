@@ -29,9 +29,10 @@ import torch
 
 from training.config import Config
 from training.features.store import feature_store
+from training.model.clustering import round_robin
 from training.release.index import IndexStore, collection_metadata, scalar_table, search
 from training.release.model_store import open_user_tower
-from training.release.registry import Registry, Release, check_pair
+from training.release.registry import Registry, Release, ReleaseError, check_pair
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +43,25 @@ class RetrievalError(ValueError):
     def __init__(self, field: str, message: str):
         super().__init__(f"{field}: {message}")
         self.field = field
+
+
+SEARCH_LIMIT = 16_384
+"""Milvus' largest top-k."""
+MAX_CONDITIONS = 16
+"""Most interests a conditional request may name (one conditioned vector each)."""
+
+
+def _first(vectors: torch.Tensor) -> torch.Tensor:
+    """(n, D): the first (most representative) embedding of each user of a multi-embedding tower."""
+    return vectors[:, 0] if vectors.dim() == 3 else vectors
+
+
+class StoreUnavailable(RuntimeError):
+    """The online store or the index failed or timed out; ``store`` names which (the request may be retried)."""
+
+    def __init__(self, store: str, error: BaseException):
+        super().__init__(f"{store} unavailable: {type(error).__name__}: {str(error).splitlines()[0][:200]}")
+        self.store = store
 
 
 class NotReady(RuntimeError):
@@ -124,10 +144,9 @@ def load_release(cfg: Config, release: Release) -> LoadedRelease:
 def _warm_up(tower, encoder, client, release: Release) -> None:
     """One user-tower pass and one search before the release serves: the first torch call and the first search
     of a fresh client are several times slower than the next ones."""
-    empty = pd.DataFrame({"user_id": [0], "recent_pin_ids": [None], "recent_pin_ages_days": [None],
-                          "top_interest_ids": [None]})
+    empty = {"user_id": [0], "recent_pin_ids": [None], "recent_pin_ages_days": [None], "top_interest_ids": [None]}
     with torch.no_grad():
-        vector = tower(encoder.users(empty)).numpy()
+        vector = _first(tower(encoder.users(empty))).numpy()
     search(client, release.collection, vector, 10, release.index["search_params"])
 
 
@@ -142,7 +161,8 @@ class Retriever:
         """Open releases by version: the current one and retired ones still finishing requests. A rollback
         to a retired release reuses it (one client per database file and process)."""
         self._switch = threading.Lock()
-        self.features = feature_store(cfg)
+        self.features = feature_store(cfg, busy_timeout=cfg.serve.store_timeout_seconds)
+        self._health: tuple[float, dict[str, Any]] = (0.0, {"ok": True})
         torch.set_num_threads(1)
 
     # --- release management --------------------------------------------------------------------------------
@@ -155,6 +175,8 @@ class Retriever:
         with self._switch:
             self._close_retired()
             live = self.registry.live()
+            if live is None and self._current is not None:
+                raise ReleaseError(f"the registry names no live release; still serving {self._current.version}")
             if live is None or (self._current and self._current.version == live.model_version):
                 return False
             loaded = self._loaded.get(live.model_version)
@@ -178,8 +200,13 @@ class Retriever:
 
     # --- requests -------------------------------------------------------------------------------------------
     def retrieve(self, user_id: int, k: int = 100, interests: list[int] | None = None,
-                 exclude_seen: bool = True) -> dict[str, Any]:
-        """The answer for one (already validated) request, from the release live when it started."""
+                 exclude_seen: bool = True, mode: str | None = None) -> dict[str, Any]:
+        """The answer for one (already validated) request, from the release live when it started.
+
+        ``mode`` (default: the release's best measured one): 'single' (one user vector), 'multi' (one vector
+        per history cluster, their searches merged round-robin) or 'conditional' (one vector per interest,
+        conditioned on it and searched within it: the requested ``interests``, else the user's inferred top
+        interests; merged round-robin). Every pin says which embedding / interest found it (``source``)."""
         while True:
             rel = self._current
             if rel is None:
@@ -187,6 +214,13 @@ class Retriever:
             if rel.enter():
                 break
         try:
+            mode = mode or rel.release.default_mode
+            if mode == "conditional" and interests and len(interests) > MAX_CONDITIONS:
+                raise RetrievalError("interests", f"mode 'conditional' searches once per interest: at most "
+                                                  f"{MAX_CONDITIONS}, got {len(interests)}")
+            if mode not in rel.release.modes:
+                raise RetrievalError("mode", f"the live release {rel.version} does not support mode {mode!r} "
+                                             f"(it supports {', '.join(rel.release.modes)})")
             if interests:
                 unknown = sorted(set(int(i) for i in interests) - rel.interests)
                 if unknown:
@@ -201,17 +235,27 @@ class Retriever:
                 how = "cold_start"
                 t2 = t3 = time.perf_counter()
             else:
-                frame = pd.DataFrame(feats)
-                with torch.no_grad():
-                    vector = rel.tower(rel.encoder.users(frame)).numpy()
+                vectors, sources, own = self._queries(rel, feats, mode, interests)
                 t2 = time.perf_counter()
-                hits = search(rel.client, rel.release.collection, vector, k, rel.release.index["search_params"],
-                              interests=interests, exclude=list(history) if exclude_seen else None)[0]
+                filters = sorted(set(own)) if own is not None else interests
+                limit = k * len(vectors) if own is not None else k
+                try:
+                    lists = search(rel.client, rel.release.collection, vectors, min(limit, SEARCH_LIMIT),
+                                   rel.release.index["search_params"], interests=filters,
+                                   exclude=list(history) if exclude_seen else None)
+                except Exception as e:  # noqa: BLE001 - an index fault is a 503, not a 500
+                    raise StoreUnavailable("index", e) from e
                 t3 = time.perf_counter()
-                ids = np.fromiter((h["pin_id"] for h in hits), np.int64, len(hits))
-                interest = rel.pin_interests[np.searchsorted(rel.pin_ids, ids).clip(0, max(len(rel.pin_ids) - 1, 0))]
-                pins = [{"pin_id": int(p), "score": h["score"], "interest_id": int(i)}
-                        for p, h, i in zip(ids, hits, interest, strict=True)]
+                for hits in lists:
+                    ids = np.fromiter((h["pin_id"] for h in hits), np.int64, len(hits))
+                    found = rel.pin_interests[np.searchsorted(rel.pin_ids, ids).clip(0, max(len(rel.pin_ids) - 1, 0))]
+                    for h, i in zip(hits, found, strict=True):
+                        h["interest_id"] = int(i)
+                if own is not None:   # conditional: each vector keeps the hits of its own interest
+                    lists = [[h for h in hits if h["interest_id"] == c][:k] for hits, c in zip(lists, own, strict=True)]
+                merged = lists[0][:k] if len(lists) == 1 else round_robin(lists, k)
+                pins = [{"pin_id": h["pin_id"], "score": h["score"], "interest_id": h["interest_id"],
+                         "source": sources[h.get("source", 0)]} for h in merged]
                 how = "learned"
             return {
                 "user_id": user_id,
@@ -219,14 +263,52 @@ class Retriever:
                 "model_version": rel.version,
                 "collection": rel.release.collection,
                 "retrieval": how,
+                "mode": mode if how == "learned" else None,
                 "timings_ms": {"features": round((t1 - t0) * 1e3, 3), "user_tower": round((t2 - t1) * 1e3, 3),
                                "search": round((t3 - t2) * 1e3, 3)},
             }
         finally:
             rel.leave()
 
+    @staticmethod
+    def _queries(rel: LoadedRelease, feats: dict[str, list], mode: str,
+                 interests: list[int] | None) -> tuple[np.ndarray, list[str], list[int] | None]:
+        """(query vectors, each one's source label, each one's own interest (conditional) or None)."""
+        x = rel.encoder.users(feats)
+        with torch.no_grad():
+            if mode == "conditional":
+                conditions = list(interests or []) or [int(i) for i in (feats.get("top_interest_ids") or [[]])[0] or []]
+                if conditions:
+                    batch = {name: t.expand(len(conditions), *t.shape[1:]) for name, t in x.items()}
+                    batch["condition"] = torch.tensor([c + 1 for c in conditions])
+                    vectors = _first(rel.tower(batch))
+                    return vectors.numpy(), [f"interest:{c}" for c in conditions], conditions
+                mode = "single"   # nothing to condition on: the unconditioned vector
+            out, keep = rel.tower(x, with_mask=True)
+            if out.dim() == 3 and mode == "multi":
+                real = out[0][keep[0]]
+                return real.numpy(), [f"embedding:{i}" for i in range(len(real))], None
+            return _first(out).numpy(), ["embedding:0"], None
+
     def _features(self, rel: LoadedRelease, user_id: int) -> dict[str, list]:
-        return self.features.online(rel.user_service, "user_id", [user_id])
+        try:
+            return self.features.online(rel.user_service, "user_id", [user_id])
+        except Exception as e:  # noqa: BLE001 - any store fault (locked, corrupt, down) is a 503, not a 500
+            raise StoreUnavailable("online store", e) from e
+
+    def store_health(self, max_age: float = 1.0) -> dict[str, Any]:
+        """Whether the online store answers (a fetch of an unknown user), checked at most every ``max_age`` s."""
+        checked, health = self._health
+        rel = self._current
+        if rel is None or time.monotonic() - checked < max_age:
+            return health
+        try:
+            self._features(rel, 0)
+            health = {"ok": True}
+        except StoreUnavailable as e:
+            health = {"ok": False, "reason": str(e)}
+        self._health = (time.monotonic(), health)
+        return health
 
     @staticmethod
     def _cold_start(rel: LoadedRelease, k: int, interests: list[int] | None, seen: set[int]) -> list[dict[str, Any]]:
@@ -236,7 +318,7 @@ class Retriever:
         if seen:
             c = c[~c["pin_id"].isin(list(seen))]
         top = c.head(k)
-        return [{"pin_id": int(p), "score": float(s), "interest_id": int(i)}
+        return [{"pin_id": int(p), "score": float(s), "interest_id": int(i), "source": "popular"}
                 for p, s, i in zip(top["pin_id"], top["decayed_engagement"], top["interest_id"], strict=True)]
 
     def status(self) -> dict[str, Any]:
@@ -247,6 +329,7 @@ class Retriever:
         return {"ready": True, "release": {"model_version": r.model_version, "collection": r.collection,
                                            "user_tower": r.user_tower, "feature_services": r.feature_services,
                                            "snapshot_id": r.snapshot_id, "created_at": r.created_at,
-                                           "example_user_id": r.example_user_id,
+                                           "example_user_id": r.example_user_id, "modes": r.modes,
+                                           "default_mode": r.default_mode,
                                            "loaded_at": rel.loaded_at, "corpus_pins": len(rel.corpus),
                                            "search_params": r.index.get("search_params")}}

@@ -1,36 +1,49 @@
 """The retrieval HTTP service (BentoML): user id -> candidate pins from the live release.
 
     POST /retrieve   {"user_id": 42, "k": 100, "interests": [3, 7], "exclude_seen": true}
-    GET  /healthz    liveness
-    GET  /readyz     200 with the loaded release once one is loaded, else 503
-    GET  /metadata   the loaded release, limits and config; OpenAPI: GET /docs.json, Swagger UI at /
+    GET  /healthz    liveness (always answers, also under load)
+    GET  /readyz     200 with the loaded release when it and the online store answer, else 503 with the reason
+    GET  /metadata   the loaded release, limits and config;   GET /metrics   Prometheus, bounded labels
+    OpenAPI: GET /docs.json, Swagger UI at /
 
 Run from the repo root: ``BENTOML_HOME=<data_dir>/bentoml bentoml serve bentos.service:RetrievalService``
 (``retrieval-service start`` does this; ``make run`` calls it). Config: the defaults of training/config.py,
 overridden by the YAML file named in ``RETRIEVAL_CONFIG``; the data dir is ``RETRIEVAL_DATA_DIR`` unless that
-file names one. The work is in ``bentos.retriever``; this module is the HTTP surface: strict request
-validation (every bad input is a 4xx naming the field), a body-size limit, the ops endpoints, and a
-background thread that follows the release registry.
+file names one. The work is in ``bentos.retriever``; this module is the HTTP surface:
+
+- every error has one body shape, ``{"error": str, "field": str | null, "details": [...] | null}``: 400 for a bad
+  request (naming the field), 408 for a body that arrives too slowly, 413 / 415 for size and type, 503 with
+  ``Retry-After`` when no release is live, a store fails or the service sheds load;
+- a bounded number of requests in flight (``serve.max_in_flight``): past it a request is refused at once with
+  503, so latency stays bounded while ``/healthz`` and ``/readyz`` keep answering;
+- client errors are logged as one INFO line; repeated faults (a broken registry, a failing store) are logged
+  once and then at most once a minute;
+- a background thread follows the release registry.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
-from typing import Annotated, Any
+import time
+from typing import Annotated, Any, Literal
 
 import bentoml
 from fastapi import FastAPI
 from pydantic import BaseModel, ConfigDict, Field
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, Response
 
-from bentos.retriever import NotReady, RetrievalError, Retriever
+from bentos.observability import METRICS, RateLimitedLog, quiet_client_errors
+from bentos.retriever import NotReady, RetrievalError, Retriever, StoreUnavailable
 from training.config import Config
 
 log = logging.getLogger("retrieval.service")
+fault_log = RateLimitedLog(log)
 
 CONFIG = Config.load()
 SERVE = CONFIG.serve
+INT64 = 2**63
 
 
 class RetrieveRequest(BaseModel):
@@ -38,17 +51,24 @@ class RetrieveRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    user_id: int = Field(description="The user to retrieve for.")
+    user_id: Annotated[int, Field(ge=-INT64, le=INT64 - 1, description="The user to retrieve for (int64).")]
     k: Annotated[int, Field(ge=1, le=SERVE.max_k, description="Number of pins to return.")] = 100
-    interests: Annotated[list[int] | None, Field(max_length=SERVE.max_interests,
-                                                 description="Only pins of these interest ids.")] = None
+    interests: Annotated[list[Annotated[int, Field(ge=0, le=INT64 - 1)]], Field(
+        max_length=SERVE.max_interests,
+        description="Only pins of these interest ids; empty = every interest. An id the live release does not know "
+                    "is a 400 (the ids: GET /metadata).")] = []
     exclude_seen: bool = Field(True, description="Leave out the pins in the user's recent history.")
+    mode: Literal["single", "multi", "conditional"] | None = Field(
+        None, description="single: one user vector; multi: one per interest cluster of the history, merged "
+                          "round-robin; conditional: one per interest (the requested ones, else the user's top "
+                          "interests), each searched within it. null: the live release's default (/metadata).")
 
 
 class Pin(BaseModel):
     pin_id: int
     score: float
     interest_id: int
+    source: str = Field(description="What found the pin: 'embedding:<i>', 'interest:<id>' or 'popular'.")
 
 
 class RetrieveResponse(BaseModel):
@@ -57,56 +77,151 @@ class RetrieveResponse(BaseModel):
     model_version: str = Field(description="Model version of the user tower and the collection (always the same).")
     collection: str
     retrieval: str = Field(description="'learned' (user tower + ANN) or 'cold_start' (corpus by decayed engagement).")
+    mode: str | None = Field(description="The retrieval mode of a learned answer.")
     timings_ms: dict[str, float]
 
 
-def _error(status: int, message: str, field: str | None = None) -> JSONResponse:
-    return JSONResponse({"error": message, **({"field": field} if field else {})}, status_code=status)
+class ErrorBody(BaseModel):
+    """Every error response of the service."""
+
+    error: str
+    field: str | None = None
+    details: list[dict[str, Any]] | None = None
+
+
+def error(status: int, message: str, field: str | None = None, details: list | None = None,
+          retry_after: int | None = None) -> JSONResponse:
+    headers = {"Retry-After": str(retry_after)} if retry_after else None
+    return JSONResponse({"error": message, "field": field, "details": details}, status_code=status, headers=headers)
+
+
+OPS_PATHS = frozenset({"/healthz", "/readyz", "/metadata", "/metrics"})
+ROUTES = frozenset({"/retrieve", "/docs.json", "/", "/docs", *OPS_PATHS})
+"""Paths the service answers; anything else is 404 and counted as 'unmatched' (bounded metric labels)."""
 
 
 class RequestGuard:
-    """ASGI middleware in front of the API: 415 unless a POST body is JSON (or untyped), 413 for bodies over
-    ``max_bytes`` (declared or streamed), before anything parses them."""
+    """ASGI middleware in front of the API, before anything parses a body:
 
-    def __init__(self, app, max_bytes: int):
+    - 404 for unknown paths (one 'unmatched' metric label for all of them);
+    - 503 + Retry-After past ``max_in_flight`` concurrent POST /retrieve (load shedding, decided at once);
+    - 415 unless a POST body is JSON (or untyped); 413 for bodies over ``max_bytes`` (declared or streamed);
+    - 408 when the body does not arrive within ``body_seconds``;
+    - 400 bodies of BentoML's own validation reshaped to the service's error shape (naming the field).
+    """
+
+    def __init__(self, app, max_bytes: int, max_in_flight: int, body_seconds: float):
         self.app = app
         self.max_bytes = max_bytes
+        self.max_in_flight = max_in_flight
+        self.body_seconds = body_seconds
+        self.in_flight = 0
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        too_big = _error(413, f"request body is larger than {self.max_bytes} bytes", "body")
+        path, method = scope["path"], scope["method"]
+        route = path if path in ROUTES else "unmatched"
+        started = time.perf_counter()
+        status = {"code": 500}
+
+        async def counted_send(message):
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+
+        try:
+            if route == "unmatched":
+                return await error(404, f"no such endpoint: {method} {path}", "path")(scope, receive, counted_send)
+            if path != "/retrieve" or method != "POST":
+                return await self.app(scope, receive, counted_send)
+            if self.in_flight >= self.max_in_flight:
+                return await error(503, f"overloaded: {self.in_flight} requests in flight (serve.max_in_flight)",
+                                   retry_after=1)(scope, receive, counted_send)
+            self.in_flight += 1
+            try:
+                await self._guarded(scope, receive, counted_send)
+            finally:
+                self.in_flight -= 1
+        finally:
+            METRICS.observe(route, method, status["code"], time.perf_counter() - started)
+
+    async def _guarded(self, scope, receive, send):
+        too_big = error(413, f"request body is larger than {self.max_bytes} bytes", "body")
         headers = dict(scope.get("headers", []))
         kind = headers.get(b"content-type", b"").split(b";")[0].strip().lower()
-        if scope["method"] == "POST" and kind not in (b"", b"application/json"):
-            return await _error(415, f"send the body as JSON with Content-Type: application/json, not "
-                                     f"{kind.decode(errors='replace')}", "content-type")(scope, receive, send)
+        if kind not in (b"", b"application/json"):
+            return await error(415, f"send the body as JSON with Content-Type: application/json, not "
+                                    f"{kind.decode(errors='replace')}", "content-type")(scope, receive, send)
         length = headers.get(b"content-length", b"")
         if length.isdigit() and int(length) > self.max_bytes:
             return await too_big(scope, receive, send)
-        seen = 0
-        over = False
-        answered = False
+        # read the whole body first, within the time and size limits, so that neither a slow client nor a huge
+        # body ever reaches the handler
+        body, deadline = b"", time.monotonic() + self.body_seconds
+        while True:
+            try:
+                message = await asyncio.wait_for(receive(), timeout=max(0.0, deadline - time.monotonic()))
+            except TimeoutError:
+                return await error(408, f"the request body did not arrive within {self.body_seconds:g} s",
+                                   "body")(scope, receive, send)
+            if message["type"] == "http.disconnect":
+                return None
+            body += message.get("body", b"")
+            if len(body) > self.max_bytes:
+                return await too_big(scope, receive, send)
+            if not message.get("more_body"):
+                break
+        replayed = False
 
-        async def counting_receive():
-            nonlocal seen, over
-            message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > self.max_bytes:
-                    over = True
-                    message = {"type": "http.request", "body": b"", "more_body": False}
-            return message
+        async def replay():
+            nonlocal replayed
+            if replayed:
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
 
-        async def guarded_send(message):
-            nonlocal answered
-            if not over:
-                return await send(message)
-            if not answered:   # replace the app's answer to the truncated body with the 413
-                answered = True
-                await too_big(scope, receive, send)
+        response: dict[str, Any] = {}
 
-        await self.app(scope, counting_receive, guarded_send)
+        async def reshaping_send(message):
+            # BentoML answers its own validation errors with {"error": ..., "detail": [...]}: one shape everywhere
+            if message["type"] == "http.response.start" and message["status"] == 400:
+                response["start"] = message
+                return None
+            if "start" in response and message["type"] == "http.response.body":
+                response["body"] = response.get("body", b"") + message.get("body", b"")
+                if message.get("more_body"):
+                    return None
+                reshaped = _reshape_400(response["body"])
+                await send({**response["start"], "headers": [(b"content-type", b"application/json"),
+                                                             (b"content-length", str(len(reshaped)).encode())]})
+                return await send({"type": "http.response.body", "body": reshaped})
+            return await send(message)
+
+        await self.app(scope, replay, reshaping_send)
+
+
+def _reshape_400(raw: bytes) -> bytes:
+    import json
+
+    try:
+        body = json.loads(raw or b"{}")
+    except ValueError:
+        body = {"error": raw.decode(errors="replace")}
+    if isinstance(body, dict) and "field" in body and "details" in body:
+        return raw   # already ours
+    detail = body.get("detail") if isinstance(body, dict) else None
+    if isinstance(detail, list) and detail:
+        first = detail[0]
+        loc = ".".join(str(p) for p in first.get("loc", [])) or None
+        message = f"{loc}: {first.get('msg')}" if loc else str(first.get("msg"))
+        details = [{"field": ".".join(str(p) for p in d.get("loc", [])) or None, "message": d.get("msg"),
+                    "type": d.get("type")} for d in detail]
+        return json.dumps({"error": message, "field": loc, "details": details}).encode()
+    message = (body.get("error") if isinstance(body, dict) else None) or "bad request"
+    if "JSON" in message or "json" in message or "Invalid" in message:
+        return json.dumps({"error": f"body: not a JSON object ({message})", "field": "body", "details": None}).encode()
+    return json.dumps({"error": message, "field": "body", "details": None}).encode()
 
 
 ops = FastAPI(title="retrieval ops")
@@ -117,10 +232,15 @@ def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@ops.get("/readyz", summary="Readiness: 200 with the loaded release, 503 before one is loaded")
+@ops.get("/readyz", summary="Readiness: 200 with the loaded release; 503 with the reason when no release is loaded "
+                            "or the online store does not answer", responses={503: {"model": dict}})
 def readyz():
-    status = bentoml.get_current_service().retriever.status()
-    return JSONResponse(status, status_code=200 if status["ready"] else 503)
+    svc = bentoml.get_current_service()
+    status = svc.retriever.status()
+    store = svc.retriever.store_health()
+    ready = status["ready"] and store["ok"]
+    body = {**status, "ready": ready, "online_store": store}
+    return JSONResponse(body, status_code=200 if ready else 503, headers=None if ready else {"Retry-After": "1"})
 
 
 @ops.get("/metadata", summary="The loaded release, the request limits and the deployment")
@@ -128,33 +248,88 @@ def metadata() -> dict[str, Any]:
     svc = bentoml.get_current_service()
     return {**svc.retriever.status(),
             "limits": {"max_k": SERVE.max_k, "max_interests": SERVE.max_interests,
-                       "max_body_bytes": SERVE.max_body_bytes},
+                       "max_body_bytes": SERVE.max_body_bytes, "max_in_flight": SERVE.max_in_flight},
             "index": {"uri": CONFIG.index.uri or "embedded milvus-lite", "alias": CONFIG.index.alias},
             "online_store": CONFIG.features.online_store, "switches": svc.switches}
 
 
-class OpsRoutes:
-    """ASGI middleware: GET /healthz, /readyz, /metadata go to ``ops`` (BentoML's own /healthz and /readyz
-    would otherwise answer first, with an empty body)."""
+@ops.get("/metrics", summary="Prometheus metrics (labels: route template or 'unmatched', method, status)")
+def metrics() -> Response:
+    return Response(METRICS.render(), media_type="text/plain; version=0.0.4")
 
-    PATHS = {"/healthz", "/readyz", "/metadata"}
+
+ERROR_RESPONSES = {
+    "400": "a request field is missing, mistyped or out of range (`field` names it)",
+    "404": "no such endpoint",
+    "408": "the request body did not arrive in time",
+    "413": "the request body is too large",
+    "415": "the request body is not JSON",
+    "503": "no release is live, a store does not answer, or the service is shedding load (see Retry-After)",
+}
+
+
+def _schema(model: type[BaseModel], schemas: dict[str, Any]) -> dict[str, Any]:
+    """``model``'s JSON schema as pydantic writes it (optional fields as ``anyOf`` with null, which BentoML's own
+    generator drops), its nested models added to ``schemas``."""
+    schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+    schemas.update(schema.pop("$defs", {}))
+    return schema
+
+
+def document_errors(spec: dict[str, Any]) -> dict[str, Any]:
+    """BentoML's OpenAPI of /retrieve, completed with what the service really answers: every error status with
+    the one error body, the request's required fields, and no 500 (a fault in a store is a 503)."""
+    schemas = spec.setdefault("components", {}).setdefault("schemas", {})
+    schemas["ErrorBody"] = ErrorBody.model_json_schema()
+    ref = {"$ref": "#/components/schemas/ErrorBody"}
+    post = spec.get("paths", {}).get("/retrieve", {}).get("post")
+    if post is not None:
+        responses = post.setdefault("responses", {})
+        responses.pop("500", None)
+        for status, text in ERROR_RESPONSES.items():
+            responses[status] = {"description": text, "content": {"application/json": {"schema": ref}}}
+        body = post.get("requestBody", {}).get("content", {}).get("application/json", {})
+        body["schema"] = _schema(RetrieveRequest, schemas)
+        post.setdefault("requestBody", {})["required"] = True
+        ok = responses.setdefault("200", {"description": "the candidates"})
+        ok["content"] = {"application/json": {"schema": _schema(RetrieveResponse, schemas)}}
+    return spec
+
+
+class OpsRoutes:
+    """ASGI middleware: GET /healthz, /readyz, /metadata, /metrics go to ``ops`` (BentoML's own /healthz and
+    /readyz would otherwise answer first, with an empty body); GET /docs.json is BentoML's OpenAPI completed by
+    ``document_errors``."""
 
     def __init__(self, app):
         self.app = app
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] == "http" and scope["method"] == "GET" and scope["path"] in self.PATHS:
+        if scope["type"] == "http" and scope["method"] == "GET" and scope["path"] in OPS_PATHS:
             return await ops(scope, receive, send)
+        if scope["type"] == "http" and scope["method"] == "GET" and scope["path"] == "/docs.json":
+            import json
+
+            parts: list[bytes] = []
+
+            async def capture(message):
+                if message["type"] == "http.response.body":
+                    parts.append(message.get("body", b""))
+
+            await self.app(scope, receive, capture)
+            spec = document_errors(json.loads(b"".join(parts) or b"{}"))
+            return await JSONResponse(spec)(scope, receive, send)
         return await self.app(scope, receive, send)
 
 
 @bentoml.asgi_app(ops, path="/")
 @bentoml.service(name="retrieval", workers=SERVE.workers, threads=SERVE.threads,
-                 traffic={"timeout": 10})
+                 traffic={"timeout": SERVE.request_seconds}, metrics={"enabled": False})
 class RetrievalService:
     """User id -> candidate pins from the live release (user tower + Milvus), cold start when unknown."""
 
     def __init__(self) -> None:
+        quiet_client_errors()
         self.retriever = Retriever(CONFIG)
         self.switches = 0
         self._stop = threading.Event()
@@ -166,9 +341,10 @@ class RetrievalService:
         try:
             if self.retriever.refresh():
                 self.switches += 1
-        except Exception:  # noqa: BLE001 - keep serving the loaded release; retry on the next poll
-            log.exception("could not load the live release; still serving %s",
-                          self.retriever.current.version if self.retriever.current else "nothing")
+            fault_log.clear("registry")
+        except Exception as e:  # noqa: BLE001 - keep serving the loaded release; retry on the next poll
+            fault_log.warning("registry", "could not load the live release (%s); still serving %s", e,
+                              self.retriever.current.version if self.retriever.current else "nothing")
 
     def _follow(self) -> None:
         while not self._stop.wait(SERVE.poll_seconds):
@@ -187,13 +363,19 @@ class RetrievalService:
         """Candidate pins for a user: learned (user tower + ANN search in the live collection) or cold start."""
         try:
             result = self.retriever.retrieve(request["user_id"], k=request["k"], interests=request["interests"],
-                                             exclude_seen=request["exclude_seen"])
+                                             exclude_seen=request["exclude_seen"], mode=request["mode"])
         except RetrievalError as e:
-            return _error(400, str(e), e.field)
+            return error(400, str(e), e.field)
         except NotReady as e:
-            return _error(503, str(e))
+            return error(503, str(e), retry_after=5)
+        except StoreUnavailable as e:
+            fault_log.warning(e.store, "%s", e)
+            return error(503, str(e), retry_after=1)
+        fault_log.clear("online store")
+        fault_log.clear("index")
         return RetrieveResponse(**result)
 
 
 RetrievalService.add_asgi_middleware(OpsRoutes)
-RetrievalService.add_asgi_middleware(RequestGuard, max_bytes=SERVE.max_body_bytes)
+RetrievalService.add_asgi_middleware(RequestGuard, max_bytes=SERVE.max_body_bytes, max_in_flight=SERVE.max_in_flight,
+                                     body_seconds=SERVE.body_seconds)

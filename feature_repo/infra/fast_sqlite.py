@@ -40,10 +40,13 @@ FastLocalComputeEngine
 from __future__ import annotations
 
 import itertools
+import sqlite3
 import struct
+import threading
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -78,6 +81,10 @@ __all__ = [
 class FastSqliteOnlineStoreConfig(SqliteOnlineStoreConfig):
     # SqliteOnlineStore._get_db_path only accepts types ending in "SqliteOnlineStore": keep the class name suffix
     type: StrictStr = "feature_repo.infra.fast_sqlite.FastSqliteOnlineStore"  # type: ignore[assignment]
+
+    busy_timeout_seconds: float = 5.0
+    """Longest wait for a lock held by another connection before a read or write fails (the service sets its
+    own, short one: a request should fail fast with 503, not hang)."""
 
 
 class FastLocalComputeEngineConfig(LocalComputeEngineConfig):
@@ -371,7 +378,43 @@ def _bulk(conn):
 
 
 class FastSqliteOnlineStore(SqliteOnlineStore):
-    """SqliteOnlineStore plus online_write_arrow(). Everything else is inherited unchanged."""
+    """SqliteOnlineStore plus online_write_arrow(), and one connection per thread (with a bounded lock wait):
+    a slow or blocked read holds up its own request, not every request of the process. A connection that hit
+    an error is dropped, so the next use reopens the file (a file restored after corruption is picked up
+    without a restart). Everything else is inherited unchanged."""
+
+    def _get_conn(self, config):
+        local = self.__dict__.setdefault("_local", threading.local())
+        conn = getattr(local, "conn", None)
+        if conn is None:
+            db_path = self._get_db_path(config)
+            Path(db_path).parent.mkdir(parents=True, exist_ok=True)
+            conn = sqlite3.connect(db_path, detect_types=sqlite3.PARSE_DECLTYPES | sqlite3.PARSE_COLNAMES,
+                                   check_same_thread=False,
+                                   timeout=getattr(config.online_store, "busy_timeout_seconds", 5.0))
+            local.conn = conn
+        return conn
+
+    def _drop_conn(self) -> None:
+        local = self.__dict__.get("_local")
+        conn = getattr(local, "conn", None) if local is not None else None
+        if conn is not None:
+            local.conn = None
+            try:
+                conn.close()
+            except sqlite3.Error:
+                pass
+
+    def online_read(self, config, table, entity_keys, requested_features=None):
+        try:
+            return super().online_read(config, table, entity_keys, requested_features)
+        except sqlite3.Error:
+            self._drop_conn()
+            raise
+
+    def teardown(self, config, tables, entities):
+        self._drop_conn()
+        super().teardown(config, tables, entities)
 
     # entities per INSERT statement; each contributes len(features) VALUES rows
     ENTITIES_PER_STATEMENT = 64

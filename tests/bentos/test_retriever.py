@@ -70,3 +70,20 @@ def test_switch_keeps_a_retired_release_open_until_its_requests_finish(retriever
     assert retriever.retrieve(987_654_321, k=1)["model_version"] == version_of(checkpoints[0])
     retriever.refresh()
     assert new._closed and not old._closed   # the retired, idle one is closed; the live one stays  # noqa: SLF001
+
+
+@pytest.mark.parametrize("backbone", ["masknet", "dhen"])
+def test_every_backbone_publishes_and_answers(retriever, cfg, backbone):
+    import dataclasses
+    from pathlib import Path
+
+    from training.train import train
+
+    short = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, backbone=backbone, epochs=1, patience=1,
+                                                               batch_size=256, threads=1))
+    out = train(short)
+    publish(cfg, Path(out["checkpoint"]))
+    assert retriever.refresh() and retriever.current.version == out["model_version"]
+    answer = retriever.retrieve(_user_with_history(cfg), k=5)
+    assert answer["retrieval"] == "learned" and len(answer["pins"]) == 5
+    assert answer["model_version"] == out["model_version"]

@@ -3,9 +3,6 @@ release switches (publish, rollback) under concurrent requests."""
 
 from __future__ import annotations
 
-import dataclasses
-import os
-import socket
 import threading
 import time
 
@@ -13,21 +10,13 @@ import httpx
 import pandas as pd
 import pytest
 
-from bentos.launcher import start, stop
-from tests.conftest import unpublished, version_of
-from training.config import DATA_DIR_ENV
+from tests.bentos.conftest import service_class
+from tests.conftest import version_of
 from training.release.index import IndexStore
 from training.release.publish import publish, rollback
 
 pytestmark = pytest.mark.slow
 UNKNOWN_USER = 987_654_321
-
-
-@pytest.fixture(scope="module")
-def live(pipeline_cfg, checkpoints):
-    cfg = unpublished(pipeline_cfg)
-    publish(cfg, checkpoints[0])
-    return cfg
 
 
 @pytest.fixture(scope="module")
@@ -49,10 +38,7 @@ class TestInProcess:
     def client(self, live):
         from starlette.testclient import TestClient
 
-        os.environ[DATA_DIR_ENV] = live.data_dir   # what `retrieval-service` hands the service process
-        from bentos.service import RetrievalService
-
-        with TestClient(RetrievalService.to_asgi(), raise_server_exceptions=False) as c:
+        with TestClient(service_class(live.data_dir).to_asgi(), raise_server_exceptions=False) as c:
             yield c
 
     def test_learned_answer_for_a_user_with_history(self, client, live, users, checkpoints):
@@ -134,23 +120,6 @@ class TestInProcess:
         assert {"/retrieve", "/healthz", "/readyz", "/metadata"} <= set(paths)
         schema = str(paths["/retrieve"])
         assert "RetrieveRequest" in schema or "user_id" in str(client.get("/docs.json").json()["components"])
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def server(live):
-    """`bentoml serve` on loopback, started as `make run` starts it (`retrieval-service start`)."""
-    cfg = dataclasses.replace(live, serve=dataclasses.replace(live.serve, port=free_port()))
-    out = start(cfg)
-    try:
-        yield out["url"]
-    finally:
-        stop(cfg)
 
 
 def test_real_server_round_trip(server, users, checkpoints):

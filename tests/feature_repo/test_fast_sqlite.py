@@ -582,10 +582,33 @@ def test_batched_materialize_same_as_stock(tmp_path, events, arrow_writes):
     assert len(arrow_writes) == 2 and sum(arrow_writes) == N_USERS and max(arrow_writes) == 100
 
 
-def test_only_the_arrow_write_path_is_added():
-    """push / write_to_online_store and reads are stock SqliteOnlineStore's."""
-    for name in ("online_write_batch", "online_read", "update", "teardown", "plan"):
+def test_only_the_arrow_write_path_and_connection_handling_are_added():
+    """push / write_to_online_store, update and plan are stock SqliteOnlineStore's; reads are stock too, wrapped
+    only to drop a connection that failed (per-thread connections, a bounded lock wait)."""
+    for name in ("online_write_batch", "update", "plan"):
         assert getattr(fs.FastSqliteOnlineStore, name) is getattr(SqliteOnlineStore, name), name
+    assert set(vars(fs.FastSqliteOnlineStore)) - set(vars(SqliteOnlineStore)) >= {"online_write_arrow", "_drop_conn"}
+
+
+def test_each_thread_reads_through_its_own_connection_and_a_failed_one_is_reopened(tmp_path, events):
+    import threading
+
+    fast = _store(tmp_path / "fast", "fast", events[0])
+    fast.materialize(START, END, feature_views=["ev"])
+    store = fast._get_provider().online_store
+    conns = {}
+
+    def read(name):
+        _online(fast, ["ev:cnt"])
+        conns[name] = store._get_conn(fast.config)
+
+    threads = [threading.Thread(target=read, args=(i,)) for i in range(2)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    assert conns[0] is not conns[1]
+    before = store._get_conn(fast.config)
+    store._drop_conn()
+    assert store._get_conn(fast.config) is not before
 
 
 def test_bulk_write_pragmas_are_restored():
