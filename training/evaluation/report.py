@@ -173,7 +173,9 @@ def report(cfg: Config, out_dir: Path | None = None) -> dict[str, Any]:
 
     tables: dict[str, Any] = {}
     variants: dict[str, dict[str, Any]] = {}
-    for label, overrides in _variants(cfg.report.variants, cfg):
+    out = Path(out_dir or cfg.data_path / "reports" / manifest["snapshot_id"])
+    planned = _variants(cfg.report.variants, cfg)
+    for label, overrides in planned:
         runs = []
         for seed in range(cfg.report.seeds):
             vc = _with(cfg, {**overrides, "train.seed": seed, "pretrain.seed": seed})
@@ -201,9 +203,10 @@ def report(cfg: Config, out_dir: Path | None = None) -> dict[str, Any]:
                            "config": {"train": vars(_with(cfg, overrides).train),
                                       "pretrain": vars(_with(cfg, overrides).pretrain)},
                            "runs": runs, **_aggregate(runs)}
-    verdict = _verdict(variants, baselines)
-    out = Path(out_dir or cfg.data_path / "reports" / manifest["snapshot_id"])
-    md = _write(out, cfg, manifest, split, baselines, variants, verdict, time.perf_counter() - started)
+        # the files are rewritten after every variant: an interrupted report keeps every finished row
+        verdict = _verdict(variants, baselines)
+        md = _write(out, cfg, manifest, split, baselines, variants, verdict, time.perf_counter() - started,
+                    pending=len(planned) - len(variants))
     log.info("report %s", md)
     return {"report": str(md), "verdict": verdict["lines"],
             **{label: {k: round(v["mean"][k], 4) for k in HEADLINE} for label, v in variants.items()},
@@ -237,7 +240,7 @@ def _verdict(variants: dict[str, dict[str, Any]], baselines: dict[str, dict[str,
 
 
 def _write(out: Path, cfg: Config, manifest: dict[str, Any], split, baselines: dict[str, dict[str, Any]],
-           variants: dict[str, dict[str, Any]], verdict: dict[str, Any], seconds: float) -> Path:
+           variants: dict[str, dict[str, Any]], verdict: dict[str, Any], seconds: float, pending: int = 0) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     cols = ("capped_recall@10", "capped_recall@50", "capped_recall@100", "ndcg@10", "coverage@50")
     lines = [f"# Retrieval report ({cfg.data.source})", "",
@@ -258,6 +261,9 @@ def _write(out: Path, cfg: Config, manifest: dict[str, Any], split, baselines: d
                      + f" | {m['valid']:.3f} | {m['examples_per_s']:,.0f} | {m['seconds_to_best']:.1f} | "
                      f"{m['best_epoch']:.1f} / {m['epochs_run']:.1f}{f' ({caps} cap)' if caps else ''} | "
                      f"{m['user_tower_ms']:.2f} |")
+    if pending:
+        lines += ["", f"**Partial**: {pending} more two-tower variant(s) planned; this file is rewritten as each "
+                      "one finishes."]
     lines += ["", f"Report computed in {seconds / 60:.1f} min. Blend weights chosen on validation: "
               + "; ".join(f"{label}: {[r['blend_weight'] for r in v['runs']]}" for label, v in variants.items()
                           if any(r["blend_weight"] for r in v["runs"])), ""]
@@ -267,7 +273,8 @@ def _write(out: Path, cfg: Config, manifest: dict[str, Any], split, baselines: d
     lines += ["![recall@K](recall_curve.png)", ""]
     (out / "report.json").write_text(json.dumps({"data": cfg.data.source, "snapshot_id": manifest["snapshot_id"],
                                                  "users": split.n_users, "items": split.n_items,
-                                                 "seeds": cfg.report.seeds, "baselines": baselines,
+                                                 "seeds": cfg.report.seeds, "pending_variants": pending,
+                                                 "baselines": baselines,
                                                  "two_tower": variants, "verdict": verdict},
                                                 indent=2, default=_jsonable))
     md = out / "report.md"
