@@ -48,6 +48,14 @@ bento: $(STAMP)
 	fi && \
 	PATH="$$stub:$$PATH" BENTOML_HOME=$(DATA)/bentoml $(BIN)/bentoml build -f bentos/bentofile.yaml .
 
+# The bento's image built and run for real (bentos/CONTAINER.md): docker build, run with a copy of $(CT_DATA) at /data,
+# /readyz, a learned and a cold-start request, non-root, stop. Not part of `make test`: needs Docker and the network.
+# CT_DATA is made by `retrieval run --data_dir $(CT_DATA)` when it holds no release.
+CT_DATA ?= $(DATA)/container-test
+.PHONY: container-test
+container-test: bento
+	BENTOML_HOME=$(DATA)/bentoml CT_DATA=$(CT_DATA) BIN=$(BIN) bash bentos/container_test.sh
+
 lint: $(STAMP)
 	$(BIN)/ruff check .
 

@@ -1,6 +1,7 @@
 """The bento (bentos/bentofile.yaml): bentos/requirements.txt against constraints.txt and the installed dependency
-tree (fast), then a real `bentoml build` with the network cut off (slow): the generated Dockerfile, the requirements
-the image installs, and the sources the bento holds."""
+tree, and its supply chain: one index, hashes (fast); then a real `bentoml build` with the network cut off (slow): the
+generated Dockerfile, the requirements the image installs, and the sources the bento holds. The image itself is built
+and run by `make container-test` (bentos/container_test.sh), not here."""
 
 from __future__ import annotations
 
@@ -21,12 +22,15 @@ from packaging.version import Version
 REPO = Path(__file__).resolve().parents[2]
 REQUIREMENTS = REPO / "bentos" / "requirements.txt"
 CONSTRAINTS = REPO / "constraints.txt"
-CPU_INDEX = "https://download.pytorch.org/whl/cpu"
+TORCH_LINKS = "https://download.pytorch.org/whl/cpu/torch/"
+"""The PyTorch CPU wheel page for torch only, as find-links: no second index another package could come from."""
 TORCH_CPU = "torch==2.13.0+cpu"
-UNPINNED = {"setuptools": "<82"}
-"""Ranges on purpose: not in constraints.txt (milvus-lite 2.5 needs pkg_resources; same range as pyproject.toml)."""
-FROM_EXTRAS = {"redis", "hiredis"}
-"""Brought by feast[redis] within feast's ranges: neither in constraints.txt nor in the dev venv."""
+FROM_DEV_VENV = {"setuptools"}
+"""Not in constraints.txt (milvus-lite 2.5 needs pkg_resources; pyproject.toml asks for a range): pinned to the
+release in the dev venv."""
+FROM_EXTRAS = {"redis", "hiredis", "async-timeout"}
+"""Brought by feast[redis] within feast's ranges: neither in constraints.txt nor in the dev venv; pinned as resolved."""
+HASH = re.compile(r"--hash=sha256:[0-9a-f]{64}")
 TRAINING_ONLY = {"dbt-core", "dbt-duckdb", "implicit", "matplotlib", "threadpoolctl", "scipy", "pandera", "pytest",
                  "ruff"}
 DEAD_PROXY = "http://127.0.0.1:9"
@@ -35,18 +39,39 @@ CUDA = re.compile(r"^(nvidia-(?!ml-py\b)\S+|triton\b|\S*cuda\S*|torch==\S+\+cu\d
 """CUDA runtime wheels. nvidia-ml-py (NVML bindings, a bentoml dependency) is pure Python and allowed."""
 
 
-def parse(text: str) -> tuple[list[Requirement], list[str]]:
-    """(requirements, option lines such as --extra-index-url) of a requirements file."""
-    reqs, options = [], []
+def logical_lines(text: str) -> list[str]:
+    """The lines of a requirements file without comments, continuation lines (`\\` at the end) joined."""
+    lines, current = [], ""
     for raw in text.splitlines():
-        line = raw.split(" #", 1)[0].strip()
-        if not line or line.startswith("#"):
-            continue
+        line = raw.split(" #", 1)[0].strip() if not raw.lstrip().startswith("#") else ""
+        continued = line.endswith("\\")
+        current = " ".join(part for part in (current, line.removesuffix("\\").strip()) if part)
+        if not continued:
+            if current:
+                lines.append(current)
+            current = ""
+    return [*lines, current] if current else lines
+
+
+def parse(text: str) -> tuple[list[Requirement], list[str]]:
+    """(requirements without their hashes, option lines such as --find-links) of a requirements file."""
+    reqs, options = [], []
+    for line in logical_lines(text):
         if line.startswith("-"):
             options.append(line)
         else:
-            reqs.append(Requirement(line))
+            reqs.append(Requirement(HASH.sub("", line).strip()))
     return reqs, options
+
+
+def hashes(text: str) -> dict[str, list[list[str]]]:
+    """name -> the --hash lists of its lines (one list per line naming it)."""
+    found: dict[str, list[list[str]]] = {}
+    for line in logical_lines(text):
+        if not line.startswith("-"):
+            name = canonicalize_name(Requirement(HASH.sub("", line).strip()).name)
+            found.setdefault(name, []).append(HASH.findall(line))
+    return found
 
 
 def constraints() -> dict[str, str]:
@@ -55,18 +80,23 @@ def constraints() -> dict[str, str]:
 
 
 def pin_errors(reqs: list[Requirement]) -> list[str]:
-    """Every `==` equals constraints.txt (torch: same release, CPU build); the rest are the known ranges."""
+    """Every requirement is one `==`: equal to constraints.txt (torch: same release, CPU build), to the dev venv
+    (FROM_DEV_VENV), or any release (FROM_EXTRAS)."""
     cons = constraints()
     errors = []
     for req in reqs:
         name = canonicalize_name(req.name)
         spec = str(req.specifier)
-        if not spec.startswith("=="):
-            if UNPINNED.get(name) != spec:
-                errors.append(f"{req}: not pinned (only {UNPINNED} may be ranges)")
+        if not spec.startswith("==") or "," in spec or "*" in spec:
+            errors.append(f"{req}: not pinned to one release")
             continue
         version = Version(spec[2:])
-        if name not in cons:
+        if name in FROM_EXTRAS:
+            continue
+        if name in FROM_DEV_VENV:
+            if version != Version(md.version(name)):
+                errors.append(f"{req}: the dev venv has {md.version(name)}")
+        elif name not in cons:
             errors.append(f"{req}: not in constraints.txt")
         elif name == "torch":
             if version.public != cons[name] or version.local != "cpu":
@@ -108,17 +138,32 @@ def test_requirements_pins_match_constraints():
     reqs, options = parse(REQUIREMENTS.read_text())
     assert pin_errors(reqs) == []
     assert TORCH_CPU in {str(r) for r in reqs}
-    assert options == [f"--extra-index-url {CPU_INDEX}"], "PyPI stays the main index; only torch's CPU index is added"
     names = [canonicalize_name(r.name) for r in reqs]
     assert len(names) == len(set(names)), "a package listed twice"
     assert not TRAINING_ONLY & set(names), "training/dev-only packages do not belong in the serving image"
     assert not [str(r) for r in reqs if CUDA.match(str(r))]
-    assert "bentoml" not in names, "BentoML appends bentoml==<its version> itself"
+    # BentoML appends bentoml==<its version> (without hashes) to the bento's copy; listed here for its hashes
+    assert f"bentoml=={constraints()['bentoml']}" in {str(r) for r in reqs}
+
+
+def test_requirements_supply_chain():
+    """PyPI is the only index (no --extra-index-url, so no index strategy to set); torch's CPU build comes from a
+    find-links page of torch files only; every package but torch carries the hashes of its release's files."""
+    text = REQUIREMENTS.read_text()
+    _, options = parse(text)
+    assert options == [f"--find-links {TORCH_LINKS}"]
+    assert not re.search(r"^\s*(--extra-index-url|--index-url|-i|--trusted-host)\b", text, re.MULTILINE)
+    found = hashes(text)
+    assert found.pop("torch") == [[]], "torch: no hash (its CPU index is not reachable where this file is made)"
+    unhashed = sorted(name for name, lists in found.items() if not all(lists))
+    assert not unhashed, f"add their --hash lines (bentos/CONTAINER.md): {unhashed}"
+    assert all(len(set(h)) == len(h) for lists in found.values() for h in lists), "a hash listed twice"
 
 
 def test_requirements_cover_their_dependencies():
     """No lock at build time: every dependency the listed packages have in the dev venv is listed (so pinned too)."""
-    roots = {**listed(), "bentoml": set()}
+    roots = listed()
+    assert "bentoml" in roots
     missing = closure(roots) - set(roots) - FROM_EXTRAS
     assert not missing, f"pin these in bentos/requirements.txt (versions from constraints.txt): {sorted(missing)}"
 
@@ -153,7 +198,7 @@ def test_service_imports_only_listed_packages(tmp_path):
                          timeout=120)
     assert out.returncode == 0, out.stderr[-3000:]
     imported = {canonicalize_name(d) for d in json.loads(out.stdout.strip().splitlines()[-1])}
-    available = closure({**listed(), "bentoml": set()})
+    available = closure(listed())
     assert not imported - available - {"learned-retrieval"}
     assert not imported & TRAINING_ONLY
 
@@ -203,12 +248,18 @@ def test_dockerfile(bento):
     assert lines[install].endswith("uv --directory $INSTALL_ROOT pip install -r "
                                    "$BENTO_PATH/env/python/requirements.txt")
     env: dict[str, str] = {}
-    for line in lines[:install]:  # ARG X=v / ENV X=$X, in order: what the install step and the image see
-        if m := re.fullmatch(r"(?:ARG|ENV) (\w+)=(.*)", line):
-            env[m[1]] = env.get(m[1], "") if m[2] == f"${m[1]}" else m[2]
+    args: dict[str, str] = {}
+    for line in lines[:install]:  # ARG X=v / ENV X=v / ENV X=$X, in order: what the install step and the image see
+        if m := re.fullmatch(r"ARG (\w+)=(.*)", line):
+            args[m[1]] = m[2]
+        elif m := re.fullmatch(r"ENV (\w+)=(.*)", line):
+            # Docker expands $X to an ENV X set before, if any, and only else to the ARG X
+            env[m[1]] = (env[m[1]] if m[1] in env else args.get(m[1], "")) if m[2] == f"${m[1]}" else m[2]
     assert env["RETRIEVAL_DATA_DIR"] == "/data"
-    assert env["BENTOML_HOME"] == "/data/bentoml"  # overrides BentoML's /home/bentoml/
-    assert env["UV_INDEX_STRATEGY"] == "unsafe-best-match"
+    # BentoML's own, which an `envs` entry can't override (bentos/bentofile.yaml): a run passes
+    # `-e BENTOML_HOME=/data/bentoml` (bentos/CONTAINER.md, bentos/container_test.sh)
+    assert env["BENTOML_HOME"] == "/home/bentoml/"
+    assert not [name for name in env if name.startswith(("UV_INDEX", "UV_EXTRA", "PIP_"))], "no index config"
     assert "--mount=type=secret" not in bento["dockerfile"], "a plain `docker build` must work too"
     assert "EXPOSE 3000" in lines and "USER bentoml" in lines
     assert [line for line in lines if line][-1] == 'ENTRYPOINT [ "/home/bentoml/bento/env/docker/entrypoint.sh" ]'
@@ -218,15 +269,23 @@ def test_dockerfile(bento):
 
 @pytest.mark.slow
 def test_image_requirements(bento):
+    """The bento's copy: ours with hashes and options as they are, plus BentoML's own bentoml line (uv checks the
+    hashes of a package listed twice, once with hashes, as when listed once)."""
     reqs, options = parse(bento["requirements"])
-    by_name = {canonicalize_name(r.name): str(r) for r in reqs}
-    assert by_name["torch"] == TORCH_CPU and f"--extra-index-url {CPU_INDEX}" in options
-    assert by_name["bentoml"] == f"bentoml=={constraints()['bentoml']}" == f"bentoml=={md.version('bentoml')}"
-    assert by_name["feast"] == f"feast[duckdb,redis]=={constraints()['feast']}"
-    assert not [r for r in by_name.values() if CUDA.match(r)]
+    assert options == [f"--find-links {TORCH_LINKS}"]
+    by_name: dict[str, set[str]] = {}
+    for r in reqs:
+        by_name.setdefault(canonicalize_name(r.name), set()).add(str(r))
+    assert by_name["torch"] == {TORCH_CPU}
+    assert by_name["bentoml"] == {f"bentoml=={constraints()['bentoml']}"} == {f"bentoml=={md.version('bentoml')}"}
+    assert by_name["feast"] == {f"feast[duckdb,redis]=={constraints()['feast']}"}
+    assert not [r for r in reqs if CUDA.match(str(r))]
     assert pin_errors(reqs) == []
-    assert {n: s for n, s in by_name.items() if n != "bentoml"} == {canonicalize_name(r.name): str(r)
-                                                                     for r in parse(REQUIREMENTS.read_text())[0]}
+    ours = REQUIREMENTS.read_text()
+    assert {n: s for n, (s,) in by_name.items()} == {canonicalize_name(r.name): str(r) for r in parse(ours)[0]}
+    image_hashes = hashes(bento["requirements"])
+    assert image_hashes.pop("bentoml") == [*hashes(ours)["bentoml"], []]
+    assert image_hashes == {n: h for n, h in hashes(ours).items() if n != "bentoml"}
 
 
 @pytest.mark.slow
