@@ -168,7 +168,7 @@ def contrastive(ev: pd.DataFrame, pc: PretrainConfig, length: int,
             opt.step()
             with torch.no_grad():
                 P.weight[0].zero_()
-            total += float(loss)
+            total += float(loss.detach())
         recall = valid_recall()
         history.append({"epoch": epoch, "loss": total / steps, "valid_recall@50": recall})
         log.info("pretrain epoch %d loss %.4f valid held-out engagement recall@50 %.4f", epoch, total / steps, recall)
