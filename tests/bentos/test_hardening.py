@@ -174,3 +174,29 @@ def test_start_refuses_a_port_taken_by_another_process(tmp_path):
         cfg = dataclasses.replace(cfg, serve=dataclasses.replace(cfg.serve, port=s.getsockname()[1]))
         with pytest.raises(RuntimeError, match="already in use"):
             start(cfg)
+
+
+def test_kill_9_of_the_recorded_pid_leaves_nothing_stop_cannot_end(live):
+    """Defect: `kill -9 $(cat serve.pid)` left the worker serving as an orphan that `stop` could not reach. The
+    server runs in its own process group and `stop` ends the group and every recorded descendant."""
+    import dataclasses
+    import os
+    import signal
+    import time
+
+    from bentos.launcher import _paths, port_taken, start, stop
+    from tests.bentos.conftest import free_port
+
+    cfg = dataclasses.replace(live, serve=dataclasses.replace(live.serve, port=free_port()))
+    start(cfg)
+    pid_file, _ = _paths(cfg)
+    recorded = json.loads(pid_file.read_text())
+    assert recorded["descendants"]                   # the workers are recorded, not only the leader
+    os.kill(recorded["pid"], signal.SIGKILL)
+    stop(cfg)
+    deadline = time.monotonic() + 20
+    while port_taken(cfg.serve.host, cfg.serve.port) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not port_taken(cfg.serve.host, cfg.serve.port)
+    assert not [p for p in recorded["descendants"] if os.path.exists(f"/proc/{p}")
+                and "zombie" not in open(f"/proc/{p}/status").read()]
