@@ -87,3 +87,33 @@ def test_every_backbone_publishes_and_answers(retriever, cfg, backbone):
     answer = retriever.retrieve(_user_with_history(cfg), k=5)
     assert answer["retrieval"] == "learned" and len(answer["pins"]) == 5
     assert answer["model_version"] == out["model_version"]
+
+
+@pytest.mark.parametrize("mode, overrides", [("multi", {"multi_embedding": 3}), ("conditional", {"conditional": True})])
+def test_multi_embedding_and_conditional_modes_answer_end_to_end(retriever, cfg, mode, overrides):
+    """A multi-embedding (conditional) model trains, publishes and answers in its mode: pins merged round-robin,
+    each saying which embedding (interest condition) found it, no duplicates, conditioned pins within their
+    interest; the release lists the mode and refuses one it does not support."""
+    import dataclasses
+    from pathlib import Path
+
+    from training.train import train
+
+    short = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, epochs=1, patience=1, batch_size=256,
+                                                               threads=1, **overrides))
+    out = train(short)
+    publish(cfg, Path(out["checkpoint"]))
+    assert retriever.refresh() and mode in retriever.current.release.modes
+    user = _user_with_history(cfg)
+    if mode == "multi":
+        answer = retriever.retrieve(user, k=20, mode="multi")
+        sources = {p["source"] for p in answer["pins"]}
+        assert sources <= {f"embedding:{i}" for i in range(3)}
+    else:
+        answer = retriever.retrieve(user, k=20, interests=[1, 2], mode="conditional")
+        assert {p["source"] for p in answer["pins"]} <= {"interest:1", "interest:2"}
+        assert all(p["source"] == f"interest:{p['interest_id']}" for p in answer["pins"])
+        with pytest.raises(RetrievalError, match="mode"):
+            retriever.retrieve(user, k=5, mode="multi")
+    assert answer["retrieval"] == "learned" and answer["mode"] == mode and len(answer["pins"]) == 20
+    assert len({p["pin_id"] for p in answer["pins"]}) == 20
