@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from training.config import Config
-from training.data.snapshot import raw_dir
+from training.data.snapshot import load_live, raw_dir
 from training.evaluation.harness import evaluate
 from training.evaluation.split import load_split
 
@@ -163,7 +163,8 @@ def report(cfg: Config, out_dir: Path | None = None) -> dict[str, Any]:
         log.info("%s: capped recall@10 %.4f @50 %.4f (%.1fs)", label, res["capped_recall@10"],
                  res["capped_recall@50"], res["seconds"])
     truth_path = raw_dir(cfg) / "ground_truth.npz"
-    if cfg.data.source == "synthetic" and truth_path.exists():
+    source = load_live(cfg).manifest.get("source", cfg.data.source)   # what the snapshot was built from
+    if source == "synthetic" and truth_path.exists():
         from training.data.synthetic import GroundTruth
         from training.evaluation.oracle import Oracle
 
@@ -205,7 +206,7 @@ def report(cfg: Config, out_dir: Path | None = None) -> dict[str, Any]:
                            "runs": runs, **_aggregate(runs)}
         # the files are rewritten after every variant: an interrupted report keeps every finished row
         verdict = _verdict(variants, baselines)
-        md = _write(out, cfg, manifest, split, baselines, variants, verdict, time.perf_counter() - started,
+        md = _write(out, cfg, source, manifest, split, baselines, variants, verdict, time.perf_counter() - started,
                     pending=len(planned) - len(variants))
     log.info("report %s", md)
     return {"report": str(md), "verdict": verdict["lines"],
@@ -239,11 +240,11 @@ def _verdict(variants: dict[str, dict[str, Any]], baselines: dict[str, dict[str,
     return out
 
 
-def _write(out: Path, cfg: Config, manifest: dict[str, Any], split, baselines: dict[str, dict[str, Any]],
+def _write(out: Path, cfg: Config, source: str, manifest: dict[str, Any], split, baselines: dict[str, dict[str, Any]],
            variants: dict[str, dict[str, Any]], verdict: dict[str, Any], seconds: float, pending: int = 0) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     cols = ("capped_recall@10", "capped_recall@50", "capped_recall@100", "ndcg@10", "coverage@50")
-    lines = [f"# Retrieval report ({cfg.data.source})", "",
+    lines = [f"# Retrieval report ({source})", "",
              f"Data snapshot `{manifest['snapshot_id']}`; {split.n_users} users, {split.n_items} candidate pins. "
              "recall@K = hits / min(|relevant|, K) (capped); baselines tuned on validation and refit on "
              f"train + validation; two-tower rows: mean ± std over {cfg.report.seeds} training seeds, each early-"
@@ -269,9 +270,9 @@ def _write(out: Path, cfg: Config, manifest: dict[str, Any], split, baselines: d
                           if any(r["blend_weight"] for r in v["runs"])), ""]
     curves = {**{k: b for k, b in baselines.items()},
               **{k: {"recall_curve": v["recall_curve"]} for k, v in variants.items()}}
-    _plot(curves, out / "recall_curve.png", f"Retrieval report ({cfg.data.source})")
+    _plot(curves, out / "recall_curve.png", f"Retrieval report ({source})")
     lines += ["![recall@K](recall_curve.png)", ""]
-    (out / "report.json").write_text(json.dumps({"data": cfg.data.source, "snapshot_id": manifest["snapshot_id"],
+    (out / "report.json").write_text(json.dumps({"data": source, "snapshot_id": manifest["snapshot_id"],
                                                  "users": split.n_users, "items": split.n_items,
                                                  "seeds": cfg.report.seeds, "pending_variants": pending,
                                                  "baselines": baselines,

@@ -1,0 +1,52 @@
+"""`retrieval report` on the small world: baselines once, the two-tower rows as mean ± std over seeds, the verdict
+against the best baseline, report.md and report.json with every field the report promises."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+
+from training.evaluation.report import _verdict, report
+
+pytestmark = pytest.mark.slow
+
+
+def test_report_runs_seeds_and_writes_md_and_json(pipeline_cfg, checkpoints, tmp_path):
+    cfg = dataclasses.replace(
+        pipeline_cfg,
+        train=dataclasses.replace(pipeline_cfg.train, epochs=2, patience=1, batch_size=256, threads=1),
+        report=dataclasses.replace(pipeline_cfg.report, seeds=2, variants="default,negatives",
+                                   baselines="popularity,ease"))
+    out = report(cfg, out_dir=tmp_path)
+    data = json.loads((tmp_path / "report.json").read_text())
+    assert data["data"] == "synthetic" and data["seeds"] == 2 and data["pending_variants"] == 0
+    assert set(data["baselines"]) == {"popularity", "EASE (tuned)", "oracle (generator's ground truth)"}
+    rows = data["two_tower"]
+    assert list(rows) == ["two-tower (default config)", "full softmax"]
+    for row in rows.values():
+        assert len(row["runs"]) == 2 and [r["seed"] for r in row["runs"]] == [0, 1]
+        for key in ("examples_per_s", "seconds_to_best", "user_tower_ms", "hit_epoch_cap", "best_epoch", "valid"):
+            assert key in row["runs"][0], key
+        assert row["mean"]["capped_recall@50"] == pytest.approx(
+            sum(r["capped_recall@50"] for r in row["runs"]) / 2)
+        assert row["config"]["train"]["epochs"] == 2
+    assert rows["full softmax"]["config"]["train"]["negatives"] == "full"
+    md = (tmp_path / "report.md").read_text()
+    assert "**Verdict**" in md and "± " in md and out["verdict"]
+
+
+def test_verdict_wins_only_when_mean_minus_std_clears_the_best_baseline():
+    def row(mean, std, valid):
+        m = {"capped_recall@10": mean, "capped_recall@50": mean, "valid": valid}
+        return {"mean": m, "std": {"capped_recall@10": std, "capped_recall@50": std}}
+
+    baselines = {"A": {"capped_recall@10": 0.30, "capped_recall@50": 0.30},
+                 "B": {"capped_recall@10": 0.20, "capped_recall@50": 0.35},
+                 "oracle (x)": {"capped_recall@10": 0.9, "capped_recall@50": 0.9}}   # never a baseline to beat
+    v = _verdict({"default": row(0.36, 0.02, 0.5), "other": row(0.37, 0.001, 0.6)}, baselines)
+    assert v["best_by_validation"] == "other" and v["default"] == "default"
+    m = v["metrics"]
+    assert m["default"]["capped_recall@50"]["best_baseline"] == "B" and not m["default"]["capped_recall@50"]["wins"]
+    assert m["other"]["capped_recall@50"]["wins"] and m["other"]["capped_recall@10"]["best_baseline"] == "A"
