@@ -65,9 +65,13 @@ def _online(cfg, service: str, key: str, ids) -> pd.DataFrame:
     return feature_store(cfg).online_frame(service, key, ids)
 
 
+def _missing(v) -> bool:
+    return v is None or v is pd.NaT or (np.isscalar(v) and pd.isna(v))
+
+
 def _same(a, b) -> bool:
-    if a is None or (np.isscalar(a) and pd.isna(a)):
-        return b is None or (np.isscalar(b) and pd.isna(b))
+    if _missing(a):
+        return _missing(b)
     if isinstance(a, (list, np.ndarray)):
         return b is not None and list(a) == list(b)
     if isinstance(a, pd.Timestamp) or isinstance(b, pd.Timestamp):
@@ -79,7 +83,7 @@ def _same(a, b) -> bool:
                                                (SERVICES[1], "pin_id", "pin_features")])
 def test_online_values_equal_latest_offline_values(pipeline_cfg, service, key, table):
     snap = load_live(pipeline_cfg)
-    ids = pd.read_parquet(snap.table(table))[key].drop_duplicates().sample(150, random_state=1).sort_values()
+    ids = pd.read_parquet(snap.table(table))[key].drop_duplicates().sort_values().sample(150, random_state=1).sort_values()
     keys = pd.DataFrame({key: ids.to_numpy()})
     offline = feature_store(pipeline_cfg).historical(keys.assign(event_timestamp=snap.as_of), service)
     offline = offline.set_index(key).loc[ids]
