@@ -33,6 +33,7 @@ import torch.nn.functional as F
 
 from training.config import Config, PretrainConfig
 from training.data.snapshot import load_live
+from training.evaluation.baselines import ease_weights
 from training.evaluation.split import Split, load_split
 from training.model.pretrained import PretrainedTable
 
@@ -82,11 +83,7 @@ def ease_svd(ev: pd.DataFrame, pc: PretrainConfig, length: int) -> tuple[dict[st
     user_ids_all, user_rows = np.unique(ev["user_id"].to_numpy(np.int64), return_inverse=True)
     x = sp.csr_matrix((np.ones(len(ev), np.float32), (user_rows, pin_rows)), shape=(len(user_ids_all), len(pin_ids)))
     x.data[:] = 1.0
-    gram = (x.T @ x).toarray().astype(np.float64)
-    gram[np.diag_indices(len(pin_ids))] += pc.l2
-    p = np.linalg.inv(gram)
-    b = -p / np.diag(p)[None, :]
-    np.fill_diagonal(b, 0.0)
+    b = ease_weights(x, pc.l2)
     k = min(pc.dim, len(pin_ids) - 1)
     u, s, vt = svds(b, k=k)
     order = np.argsort(-s)

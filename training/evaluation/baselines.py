@@ -145,13 +145,7 @@ class EASE:
             raise MemoryError(f"EASE inverts an n_items × n_items matrix: {n_items:,} items is over {EASE_MAX_ITEMS:,}")
         l2 = float(self.params["l2"])
         if self.b is None or self._split is not split or self._fitted_l2 != l2:   # B depends on λ and X only
-            x = sp.csr_matrix(split.train > 0, dtype=np.float32)
-            gram = (x.T @ x).toarray().astype(np.float64)
-            gram[np.diag_indices(n_items)] += l2
-            p = np.linalg.inv(gram)
-            b = -p / np.diag(p)[None, :]
-            np.fill_diagonal(b, 0.0)
-            self.b = b.astype(np.float32)
+            self.b = ease_weights(sp.csr_matrix(split.train > 0, dtype=np.float32), l2).astype(np.float32)
             self._fitted_l2, self._split = l2, split
         self.x = history_weights(split, self.params["recency"])
 
@@ -173,6 +167,17 @@ class EASE:
         records = tune(setup, split, configs)
         self.set_params(**records[0]["params"])
         return records
+
+
+def ease_weights(x: sp.csr_matrix, l2: float) -> np.ndarray:
+    """EASE's closed-form item-item matrix of the binary (users, items) ``x``: ``B = -P / diag(P)``, zero diagonal,
+    with ``P = (XᵀX + λI)⁻¹`` (float64). Shared by the baseline and the ``ease_svd`` pre-training."""
+    gram = (x.T @ x).toarray().astype(np.float64)
+    gram[np.diag_indices(gram.shape[0])] += l2
+    p = np.linalg.inv(gram)
+    b = -p / np.diag(p)[None, :]
+    np.fill_diagonal(b, 0.0)
+    return b
 
 
 def history_weights(split: Split, recency: float | None) -> sp.csr_matrix:
