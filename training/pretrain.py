@@ -35,7 +35,7 @@ from training.config import Config, PretrainConfig
 from training.data.snapshot import load_live
 from training.evaluation.baselines import ease_weights
 from training.evaluation.split import Split, load_split
-from training.model.pretrained import PretrainedTable
+from training.model.pretrained import PretrainedTable, recency_weights
 
 log = logging.getLogger(__name__)
 
@@ -57,10 +57,6 @@ def window_events(cfg: Config, split: Split, end: pd.Timestamp) -> pd.DataFrame:
     if ev.empty:
         raise ValueError(f"no engagement before {end} to pre-train on: lower train.window_fraction")
     return ev
-
-
-def recency_weights(length: int, scale: float) -> np.ndarray:
-    return np.exp(-np.arange(length) / scale).astype(np.float32)
 
 
 def pool_users(ev: pd.DataFrame, pin_rows: np.ndarray, context: np.ndarray, length: int,

@@ -29,6 +29,12 @@ class PretrainedError(ValueError):
     """A pre-trained table that cannot be used (missing, unreadable, or its window overlaps training)."""
 
 
+def recency_weights(length: int, scale: float) -> np.ndarray:
+    """(length,) float32 ``exp(-r / scale)`` for history rank r (0 = newest): the pooling of a history over the
+    pre-trained table, the same in pre-training and in the towers."""
+    return np.exp(-np.arange(length) / scale).astype(np.float32)
+
+
 @dataclass
 class PretrainedTable:
     table_id: str

@@ -34,6 +34,7 @@ from training.config import TrainConfig
 from training.model.backbones import make_backbone
 from training.model.clustering import k_for_length, route
 from training.model.encoding import AGE_BUCKETS, PIN_COUNT_COLUMNS, RECENCY_BUCKETS, USER_COUNT_COLUMNS, take
+from training.model.pretrained import recency_weights
 
 
 class Field(nn.Module):
@@ -188,7 +189,8 @@ class UserTower(Tower):
             self.pretrained_users = Pretrained(users, trainable, tc.pretrained_dropout)
             self.f_pretrained = Field(self.pretrained.dim, d)
             self.f_pretrained_user = Field(self.pretrained.dim, d)
-            self.register_buffer("recency_weights", torch.exp(-torch.arange(history_length) / tc.history_recency))
+            self.register_buffer("recency_weights",
+                                 torch.from_numpy(recency_weights(history_length, tc.history_recency)))
             n_fields += 2
         self._init_tail(n_fields, tc, self.pretrained.dim if self.pretrained is not None and tc.pretrained_blend
                         else None)
