@@ -47,7 +47,8 @@ user_sequence = FeatureView(
     tags={"dbt_model": "user_sequence"},
 )
 
-# Why: slower-moving daily aggregates for the user tower: engagement counts and top interests.
+# Why: slower-moving daily aggregates for the user tower: engagement counts, top interests; and the interests
+# the user follows (the conditions of conditional retrieval).
 user_features = FeatureView(
     name="user_features",
     entities=[user],
@@ -58,6 +59,7 @@ user_features = FeatureView(
         Field(name="saves_30d", dtype=Int64),
         Field(name="hides_30d", dtype=Int64),
         Field(name="top_interest_ids", dtype=Array(Int64)),
+        Field(name="followed_interest_ids", dtype=Array(Int64)),
         Field(name="user_features_at", dtype=UnixTimestamp),
     ],
     source=user_features_source,

@@ -1,6 +1,7 @@
 """pandera contracts at the data boundaries.
 
-Raw inputs (``validate_raw``): every row of ``users``, ``interests``, ``pins`` and ``events`` is either
+Raw inputs (``validate_raw``): every row of ``users``, ``interests``, ``pins``, ``events`` and the optional
+``user_follows`` is either
 accepted (written to ``<build>/staged/``, the only thing dbt reads) or quarantined (written to
 ``<build>/quarantine/<table>.parquet`` with a reason per row). Nothing is dropped silently: for every
 file, input rows == accepted + quarantined is asserted. A missing file, a missing column or an empty
@@ -10,6 +11,9 @@ file is an error naming the file; so is a file whose quarantined fraction exceed
 An events file without a ``surface`` column (written before surfaces existed, or external data that only
 knows one feed) is read as all Homefeed: the column is added before the checks, with one INFO line saying so.
 A file that has the column is held to it like any other: a null or unknown surface is quarantined.
+
+``user_follows`` is optional (MovieLens has none): without the file, or with an empty one, an empty table is
+staged; a file with rows is held to its contract like the others (known users and interests, valid times).
 
 Training set (``TRAINING_SET_SCHEMA``): the point-in-time join's output, checked before it is written.
 """
@@ -29,7 +33,7 @@ import pyarrow as pa_arrow
 import pyarrow.parquet as pq
 
 from training.config import ContractConfig, parse_utc
-from training.data.raw import EVENT_TYPES, HOMEFEED, SCHEMAS, SURFACES, TABLES, to_arrow
+from training.data.raw import EVENT_TYPES, HOMEFEED, OPTIONAL_TABLES, SCHEMAS, SURFACES, TABLES, to_arrow
 from training.io import atomic_write_parquet
 
 log = logging.getLogger(__name__)
@@ -91,6 +95,11 @@ def raw_schema(table: str, known: dict[str, np.ndarray], lo: pd.Timestamp, hi: p
             "event_type": pa.Column(str, pa.Check.isin(EVENT_TYPES), nullable=False),
             "event_timestamp": pa.Column(**ts, checks=ts_check),
             "surface": pa.Column(str, pa.Check.isin(SURFACES), nullable=False),
+        },
+        "user_follows": {
+            "user_id": pa.Column(**int_id, checks=ids("users")),
+            "interest_id": pa.Column(**int_id, checks=ids("interests")),
+            "followed_at": pa.Column(**ts, checks=ts_check),
         },
     }[table]
     return pa.DataFrameSchema(columns, name=table, strict=False)
@@ -162,7 +171,10 @@ def check_table(
     return accepted, quarantined, report
 
 
-def _read(path: Path) -> pd.DataFrame:
+def _read(path: Path, optional: bool = False) -> pd.DataFrame | None:
+    """The raw file as a frame; an optional table's missing or empty file is None."""
+    if optional and not path.exists():
+        return None
     if not path.exists():
         raise ContractError(
             f"raw input not found: {path} (expected {', '.join(t + '.parquet' for t in TABLES)} in {path.parent}; "
@@ -173,6 +185,8 @@ def _read(path: Path) -> pd.DataFrame:
     except Exception as e:  # noqa: BLE001 - any reader error becomes a contract error naming the file
         raise ContractError(f"{path}: cannot be read as parquet: {e}") from e
     if df.empty:
+        if optional:
+            return None
         raise ContractError(f"{path}: the file has no rows")
     return df
 
@@ -185,9 +199,13 @@ def validate_raw(
     lo, hi = _time_range(cfg, now)
     known: dict[str, np.ndarray] = {}
     reports: dict[str, TableReport] = {}
-    for table in ("interests", "users", "pins", "events"):
+    for table in ("interests", "users", "pins", "events", *OPTIONAL_TABLES):
         path = raw_dir / f"{table}.parquet"
-        df = _read(path)
+        df = _read(path, optional=table in OPTIONAL_TABLES)
+        if df is None:
+            log.info("contract %s: no rows in %s, staging an empty table", table, path)
+            atomic_write_parquet(SCHEMAS[table].empty_table(), out_dir / "staged" / f"{table}.parquet")
+            continue
         accepted, quarantined, report = check_table(table, df, raw_schema(table, known, lo, hi), path)
         reports[table] = report
         if report.quarantined:

@@ -10,6 +10,9 @@ A source produces ``RawTables`` and ``write_raw`` stores them as parquet under `
                         save | hide), event_timestamp timestamp[us, UTC], surface string (homefeed |
                         search | related: where the impression was shown; an engagement carries the
                         surface of its impression)
+- ``user_follows.parquet`` (optional) user_id int64, interest_id int64, followed_at timestamp[us, UTC]: the
+                        interests a user explicitly follows (synthetic: correlated with the user's dominant
+                        interests; MovieLens has none, so no file: the contract stages an empty table)
 
 Only Homefeed events become training labels and features; the other surfaces' positive engagements feed
 the cross-surface pre-training mart (``fct_pretrain_engagements``). An events file written before
@@ -38,6 +41,8 @@ HOMEFEED = "homefeed"
 SURFACES = (HOMEFEED, "search", "related")
 
 TABLES = ("users", "interests", "pins", "events")
+OPTIONAL_TABLES = ("user_follows",)
+"""Tables a source may leave out (no file = no rows)."""
 
 SCHEMAS: dict[str, pa.Schema] = {
     "users": pa.schema(
@@ -67,20 +72,30 @@ SCHEMAS: dict[str, pa.Schema] = {
             ("surface", pa.string()),
         ]
     ),
+    "user_follows": pa.schema(
+        [
+            ("user_id", pa.int64()),
+            ("interest_id", pa.int64()),
+            ("followed_at", pa.timestamp("us", tz="UTC")),
+        ]
+    ),
 }
 
 
 @dataclass
 class RawTables:
-    """The four raw tables of a data source, as pandas frames in the layout above."""
+    """The raw tables of a data source, as pandas frames in the layout above (``user_follows`` None: the source
+    has none)."""
 
     users: pd.DataFrame
     interests: pd.DataFrame
     pins: pd.DataFrame
     events: pd.DataFrame
+    user_follows: pd.DataFrame | None = None
 
     def frames(self) -> dict[str, pd.DataFrame]:
-        return {name: getattr(self, name) for name in TABLES}
+        """Every table the source has (the required ones, then the optional ones it provides)."""
+        return {name: getattr(self, name) for name in TABLES + OPTIONAL_TABLES if getattr(self, name) is not None}
 
 
 def to_arrow(name: str, df: pd.DataFrame) -> pa.Table:
@@ -101,8 +116,12 @@ def to_arrow(name: str, df: pd.DataFrame) -> pa.Table:
 
 
 def write_raw(tables: RawTables, out_dir: Path) -> dict[str, int]:
-    """Write the raw tables under ``out_dir``; returns rows written per table."""
+    """Write the raw tables under ``out_dir`` (removing an optional table's file the source does not have);
+    returns rows written per table."""
     counts = {}
+    for name in OPTIONAL_TABLES:   # a source without the table leaves no stale file from an earlier source
+        if getattr(tables, name) is None:
+            (out_dir / f"{name}.parquet").unlink(missing_ok=True)
     for name, df in tables.frames().items():
         atomic_write_parquet(to_arrow(name, df), out_dir / f"{name}.parquet")
         counts[name] = len(df)

@@ -34,7 +34,7 @@ import duckdb
 from training.config import Config
 from training.data.contracts import validate_raw
 from training.data.dbt import DBT_DIR, run_dbt
-from training.data.raw import TABLES
+from training.data.raw import OPTIONAL_TABLES, TABLES
 from training.io import atomic_symlink
 
 log = logging.getLogger(__name__)
@@ -82,7 +82,7 @@ def snapshot_id(cfg: Config) -> str:
     """Content hash of everything a build depends on."""
     h = hashlib.sha256()
     raw = raw_dir(cfg)
-    _hash_files(h, [raw / f"{t}.parquet" for t in TABLES if (raw / f"{t}.parquet").exists()], raw)
+    _hash_files(h, [raw / f"{t}.parquet" for t in TABLES + OPTIONAL_TABLES if (raw / f"{t}.parquet").exists()], raw)
     code = [p for p in DBT_DIR.rglob("*") if p.suffix in (".sql", ".yml") and "target" not in p.parts]
     _hash_files(h, code, DBT_DIR)
     h.update(json.dumps({"contracts": vars(cfg.contracts), "transform": cfg.transform.dbt_vars()},

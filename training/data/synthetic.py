@@ -4,7 +4,8 @@ Generative process (U users, P pins, K interests, latent dimension d = ``LATENT_
 
 - Interests: ``K`` centroids ``c_k ~ N(0, CENTROID_STD² I_d)``.
 - Users: a segment (country-like, non-uniform shares) with its own log-prior over interests; 1–5
-  (mostly 2–4) dominant interests drawn without replacement from that prior; the mixture
+  (mostly 2–4) dominant interests drawn without replacement from that prior (kept in the ground truth,
+  ``GroundTruth.dominant``); the mixture
   ``θ_u = 0.9·Dirichlet-like weights on the dominant interests + 0.1·Dirichlet(0.5) background``;
   a taste vector ``z_u ~ N(0, I_d / d)``; a lognormal activity level; age, gender, signup time.
 - Pins: a primary interest ``k_p``; ``v_p = c_k + N(0, PIN_NOISE_STD² I_d)``; Zipf-like popularity
@@ -34,6 +35,11 @@ Generative process (U users, P pins, K interests, latent dimension d = ``LATENT_
 - Impressions are generated in chunks until the row count reaches ``n_events``; the last chunk
   is cut so the total is ``n_events`` (or one less, when an impression and its engagement would
   straddle the limit).
+
+- Follows (``user_follows``): each dominant interest is followed with probability ``FOLLOW_DOMINANT`` and one
+  random other interest with probability ``FOLLOW_OTHER``, at a time uniform in the ``FOLLOW_WINDOW_DAYS`` after
+  signup (clipped before the history's end). Drawn from their own random stream, so adding them changed no
+  other table and no ground truth.
 
 Output is byte-identical for the same config on the same platform (numpy version and CPU).
 """
@@ -81,6 +87,14 @@ POSITIVE_OUTCOMES = np.array([1, 2, 3])
 
 SURFACE_STREAM = 1
 """Spawn key of the surface draws' random stream (independent of the main stream seeded by ``seed``)."""
+FOLLOW_STREAM = 2
+"""Spawn key of the follow draws' random stream."""
+FOLLOW_DOMINANT = 0.7
+"""Probability that a user follows each of their dominant interests."""
+FOLLOW_OTHER = 0.2
+"""Probability that a user also follows one random interest outside their dominant ones."""
+FOLLOW_WINDOW_DAYS = 30
+"""A follow happens uniformly within this many days after signup."""
 
 US_PER_SECOND = 1_000_000
 US_PER_HOUR = 3600 * US_PER_SECOND
@@ -139,6 +153,15 @@ class GroundTruth:
     """(5,) outcome logits at zero affinity, indexed like ``EVENT_TYPES`` (0 = no engagement)."""
     outcome_slope: np.ndarray
     """(5,) change of the outcome logits per unit affinity."""
+    dominant: np.ndarray | None = None
+    """(U, K) bool: the user's dominant interests (1–5 per user); None in files written before it was kept."""
+
+    @property
+    def n_dominant(self) -> np.ndarray:
+        """(U,) number of dominant interests of each user."""
+        if self.dominant is None:
+            raise ValueError("this ground truth predates the dominant interests: regenerate the data")
+        return self.dominant.sum(axis=1)
 
     def log_trend(self, t_days: np.ndarray) -> np.ndarray:
         """(T, K) log trend weights at ``t_days`` (shape (T,), days since the history start)."""
@@ -194,13 +217,14 @@ class GroundTruth:
     def save(self, path: str | Path) -> None:
         """Write every field to one ``.npz`` file at exactly ``path``."""
         with open(path, "wb") as f:
-            np.savez(f, **{fld.name: np.asarray(getattr(self, fld.name)) for fld in dataclasses.fields(self)})
+            np.savez(f, **{fld.name: np.asarray(getattr(self, fld.name)) for fld in dataclasses.fields(self)
+                           if getattr(self, fld.name) is not None})
 
     @classmethod
     def load(cls, path: str | Path) -> GroundTruth:
-        """Read a file written by ``save``."""
+        """Read a file written by ``save`` (optional fields missing from older files stay None)."""
         with np.load(path, allow_pickle=False) as data:
-            values = {fld.name: data[fld.name] for fld in dataclasses.fields(cls)}
+            values = {fld.name: data[fld.name] for fld in dataclasses.fields(cls) if fld.name in data.files}
         return cls(**{name: value.item() if value.ndim == 0 else value for name, value in values.items()})
 
 
@@ -331,6 +355,8 @@ class _Users:
     gender: np.ndarray
     segment: np.ndarray
     signup_us: np.ndarray
+    dominant: np.ndarray
+    """(U, K) bool: the dominant interests."""
 
 
 def _make_users(rng: np.random.Generator, cfg: DataConfig, has_pins: np.ndarray, start_us: int, end_us: int) -> _Users:
@@ -362,7 +388,24 @@ def _make_users(rng: np.random.Generator, cfg: DataConfig, has_pins: np.ndarray,
         gender=np.array(GENDERS, dtype=object)[rng.choice(len(GENDERS), n_users, p=GENDER_SHARES)],
         segment=np.array(SEGMENTS, dtype=object)[segment],
         signup_us=signup,
+        dominant=(rank < n_dominant[:, None]) & has_pins,
     )
+
+
+def _make_follows(cfg: DataConfig, dominant: np.ndarray, signup_us: np.ndarray, end_us: int) -> pd.DataFrame:
+    """(user position, interest, time) of every follow, from the follow stream (see the module docstring);
+    ``dominant`` (U, K) bool, ``signup_us`` (U,)."""
+    rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence(cfg.seed, spawn_key=(FOLLOW_STREAM,))))
+    n_users, n_interests = dominant.shape
+    follows = dominant & (rng.random((n_users, n_interests)) < FOLLOW_DOMINANT)
+    other_keys = np.where(dominant, -np.inf, rng.random((n_users, n_interests)))
+    other = other_keys.argmax(axis=1)
+    extra = (rng.random(n_users) < FOLLOW_OTHER) & np.isfinite(other_keys.max(axis=1))
+    follows[np.flatnonzero(extra), other[extra]] = True
+    user, interest = np.nonzero(follows)
+    at = signup_us[user] + rng.integers(0, FOLLOW_WINDOW_DAYS * US_PER_DAY, len(user))
+    return pd.DataFrame({"user": user, "interest_id": interest.astype(np.int64),
+                         "at": np.minimum(at, end_us - US_PER_SECOND)})
 
 
 @dataclass
@@ -501,6 +544,7 @@ def generate(cfg: DataConfig) -> tuple[RawTables, GroundTruth]:
         temperature=TEMPERATURE,
         outcome_bias=OUTCOME_BIAS.copy(),
         outcome_slope=OUTCOME_SLOPE.copy(),
+        dominant=users.dominant,
     )
     ev = _make_events(rng, cfg, users, pins, truth, trend_by_hour)
     first_event = np.full(cfg.n_users, np.iinfo(np.int64).max)
@@ -508,6 +552,7 @@ def generate(cfg: DataConfig) -> tuple[RawTables, GroundTruth]:
     active = first_event < np.iinfo(np.int64).max
     lead = rng.integers(US_PER_SECOND, 7 * US_PER_DAY, cfg.n_users)
     signup = np.where(active, np.minimum(users.signup_us, first_event - lead), users.signup_us)
+    follows = _make_follows(cfg, users.dominant, signup, end_us)
 
     order = _sort_events(ev)
     events = pd.DataFrame(
@@ -542,11 +587,16 @@ def generate(cfg: DataConfig) -> tuple[RawTables, GroundTruth]:
             }
         ),
         events=events,
+        user_follows=pd.DataFrame(
+            {"user_id": users.ids[follows["user"].to_numpy()], "interest_id": follows["interest_id"].to_numpy(),
+             "followed_at": _utc(follows["at"].to_numpy())}
+        ),
     )
     counts = events["event_type"].value_counts()
     surfaces = events["surface"].value_counts()
     log.info(
-        "generated %s users (%s active), %s pins (%s near-duplicates), %s interests, %s events over %d days: %s; %s",
+        "generated %s users (%s active), %s pins (%s near-duplicates), %s interests, %s events over %d days: %s; %s; "
+        "%s follows",
         f"{cfg.n_users:,}",
         f"{int(active.sum()):,}",
         f"{cfg.n_pins:,}",
@@ -556,5 +606,6 @@ def generate(cfg: DataConfig) -> tuple[RawTables, GroundTruth]:
         cfg.days,
         ", ".join(f"{t}={int(counts.get(t, 0)):,}" for t in EVENT_TYPES),
         ", ".join(f"{s}={int(surfaces.get(s, 0)):,}" for s in SURFACES),
+        f"{len(follows):,}",
     )
     return tables, truth

@@ -1,4 +1,4 @@
--- Daily user aggregates as of the midnight after each day the user engaged (the recent-pins sequence,
+-- Daily user aggregates (and the interests followed so far) as of the midnight after each day the user engaged (the recent-pins sequence,
 -- which must be fresher, is user_sequence). A row stamped D only uses events
 -- strictly before D, so a label at time t >= D never sees itself (the point-in-time join takes the latest
 -- row with event_timestamp <= t).
@@ -33,6 +33,14 @@ top_interests as (
         list(interest_id order by weight desc, interest_id)[1:{{ var('top_interests') }}] as top_interest_ids
     from interest_weights
     group by all
+),
+
+follows as (
+    select d.user_id, d.event_timestamp, list_sort(list_distinct(list(f.interest_id))) as followed_interest_ids
+    from days as d
+    join {{ ref('stg_user_follows') }} as f
+        on f.user_id = d.user_id and f.followed_at < d.event_timestamp
+    group by all
 )
 
 select
@@ -43,7 +51,10 @@ select
     d.saves_30d,
     d.hides_30d,
     coalesce(t.top_interest_ids, []::bigint[]) as top_interest_ids,
+    coalesce(f.followed_interest_ids, []::bigint[]) as followed_interest_ids,
     date_trunc('second', d.event_timestamp) as user_features_at  -- whole seconds, like Feast online
 from days as d
 left join top_interests as t
     on t.user_id = d.user_id and t.event_timestamp = d.event_timestamp
+left join follows as f
+    on f.user_id = d.user_id and f.event_timestamp = d.event_timestamp

@@ -151,3 +151,20 @@ def test_events_without_a_surface_column_are_read_as_homefeed(tmp_path, caplog):
     assert (staged["surface"] == "homefeed").all()
     said = [r for r in caplog.records if "no surface column" in r.getMessage()]
     assert len(said) == 1 and said[0].levelno == logging.INFO and "events.parquet" in said[0].getMessage()
+
+
+def test_follows_are_optional_and_checked(tmp_path):
+    staged = tmp_path / "build" / "staged" / "user_follows.parquet"
+    reports = run(tmp_path, tiny_raw())                           # no follows file: an empty table is staged
+    assert "user_follows" not in reports and pd.read_parquet(staged).empty
+    assert list(pd.read_parquet(staged).columns) == ["user_id", "interest_id", "followed_at"]
+    follows = pd.DataFrame({"user_id": [1, 2, 99], "interest_id": [0, 1, 1], "followed_at": [T0] * 3})
+    tables = tiny_raw()
+    tables.user_follows = follows
+    reports = run(tmp_path, tables, max_bad_fraction=0.5)
+    assert (reports["user_follows"].accepted, reports["user_follows"].quarantined) == (2, 1)
+    assert pd.read_parquet(staged)["user_id"].tolist() == [1, 2]
+    write_raw(tiny_raw(), tmp_path / "raw")                       # a source without follows removes the old file
+    assert not (tmp_path / "raw" / "user_follows.parquet").exists()
+    tables.user_follows = follows.iloc[:0]                         # an empty file is no follows either
+    assert "user_follows" not in run(tmp_path, tables)

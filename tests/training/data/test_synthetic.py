@@ -199,6 +199,50 @@ def test_ground_truth_roundtrip_and_scores(small: tuple[raw.RawTables, GroundTru
         truth.scores(np.array([-1]))
 
 
+def test_follows_are_deterministic_valid_and_follow_the_dominant_interests(
+        small: tuple[raw.RawTables, GroundTruth]) -> None:
+    tables, truth = small
+    follows = tables.user_follows
+    pd.testing.assert_frame_equal(follows, generate(SMALL)[0].user_follows)
+    assert follows["user_id"].isin(tables.users["user_id"]).all()
+    assert follows["interest_id"].isin(tables.interests["interest_id"]).all()
+    assert not follows.duplicated(["user_id", "interest_id"]).any()
+    signup = follows["user_id"].map(tables.users.set_index("user_id")["signup_at"])
+    assert (follows["followed_at"] >= signup).all()
+    assert (follows["followed_at"] < pd.Timestamp(SMALL.end_date, tz="UTC")).all()
+    assert truth.n_dominant.min() >= 1 and truth.n_dominant.max() <= 5
+    u = np.searchsorted(truth.user_ids, follows["user_id"].to_numpy())
+    on_dominant = truth.dominant[u, follows["interest_id"].to_numpy()]
+    # ~0.7 of each dominant interest is followed, ~0.2 of users follow one other interest
+    assert on_dominant.sum() / truth.dominant.sum() == pytest.approx(0.7, abs=0.06)
+    assert (~on_dominant).sum() / len(truth.user_ids) == pytest.approx(0.2, abs=0.06)
+
+
+def test_follows_do_not_change_the_other_tables() -> None:
+    """The follows come from their own random stream: the events of a seed are what they were before."""
+    from training.data import synthetic
+
+    tables, _ = generate(SMALL)
+    keep = synthetic.FOLLOW_DOMINANT
+    try:
+        synthetic.FOLLOW_DOMINANT = 0.1
+        other, _ = generate(SMALL)
+    finally:
+        synthetic.FOLLOW_DOMINANT = keep
+    assert len(other.user_follows) < len(tables.user_follows)
+    for name in raw.TABLES:
+        pd.testing.assert_frame_equal(getattr(tables, name), getattr(other, name))
+
+
+def test_ground_truth_without_dominant_loads(small: tuple[raw.RawTables, GroundTruth], tmp_path: Path) -> None:
+    truth = dataclasses.replace(small[1], dominant=None)
+    truth.save(tmp_path / "old.npz")
+    loaded = GroundTruth.load(tmp_path / "old.npz")
+    assert loaded.dominant is None
+    with pytest.raises(ValueError, match="regenerate"):
+        _ = loaded.n_dominant
+
+
 def test_oracle_beats_popularity_on_a_temporal_split(small: tuple[raw.RawTables, GroundTruth]) -> None:
     tables, truth = small
     train, test = _temporal_split(tables.events)
