@@ -31,7 +31,7 @@ a pseudo-random order (``tie_break="hash"``); ``bench/bench_baselines.py`` print
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Literal, Protocol, runtime_checkable
 
 import numpy as np
@@ -89,23 +89,8 @@ def evaluate(
     users = np.flatnonzero(n_rel > 0)
     if len(users) == 0:
         raise ValueError(f"no user has a relevant {on} item")
-    batch = max(1, batch_bytes // (4 * split.n_items))
-    topk = np.empty((len(users), depth), dtype=np.int32)
-    hits = np.empty((len(users), depth), dtype=bool)
-    for start in range(0, len(users), batch):
-        rows = users[start : start + batch]
-        scores = np.asarray(scorer.score(rows), dtype=np.float32)
-        if scores.shape != (len(rows), split.n_items):
-            raise ValueError(f"scorer returned {scores.shape}, expected {(len(rows), split.n_items)}")
-        if scores.base is not None or not scores.flags.writeable:
-            scores = scores.copy()  # never write -inf into a view of the scorer's own state
-        ex = excluded[rows]
-        scores[np.repeat(np.arange(len(rows)), np.diff(ex.indptr)), ex.indices] = -np.inf
-        top = top_k(scores, depth)
-        rel = relevant[rows].toarray()
-        sl = slice(start, start + len(rows))
-        topk[sl] = top
-        hits[sl] = np.take_along_axis(rel, np.maximum(top, 0), axis=1) & (top >= 0)
+    topk, hits = rank(lambda rows: scorer.score(users[rows]), users, relevant[users], excluded, depth,
+                      batch_bytes=batch_bytes)
     n_rel = n_rel[users]
     curve = recall_curve(hits, n_rel).mean(axis=0)
     capped = recall_curve(hits, n_rel, capped=True).mean(axis=0)
@@ -131,6 +116,44 @@ def evaluate(
     out["items"] = split.n_items
     out["seconds"] = round(time.perf_counter() - t0, 3)
     return out
+
+
+def rank(
+    score: Callable[[np.ndarray], np.ndarray],
+    row_users: np.ndarray,
+    relevant: sp.csr_matrix,
+    excluded: sp.csr_matrix,
+    depth: int,
+    *,
+    batch_bytes: int = BATCH_BYTES,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The ranked lists of ``evaluate``, for any rows: ((n_rows, depth) int32 item indices, -1 = nothing left to
+    rank; (n_rows, depth) bool hits).
+
+    Row ``r`` ranks for user ``row_users[r]`` (several rows may share a user, e.g. one per condition): ``score(r)``
+    gives (len(r), n_items) scores of row indices ``r`` (-inf = not a candidate of that row), the user's
+    ``excluded`` items (a (n_users, n_items) matrix) are masked, and ``relevant`` ((n_rows, n_items)) marks the
+    hits."""
+    n_items = excluded.shape[1]
+    batch = max(1, batch_bytes // (4 * n_items))
+    topk = np.empty((len(row_users), depth), dtype=np.int32)
+    hits = np.empty((len(row_users), depth), dtype=bool)
+    for start in range(0, len(row_users), batch):
+        sl = slice(start, start + batch)
+        rows = np.arange(len(row_users))[sl]
+        users = row_users[sl]
+        scores = np.asarray(score(rows), dtype=np.float32)
+        if scores.shape != (len(rows), n_items):
+            raise ValueError(f"scorer returned {scores.shape}, expected {(len(rows), n_items)}")
+        if scores.base is not None or not scores.flags.writeable:
+            scores = scores.copy()  # never write -inf into a view of the scorer's own state
+        ex = excluded[users]
+        scores[np.repeat(np.arange(len(rows)), np.diff(ex.indptr)), ex.indices] = -np.inf
+        top = top_k(scores, depth)
+        rel = relevant[rows].toarray()
+        topk[sl] = top
+        hits[sl] = np.take_along_axis(rel, np.maximum(top, 0), axis=1) & (top >= 0)
+    return topk, hits
 
 
 def _recall_by_interest(

@@ -59,6 +59,8 @@ VARIANT_GROUPS: dict[str, list[tuple[str, dict[str, Any]]]] = {
         ("pre-training = ease_svd", {"pretrain.method": "ease_svd"}),
     ],
     "negatives": [("full softmax", {"train.negatives": "full"})],
+    "modes": [("multi-embedding (K_max=4)", {"train.multi_embedding": 4}),
+              ("conditional", {"train.conditional": True})],
     "objective": [("target window 10", {"train.target_window": 10}),
                   ("history transformer", {"train.history_encoder": "transformer"})],
     "extra": [("in-batch + 1024 uniform (mixed)", {"train.random_negatives": 1024}),
@@ -70,7 +72,9 @@ VARIANT_GROUPS: dict[str, list[tuple[str, dict[str, Any]]]] = {
               ("fixed temperature", {"train.learn_temperature": False}),
               ("raw inner product (no normalisation)", {"train.normalize": False})],
 }
-"""Named ablation groups: (row label, config overrides; ``overlap`` = pre-train a table that overlaps)."""
+"""Named ablation groups: (row label, config overrides; ``overlap`` = pre-train a table that overlaps). With
+'modes' every row of the report also gets the tables of ``training.evaluation.modes`` (single vs multi,
+diversity, first k embeddings, by number of dominant interests, per-interest and conditioned recall)."""
 HEADLINE = ("capped_recall@10", "capped_recall@50", "capped_recall@100", "recall@50", "ndcg@10", "coverage@50")
 
 
@@ -165,13 +169,18 @@ def report(cfg: Config, out_dir: Path | None = None) -> dict[str, Any]:
                  res["capped_recall@50"], res["seconds"])
     truth_path = raw_dir(cfg) / "ground_truth.npz"
     source = load_live(cfg).manifest.get("source", cfg.data.source)   # what the snapshot was built from
+    truth = None
     if source == "synthetic" and truth_path.exists():
         from training.data.synthetic import GroundTruth
         from training.evaluation.oracle import Oracle
 
-        oracle = Oracle(GroundTruth.load(truth_path))
+        truth = GroundTruth.load(truth_path)
+        oracle = Oracle(truth)
         oracle.fit(split)
         baselines["oracle (generator's ground truth)"] = evaluate(oracle, split, on="test")
+    with_modes = "modes" in [g.strip() for g in cfg.report.variants.split(",")]
+    dominant = (dict(zip(truth.user_ids.tolist(), truth.n_dominant.tolist(), strict=True))
+                if with_modes and truth is not None and truth.dominant is not None else None)
 
     tables: dict[str, Any] = {}
     variants: dict[str, dict[str, Any]] = {}
@@ -190,6 +199,11 @@ def report(cfg: Config, out_dir: Path | None = None) -> dict[str, Any]:
                 table = tables[key]
             trained = fit(vc, ts, split, manifest, table=table)
             res = evaluate(trained.scorer.prepare("test"), split, on="test")
+            if with_modes:
+                from training.evaluation.modes import evaluate_modes
+
+                res["modes"] = evaluate_modes(trained.model, trained.encoder, trained.scorer, split,
+                                              dominant=dominant)
             r = trained.result
             test_rows = ts[ts["label"] == 1]
             res.update({"seed": seed, "best_epoch": r.best_epoch, "epochs_run": r.epochs_run,
@@ -205,6 +219,10 @@ def report(cfg: Config, out_dir: Path | None = None) -> dict[str, Any]:
                            "config": {"train": vars(_with(cfg, overrides).train),
                                       "pretrain": vars(_with(cfg, overrides).pretrain)},
                            "runs": runs, **_aggregate(runs)}
+        if with_modes:
+            from training.evaluation.modes import aggregate
+
+            variants[label]["modes"] = aggregate([r["modes"] for r in runs])
         # the files are rewritten after every variant: an interrupted report keeps every finished row
         verdict = _verdict(variants, baselines)
         md = _write(out, cfg, source, manifest, split, baselines, variants, verdict, time.perf_counter() - started,
@@ -269,6 +287,10 @@ def _write(out: Path, cfg: Config, source: str, manifest: dict[str, Any], split,
     lines += ["", f"Report computed in {seconds / 60:.1f} min. Blend weights chosen on validation: "
               + "; ".join(f"{label}: {[r['blend_weight'] for r in v['runs']]}" for label, v in variants.items()
                           if any(r["blend_weight"] for r in v["runs"])), ""]
+    if any(v.get("modes") for v in variants.values()):
+        from training.evaluation.modes import markdown
+
+        lines += markdown(variants)
     curves = {**{k: b for k, b in baselines.items()},
               **{k: {"recall_curve": v["recall_curve"]} for k, v in variants.items()}}
     _plot(curves, out / "recall_curve.png", f"Retrieval report ({source})")

@@ -45,16 +45,14 @@ class TwoTowerScorer:
 
     def score(self, user_idx: np.ndarray) -> np.ndarray:
         """A pin's score is its best inner product with any of the user's embeddings (one, or up to K)."""
-        return _best_of(self._user_vectors[user_idx], self._user_bucket[user_idx], self._pin_vectors)
+        return best_of(self._user_vectors[user_idx], self._user_bucket[user_idx], self._pin_vectors)
 
     def prepare(self, on: Literal["valid", "test"]) -> TwoTowerScorer:
         """Embed every evaluable user at their cut-off (first ``on`` interaction) and the candidates at
         ``PIN_TIME_POINTS`` times."""
         self.model.eval()
         split = self.split
-        first = (split.frame[split.frame["part"] == on].sort_values(["event_timestamp", "pin_id"])
-                 .drop_duplicates("user_id"))
-        rows = first[KEYS + ["user_idx"]].merge(self.training_set, on=KEYS, how="left")
+        rows = self.cutoff_rows(on)
         users = run_tower(self.model.user_tower, self.encoder.users(rows))
         if users.ndim == 2:
             users = users[:, None, :]                            # (n, K, D): K = 1 for one embedding
@@ -67,6 +65,24 @@ class TwoTowerScorer:
         self._pin_vectors = np.stack([run_tower(self.model.pin_tower, self.encoder.pins(self._pins_at(t)))
                                       for t in times])       # (T, n_items, D)
         return self
+
+    def cutoff_rows(self, on: Literal["valid", "test"]) -> pd.DataFrame:
+        """Each evaluable user's training-set row at their first ``on`` interaction (its point-in-time features),
+        with ``user_idx``: what the user tower reads for them."""
+        split = self.split
+        first = (split.frame[split.frame["part"] == on].sort_values(["event_timestamp", "pin_id"])
+                 .drop_duplicates("user_id"))
+        return first[KEYS + ["user_idx"]].merge(self.training_set, on=KEYS, how="left")
+
+    @property
+    def pin_vectors(self) -> np.ndarray:
+        """(T, n_items, D) candidate vectors at the ``PIN_TIME_POINTS`` snapshots (after ``prepare``)."""
+        return self._pin_vectors
+
+    @property
+    def user_bucket(self) -> np.ndarray:
+        """(n_users,) the pin snapshot each user is scored against (after ``prepare``)."""
+        return self._user_bucket
 
     def reweighted(self, split_dim: int, first: float, second: float) -> _Reweighted:
         """A scorer over the vectors ``prepare`` computed, with the coordinates before ``split_dim`` weighted by
@@ -96,10 +112,10 @@ class _Reweighted:
         self.base.fit(split)
 
     def score(self, user_idx: np.ndarray) -> np.ndarray:
-        return _best_of(self.users[user_idx], self.base._user_bucket[user_idx], self.pins)   # noqa: SLF001
+        return best_of(self.users[user_idx], self.base._user_bucket[user_idx], self.pins)   # noqa: SLF001
 
 
-def _best_of(users: np.ndarray, bucket: np.ndarray, pins: np.ndarray) -> np.ndarray:
+def best_of(users: np.ndarray, bucket: np.ndarray, pins: np.ndarray) -> np.ndarray:
     """(n, items): each pin's best inner product over a user's real embeddings. users (n, K, D), zero rows for
     the embeddings a user does not have; bucket (n,) the pin snapshot of each user; pins (T, items, D)."""
     real = np.abs(users).sum(-1) > 0                                  # (n, K)
