@@ -24,6 +24,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
@@ -91,7 +92,8 @@ def floor(cfg: Config, model, encoder, emb: PinEmbeddings, users: list[int], k: 
         t = time.perf_counter()
         feats = store.online(USER_SERVICE, "user_id", [u])
         with torch.no_grad():
-            q = model.user_tower(encoder.users(pd.DataFrame(feats))).numpy()
+            q = model.user_tower(encoder.users(feats))
+        q = (q[:, 0] if q.dim() == 3 else q).numpy()
         top_k(q @ vectors.T, k)
         if i >= 20:   # warm-up
             lat.append(time.perf_counter() - t)
@@ -99,7 +101,8 @@ def floor(cfg: Config, model, encoder, emb: PinEmbeddings, users: list[int], k: 
     return {"p50_ms": float(np.percentile(a, 50)), "p99_ms": float(np.percentile(a, 99))}
 
 
-def load(url: str, users: list[int], concurrency: int, seconds: float, k: int) -> dict[str, float]:
+def load(url: str, users: list[int], concurrency: int, seconds: float, k: int,
+         mode: str | None = None) -> dict[str, float]:
     lat: list[float] = []
     errors = [0]
     stop_at = time.monotonic() + seconds
@@ -108,7 +111,7 @@ def load(url: str, users: list[int], concurrency: int, seconds: float, k: int) -
         with httpx.Client(base_url=url, timeout=30) as c:
             i = offset
             while time.monotonic() < stop_at:
-                body = {"user_id": users[i % len(users)], "k": k}
+                body = {"user_id": users[i % len(users)], "k": k, **({"mode": mode} if mode else {})}
                 t = time.perf_counter()
                 try:
                     r = c.post("/retrieve", json=body)
@@ -134,6 +137,45 @@ def load(url: str, users: list[int], concurrency: int, seconds: float, k: int) -
             "p50_ms": float(np.percentile(a, 50)), "p99_ms": float(np.percentile(a, 99))}
 
 
+def overload(url: str, users: list[int], clients: int, seconds: float, k: int) -> dict[str, Any]:
+    """``clients`` concurrent connections (asyncio) for ``seconds``: how many were answered, how many shed with
+    503, the latency of each, and anything else (errors)."""
+    import asyncio
+
+    ok: list[float] = []
+    shed: list[float] = []
+    other = [0]
+
+    async def client(c: httpx.AsyncClient, offset: int, stop_at: float) -> None:
+        i = offset
+        while time.monotonic() < stop_at:
+            t = time.perf_counter()
+            status = 0
+            try:
+                status = (await c.post("/retrieve", json={"user_id": users[i % len(users)], "k": k})).status_code
+                (ok if status == 200 else shed if status == 503 else []).append(time.perf_counter() - t)
+                other[0] += status not in (200, 503)
+            except httpx.HTTPError:
+                other[0] += 1
+            i += clients
+            if status == 503:
+                await asyncio.sleep(0.05)   # a client honouring back-pressure a little; Retry-After says 1 s
+
+    async def main() -> float:
+        limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+        async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as c:
+            stop_at = time.monotonic() + seconds
+            t0 = time.perf_counter()
+            await asyncio.gather(*(client(c, j, stop_at) for j in range(clients)))
+            return time.perf_counter() - t0
+
+    wall = asyncio.run(main())
+    a, b = np.asarray(ok or [np.nan]) * 1e3, np.asarray(shed or [np.nan]) * 1e3
+    return {"concurrency": clients, "requests": len(ok), "shed_503": len(shed), "errors": other[0],
+            "rps": len(ok) / wall, "p50_ms": float(np.nanpercentile(a, 50)), "p99_ms": float(np.nanpercentile(a, 99)),
+            "shed_p50_ms": float(np.nanpercentile(b, 50)), "shed_p99_ms": float(np.nanpercentile(b, 99))}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--data-dir", default=str(ROOT / ".data"))
@@ -142,6 +184,10 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=10.0)
     ap.add_argument("--k", type=int, default=100)
     ap.add_argument("--port", type=int, default=3100)
+    ap.add_argument("--checkpoint", default=None, help="model to serve (default: the newest checkpoint); every "
+                    "retrieval mode it supports is measured at concurrency 1 and 16")
+    ap.add_argument("--overload", type=int, default=1000, help="clients of the overload level (0: skip)")
+    ap.add_argument("--overload-seconds", type=float, default=20.0)
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "service.json"))
     args = ap.parse_args()
     cfg = Config.load(overrides={"data_dir": args.data_dir})
@@ -149,7 +195,7 @@ def main() -> None:
                               index=dataclasses.replace(cfg.index, keep_releases=100))
     stop(cfg)
     was_live = Registry(cfg).state()["live"]
-    checkpoint = latest_checkpoint(cfg)
+    checkpoint = Path(args.checkpoint) if args.checkpoint else latest_checkpoint(cfg)
     model, encoder, payload = load_checkpoint(checkpoint)
     users = users_with_history(cfg)
     rows = []
@@ -178,6 +224,16 @@ def main() -> None:
                     rows.append({"pins": len(emb), "mode": "bentoml serve", **load(info["url"], users, c,
                                                                                     args.seconds, args.k)})
                     print(json.dumps(rows[-1]), flush=True)
+                modes = httpx.get(info["url"] + "/metadata").json()["release"]["modes"]
+                for mode in modes if len(modes) > 1 else []:
+                    for c in (1, 16):
+                        rows.append({"pins": len(emb), "mode": f"bentoml serve, mode={mode}",
+                                     **load(info["url"], users, c, args.seconds, args.k, mode=mode)})
+                        print(json.dumps(rows[-1]), flush=True)
+                if args.overload:
+                    rows.append({"pins": len(emb), "mode": "overload (asyncio clients)",
+                                 **overload(info["url"], users, args.overload, args.overload_seconds, args.k)})
+                    print(json.dumps(rows[-1]), flush=True)
             finally:
                 stop(cfg)
     finally:
@@ -186,10 +242,13 @@ def main() -> None:
                 rollback(cfg)
     meta = {**machine(), "k": args.k, "seconds_per_level": args.seconds, "model": payload["model_version"]}
     save_and_print(args.out, meta, rows,
-                   ["pins", "mode", "concurrency", "requests", "errors", "req/s", "p50 ms", "p99 ms"],
+                   ["pins", "mode", "concurrency", "requests", "errors", "req/s", "p50 ms", "p99 ms",
+                    "shed 503 (p50 / p99 ms)"],
                    lambda r: [f"{r['pins']:,}", r["mode"], str(r.get("concurrency", "")), str(r.get("requests", "")),
                               str(r.get("errors", "")), f"{r.get('rps', 0):.0f}", f"{r['p50_ms']:.1f}",
-                              f"{r['p99_ms']:.1f}"])
+                              f"{r['p99_ms']:.1f}",
+                              f"{r['shed_503']} ({r['shed_p50_ms']:.1f} / {r['shed_p99_ms']:.1f})" if "shed_503" in r
+                              else ""])
 
 if __name__ == "__main__":
     main()

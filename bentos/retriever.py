@@ -27,6 +27,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from bentos.batching import MicroBatcher
 from training.config import Config
 from training.features.store import feature_store
 from training.model.clustering import round_robin
@@ -54,6 +55,25 @@ MAX_CONDITIONS = 16
 def _first(vectors: torch.Tensor) -> torch.Tensor:
     """(n, D): the first (most representative) embedding of each user of a multi-embedding tower."""
     return vectors[:, 0] if vectors.dim() == 3 else vectors
+
+
+@dataclass(frozen=True)
+class _Query:
+    """One single-mode request waiting for the batched user tower + search."""
+
+    rel: LoadedRelease
+    feats: dict[str, list]
+    k: int
+    interests: tuple[int, ...]
+    seen: set[int]
+
+
+def _unseen(hits: list[dict[str, Any]], seen: set[int]) -> list[dict[str, Any]]:
+    return [h for h in hits if h["pin_id"] not in seen] if seen else hits
+
+
+def _pin(hit: dict[str, Any], source: str) -> dict[str, Any]:
+    return {"pin_id": hit["pin_id"], "score": hit["score"], "interest_id": hit["interest_id"], "source": source}
 
 
 class StoreUnavailable(RuntimeError):
@@ -163,6 +183,8 @@ class Retriever:
         self._switch = threading.Lock()
         self.features = feature_store(cfg, busy_timeout=cfg.serve.store_timeout_seconds)
         self._health: tuple[float, dict[str, Any]] = (0.0, {"ok": True})
+        self._batched_features = MicroBatcher(self._read_features, cfg.serve.max_batch, "features")
+        self._batched_single = MicroBatcher(self._single, cfg.serve.max_batch, "user-tower+search")
         torch.set_num_threads(1)
 
     # --- release management --------------------------------------------------------------------------------
@@ -197,6 +219,8 @@ class Retriever:
         with self._switch:
             self._current = None
             self._close_retired()
+        self._batched_features.close()
+        self._batched_single.close()
 
     # --- requests -------------------------------------------------------------------------------------------
     def retrieve(self, user_id: int, k: int = 100, interests: list[int] | None = None,
@@ -206,7 +230,9 @@ class Retriever:
         ``mode`` (default: the release's best measured one): 'single' (one user vector), 'multi' (one vector
         per history cluster, their searches merged round-robin) or 'conditional' (one vector per interest,
         conditioned on it and searched within it: the requested ``interests``, else the user's inferred top
-        interests; merged round-robin). Every pin says which embedding / interest found it (``source``)."""
+        interests; merged round-robin). Every pin says which embedding / interest found it (``source``).
+        Concurrent requests share feature reads, and in single mode user-tower passes and searches
+        (``bentos.batching``)."""
         while True:
             rel = self._current
             if rel is None:
@@ -226,36 +252,20 @@ class Retriever:
                 if unknown:
                     raise RetrievalError("interests", f"unknown interest id(s) {unknown}")
             t0 = time.perf_counter()
-            feats = self._features(rel, user_id)
+            feats = self._batched_features.submit((rel, user_id))
             t1 = time.perf_counter()
             history = feats["recent_pin_ids"][0] if "recent_pin_ids" in feats else None
             has_profile = any(feats[c][0] is not None for c in feats if c != "user_id")
+            seen = set(history or []) if exclude_seen else set()
+            timings = {"features": t1 - t0, "user_tower": 0.0, "search": 0.0}
             if not has_profile or not history:
-                pins = self._cold_start(rel, k, interests, set(history or []) if exclude_seen else set())
-                how = "cold_start"
-                t2 = t3 = time.perf_counter()
+                pins, how = self._cold_start(rel, k, interests, seen), "cold_start"
+            elif mode == "single":
+                pins, stage = self._batched_single.submit(_Query(rel, feats, k, tuple(sorted(interests or ())), seen))
+                timings.update(stage)
+                how = "learned"
             else:
-                vectors, sources, own = self._queries(rel, feats, mode, interests)
-                t2 = time.perf_counter()
-                filters = sorted(set(own)) if own is not None else interests
-                limit = k * len(vectors) if own is not None else k
-                try:
-                    lists = search(rel.client, rel.release.collection, vectors, min(limit, SEARCH_LIMIT),
-                                   rel.release.index["search_params"], interests=filters,
-                                   exclude=list(history) if exclude_seen else None)
-                except Exception as e:  # noqa: BLE001 - an index fault is a 503, not a 500
-                    raise StoreUnavailable("index", e) from e
-                t3 = time.perf_counter()
-                for hits in lists:
-                    ids = np.fromiter((h["pin_id"] for h in hits), np.int64, len(hits))
-                    found = rel.pin_interests[np.searchsorted(rel.pin_ids, ids).clip(0, max(len(rel.pin_ids) - 1, 0))]
-                    for h, i in zip(hits, found, strict=True):
-                        h["interest_id"] = int(i)
-                if own is not None:   # conditional: each vector keeps the hits of its own interest
-                    lists = [[h for h in hits if h["interest_id"] == c][:k] for hits, c in zip(lists, own, strict=True)]
-                merged = lists[0][:k] if len(lists) == 1 else round_robin(lists, k)
-                pins = [{"pin_id": h["pin_id"], "score": h["score"], "interest_id": h["interest_id"],
-                         "source": sources[h.get("source", 0)]} for h in merged]
+                pins = self._multi_or_conditional(rel, feats, mode, k, interests, seen, timings)
                 how = "learned"
             return {
                 "user_id": user_id,
@@ -264,11 +274,91 @@ class Retriever:
                 "collection": rel.release.collection,
                 "retrieval": how,
                 "mode": mode if how == "learned" else None,
-                "timings_ms": {"features": round((t1 - t0) * 1e3, 3), "user_tower": round((t2 - t1) * 1e3, 3),
-                               "search": round((t3 - t2) * 1e3, 3)},
+                "timings_ms": {name: round(seconds * 1e3, 3) for name, seconds in timings.items()},
             }
         finally:
             rel.leave()
+
+    def _read_features(self, items: list[tuple[LoadedRelease, int]]) -> list[dict[str, list] | BaseException]:
+        """Batch function: one online read per user feature service for the queued requests' users."""
+        out: list[dict[str, list] | BaseException] = [None] * len(items)   # type: ignore[list-item]
+        by_service: dict[str, list[int]] = {}
+        for i, (rel, _) in enumerate(items):
+            by_service.setdefault(rel.user_service, []).append(i)
+        for service, idx in by_service.items():
+            try:
+                cols = self.features.online(service, "user_id", [items[i][1] for i in idx])
+            except Exception as e:  # noqa: BLE001 - any store fault (locked, corrupt, down) is a 503, not a 500
+                for i in idx:
+                    out[i] = StoreUnavailable("online store", e)
+                continue
+            for j, i in enumerate(idx):
+                out[i] = {c: [v[j]] for c, v in cols.items()}
+        return out
+
+    def _single(self, queries: list[_Query]) -> list[tuple[list[dict[str, Any]], dict[str, float]]
+                                                      | BaseException]:
+        """Batch function of single mode: one user-tower pass per release and one search per (release,
+        interest filter) for the queued requests; each keeps its top ``k`` without its seen pins."""
+        out: list[Any] = [None] * len(queries)
+        by_release: dict[int, list[int]] = {}
+        for i, q in enumerate(queries):
+            by_release.setdefault(id(q.rel), []).append(i)
+        for idx in by_release.values():
+            rel = queries[idx[0]].rel
+            t0 = time.perf_counter()
+            rows = {c: [queries[i].feats[c][0] for i in idx] for c in queries[idx[0]].feats}
+            with torch.no_grad():
+                vectors = _first(rel.tower(rel.encoder.users(rows))).numpy()
+            tower = time.perf_counter() - t0
+            groups: dict[tuple[int, ...], list[int]] = {}
+            for j, i in enumerate(idx):
+                groups.setdefault(queries[i].interests, []).append(j)
+            for interests, members in groups.items():
+                t1 = time.perf_counter()
+                limit = max(queries[idx[j]].k + len(queries[idx[j]].seen) for j in members)
+                try:
+                    lists = self._search(rel, vectors[members], limit, list(interests))
+                except StoreUnavailable as e:
+                    for j in members:
+                        out[idx[j]] = e
+                    continue
+                spent = {"user_tower": tower, "search": time.perf_counter() - t1}
+                for j, hits in zip(members, lists, strict=True):
+                    q = queries[idx[j]]
+                    out[idx[j]] = ([_pin(h, "embedding:0") for h in _unseen(hits, q.seen)[:q.k]], spent)
+        return out
+
+    def _multi_or_conditional(self, rel: LoadedRelease, feats: dict[str, list], mode: str, k: int,
+                              interests: list[int] | None, seen: set[int], timings: dict[str, float]) -> list[dict]:
+        t0 = time.perf_counter()
+        vectors, sources, own = self._queries(rel, feats, mode, interests)
+        t1 = time.perf_counter()
+        filters = sorted(set(own)) if own is not None else interests
+        limit = (k * len(vectors) if own is not None else k) + len(seen)
+        lists = self._search(rel, vectors, limit, filters)
+        lists = [_unseen(hits, seen) for hits in lists]
+        if own is not None:   # conditional: each vector keeps the hits of its own interest
+            lists = [[h for h in hits if h["interest_id"] == c][:k] for hits, c in zip(lists, own, strict=True)]
+        merged = lists[0][:k] if len(lists) == 1 else round_robin(lists, k)
+        timings.update(user_tower=t1 - t0, search=time.perf_counter() - t1)
+        return [_pin(h, sources[h.get("source", 0)]) for h in merged]
+
+    @staticmethod
+    def _search(rel: LoadedRelease, vectors: np.ndarray, limit: int, interests) -> list[list[dict[str, Any]]]:
+        """ANN search in the release's collection, each hit given its interest from the release's pin table."""
+        try:
+            lists = search(rel.client, rel.release.collection, vectors, min(limit, SEARCH_LIMIT),
+                           rel.release.index["search_params"], interests=interests)
+        except Exception as e:  # noqa: BLE001 - an index fault is a 503, not a 500
+            raise StoreUnavailable("index", e) from e
+        last = max(len(rel.pin_ids) - 1, 0)
+        for hits in lists:
+            ids = np.fromiter((h["pin_id"] for h in hits), np.int64, len(hits))
+            found = rel.pin_interests[np.searchsorted(rel.pin_ids, ids).clip(0, last)]
+            for h, i in zip(hits, found, strict=True):
+                h["interest_id"] = int(i)
+        return lists
 
     @staticmethod
     def _queries(rel: LoadedRelease, feats: dict[str, list], mode: str,

@@ -249,6 +249,9 @@ class ServeConfig:
     """Worker processes (each loads the live release)."""
     max_in_flight: int = 32
     """Requests in flight per worker past which POST /retrieve is refused at once with 503 + Retry-After."""
+    max_batch: int = 32
+    """Most concurrent requests whose feature reads, user-tower passes and ANN searches run as one batch
+    (bentos/batching.py; batches form only under load, nothing waits to fill one)."""
     body_seconds: float = 5.0
     """A request body that has not fully arrived after this long gets 408."""
     request_seconds: float = 10.0
@@ -258,7 +261,7 @@ class ServeConfig:
 
     def __post_init__(self) -> None:
         _positive(self, "serve", "port", "max_k", "max_interests", "max_body_bytes", "threads", "workers",
-                  "max_in_flight", "body_seconds", "request_seconds", "store_timeout_seconds")
+                  "max_in_flight", "max_batch", "body_seconds", "request_seconds", "store_timeout_seconds")
         _check(self.poll_seconds > 0, "serve.poll_seconds", "must be > 0")
 
 

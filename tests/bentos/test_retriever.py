@@ -44,6 +44,30 @@ def test_learned_and_cold_start(retriever, cfg, checkpoints):
     assert cold["retrieval"] == "cold_start" and len(cold["pins"]) == 3
 
 
+def test_concurrent_requests_share_batches_and_get_the_answers_of_sequential_ones(retriever, cfg):
+    """Batched feature reads, user-tower passes and searches give every request exactly its own answer: the same
+    pins as alone, within its interests, without its seen pins."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    seq = pd.read_parquet(cfg.data_path / "live" / "tables" / "user_sequence.parquet")
+    users = [int(u) for u in seq.loc[seq.recent_pin_ids.map(len) > 3, "user_id"].head(24)] + [987_654_321]
+    asks = [dict(user_id=u, k=5 + i % 7, interests=[1 + i % 3] if i % 4 == 0 else None, exclude_seen=i % 5 != 0)
+            for i, u in enumerate(users)]
+    alone = [retriever.retrieve(**a) for a in asks]
+    before = retriever._batched_single.stats()["batches"]  # noqa: SLF001
+    with ThreadPoolExecutor(12) as pool:
+        together = list(pool.map(lambda a: retriever.retrieve(**a), asks * 4))
+    for got, want, ask in zip(together, alone * 4, asks * 4, strict=True):
+        assert [p["pin_id"] for p in got["pins"]] == [p["pin_id"] for p in want["pins"]]
+        assert got["retrieval"] == want["retrieval"] and len(got["pins"]) == ask["k"]
+        if ask["exclude_seen"] and got["retrieval"] == "learned":
+            online = retriever.features.online(retriever.current.user_service, "user_id", [ask["user_id"]])
+            history = set(online["recent_pin_ids"][0])
+            assert not history & {p["pin_id"] for p in got["pins"]}
+    stats = retriever._batched_single.stats()  # noqa: SLF001
+    assert stats["batches"] - before < len(asks) * 4 - 4   # some requests did share a batch
+
+
 def test_unknown_interest_names_the_field(retriever):
     with pytest.raises(RetrievalError, match="unknown interest") as err:
         retriever.retrieve(1, interests=[10_000])

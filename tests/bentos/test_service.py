@@ -170,3 +170,54 @@ def test_release_switch_under_concurrent_requests(server, live, users, checkpoin
     assert {b["model_version"] for _, b in results} == {v0, v1}
     for _, body in results:
         check_ok(body, 20)   # includes: the collection is the user tower's version's, never a mixed pair
+
+
+def test_each_mode_over_http_and_a_release_refuses_a_mode_it_lacks(server, live, users):
+    """A real `bentoml serve`: the single-embedding release refuses multi / conditional with a 400 naming
+    `mode`; a multi-embedding + conditional release answers every mode, with filters, each pin saying what found
+    it; then a rollback restores the single release and its refusal."""
+    import dataclasses
+    from pathlib import Path
+
+    from training.train import train
+
+    def ask(**body):
+        return httpx.post(f"{server}/retrieve", json={"user_id": users["history"], "k": 15, **body}, timeout=30)
+
+    def wait_for(modes: list[str]) -> dict:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            release = httpx.get(f"{server}/readyz").json()["release"]
+            if release["modes"] == modes:
+                return release
+            time.sleep(0.2)
+        raise AssertionError(f"the service did not switch to a release with modes {modes}")
+
+    for mode in ("multi", "conditional"):
+        r = ask(mode=mode)
+        assert r.status_code == 400 and r.json()["field"] == "mode" and "does not support" in r.json()["error"]
+    short = dataclasses.replace(live, train=dataclasses.replace(live.train, epochs=1, patience=1, batch_size=256,
+                                                                threads=1, multi_embedding=3, conditional=True))
+    publish(live, Path(train(short)["checkpoint"]))
+    try:
+        release = wait_for(["single", "multi", "conditional"])
+        single = ask(mode="single").json()
+        assert single["mode"] == "single" and {p["source"] for p in single["pins"]} == {"embedding:0"}
+        multi = ask(mode="multi", interests=[1, 2, 3]).json()
+        assert multi["mode"] == "multi" and {p["source"] for p in multi["pins"]} <= {f"embedding:{i}" for i in range(3)}
+        assert {p["interest_id"] for p in multi["pins"]} <= {1, 2, 3}
+        cond = ask(mode="conditional", interests=[1, 2]).json()
+        assert cond["mode"] == "conditional" and {p["source"] for p in cond["pins"]} <= {"interest:1", "interest:2"}
+        assert all(p["source"] == f"interest:{p['interest_id']}" for p in cond["pins"])
+        inferred = ask(mode="conditional").json()   # no interests named: the user's inferred top interests
+        assert inferred["retrieval"] == "learned" and all(p["source"].startswith("interest:") for p in inferred["pins"])
+        for body in (single, multi, cond, inferred):
+            assert body["model_version"] == release["model_version"] and len(body["pins"]) == 15
+            assert len({p["pin_id"] for p in body["pins"]}) == 15
+        assert ask().json()["mode"] == release["default_mode"]
+        too_many = ask(mode="conditional", interests=list(range(17)))
+        assert too_many.status_code == 400 and too_many.json()["field"] == "interests"
+    finally:
+        rollback(live)
+    wait_for(["single"])
+    assert ask(mode="multi").status_code == 400
