@@ -59,13 +59,14 @@ def _first(vectors: torch.Tensor) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class _Query:
-    """One single-mode request waiting for the batched user tower + search."""
+    """One single- or multi-mode request waiting for the batched user tower + search."""
 
     rel: LoadedRelease
     feats: dict[str, list]
     k: int
     interests: tuple[int, ...]
     seen: set[int]
+    mode: str
 
 
 def _unseen(hits: list[dict[str, Any]], seen: set[int]) -> list[dict[str, Any]]:
@@ -184,7 +185,7 @@ class Retriever:
         self.features = feature_store(cfg, busy_timeout=cfg.serve.store_timeout_seconds)
         self._health: tuple[float, dict[str, Any]] = (0.0, {"ok": True})
         self._batched_features = MicroBatcher(self._read_features, cfg.serve.max_batch, "features")
-        self._batched_single = MicroBatcher(self._single, cfg.serve.max_batch, "user-tower+search")
+        self._batched = MicroBatcher(self._embed_and_search, cfg.serve.max_batch, "user-tower+search")
         torch.set_num_threads(1)
 
     # --- release management --------------------------------------------------------------------------------
@@ -220,7 +221,7 @@ class Retriever:
             self._current = None
             self._close_retired()
         self._batched_features.close()
-        self._batched_single.close()
+        self._batched.close()
 
     # --- requests -------------------------------------------------------------------------------------------
     def retrieve(self, user_id: int, k: int = 100, interests: list[int] | None = None,
@@ -231,7 +232,7 @@ class Retriever:
         per history cluster, their searches merged round-robin) or 'conditional' (one vector per interest,
         conditioned on it and searched within it: the requested ``interests``, else the user's inferred top
         interests; merged round-robin). Every pin says which embedding / interest found it (``source``).
-        Concurrent requests share feature reads, and in single mode user-tower passes and searches
+        Concurrent requests share feature reads, and in single and multi mode user-tower passes and searches
         (``bentos.batching``)."""
         while True:
             rel = self._current
@@ -260,13 +261,16 @@ class Retriever:
             timings = {"features": t1 - t0, "user_tower": 0.0, "search": 0.0}
             if not has_profile or not history:
                 pins, how = self._cold_start(rel, k, interests, seen), "cold_start"
-            elif mode == "single":
-                pins, stage = self._batched_single.submit(_Query(rel, feats, k, tuple(sorted(interests or ())), seen))
-                timings.update(stage)
-                how = "learned"
             else:
-                pins = self._multi_or_conditional(rel, feats, mode, k, interests, seen, timings)
                 how = "learned"
+                conditions = (list(interests or []) or [int(i) for i in (feats.get("top_interest_ids") or [[]])[0]
+                                                        or []]) if mode == "conditional" else []
+                if conditions:
+                    pins = self._conditional(rel, feats, k, conditions, seen, timings)
+                else:   # single, multi, or conditional with nothing to condition on (the unconditioned vector)
+                    pins, stage = self._batched.submit(_Query(rel, feats, k, tuple(sorted(interests or ())), seen,
+                                                              "multi" if mode == "multi" else "single"))
+                    timings.update(stage)
             return {
                 "user_id": user_id,
                 "pins": pins,
@@ -296,10 +300,11 @@ class Retriever:
                 out[i] = {c: [v[j]] for c, v in cols.items()}
         return out
 
-    def _single(self, queries: list[_Query]) -> list[tuple[list[dict[str, Any]], dict[str, float]]
-                                                      | BaseException]:
-        """Batch function of single mode: one user-tower pass per release and one search per (release,
-        interest filter) for the queued requests; each keeps its top ``k`` without its seen pins."""
+    def _embed_and_search(self, queries: list[_Query]) -> list[tuple[list[dict[str, Any]], dict[str, float]]
+                                                                | BaseException]:
+        """Batch function of the single and multi modes: one user-tower pass per release and one search per
+        (release, interest filter) over every queued request's vectors (multi: its first K); each request keeps
+        its top ``k`` without its seen pins (multi: its vectors' lists merged round-robin)."""
         out: list[Any] = [None] * len(queries)
         by_release: dict[int, list[int]] = {}
         for i, q in enumerate(queries):
@@ -309,7 +314,10 @@ class Retriever:
             t0 = time.perf_counter()
             rows = {c: [queries[i].feats[c][0] for i in idx] for c in queries[idx[0]].feats}
             with torch.no_grad():
-                vectors = _first(rel.tower(rel.encoder.users(rows))).numpy()
+                vectors, keep = rel.tower(rel.encoder.users(rows), with_mask=True)
+            if vectors.dim() == 2:
+                vectors, keep = vectors[:, None], torch.ones(len(idx), 1, dtype=torch.bool)
+            own = [vectors[j][keep[j]] if queries[i].mode == "multi" else vectors[j, :1] for j, i in enumerate(idx)]
             tower = time.perf_counter() - t0
             groups: dict[tuple[int, ...], list[int]] = {}
             for j, i in enumerate(idx):
@@ -318,31 +326,36 @@ class Retriever:
                 t1 = time.perf_counter()
                 limit = max(queries[idx[j]].k + len(queries[idx[j]].seen) for j in members)
                 try:
-                    lists = self._search(rel, vectors[members], limit, list(interests))
+                    lists = self._search(rel, torch.cat([own[j] for j in members]).numpy(), limit, list(interests))
                 except StoreUnavailable as e:
                     for j in members:
                         out[idx[j]] = e
                     continue
                 spent = {"user_tower": tower, "search": time.perf_counter() - t1}
-                for j, hits in zip(members, lists, strict=True):
+                for j in members:
                     q = queries[idx[j]]
-                    out[idx[j]] = ([_pin(h, "embedding:0") for h in _unseen(hits, q.seen)[:q.k]], spent)
+                    mine, lists = [_unseen(hits, q.seen) for hits in lists[:len(own[j])]], lists[len(own[j]):]
+                    merged = mine[0][:q.k] if len(mine) == 1 else round_robin(mine, q.k)
+                    out[idx[j]] = ([_pin(h, f"embedding:{h.get('source', 0)}") for h in merged], spent)
         return out
 
-    def _multi_or_conditional(self, rel: LoadedRelease, feats: dict[str, list], mode: str, k: int,
-                              interests: list[int] | None, seen: set[int], timings: dict[str, float]) -> list[dict]:
+    def _conditional(self, rel: LoadedRelease, feats: dict[str, list], k: int, conditions: list[int],
+                     seen: set[int], timings: dict[str, float]) -> list[dict]:
+        """One vector per interest condition, conditioned on it (early fusion), searched within the conditions in
+        one call; each keeps the hits of its own interest; merged round-robin."""
         t0 = time.perf_counter()
-        vectors, sources, own = self._queries(rel, feats, mode, interests)
+        x = rel.encoder.users(feats)
+        with torch.no_grad():
+            batch = {name: t.expand(len(conditions), *t.shape[1:]) for name, t in x.items()}
+            batch["condition"] = torch.tensor([c + 1 for c in conditions])
+            vectors = _first(rel.tower(batch)).numpy()
         t1 = time.perf_counter()
-        filters = sorted(set(own)) if own is not None else interests
-        limit = (k * len(vectors) if own is not None else k) + len(seen)
-        lists = self._search(rel, vectors, limit, filters)
-        lists = [_unseen(hits, seen) for hits in lists]
-        if own is not None:   # conditional: each vector keeps the hits of its own interest
-            lists = [[h for h in hits if h["interest_id"] == c][:k] for hits, c in zip(lists, own, strict=True)]
+        lists = self._search(rel, vectors, k * len(conditions) + len(seen), sorted(set(conditions)))
+        lists = [[h for h in _unseen(hits, seen) if h["interest_id"] == c][:k]
+                 for hits, c in zip(lists, conditions, strict=True)]
         merged = lists[0][:k] if len(lists) == 1 else round_robin(lists, k)
         timings.update(user_tower=t1 - t0, search=time.perf_counter() - t1)
-        return [_pin(h, sources[h.get("source", 0)]) for h in merged]
+        return [_pin(h, f"interest:{conditions[h.get('source', 0)]}") for h in merged]
 
     @staticmethod
     def _search(rel: LoadedRelease, vectors: np.ndarray, limit: int, interests) -> list[list[dict[str, Any]]]:
@@ -359,26 +372,6 @@ class Retriever:
             for h, i in zip(hits, found, strict=True):
                 h["interest_id"] = int(i)
         return lists
-
-    @staticmethod
-    def _queries(rel: LoadedRelease, feats: dict[str, list], mode: str,
-                 interests: list[int] | None) -> tuple[np.ndarray, list[str], list[int] | None]:
-        """(query vectors, each one's source label, each one's own interest (conditional) or None)."""
-        x = rel.encoder.users(feats)
-        with torch.no_grad():
-            if mode == "conditional":
-                conditions = list(interests or []) or [int(i) for i in (feats.get("top_interest_ids") or [[]])[0] or []]
-                if conditions:
-                    batch = {name: t.expand(len(conditions), *t.shape[1:]) for name, t in x.items()}
-                    batch["condition"] = torch.tensor([c + 1 for c in conditions])
-                    vectors = _first(rel.tower(batch))
-                    return vectors.numpy(), [f"interest:{c}" for c in conditions], conditions
-                mode = "single"   # nothing to condition on: the unconditioned vector
-            out, keep = rel.tower(x, with_mask=True)
-            if out.dim() == 3 and mode == "multi":
-                real = out[0][keep[0]]
-                return real.numpy(), [f"embedding:{i}" for i in range(len(real))], None
-            return _first(out).numpy(), ["embedding:0"], None
 
     def _features(self, rel: LoadedRelease, user_id: int) -> dict[str, list]:
         try:

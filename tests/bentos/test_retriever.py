@@ -54,7 +54,7 @@ def test_concurrent_requests_share_batches_and_get_the_answers_of_sequential_one
     asks = [dict(user_id=u, k=5 + i % 7, interests=[1 + i % 3] if i % 4 == 0 else None, exclude_seen=i % 5 != 0)
             for i, u in enumerate(users)]
     alone = [retriever.retrieve(**a) for a in asks]
-    before = retriever._batched_single.stats()["batches"]  # noqa: SLF001
+    before = retriever._batched.stats()["batches"]  # noqa: SLF001
     with ThreadPoolExecutor(12) as pool:
         together = list(pool.map(lambda a: retriever.retrieve(**a), asks * 4))
     for got, want, ask in zip(together, alone * 4, asks * 4, strict=True):
@@ -64,7 +64,7 @@ def test_concurrent_requests_share_batches_and_get_the_answers_of_sequential_one
             online = retriever.features.online(retriever.current.user_service, "user_id", [ask["user_id"]])
             history = set(online["recent_pin_ids"][0])
             assert not history & {p["pin_id"] for p in got["pins"]}
-    stats = retriever._batched_single.stats()  # noqa: SLF001
+    stats = retriever._batched.stats()  # noqa: SLF001
     assert stats["batches"] - before < len(asks) * 4 - 4   # some requests did share a batch
 
 
