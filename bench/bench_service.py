@@ -104,6 +104,7 @@ def floor(cfg: Config, model, encoder, emb: PinEmbeddings, users: list[int], k: 
 def load(url: str, users: list[int], concurrency: int, seconds: float, k: int,
          mode: str | None = None) -> dict[str, float]:
     lat: list[float] = []
+    stages: list[dict[str, float]] = []
     errors = [0]
     stop_at = time.monotonic() + seconds
 
@@ -116,6 +117,8 @@ def load(url: str, users: list[int], concurrency: int, seconds: float, k: int,
                 try:
                     r = c.post("/retrieve", json=body)
                     ok = r.status_code == 200
+                    if ok:
+                        stages.append(r.json()["timings_ms"])
                 except httpx.HTTPError:
                     ok = False
                 dt = time.perf_counter() - t
@@ -134,7 +137,9 @@ def load(url: str, users: list[int], concurrency: int, seconds: float, k: int,
     wall = time.perf_counter() - t0
     a = np.asarray(lat) * 1e3
     return {"concurrency": concurrency, "requests": len(lat), "errors": errors[0], "rps": len(lat) / wall,
-            "p50_ms": float(np.percentile(a, 50)), "p99_ms": float(np.percentile(a, 99))}
+            "p50_ms": float(np.percentile(a, 50)), "p99_ms": float(np.percentile(a, 99)),
+            "server_p50_ms": {name: round(float(np.median([t[name] for t in stages])), 2)
+                              for name in (stages[0] if stages else {})}}
 
 
 def overload(url: str, users: list[int], clients: int, seconds: float, k: int) -> dict[str, Any]:
@@ -269,7 +274,7 @@ def main() -> None:
                               str(r.get("errors", "")), f"{r.get('rps', 0):.0f}", f"{r['p50_ms']:.1f}",
                               f"{r['p99_ms']:.1f}",
                               f"{r['shed_503']} ({r['shed_p50_ms']:.1f} / {r['shed_p99_ms']:.1f})" if "shed_503" in r
-                              else ""])
+                              else "", " / ".join(f"{v:.1f}" for v in r.get("server_p50_ms", {}).values())])
 
 if __name__ == "__main__":
     main()
