@@ -164,7 +164,6 @@ class _Ranker:
     def __init__(self, split: Split, bucket: np.ndarray, pins: np.ndarray, on: str = "test"):
         self.split, self.bucket, self.pins = split, bucket, pins
         self.excluded = split.excluded(on)
-        self.relevant = split.relevant(on)
         self.depth = min(max(KS), split.n_items)
         self.diversity_pins = pins
         """(T, n_items, D') the pin vectors whose cosines the intra-list diversity averages."""
