@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run stop test bench lint clean install
+.PHONY: run stop test bench lint clean install server-deps
 
 install: $(STAMP)
 
@@ -16,6 +16,12 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev]'
 	$(BIN)/python -m pip check
 	@touch $@
+
+# The server tier's Python packages (a Milvus server run from Python, Feast's Redis client); redis-server is a
+# system package (`apt-get install redis-server`). `make test` runs the tier when both are present, else skips it.
+server-deps: $(STAMP)
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev,server]'
+	$(BIN)/python -m pip check
 
 # The main job on the embedded synthetic data: generate → contracts → dbt → Feast apply/materialize → training set
 # → train → publish a release (Milvus collection + user tower) → start the service in the background, once ready.

@@ -8,6 +8,7 @@
     retrieval pretrain             pre-trained ID embeddings (a versioned table under <data_dir>/pretrained)
     retrieval train | report       two-tower training (checkpoint) | model variants vs baselines report
     retrieval release ACTION       publish | rollback | status | recover: versioned Milvus index + user tower
+    retrieval stack up|down|status a local Milvus server + Redis for development (training/stack.py)
     retrieval config               print the effective config as YAML
 
 Every subcommand accepts ``--config FILE`` (a YAML file of overrides) and ``--section.field VALUE``. The
@@ -70,6 +71,16 @@ def _release(cfg: Config, args: argparse.Namespace) -> object:
     return getattr(publish, args.action)(cfg)
 
 
+def _stack(cfg: Config, args: argparse.Namespace) -> object:
+    from training import stack
+
+    state = getattr(stack, args.action)(cfg)
+    if state.get("up"):
+        print("# point the project at the stack: save as e.g. stack.yaml, then --config stack.yaml (or merge it into "
+              "your config)\n" + yaml.safe_dump(stack.overrides(state), sort_keys=False), file=sys.stderr)
+    return state
+
+
 def _print_config(cfg: Config, args: argparse.Namespace) -> object:
     print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
     return None
@@ -86,6 +97,7 @@ COMMANDS: dict[str, tuple[Callable[[Config, argparse.Namespace], object], str]] 
     "train": (_cmd("train"), "train the two-tower model on the live training set; save the checkpoint"),
     "report": (_cmd("report"), "two-tower variants (seeds) vs tuned baselines on one split: report.md/.json, plot"),
     "release": (_release, "publish (build + verify + switch) | rollback | status | recover the retrieval release"),
+    "stack": (_stack, "up | down | status: a local Milvus server and Redis under <data_dir>/stack (development)"),
     "config": (_print_config, "print the effective config as YAML"),
 }
 
@@ -100,6 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "release":
             p.add_argument("action", choices=["publish", "rollback", "status", "recover"])
             p.add_argument("--checkpoint", help="publish this model.pt (default: the newest under <data_dir>/models)")
+        if name == "stack":
+            p.add_argument("action", choices=["up", "down", "status"])
         if name == "run":
             p.add_argument("--keep-raw", action="store_true", help="reuse <data_dir>/raw instead of regenerating it")
             p.add_argument("--data-only", action="store_true", help="stop after the training set (no train/publish)")

@@ -177,7 +177,10 @@ def build_collection(client, name: str, emb: PinEmbeddings, metadata: dict[str, 
     description = json.dumps(metadata, sort_keys=True)
     schema = client.create_schema(auto_id=False, enable_dynamic_field=False, description=description)
     schema.add_field("pin_id", DataType.INT64, is_primary=True)
-    schema.add_field("interest_id", DataType.INT64)
+    # on a Milvus server the interest is the partition key: a search filtered to a few interests visits their
+    # partitions' own HNSW graphs instead of filtering one graph (filtered recall@100 0.835 at ef 1024 without it,
+    # tests/server); milvus-lite 2.5 has no partitions
+    schema.add_field("interest_id", DataType.INT64, is_partition_key=bool(ic.uri))
     schema.add_field("image_signature", DataType.VARCHAR, max_length=SIGNATURE_MAX)
     schema.add_field("decayed_engagement", DataType.FLOAT)
     schema.add_field(EMBEDDING, DataType.FLOAT_VECTOR, dim=dim)

@@ -82,6 +82,13 @@ def _same(a, b) -> bool:
 @pytest.mark.parametrize("service,key,table", [(SERVICES[0], "user_id", "user_features"),
                                                (SERVICES[1], "pin_id", "pin_features")])
 def test_online_values_equal_latest_offline_values(pipeline_cfg, service, key, table):
+    assert_online_equals_offline(pipeline_cfg, service, key, table)
+
+
+def assert_online_equals_offline(cfg, service: str, key: str, table: str) -> None:
+    """150 sampled entities: the online store's values are the offline store's latest ones (also used by the
+    server tier against Redis)."""
+    pipeline_cfg = cfg
     snap = load_live(pipeline_cfg)
     ids = pd.read_parquet(snap.table(table))[key].drop_duplicates().sort_values()
     ids = ids.sample(150, random_state=1).sort_values()   # the same ids whatever the table's row order
