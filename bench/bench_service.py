@@ -210,13 +210,16 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=10.0)
     ap.add_argument("--k", type=int, default=100)
     ap.add_argument("--port", type=int, default=3100)
+    ap.add_argument("--config", default=None, help="YAML config of the deployment, e.g. the one `retrieval stack up` "
+                    "prints (Milvus server + Redis)")
+    ap.add_argument("--workers", type=int, nargs="+", default=[1], help="service worker processes to measure")
     ap.add_argument("--checkpoint", default=None, help="model to serve (default: the newest checkpoint); every "
                     "retrieval mode it supports is measured at concurrency 1 and 16")
     ap.add_argument("--overload", type=int, default=1000, help="clients of the overload level (0: skip)")
     ap.add_argument("--overload-seconds", type=float, default=20.0)
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "service.json"))
     args = ap.parse_args()
-    cfg = Config.load(overrides={"data_dir": args.data_dir})
+    cfg = Config.load(args.config, overrides={"data_dir": args.data_dir})
     cfg = dataclasses.replace(cfg, serve=dataclasses.replace(cfg.serve, port=args.port),
                               index=dataclasses.replace(cfg.index, keep_releases=100))
     stop(cfg)
@@ -243,30 +246,35 @@ def main() -> None:
             fl = floor(cfg, model, encoder, emb, users, args.k)
             rows.append({"pins": len(emb), "mode": "in-process floor", **fl})
             print(json.dumps(rows[-1]), flush=True)
-            info = start(cfg)
-            try:
-                load(info["url"], users, 4, 3.0, args.k)   # warm-up
-                for c in args.concurrency:
-                    rows.append({"pins": len(emb), "mode": "bentoml serve", **load(info["url"], users, c,
-                                                                                    args.seconds, args.k)})
-                    print(json.dumps(rows[-1]), flush=True)
-                modes = httpx.get(info["url"] + "/metadata").json()["release"]["modes"]
-                for mode in modes if len(modes) > 1 else []:
-                    for c in (1, 16):
-                        rows.append({"pins": len(emb), "mode": f"bentoml serve, mode={mode}",
-                                     **load(info["url"], users, c, args.seconds, args.k, mode=mode)})
+            for workers in args.workers:
+                served = dataclasses.replace(cfg, serve=dataclasses.replace(cfg.serve, workers=workers))
+                label = f"bentoml serve, {workers} worker{'s' if workers > 1 else ''}"
+                info = start(served)
+                try:
+                    load(info["url"], users, 4, 3.0, args.k)   # warm-up
+                    for c in args.concurrency:
+                        rows.append({"pins": len(emb), "mode": label, **load(info["url"], users, c,
+                                                                                args.seconds, args.k)})
                         print(json.dumps(rows[-1]), flush=True)
-                if args.overload:
-                    rows.append({"pins": len(emb), "mode": "overload (asyncio clients)",
-                                 **overload(info["url"], users, args.overload, args.overload_seconds, args.k)})
-                    print(json.dumps(rows[-1]), flush=True)
-            finally:
-                stop(cfg)
+                    modes = httpx.get(info["url"] + "/metadata").json()["release"]["modes"]
+                    for mode in modes if len(modes) > 1 and workers == args.workers[0] else []:
+                        for c in (1, 16):
+                            rows.append({"pins": len(emb), "mode": f"{label}, mode={mode}",
+                                         **load(info["url"], users, c, args.seconds, args.k, mode=mode)})
+                            print(json.dumps(rows[-1]), flush=True)
+                    if args.overload and workers == args.workers[0]:
+                        rows.append({"pins": len(emb), "mode": f"{label}, overload",
+                                     **overload(info["url"], users, args.overload, args.overload_seconds, args.k)})
+                        print(json.dumps(rows[-1]), flush=True)
+                finally:
+                    stop(served)
     finally:
         for _ in range(published):
-            if Registry(cfg).state()["live"] != was_live:
+            if was_live is not None and Registry(cfg).state()["live"] != was_live:
                 rollback(cfg)
-    meta = {**machine(), "k": args.k, "seconds_per_level": args.seconds, "model": payload["model_version"]}
+    meta = {**machine(), "k": args.k, "seconds_per_level": args.seconds, "model": payload["model_version"],
+            "index": cfg.index.uri or "embedded milvus-lite", "index_type": cfg.index.index_type,
+            "online_store": cfg.features.online_store}
     save_and_print(args.out, meta, rows,
                    ["pins", "mode", "concurrency", "requests", "errors", "req/s", "p50 ms", "p99 ms",
                     "shed 503 (p50 / p99 ms)"],
