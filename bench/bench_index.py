@@ -7,6 +7,9 @@ search. The floor is numpy brute force (one BLAS thread, same queries, same filt
 queries are perturbed pins. Runs through the same ``build_collection`` / ``search`` code as ``publish``.
 
     .venv/bin/python bench/bench_index.py [--sizes 100000 1000000] [--index-types FLAT IVF_FLAT]
+    .venv/bin/python bench/bench_index.py --server http://127.0.0.1:PORT --index-types HNSW --ef 128 256 512
+        (a Milvus server, e.g. `retrieval stack up`; the interest is the partition key, as publish builds it;
+        one row per search ef)
 """
 
 from __future__ import annotations
@@ -57,7 +60,8 @@ def percentiles(seconds: list[float]) -> tuple[float, float]:
     return float(np.percentile(a, 50)), float(np.percentile(a, 99))
 
 
-def run_size(n: int, index_types: list[str], queries: int, k: int, work: Path) -> list[dict]:
+def run_size(n: int, index_types: list[str], queries: int, k: int, work: Path, server: str | None = None,
+             efs: list[int] | None = None) -> list[dict]:
     emb, x = make_pins(n)
     rng = np.random.default_rng(1)
     q = x[rng.integers(0, n, queries)] + 0.3 * rng.normal(size=(queries, DIM)).astype(np.float32)
@@ -89,28 +93,33 @@ def run_size(n: int, index_types: list[str], queries: int, k: int, work: Path) -
                      "recall": 1.0, "build_s": 0.0})
     for index_type in index_types:
         shutil.rmtree(work, ignore_errors=True)
-        cfg = Config(data_dir=str(work), index=IndexConfig(index_type=index_type))
+        cfg = Config(data_dir=str(work), index=IndexConfig(index_type=index_type, uri=server or ""))
         store = IndexStore(cfg)
         name = f"pins_bench_{index_type.lower()}_{n}"
         t0 = time.perf_counter()
         with store.client(name) as client:
             info = build_collection(client, name, emb, {"model_version": "bench"}, cfg.index)
             build_s = time.perf_counter() - t0
-            for fname, fs in filters.items():
-                for qv, f in zip(q[:10], fs[:10], strict=True):   # warm-up
-                    search(client, name, qv[None, :], k, info["search_params"], interests=f)
-                lat, rec = [], []
-                for qv, f, want in zip(q, fs, truth[fname], strict=True):
-                    t = time.perf_counter()
-                    got = search(client, name, qv[None, :], k, info["search_params"], interests=f)[0]
-                    lat.append(time.perf_counter() - t)
-                    rec.append(len({h["pin_id"] for h in got} & set(want)) / len(want))
-                p50, p99 = percentiles(lat)
-                rows.append({"pins": n, "engine": f"milvus-lite {index_type} {info['build_params'] or ''}".strip(),
-                             "filter": fname, "p50_ms": p50, "p99_ms": p99, "recall": float(np.mean(rec)),
-                             "build_s": build_s, "insert_s": info["insert_seconds"],
-                             "index_s": info["index_seconds"]})
-                print(json.dumps(rows[-1]), flush=True)
+            engine = "milvus server" if server else "milvus-lite"
+            settings = [{**info["search_params"], "ef": ef} for ef in efs] if index_type == "HNSW" and efs \
+                else [info["search_params"]]
+            for params in settings:
+                for fname, fs in filters.items():
+                    for qv, f in zip(q[:10], fs[:10], strict=True):   # warm-up
+                        search(client, name, qv[None, :], k, params, interests=f)
+                    lat, rec = [], []
+                    for qv, f, want in zip(q, fs, truth[fname], strict=True):
+                        t = time.perf_counter()
+                        got = search(client, name, qv[None, :], k, params, interests=f)[0]
+                        lat.append(time.perf_counter() - t)
+                        rec.append(len({h["pin_id"] for h in got} & set(want)) / len(want))
+                    p50, p99 = percentiles(lat)
+                    rows.append({"pins": n, "engine": f"{engine} {index_type} {info['build_params'] or ''} "
+                                                      f"{params or ''}".strip(),
+                                 "filter": fname, "p50_ms": p50, "p99_ms": p99, "recall": float(np.mean(rec)),
+                                 "build_s": build_s, "insert_s": info["insert_seconds"],
+                                 "index_s": info["index_seconds"]})
+                    print(json.dumps(rows[-1]), flush=True)
         store.drop(name)
     shutil.rmtree(work, ignore_errors=True)
     return rows
@@ -123,6 +132,8 @@ def main() -> None:
     ap.add_argument("--queries", type=int, default=300)
     ap.add_argument("--k", type=int, default=100)
     ap.add_argument("--work", default=str(ROOT / ".data" / "bench_index"))
+    ap.add_argument("--server", default=None, help="Milvus server URI (default: embedded milvus-lite)")
+    ap.add_argument("--ef", type=int, nargs="*", default=[], help="HNSW search ef values to measure")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "index.json"))
     args = ap.parse_args()
     import milvus_lite
@@ -130,7 +141,7 @@ def main() -> None:
 
     rows = []
     for n in args.sizes:
-        rows += run_size(n, args.index_types, args.queries, args.k, Path(args.work))
+        rows += run_size(n, args.index_types, args.queries, args.k, Path(args.work), args.server, args.ef)
     meta = {**machine(), "pymilvus": pymilvus.__version__, "milvus_lite": getattr(milvus_lite, "__version__", "?"),
             "k": args.k, "queries": args.queries}
     header = ["pins", "engine", "filter", "p50 ms", "p99 ms", f"recall@{args.k}", "build s"]
