@@ -118,3 +118,18 @@ def _wait_for_all_workers(url: str, results: list, version: str, timeout: float 
             return
         time.sleep(0.2)
     raise AssertionError(f"the workers did not all switch to {version}")
+
+
+def test_a_data_dir_pointed_at_another_online_store_is_materialized_in_full(server_cfg):
+    """The features stage is incremental only into the store that holds the snapshot: pointed at another one
+    (a new Redis), it rebuilds in full (found when a restarted stack's empty Redis was left empty)."""
+    from training.data.snapshot import load_live
+    from training.features.store import feature_store
+
+    snap = load_live(server_cfg)
+    assert feature_store(server_cfg).materialize(snap.as_of, snap.id)["mode"] == "incremental"
+    port = server_cfg.features.redis_connection.rsplit(":", 1)[1]
+    other = dataclasses.replace(server_cfg, features=dataclasses.replace(server_cfg.features,
+                                                                          redis_connection=f"localhost:{port}"))
+    assert feature_store(other).materialize(snap.as_of, snap.id)["mode"] == "full"
+    assert_online_equals_offline(other, SERVICES[0], "user_id", "user_features")

@@ -90,13 +90,16 @@ class Features:
         """Bring the online store up to ``as_of`` (the data's clock, not the wall clock).
 
         Incremental when the online store already holds this snapshot; a full rebuild (teardown, apply,
-        materialize the TTL window) when it holds another one, so no entity of an old snapshot lingers.
+        materialize the TTL window) when it holds another one, so no entity of an old snapshot lingers, or when
+        the data dir now points at another online store (e.g. a new Redis), which holds nothing yet.
         """
         state_file = self.cfg.data_path / "feast" / "online_state.json"
         state = json.loads(state_file.read_text()) if state_file.exists() else {}
         end = as_of + timedelta(seconds=1)
         t0 = time.perf_counter()
-        if state.get("snapshot_id") == snapshot_id:
+        target = "redis://" + self.cfg.features.redis_connection if self.cfg.features.online_store == "redis" \
+            else "sqlite"
+        if state.get("snapshot_id") == snapshot_id and state.get("online_store", "sqlite") == target:
             mode = "incremental"
             self.store.materialize_incremental(end_date=end)
         else:
@@ -106,7 +109,8 @@ class Features:
             self.apply()
             materialize_all(self.store, as_of)
         seconds = time.perf_counter() - t0
-        state = {"snapshot_id": snapshot_id, "as_of": as_of.isoformat(), "mode": mode, "seconds": round(seconds, 3)}
+        state = {"snapshot_id": snapshot_id, "as_of": as_of.isoformat(), "mode": mode, "seconds": round(seconds, 3),
+                 "online_store": target}
         atomic_write_text(state_file, json.dumps(state, indent=2))
         log.info("feast materialize (%s) to %s in %.1fs", mode, end.isoformat(), seconds)
         return state
