@@ -73,6 +73,11 @@ def _unseen(hits: list[dict[str, Any]], seen: set[int]) -> list[dict[str, Any]]:
     return [h for h in hits if h["pin_id"] not in seen] if seen else hits
 
 
+def _merge(lists: list[list[dict[str, Any]]], k: int) -> list[dict[str, Any]]:
+    """The top ``k`` of one list, or several merged round-robin (each hit's ``source`` = its list; default 0)."""
+    return lists[0][:k] if len(lists) == 1 else round_robin(lists, k)
+
+
 def _pin(hit: dict[str, Any], source: str) -> dict[str, Any]:
     return {"pin_id": hit["pin_id"], "score": hit["score"], "interest_id": hit["interest_id"], "source": source}
 
@@ -291,10 +296,10 @@ class Retriever:
             by_service.setdefault(rel.user_service, []).append(i)
         for service, idx in by_service.items():
             try:
-                cols = self.features.online(service, "user_id", [items[i][1] for i in idx])
-            except Exception as e:  # noqa: BLE001 - any store fault (locked, corrupt, down) is a 503, not a 500
+                cols = self._online(service, [items[i][1] for i in idx])
+            except StoreUnavailable as e:
                 for i in idx:
-                    out[i] = StoreUnavailable("online store", e)
+                    out[i] = e
                 continue
             for j, i in enumerate(idx):
                 out[i] = {c: [v[j]] for c, v in cols.items()}
@@ -335,7 +340,7 @@ class Retriever:
                 for j in members:
                     q = queries[idx[j]]
                     mine, lists = [_unseen(hits, q.seen) for hits in lists[:len(own[j])]], lists[len(own[j]):]
-                    merged = mine[0][:q.k] if len(mine) == 1 else round_robin(mine, q.k)
+                    merged = _merge(mine, q.k)
                     out[idx[j]] = ([_pin(h, f"embedding:{h.get('source', 0)}") for h in merged], spent)
         return out
 
@@ -353,7 +358,7 @@ class Retriever:
         lists = self._search(rel, vectors, k * len(conditions) + len(seen), sorted(set(conditions)))
         lists = [[h for h in _unseen(hits, seen) if h["interest_id"] == c][:k]
                  for hits, c in zip(lists, conditions, strict=True)]
-        merged = lists[0][:k] if len(lists) == 1 else round_robin(lists, k)
+        merged = _merge(lists, k)
         timings.update(user_tower=t1 - t0, search=time.perf_counter() - t1)
         return [_pin(h, f"interest:{conditions[h.get('source', 0)]}") for h in merged]
 
@@ -374,8 +379,11 @@ class Retriever:
         return lists
 
     def _features(self, rel: LoadedRelease, user_id: int) -> dict[str, list]:
+        return self._online(rel.user_service, [user_id])
+
+    def _online(self, service: str, user_ids: list[int]) -> dict[str, list]:
         try:
-            return self.features.online(rel.user_service, "user_id", [user_id])
+            return self.features.online(service, "user_id", user_ids)
         except Exception as e:  # noqa: BLE001 - any store fault (locked, corrupt, down) is a 503, not a 500
             raise StoreUnavailable("online store", e) from e
 

@@ -7,6 +7,9 @@ import importlib
 import os
 import socket
 import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pytest
 
@@ -22,6 +25,32 @@ def service_class(data_dir: str):
     os.environ[DATA_DIR_ENV] = data_dir
     sys.modules.pop("bentos.service", None)
     return importlib.import_module("bentos.service").RetrievalService
+
+
+@contextmanager
+def clients(url: str, user_ids, k: int = 20, timeout: float = 10) -> Iterator[list[tuple[int, dict]]]:
+    """One thread per user id posting /retrieve in a loop until the block ends; yields the (status, body) list
+    they fill."""
+    import httpx
+
+    results: list[tuple[int, dict]] = []
+    done = threading.Event()
+
+    def load(user_id: int) -> None:
+        with httpx.Client(base_url=url, timeout=timeout) as c:
+            while not done.is_set():
+                r = c.post("/retrieve", json={"user_id": user_id, "k": k})
+                results.append((r.status_code, r.json()))
+
+    threads = [threading.Thread(target=load, args=(u,)) for u in user_ids]
+    for t in threads:
+        t.start()
+    try:
+        yield results
+    finally:
+        done.set()
+        for t in threads:
+            t.join()
 
 
 @pytest.fixture(scope="module")

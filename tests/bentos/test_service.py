@@ -3,14 +3,13 @@ release switches (publish, rollback) under concurrent requests."""
 
 from __future__ import annotations
 
-import threading
 import time
 
 import httpx
 import pandas as pd
 import pytest
 
-from tests.bentos.conftest import service_class
+from tests.bentos.conftest import clients, service_class
 from tests.conftest import version_of
 from training.release.index import IndexStore
 from training.release.publish import publish, rollback
@@ -133,18 +132,6 @@ def test_real_server_round_trip(server, users, checkpoints):
 
 def test_release_switch_under_concurrent_requests(server, live, users, checkpoints):
     v0, v1 = version_of(checkpoints[0]), version_of(checkpoints[1])
-    results: list[tuple[int, dict]] = []
-    done = threading.Event()
-
-    def load(user_id: int) -> None:
-        with httpx.Client(base_url=server, timeout=10) as c:
-            while not done.is_set():
-                r = c.post("/retrieve", json={"user_id": user_id, "k": 20})
-                results.append((r.status_code, r.json()))
-
-    threads = [threading.Thread(target=load, args=(u,)) for u in (users["history"], UNKNOWN_USER) * 4]
-    for t in threads:
-        t.start()
 
     def wait_for(version: str) -> None:
         deadline = time.monotonic() + 60
@@ -155,16 +142,12 @@ def test_release_switch_under_concurrent_requests(server, live, users, checkpoin
             time.sleep(0.1)
         raise AssertionError(f"service did not switch to {version}")
 
-    try:
+    with clients(server, (users["history"], UNKNOWN_USER) * 4) as results:
         time.sleep(1)
         publish(live, checkpoints[1])
         wait_for(v1)
         rollback(live)
         wait_for(v0)
-    finally:
-        done.set()
-        for t in threads:
-            t.join()
     codes = pd.Series([c for c, _ in results]).value_counts().to_dict()
     assert codes == {200: len(results)}, codes
     assert {b["model_version"] for _, b in results} == {v0, v1}

@@ -5,16 +5,14 @@ load."""
 from __future__ import annotations
 
 import dataclasses
-import threading
 import time
 from pathlib import Path
 
-import httpx
 import pandas as pd
 import pytest
 import torch
 
-from tests.bentos.conftest import free_port
+from tests.bentos.conftest import clients, free_port
 from tests.training.features.test_feast import SERVICES, assert_online_equals_offline
 from training.release.index import IndexStore, collection_metadata
 from training.release.publish import publish, rollback
@@ -78,28 +76,14 @@ def test_two_workers_on_the_server_and_redis_follow_a_switch_with_no_failed_requ
     seq = pd.read_parquet(cfg.data_path / "live" / "tables" / "user_sequence.parquet")
     users = [int(u) for u in seq.loc[seq.recent_pin_ids.map(len) > 3, "user_id"].head(8)]
     url = start(cfg)["url"]
-    results: list[tuple[int, dict]] = []
-    done = threading.Event()
-
-    def load(user_id: int) -> None:
-        with httpx.Client(base_url=url, timeout=30) as c:
-            while not done.is_set():
-                r = c.post("/retrieve", json={"user_id": user_id, "k": 20})
-                results.append((r.status_code, r.json()))
-
-    threads = [threading.Thread(target=load, args=(u,)) for u in users]
-    for t in threads:
-        t.start()
     try:
-        time.sleep(2)
-        publish(server_cfg, models[2])
-        _wait_for_all_workers(url, results, v1)
-        rollback(server_cfg)
-        _wait_for_all_workers(url, results, v0)
+        with clients(url, users, timeout=30) as results:
+            time.sleep(2)
+            publish(server_cfg, models[2])
+            _wait_for_all_workers(url, results, v1)
+            rollback(server_cfg)
+            _wait_for_all_workers(url, results, v0)
     finally:
-        done.set()
-        for t in threads:
-            t.join()
         stop(cfg)
     codes = pd.Series([c for c, _ in results]).value_counts().to_dict()
     assert codes == {200: len(results)}, codes
