@@ -1,7 +1,7 @@
 """``retrieval``: one subcommand per stage. Flags are derived from ``training.config.Config``.
 
     retrieval run                  the main job: data stages, training, release (synthetic data by default)
-    retrieval generate | ingest    source stage -> <data_dir>/raw
+    retrieval generate | ingest    source stage -> <data_dir>/raw (generate --continue --days N: the world goes on)
     retrieval build                pandera contracts + dbt build, then switch live
     retrieval features             feast apply + materialize (incremental when possible)
     retrieval training-set         point-in-time training set through the feature services
@@ -45,6 +45,12 @@ def _generate(cfg: Config, args: argparse.Namespace) -> object:
     from training import pipeline
 
     cfg.data.source = "synthetic"
+    if args.continue_world:
+        if args.days is None:
+            raise ValueError("--continue needs --days N (the days to append)")
+        return pipeline.continue_raw(cfg, args.days)
+    if args.days is not None:
+        raise ValueError("--days goes with --continue (a new world's history length is --data.days)")
     return pipeline.make_raw(cfg)
 
 
@@ -114,6 +120,12 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--checkpoint", help="publish this model.pt (default: the newest under <data_dir>/models)")
         if name == "stack":
             p.add_argument("action", choices=["up", "down", "status"])
+        if name == "generate":
+            p.add_argument("--continue", dest="continue_world", action="store_true",
+                           help="append the next --days days of the synthetic world in <data_dir>/raw (same users, "
+                                "pins and trends, new pins; deterministic by seed and day) instead of a new world")
+            p.add_argument("--days", type=int, metavar="N",
+                           help="with --continue: days to append (not --data.days, the generated history's length)")
         if name == "run":
             p.add_argument("--keep-raw", action="store_true", help="reuse <data_dir>/raw instead of regenerating it")
             p.add_argument("--data-only", action="store_true", help="stop after the training set (no train/publish)")

@@ -16,7 +16,7 @@ import os
 import re
 import typing
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, time
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -66,6 +66,10 @@ class DataConfig:
     """Raw data source: 'synthetic' (embedded default) or 'movielens'."""
     movielens_path: str = ""
     """MovieLens directory: ML-100k files (u.data, u.item, u.user) or ml-latest csv (ratings.csv, movies.csv)."""
+    until: str = ""
+    """Cut the data stage at this UTC date (ISO, midnight): events, pins, users and follows at or after it are left
+    out before dbt computes anything (the `until` dbt var), so the snapshot's as_of is at most this date. Replays
+    any source by time (MovieLens: move it forward each retrain); empty = no cut."""
     seed: int = 7
     """Random seed of the synthetic generator; same seed and sizes give byte-identical raw files."""
     n_users: int = 3000
@@ -101,6 +105,18 @@ class DataConfig:
             parse_utc(self.end_date)
         except ValueError as e:
             raise ConfigError(f"config data.end_date: not an ISO date: {self.end_date!r}") from e
+        if self.until:
+            try:
+                until = parse_utc(self.until)
+            except ValueError as e:
+                raise ConfigError(f"config data.until: not an ISO date: {self.until!r}") from e
+            _check(until.time() == time(0), "data.until",
+                   f"must be a date (midnight UTC; snapshots end at a midnight), got {self.until!r}")
+
+    @property
+    def until_utc(self) -> datetime | None:
+        """``until`` as an aware UTC datetime (None: no cut)."""
+        return parse_utc(self.until) if self.until else None
 
 
 @dataclass

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from training.config import Config
@@ -32,6 +33,43 @@ def make_raw(cfg: Config) -> dict[str, int]:
         out.mkdir(parents=True, exist_ok=True)
         truth.save(out / "ground_truth.npz")
     return write_raw(tables, out)
+
+
+def continue_raw(cfg: Config, days: int, now: datetime | None = None) -> dict[str, Any]:
+    """Source stage, continued: append the next ``days`` days of the synthetic world in ``<data_dir>/raw``
+    (``training.data.synthetic.continue_world``; ``cfg.data`` must be the config the world was generated with).
+
+    Refuses (ValueError) when the folder holds no synthetic world, when the config does not match it, and when the
+    continued world would end more than ``contracts.max_future_days`` after ``now`` (the wall clock): the build's
+    contract rejects such timestamps, so continuing past it would only make data no snapshot can be built from.
+    Simulations of future weeks start the world further back (``--data.end_date``) or raise
+    ``--contracts.max_future_days`` for the build as well. Files are replaced atomically, the ground truth last:
+    it marks what is complete, and a continuation killed before it is redone identically by the next one.
+    Returns what was appended and the new end."""
+    from training.data.raw import to_arrow
+    from training.data.synthetic import US_PER_DAY, continue_world, load_world
+    from training.io import atomic_path, atomic_write_parquet
+
+    if days < 1:
+        raise ValueError(f"--days must be >= 1, got {days}")
+    out = snapshot.raw_dir(cfg)
+    tables, truth = load_world(out)
+    now = now or datetime.now(UTC)
+    end = datetime.fromtimestamp((truth.end_us + days * US_PER_DAY) / 1e6, UTC)
+    limit = now + timedelta(days=cfg.contracts.max_future_days)
+    if end > limit:
+        latest = datetime.fromtimestamp(truth.end_us / 1e6, UTC)
+        raise ValueError(
+            f"continuing the world (now ending {latest:%Y-%m-%d}) by {days} days would end it on {end:%Y-%m-%d}, more "
+            f"than contracts.max_future_days={cfg.contracts.max_future_days} after now ({now:%Y-%m-%d %H:%M} UTC): "
+            "the build's contract rejects future timestamps. Continue by fewer days, start the world earlier "
+            "(--data.end_date), or raise --contracts.max_future_days (then for every build of this data too)")
+    tables, truth, summary = continue_world(cfg.data, tables, truth, days)
+    for name in ("pins", "events"):
+        atomic_write_parquet(to_arrow(name, getattr(tables, name)), out / f"{name}.parquet")
+    with atomic_path(out / "ground_truth.npz") as tmp:
+        truth.save(tmp)
+    return summary
 
 
 def build(cfg: Config) -> dict[str, Any]:

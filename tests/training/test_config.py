@@ -62,3 +62,14 @@ def test_unknown_yaml_field_is_named(tmp_path):
 def test_dbt_vars_are_the_marked_transform_fields():
     marked = {f.name for f in dataclasses.fields(Config().transform) if f.metadata.get("dbt_var")}
     assert set(Config().transform.dbt_vars()) == marked and {"threads", "keep_snapshots"}.isdisjoint(marked)
+
+
+def test_data_until_is_a_date_or_empty():
+    assert Config().data.until == "" and Config().data.until_utc is None
+    cfg = load_config(build_parser().parse_args(["build", "--data.until", "2026-10-01"]))
+    assert cfg.data.until_utc.isoformat() == "2026-10-01T00:00:00+00:00"
+    assert Config.load(overrides={"data.until": "2026-10-01T02:00:00+02:00"}).data.until_utc == cfg.data.until_utc
+    with pytest.raises(ConfigError, match="data.until: not an ISO date"):
+        Config.load(overrides={"data.until": "next week"})
+    with pytest.raises(ConfigError, match="data.until: must be a date"):
+        Config.load(overrides={"data.until": "2026-10-01T12:00:00"})

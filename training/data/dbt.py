@@ -3,9 +3,9 @@
 dbt reads ``<build>/staged/*.parquet`` and writes ``<build>/warehouse.duckdb`` and the marts and feature
 tables as parquet under ``<build>/tables/``. The build folder is always ``<data_dir>/build`` so dbt's
 partial parsing survives between runs; ``training.data.snapshot`` renames it once everything passed.
-Everything dbt needs comes in ``--vars``: the transform variables of the typed config and the folders
-(``build_dir``, ``staged_dir``, ``duckdb_threads``; see dbt_project/profiles.yml), so nothing is passed
-through the environment.
+Everything dbt needs comes in ``--vars``: the transform variables of the typed config, ``until`` (``data.until``:
+staging drops rows at or after it) and the folders (``build_dir``, ``staged_dir``, ``duckdb_threads``; see
+dbt_project/profiles.yml), so nothing is passed through the environment.
 """
 
 from __future__ import annotations
@@ -38,10 +38,17 @@ class DbtResult:
     """node name -> execution seconds."""
 
 
+def until_var(cfg: Config) -> str:
+    """The ``until`` var: ``data.until`` as an ISO UTC timestamp, '' for no cut (dbt_project/macros/until.sql)."""
+    until = cfg.data.until_utc
+    return until.isoformat() if until else ""
+
+
 def dbt_vars(cfg: Config, build_dir: Path) -> dict[str, object]:
-    """Everything the project reads: the transform variables and the build's folders."""
-    return {**cfg.transform.dbt_vars(), "build_dir": str(build_dir), "staged_dir": str(build_dir / "staged"),
-            "duckdb_threads": cfg.transform.threads}
+    """Everything the project reads: the transform variables, the data stage's end (``until``) and the build's
+    folders."""
+    return {**cfg.transform.dbt_vars(), "until": until_var(cfg), "build_dir": str(build_dir),
+            "staged_dir": str(build_dir / "staged"), "duckdb_threads": cfg.transform.threads}
 
 
 def dbt_args(command: str, cfg: Config, build_dir: Path, *extra: str) -> list[str]:
@@ -62,7 +69,8 @@ def run_dbt(command: str, cfg: Config, build_dir: Path, *extra: str) -> DbtResul
 
     (build_dir / "tables").mkdir(parents=True, exist_ok=True)
     args = dbt_args(command, cfg, build_dir, "--log-level", "warn", "--log-level-file", "info", *extra)
-    log.info("dbt %s (vars %s); log: %s", command, cfg.transform.dbt_vars(), cfg.data_path / "dbt" / "logs")
+    log.info("dbt %s (vars %s, until %r); log: %s", command, cfg.transform.dbt_vars(), until_var(cfg),
+             cfg.data_path / "dbt" / "logs")
     t0 = time.perf_counter()
     with tqdm(desc=f"dbt {command}", unit=" node") as bar:
 

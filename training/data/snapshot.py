@@ -9,9 +9,9 @@ Layout under ``<data_dir>``::
     live -> snapshots/...        symlink, replaced atomically (rename) only after a build fully succeeded
     dev/                         where a plain ``dbt build`` from the repo root writes (dbt_project/profiles.yml)
 
-The snapshot id is a content hash of the raw files, the contract and transform config, and the dbt
-project's code: the same input always gets the same id. A crashed or failed build never touches
-``live``; the next build removes its leftovers.
+The snapshot id is a content hash of the raw files, the contract and transform config, the data stage's end
+(``data.until``), and the dbt project's code: the same input always gets the same id. A crashed or failed build
+never touches ``live``; the next build removes its leftovers.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ import duckdb
 
 from training.config import Config
 from training.data.contracts import validate_raw
-from training.data.dbt import DBT_DIR, run_dbt
+from training.data.dbt import DBT_DIR, run_dbt, until_var
 from training.data.raw import OPTIONAL_TABLES, TABLES
 from training.io import atomic_symlink
 
@@ -85,8 +85,8 @@ def snapshot_id(cfg: Config) -> str:
     _hash_files(h, [raw / f"{t}.parquet" for t in TABLES + OPTIONAL_TABLES if (raw / f"{t}.parquet").exists()], raw)
     code = [p for p in DBT_DIR.rglob("*") if p.suffix in (".sql", ".yml") and "target" not in p.parts]
     _hash_files(h, code, DBT_DIR)
-    h.update(json.dumps({"contracts": vars(cfg.contracts), "transform": cfg.transform.dbt_vars()},
-                        sort_keys=True).encode())
+    h.update(json.dumps({"contracts": vars(cfg.contracts), "transform": cfg.transform.dbt_vars(),
+                         "until": until_var(cfg)}, sort_keys=True).encode())
     return h.hexdigest()[:12]
 
 
@@ -134,7 +134,8 @@ def build(cfg: Config) -> Snapshot:
             "built_at": datetime.now(UTC).isoformat(timespec="seconds"),
             "as_of": as_of.astimezone(UTC).isoformat(),
             "source": cfg.data.source,
-            "config": {"contracts": vars(cfg.contracts), "transform": cfg.transform.dbt_vars()},
+            "config": {"contracts": vars(cfg.contracts), "transform": cfg.transform.dbt_vars(),
+                       "until": until_var(cfg)},
             "contracts": {t: vars(r) for t, r in reports.items()},
             "rows": rows,
             "seconds": {"contracts": round(t_contracts, 3), "dbt_build": round(dbt.seconds, 3)},

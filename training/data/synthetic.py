@@ -41,6 +41,11 @@ Generative process (U users, P pins, K interests, latent dimension d = ``LATENT_
   signup (clipped before the history's end). Drawn from their own random stream, so adding them changed no
   other table and no ground truth.
 
+- Continuation (``continue_world``, ``retrieval generate --continue --days N``): the same world goes on for N more
+  days after ``end_date``: same users, pins plus new ones at the history's daily creation rates, the trends
+  moving on, events at ``n_events / days`` rows a day, each day from its own random stream (``CONTINUE_STREAM``)
+  so the result does not depend on how the days are split into calls; the ground truth is extended.
+
 Output is byte-identical for the same config on the same platform (numpy version and CPU).
 """
 
@@ -48,6 +53,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -57,7 +63,7 @@ import pandas as pd
 from tqdm import tqdm
 
 from training.config import DataConfig, parse_utc
-from training.data.raw import EVENT_TYPES, SURFACES, RawTables
+from training.data.raw import EVENT_TYPES, SURFACES, TABLES, RawTables
 
 log = logging.getLogger(__name__)
 
@@ -142,7 +148,8 @@ class GroundTruth:
     trend_drift: np.ndarray
     """(K,) b_k."""
     trend_mean: np.ndarray
-    """(K,) trend weight w_k averaged over the hours of the history."""
+    """(K,) trend weight w_k averaged over the hours of the history (of the whole history from ``start_us`` to
+    ``end_us``, continued days included, once the world is continued)."""
     start_us: int
     """Start of the history, microseconds since the epoch (UTC)."""
     end_us: int
@@ -155,6 +162,9 @@ class GroundTruth:
     """(5,) change of the outcome logits per unit affinity."""
     dominant: np.ndarray | None = None
     """(U, K) bool: the user's dominant interests (1–5 per user); None in files written before it was kept."""
+    trend_days: int | None = None
+    """Length in days of the generated history, the time scale of the trend's drift term; set once the world is
+    continued (``continue_world``: ``end_us`` moves on, the drift keeps its slope); None = ``end_us - start_us``."""
 
     @property
     def n_dominant(self) -> np.ndarray:
@@ -163,9 +173,16 @@ class GroundTruth:
             raise ValueError("this ground truth predates the dominant interests: regenerate the data")
         return self.dominant.sum(axis=1)
 
+    @property
+    def history_days(self) -> int:
+        """Days of the generated history (before any continuation): the drift term's time scale."""
+        if self.trend_days is not None:
+            return int(self.trend_days)
+        return int(round((self.end_us - self.start_us) / US_PER_DAY))
+
     def log_trend(self, t_days: np.ndarray) -> np.ndarray:
-        """(T, K) log trend weights at ``t_days`` (shape (T,), days since the history start)."""
-        days = (self.end_us - self.start_us) / US_PER_DAY
+        """(T, K) log trend weights at ``t_days`` (shape (T,), days since the history start; beyond ``end_us`` too)."""
+        days = self.history_days
         params = (self.trend_amplitude, self.trend_period_days, self.trend_phase, self.trend_drift)
         return _log_trend(t_days, *params, days)
 
@@ -252,6 +269,11 @@ def _utc(us: np.ndarray) -> pd.DatetimeIndex:
     return pd.DatetimeIndex(us.astype(np.int64).view("datetime64[us]")).tz_localize("UTC")
 
 
+def _iso(us: int) -> str:
+    """Microseconds since the epoch as an ISO UTC time."""
+    return pd.Timestamp(us * 1000, tz="UTC").isoformat()
+
+
 def _increasing_ids(rng: np.random.Generator, n: int, base: int) -> np.ndarray:
     """(n,) unique, strictly increasing, non-dense int64 ids starting above ``base``."""
     return base + np.cumsum(rng.integers(1, 8, n, dtype=np.int64))
@@ -274,6 +296,8 @@ class _Pins:
     created_us: np.ndarray
     signature: np.ndarray
     duplicate_of: np.ndarray
+    interest_share: np.ndarray
+    """(K,) the interests' shares of the original pins (what a new original pin's interest is drawn from)."""
 
 
 def _zipf_cdf(x: np.ndarray, s: float) -> np.ndarray:
@@ -335,12 +359,23 @@ def _make_pins(rng: np.random.Generator, cfg: DataConfig, centroids: np.ndarray,
         ids=ids,
         interest=interest.astype(np.int64),
         v=v,
-        popularity=_zipf_cdf(rank + 1.0, cfg.zipf_exponent) - _zipf_cdf(rank.astype(np.float64), cfg.zipf_exponent),
+        popularity=_zipf_popularity(rank, cfg.zipf_exponent),
         rank=rank,
         created_us=created,
-        signature=np.array([f"{s:016x}" for s in signature.tolist()], dtype=object),
+        signature=_hex(signature),
         duplicate_of=duplicate_of,
+        interest_share=share,
     )
+
+
+def _hex(signature: np.ndarray) -> np.ndarray:
+    """(n,) uint64 image signatures as 16-digit hex strings."""
+    return np.array([f"{s:016x}" for s in signature.tolist()], dtype=object)
+
+
+def _zipf_popularity(rank: np.ndarray, s: float) -> np.ndarray:
+    """Zipf-like popularity ``∫_r^{r+1} x^-s dx`` of 1-based ranks ``r``."""
+    return _zipf_cdf(rank + 1.0, s) - _zipf_cdf(rank.astype(np.float64), s)
 
 
 @dataclass
@@ -420,33 +455,85 @@ class _Events:
     surface: np.ndarray
 
 
-def _make_events(
-    rng: np.random.Generator, cfg: DataConfig, users: _Users, pins: _Pins, truth: GroundTruth, trend_by_hour: np.ndarray
-) -> _Events:
-    """Impressions and engagements; ``trend_by_hour`` (days·24, K) holds w_k at each hour's midpoint."""
-    n_interests = cfg.n_interests
-    start_us, end_us = truth.start_us, truth.end_us
-    impression_end = end_us - IMPRESSION_MARGIN_US
-    user_cdf = np.cumsum(users.activity)
-    theta = users.theta.astype(np.float32)
-    trend_by_hour = trend_by_hour.astype(np.float32)
+Proposer = Callable[[np.ndarray, np.random.Generator], np.ndarray]
+"""(interest of each impression (n,), rng) -> (n, CANDIDATES) popularity-weighted candidate pin positions."""
+
+
+def _rank_proposals(pins: _Pins, n_interests: int, s: float) -> Proposer:
+    """Proposals of the generated history: ranks are a permutation within each interest, so a popularity-weighted
+    rank is the integer part of a draw from the continuous Zipf density on [1, size + 1) (inverse CDF)."""
     # Pins ordered by (interest, rank): interest k's rank r is at lo[k] + r - 1.
     by_rank = np.lexsort((pins.rank, pins.interest))
     lo = np.searchsorted(pins.interest[by_rank], np.arange(n_interests), side="left")
     size = np.bincount(pins.interest, minlength=n_interests)
-    mass = _zipf_cdf(size + 1.0, cfg.zipf_exponent)
-    v = pins.v
-    surface_rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence(cfg.seed, spawn_key=(SURFACE_STREAM,))))
-    share = cfg.other_surface_share
+    mass = _zipf_cdf(size + 1.0, s)
+
+    def propose(k: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        x = _zipf_inverse_cdf(rng.random((len(k), CANDIDATES)) * mass[k][:, None], s)
+        rank = np.clip(x.astype(np.int64), 1, size[k][:, None])
+        return by_rank[lo[k][:, None] + rank - 1]
+
+    return propose
+
+
+def _popularity_proposals(interest: np.ndarray, popularity: np.ndarray, n_interests: int) -> Proposer:
+    """Proposals ∝ any popularity within each interest (the continued world, whose new pins' popularities are not
+    a rank permutation): inverse CDF on the cumulative popularity of the interest's pins. For a rank permutation
+    this is the same distribution as ``_rank_proposals``."""
+    order = np.argsort(interest, kind="stable")
+    cum = np.cumsum(popularity[order])
+    lo = np.searchsorted(interest[order], np.arange(n_interests), side="left")
+    hi = np.searchsorted(interest[order], np.arange(n_interests), side="right")
+    base = np.where(lo > 0, cum[np.maximum(lo - 1, 0)], 0.0)
+    mass = np.where(hi > lo, cum[np.maximum(hi - 1, 0)] - base, 0.0)
+
+    def propose(k: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        target = base[k][:, None] + rng.random((len(k), CANDIDATES)) * mass[k][:, None]
+        pos = np.clip(np.searchsorted(cum, target, side="right"), lo[k][:, None], hi[k][:, None] - 1)
+        return order[pos]
+
+    return propose
+
+
+@dataclass
+class _EventProcess:
+    """What the impression process reads: users (arrays of shape (U,), (U, K), (U, d)), pins ((P, d), (P,)), the
+    truth's temperature and outcome model, and the surface share."""
+
+    activity: np.ndarray
+    theta: np.ndarray
+    z: np.ndarray
+    pin_v: np.ndarray
+    pin_created_us: np.ndarray
+    propose: Proposer
+    temperature: float
+    outcome_bias: np.ndarray
+    outcome_slope: np.ndarray
+    other_surface_share: float
+
+
+def _make_events(
+    rng: np.random.Generator, surface_rng: np.random.Generator, proc: _EventProcess, n_rows: int, start_us: int,
+    end_us: int, trend_by_hour: np.ndarray, progress: bool = True,
+) -> _Events:
+    """``n_rows`` (or one less) impressions and engagements in ``[start_us, end_us)``; ``trend_by_hour``
+    (hours, K) holds w_k at the midpoint of each hour from ``start_us``."""
+    n_users, n_interests = proc.theta.shape
+    impression_end = end_us - IMPRESSION_MARGIN_US
+    user_cdf = np.cumsum(proc.activity)
+    theta = proc.theta.astype(np.float32)
+    trend_by_hour = trend_by_hour.astype(np.float32)
+    v = proc.pin_v
+    share = proc.other_surface_share
 
     parts: list[_Events] = []
     total = 0
-    chunk = min(CHUNK_IMPRESSIONS, cfg.n_events)
+    chunk = min(CHUNK_IMPRESSIONS, n_rows)
     weights = np.empty((chunk, n_interests), dtype=np.float32)
     trend = np.empty_like(weights)
-    with tqdm(total=cfg.n_events, unit="row", unit_scale=True, desc="synthetic events") as bar:
-        while total < cfg.n_events:
-            u = np.minimum(np.searchsorted(user_cdf, rng.random(chunk) * user_cdf[-1], side="right"), cfg.n_users - 1)
+    with tqdm(total=n_rows, unit="row", unit_scale=True, desc="synthetic events", disable=not progress) as bar:
+        while total < n_rows:
+            u = np.minimum(np.searchsorted(user_cdf, rng.random(chunk) * user_cdf[-1], side="right"), n_users - 1)
             ts = rng.integers(start_us, impression_end, chunk)
             np.take(theta, u, axis=0, out=weights)
             np.take(trend_by_hour, (ts - start_us) // US_PER_HOUR, axis=0, out=trend)
@@ -455,25 +542,23 @@ def _make_events(
             # A threshold in (0, total] never lands on a zero-weight interest (one without pins).
             threshold = (1.0 - rng.random(chunk)) * weights[:, -1]
             k = np.minimum((weights < threshold[:, None]).sum(axis=1), n_interests - 1)
-            x = _zipf_inverse_cdf(rng.random((chunk, CANDIDATES)) * mass[k][:, None], cfg.zipf_exponent)
-            rank = np.clip(x.astype(np.int64), 1, size[k][:, None])
-            cand = by_rank[lo[k][:, None] + rank - 1]
-            zu = users.z[u]
+            cand = proc.propose(k, rng)
+            zu = proc.z[u]
             taste = np.empty((chunk, CANDIDATES))
             for j in range(CANDIDATES):
                 taste[:, j] = np.einsum("ij,ij->i", zu, v[cand[:, j]])
-            pick = np.argmax(taste / truth.temperature + rng.gumbel(size=(chunk, CANDIDATES)), axis=1)
+            pick = np.argmax(taste / proc.temperature + rng.gumbel(size=(chunk, CANDIDATES)), axis=1)
             rows = np.arange(chunk)
             p, affinity = cand[rows, pick], taste[rows, pick]
-            created = pins.created_us[p]
+            created = proc.pin_created_us[p]
             early = np.flatnonzero(ts < created)
             ts[early] = created[early] + (rng.random(len(early)) * (impression_end - created[early])).astype(np.int64)
-            outcome_cdf = np.cumsum(np.exp(truth.outcome_bias + truth.outcome_slope * affinity[:, None]), axis=1)
+            outcome_cdf = np.cumsum(np.exp(proc.outcome_bias + proc.outcome_slope * affinity[:, None]), axis=1)
             outcome = (outcome_cdf < (rng.random(chunk) * outcome_cdf[:, -1])[:, None]).sum(axis=1).astype(np.int8)
             delay = rng.integers(US_PER_SECOND, 30 * US_PER_SECOND, chunk, endpoint=True)
 
-            n_rows = np.cumsum(1 + (outcome > 0))
-            keep = int(np.searchsorted(n_rows, cfg.n_events - total, side="right"))
+            n_rows_cum = np.cumsum(1 + (outcome > 0))
+            keep = int(np.searchsorted(n_rows_cum, n_rows - total, side="right"))
             u, p, ts, outcome, delay = u[:keep], p[:keep], ts[:keep], outcome[:keep], delay[:keep]
             draw = surface_rng.random(keep)  # the i-th impression gets the i-th draw, whatever the chunking
             surface = np.select([draw < share / 2, draw >= 1 - share / 2], [1, 2], 0).astype(np.int8)
@@ -509,9 +594,24 @@ def _sort_events(ev: _Events) -> np.ndarray:
     return order
 
 
-def generate(cfg: DataConfig) -> tuple[RawTables, GroundTruth]:
-    """Generate the raw tables and the latent ground truth for ``cfg`` (deterministic by ``cfg.seed``)."""
-    rng = np.random.Generator(np.random.PCG64(cfg.seed))
+@dataclass
+class _World:
+    """Everything ``generate`` draws before the events: the fixed part of the world."""
+
+    start_us: int
+    end_us: int
+    centroids: np.ndarray
+    """(K, d) interest centroids."""
+    pins: _Pins
+    users: _Users
+    amplitude: np.ndarray
+    period: np.ndarray
+    phase: np.ndarray
+    drift: np.ndarray
+
+
+def _make_world(rng: np.random.Generator, cfg: DataConfig) -> _World:
+    """The main stream's draws before the events, in order: centroids first, then pins, users and trends."""
     end_us = pd.Timestamp(parse_utc(cfg.end_date)).value // 1000
     start_us = end_us - cfg.days * US_PER_DAY
     centroids = rng.normal(0.0, CENTROID_STD, (cfg.n_interests, LATENT_DIM))
@@ -522,8 +622,22 @@ def generate(cfg: DataConfig) -> tuple[RawTables, GroundTruth]:
     period = rng.uniform(7.0, max(14.0, 2.0 * cfg.days), cfg.n_interests)
     phase = rng.uniform(0.0, 2 * np.pi, cfg.n_interests)
     drift = rng.normal(0.0, 0.7, cfg.n_interests)
+    return _World(start_us, end_us, centroids, pins, users, amplitude, period, phase, drift)
+
+
+def _trend_by_hour(truth: GroundTruth, first_hour: int, hours: int) -> np.ndarray:
+    """(hours, K) trend weights at the midpoints of ``hours`` hours from hour ``first_hour`` of the history."""
+    return np.exp(truth.log_trend((np.arange(first_hour, first_hour + hours) + 0.5) / 24))
+
+
+def generate(cfg: DataConfig) -> tuple[RawTables, GroundTruth]:
+    """Generate the raw tables and the latent ground truth for ``cfg`` (deterministic by ``cfg.seed``)."""
+    rng = np.random.Generator(np.random.PCG64(cfg.seed))
+    world = _make_world(rng, cfg)
+    start_us, end_us, pins, users = world.start_us, world.end_us, world.pins, world.users
     hour_midpoints = (np.arange(cfg.days * 24) + 0.5) / 24
-    trend_by_hour = np.exp(_log_trend(hour_midpoints, amplitude, period, phase, drift, cfg.days))
+    params = (world.amplitude, world.period, world.phase, world.drift)
+    trend_by_hour = np.exp(_log_trend(hour_midpoints, *params, cfg.days))
 
     truth = GroundTruth(
         user_ids=users.ids,
@@ -534,10 +648,10 @@ def generate(cfg: DataConfig) -> tuple[RawTables, GroundTruth]:
         pin_interest=pins.interest,
         popularity=pins.popularity,
         duplicate_of=pins.duplicate_of,
-        trend_amplitude=amplitude,
-        trend_period_days=period,
-        trend_phase=phase,
-        trend_drift=drift,
+        trend_amplitude=world.amplitude,
+        trend_period_days=world.period,
+        trend_phase=world.phase,
+        trend_drift=world.drift,
         trend_mean=trend_by_hour.mean(axis=0),
         start_us=start_us,
         end_us=end_us,
@@ -546,7 +660,14 @@ def generate(cfg: DataConfig) -> tuple[RawTables, GroundTruth]:
         outcome_slope=OUTCOME_SLOPE.copy(),
         dominant=users.dominant,
     )
-    ev = _make_events(rng, cfg, users, pins, truth, trend_by_hour)
+    surface_rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence(cfg.seed, spawn_key=(SURFACE_STREAM,))))
+    proc = _EventProcess(
+        activity=users.activity, theta=users.theta, z=users.z, pin_v=pins.v, pin_created_us=pins.created_us,
+        propose=_rank_proposals(pins, cfg.n_interests, cfg.zipf_exponent), temperature=truth.temperature,
+        outcome_bias=truth.outcome_bias, outcome_slope=truth.outcome_slope,
+        other_surface_share=cfg.other_surface_share,
+    )
+    ev = _make_events(rng, surface_rng, proc, cfg.n_events, start_us, end_us, trend_by_hour)
     first_event = np.full(cfg.n_users, np.iinfo(np.int64).max)
     np.minimum.at(first_event, ev.user, ev.ts)
     active = first_event < np.iinfo(np.int64).max
@@ -609,3 +730,242 @@ def generate(cfg: DataConfig) -> tuple[RawTables, GroundTruth]:
         f"{len(follows):,}",
     )
     return tables, truth
+
+
+CONTINUE_STREAM = 3
+"""Spawn key of the continued days' random streams: day ``i`` after the generated history (0 = the first) draws
+from ``SeedSequence(seed, spawn_key=(CONTINUE_STREAM, i))``, its surfaces from ``(CONTINUE_STREAM, i,
+SURFACE_STREAM)``."""
+
+
+def load_world(raw_dir: str | Path) -> tuple[RawTables, GroundTruth]:
+    """The raw tables and ground truth of the synthetic world in ``raw_dir`` (what ``retrieval generate`` wrote);
+    ValueError naming the problem when the folder holds none (MovieLens raw data, or nothing)."""
+    raw_dir = Path(raw_dir)
+    truth_path = raw_dir / "ground_truth.npz"
+    if not truth_path.exists():
+        held = ("raw data without a ground truth (MovieLens or other ingested data)"
+                if (raw_dir / "events.parquet").exists() else "no raw data")
+        raise ValueError(f"no synthetic world to continue in {raw_dir}: it holds {held}; `retrieval generate` creates "
+                         "one (only the synthetic world continues; MovieLens is replayed by time with --data.until)")
+    missing = [f"{t}.parquet" for t in TABLES if not (raw_dir / f"{t}.parquet").exists()]
+    if missing:
+        raise ValueError(f"incomplete synthetic world in {raw_dir}: {', '.join(missing)} missing; "
+                         "regenerate it with `retrieval generate`")
+    frames = {t: pd.read_parquet(raw_dir / f"{t}.parquet") for t in TABLES}
+    follows = raw_dir / "user_follows.parquet"
+    tables = RawTables(**frames, user_follows=pd.read_parquet(follows) if follows.exists() else None)
+    return tables, GroundTruth.load(truth_path)
+
+
+def _check_same_world(cfg: DataConfig, world: _World, truth: GroundTruth) -> None:
+    """ValueError unless ``truth`` is the world ``cfg`` generates (the first ``cfg.n_pins`` pins: later ones are
+    continued days')."""
+    problems = []
+    if len(truth.user_ids) != cfg.n_users:
+        problems.append(f"data.n_users={cfg.n_users}, the world has {len(truth.user_ids)} users")
+    if len(truth.trend_amplitude) != cfg.n_interests:
+        problems.append(f"data.n_interests={cfg.n_interests}, the world has {len(truth.trend_amplitude)} interests")
+    if len(truth.pin_ids) < cfg.n_pins:
+        problems.append(f"data.n_pins={cfg.n_pins}, the world has only {len(truth.pin_ids)} pins")
+    if truth.start_us != world.start_us or truth.history_days != cfg.days:
+        problems.append(f"data.end_date={cfg.end_date} and data.days={cfg.days} give a history from "
+                        f"{_iso(world.start_us)}, the world's starts at {_iso(truth.start_us)} and was generated "
+                        f"over {truth.history_days} days")
+    if not problems:
+        n = cfg.n_pins
+        pairs = {
+            "user_ids": (truth.user_ids, world.users.ids), "theta": (truth.theta, world.users.theta),
+            "z": (truth.z, world.users.z), "pin_ids": (truth.pin_ids[:n], world.pins.ids),
+            "v": (truth.v[:n], world.pins.v), "pin_interest": (truth.pin_interest[:n], world.pins.interest),
+            "popularity": (truth.popularity[:n], world.pins.popularity),
+            "duplicate_of": (truth.duplicate_of[:n], world.pins.duplicate_of),
+            "trend": (np.stack([truth.trend_amplitude, truth.trend_period_days, truth.trend_phase, truth.trend_drift]),
+                      np.stack([world.amplitude, world.period, world.phase, world.drift])),
+        }
+        differ = [name for name, (a, b) in pairs.items() if a.shape != b.shape or not np.array_equal(a, b)]
+        if differ:
+            problems.append(f"its {', '.join(differ)} do not match what data.seed={cfg.seed} with these sizes "
+                            "generates (another data.seed, data.n_pins, data.duplicate_fraction or "
+                            "data.zipf_exponent?)")
+    if problems:
+        raise ValueError("the config does not match the stored synthetic world: " + "; ".join(problems)
+                         + ". Continue it with the --data.* values it was generated with.")
+
+
+def _trim_to_truth(tables: RawTables, truth: GroundTruth) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The stored pins and events, without what an interrupted continuation wrote past the ground truth's end (the
+    ground truth is written last: rows after its end are redone, identically, from the day streams)."""
+    end = pd.Timestamp(truth.end_us * 1000, tz="UTC")
+    pins, events = tables.pins, tables.events
+    extra_pins = ~pins["pin_id"].isin(truth.pin_ids) & (pins["created_at"] >= end)
+    extra_events = events["event_timestamp"] >= end
+    if extra_pins.any() or extra_events.any():
+        log.warning("dropping %s pins and %s events after the ground truth's end %s: the leftovers of an interrupted "
+                    "continuation (its days are drawn again)", f"{int(extra_pins.sum()):,}",
+                    f"{int(extra_events.sum()):,}", end)
+        pins, events = pins[~extra_pins].reset_index(drop=True), events[~extra_events].reset_index(drop=True)
+    if not np.array_equal(pins["pin_id"].to_numpy(np.int64), truth.pin_ids):
+        raise ValueError("pins.parquet does not hold the ground truth's pins (in id order): the raw folder mixes "
+                         "two worlds; regenerate it with `retrieval generate`")
+    if not np.array_equal(tables.users["user_id"].to_numpy(np.int64), truth.user_ids):
+        raise ValueError("users.parquet does not hold the ground truth's users: regenerate with `retrieval generate`")
+    if "surface" not in events.columns:
+        raise ValueError("events.parquet predates surfaces: regenerate the world with `retrieval generate`")
+    return pins, events
+
+
+@dataclass
+class _PinState:
+    """Every pin of the world so far, in id (= creation) order; arrays of shape (P,) or (P, d)."""
+
+    ids: np.ndarray
+    interest: np.ndarray
+    v: np.ndarray
+    popularity: np.ndarray
+    created_us: np.ndarray
+    signature: np.ndarray
+    duplicate_of: np.ndarray
+
+    def extend(self, new: _PinState) -> _PinState:
+        return _PinState(*(np.concatenate([getattr(self, f.name), getattr(new, f.name)])
+                           for f in dataclasses.fields(_PinState)))
+
+
+def _new_pins(
+    rng: np.random.Generator, cfg: DataConfig, world: _World, pins: _PinState, day_start: int,
+    per_day: tuple[float, float],
+) -> _PinState:
+    """The pins created during one continued day: Poisson numbers of originals and near-duplicates at the history's
+    daily rates (``per_day``), drawn like the generated ones (see ``continue_world``)."""
+    n_interests, dim = world.centroids.shape
+    n_orig, n_dup = rng.poisson(per_day[0]), rng.poisson(per_day[1])
+    interest = rng.choice(n_interests, n_orig, p=world.pins.interest_share)
+    v = world.centroids[interest] + rng.normal(0.0, PIN_NOISE_STD, (n_orig, dim))
+    created = rng.integers(day_start, day_start + US_PER_DAY - 2 * US_PER_HOUR, n_orig)
+    signature = rng.integers(0, np.iinfo(np.uint64).max, n_orig, dtype=np.uint64, endpoint=True)
+    originals = np.flatnonzero(pins.duplicate_of < 0)
+    src = originals[rng.choice(len(originals), n_dup)]   # all created before the day: the copy comes later
+    dup_created = rng.integers(day_start, day_start + US_PER_DAY - US_PER_HOUR, n_dup)
+    interest = np.concatenate([interest, pins.interest[src]]).astype(np.int64)
+    v = np.concatenate([v, pins.v[src] + rng.normal(0.0, DUPLICATE_NOISE_STD, (n_dup, dim))])
+    created = np.concatenate([created, dup_created])
+    signature = np.concatenate([_hex(signature), pins.signature[src]])
+    duplicate_of = np.concatenate([np.full(n_orig, -1, dtype=np.int64), pins.ids[src]])
+
+    n = n_orig + n_dup
+    order = np.lexsort((np.arange(n), created))
+    interest, v, created, signature, duplicate_of = (
+        interest[order], v[order], created[order], signature[order], duplicate_of[order])
+    ids = _increasing_ids(rng, n, base=int(pins.ids[-1]))
+    # Popularity: a rank uniform over the positions of the grown interest (its size with this pin), the marginal
+    # of a generated pin's rank; the other pins keep theirs.
+    by_interest = np.lexsort((np.arange(n), interest))
+    earlier = np.empty(n, dtype=np.int64)
+    earlier[by_interest] = np.arange(n) - np.searchsorted(interest[by_interest], interest[by_interest], side="left")
+    grown = np.bincount(pins.interest, minlength=n_interests)[interest] + earlier + 1
+    rank = rng.integers(1, grown, endpoint=True) if n else np.zeros(0, dtype=np.int64)
+    return _PinState(ids=ids, interest=interest, v=v, popularity=_zipf_popularity(rank, cfg.zipf_exponent),
+                     created_us=created, signature=signature, duplicate_of=duplicate_of)
+
+
+def continue_world(
+    cfg: DataConfig, tables: RawTables, truth: GroundTruth, days: int
+) -> tuple[RawTables, GroundTruth, dict[str, int | str]]:
+    """The world of ``tables`` and ``truth`` (generated by ``generate(cfg)``, perhaps continued already) with the
+    next ``days`` days appended; returns the extended tables and ground truth and what was added.
+
+    The same world goes on: the same users (taste, interest mixture, activity: the activity, like the centroids,
+    is not stored, and is recomputed from ``cfg.seed`` by replaying ``generate``'s draws before the events, which
+    must reproduce the stored ground truth, else ValueError), the same pins plus new ones, the trends moving on
+    (``GroundTruth.log_trend`` beyond the history: the sinusoid and the drift term keep going), and the events of
+    the same process at the history's daily rate (``n_events / days`` rows a day). Each day draws from its own
+    stream (``CONTINUE_STREAM``), so continuing by 7 days twice gives the same data as 14 days once.
+
+    - New pins: each day, Poisson numbers of originals and near-duplicates at the history's daily rates (the pins
+      of each kind created inside the generated history, per day). An original's interest is drawn from the
+      interests' shares of the generated pins, its ``v`` around the interest centroid, its time uniform in the
+      day (up to 2 h before its end); a near-duplicate copies an original created before the day (same
+      interest and signature, ``v`` within ``DUPLICATE_NOISE_STD``). Popularity: a rank drawn uniformly from
+      1..n+1, n = the interest's pins so far, and the Zipf weight of that rank, so a new pin's popularity has
+      the distribution of a generated pin's in an interest of the grown size; existing pins keep their
+      popularity (old ground truth entries and the events drawn under them stay valid). Ranks are then no longer
+      a permutation within the interest: events are proposed ∝ popularity directly (``_popularity_proposals``,
+      the same distribution as the history's rank sampler).
+    - Users, their sign-up times and follows are unchanged (no new users; follows clipped at the history's end
+      stay where they were).
+    - Ground truth: pins appended (ids, v, interest, popularity, duplicate_of), ``end_us`` moved on,
+      ``trend_days`` set to the generated history's length (the drift's time scale), ``trend_mean`` the mean over
+      every hour of the extended history (``trend_weights(at)`` gives the trend at any time of it).
+    - Appends only: the stored rows are unchanged, every new event is at or after the old end (a day ends
+      ``IMPRESSION_MARGIN_US`` after its last impression, so engagements stay inside their day).
+    """
+    if days < 1:
+        raise ValueError(f"continue by at least one day, got {days}")
+    world = _make_world(np.random.Generator(np.random.PCG64(cfg.seed)), cfg)
+    _check_same_world(cfg, world, truth)
+    pins_df, events_df = _trim_to_truth(tables, truth)
+    elapsed = truth.end_us - world.end_us
+    if elapsed % US_PER_DAY:
+        raise ValueError(f"the ground truth's end is not a whole number of days after the history's ({elapsed} us)")
+    history = events_df["event_timestamp"] < pd.Timestamp(world.end_us * 1000, tz="UTC")
+    if int(history.sum()) not in (cfg.n_events - 1, cfg.n_events):
+        raise ValueError(f"data.n_events={cfg.n_events:,} does not match the stored world: its generated history has "
+                         f"{int(history.sum()):,} events. Continue it with the --data.* values it was generated with.")
+    truth = dataclasses.replace(truth, trend_days=cfg.days)
+    in_history = world.pins.created_us >= world.start_us
+    copy = world.pins.duplicate_of >= 0
+    per_day = (float((in_history & ~copy).sum()) / cfg.days, float((in_history & copy).sum()) / cfg.days)
+    pins = _PinState(
+        ids=truth.pin_ids, interest=truth.pin_interest, v=truth.v, popularity=truth.popularity,
+        created_us=pd.DatetimeIndex(pins_df["created_at"]).as_unit("us").asi8,
+        signature=pins_df["image_signature"].to_numpy(object), duplicate_of=truth.duplicate_of,
+    )
+    n_old_pins = len(pins.ids)
+    first_day = elapsed // US_PER_DAY
+    new_events: list[pd.DataFrame] = []
+    for day in tqdm(range(first_day, first_day + days), desc="continued days", unit="day"):
+        day_start = world.end_us + day * US_PER_DAY
+        rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence(cfg.seed, spawn_key=(CONTINUE_STREAM, day))))
+        surface_rng = np.random.Generator(np.random.PCG64(
+            np.random.SeedSequence(cfg.seed, spawn_key=(CONTINUE_STREAM, day, SURFACE_STREAM))))
+        pins = pins.extend(_new_pins(rng, cfg, world, pins, day_start, per_day))
+        proc = _EventProcess(
+            activity=world.users.activity, theta=truth.theta, z=truth.z, pin_v=pins.v, pin_created_us=pins.created_us,
+            propose=_popularity_proposals(pins.interest, pins.popularity, cfg.n_interests),
+            temperature=truth.temperature, outcome_bias=truth.outcome_bias, outcome_slope=truth.outcome_slope,
+            other_surface_share=cfg.other_surface_share,
+        )
+        n_rows = (day + 1) * cfg.n_events // cfg.days - day * cfg.n_events // cfg.days
+        trend = _trend_by_hour(truth, (day_start - truth.start_us) // US_PER_HOUR, 24)
+        ev = _make_events(rng, surface_rng, proc, n_rows, day_start, day_start + US_PER_DAY, trend, progress=False)
+        order = _sort_events(ev)
+        new_events.append(pd.DataFrame({
+            "user_id": truth.user_ids[ev.user[order]],
+            "pin_id": pins.ids[ev.pin[order]],
+            "event_type": np.array(EVENT_TYPES, dtype=object)[ev.code[order]],
+            "event_timestamp": _utc(ev.ts[order]),
+            "surface": np.array(SURFACES, dtype=object)[ev.surface[order]],
+        }))
+    end_us = world.end_us + (first_day + days) * US_PER_DAY
+    hours = (end_us - truth.start_us) // US_PER_HOUR
+    truth = dataclasses.replace(
+        truth, pin_ids=pins.ids, v=pins.v, pin_interest=pins.interest, popularity=pins.popularity,
+        duplicate_of=pins.duplicate_of, end_us=end_us, trend_mean=_trend_by_hour(truth, 0, hours).mean(axis=0),
+    )
+    new = slice(n_old_pins, None)
+    added_pins = pd.DataFrame({"pin_id": pins.ids[new], "interest_id": pins.interest[new],
+                               "image_signature": pins.signature[new], "created_at": _utc(pins.created_us[new])})
+    appended = pd.concat(new_events, ignore_index=True)
+    out = dataclasses.replace(
+        tables, pins=pd.concat([pins_df, added_pins], ignore_index=True),
+        events=pd.concat([events_df, appended], ignore_index=True),
+    )
+    summary: dict[str, int | str] = {
+        "days": days, "from": _iso(end_us - days * US_PER_DAY), "to": _iso(end_us),
+        "pins": len(added_pins), "near_duplicates": int((pins.duplicate_of[new] >= 0).sum()), "events": len(appended),
+        "total_pins": len(out.pins), "total_events": len(out.events),
+    }
+    log.info("continued the world by %d days to %s: %s new pins (%s near-duplicates), %s new events",
+             days, summary["to"], f"{summary['pins']:,}", f"{summary['near_duplicates']:,}", f"{summary['events']:,}")
+    return out, truth, summary

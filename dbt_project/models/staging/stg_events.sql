@@ -5,3 +5,4 @@ select
     event_timestamp,
     surface
 from {{ source('raw', 'events') }}
+where {{ before_until('event_timestamp') }}

@@ -2,4 +2,5 @@
 -- earliest follow kept.
 select user_id, interest_id, min(followed_at) as followed_at
 from {{ source('raw', 'user_follows') }}
+where {{ before_until('followed_at') }}
 group by all

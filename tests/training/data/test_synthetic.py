@@ -3,17 +3,23 @@
 from __future__ import annotations
 
 import dataclasses
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from training.config import ConfigError, DataConfig
-from training.data import raw
-from training.data.synthetic import GroundTruth, generate
+from tests.training.data.test_contracts import tiny_raw
+from training.cli import main
+from training.config import Config, ConfigError, DataConfig
+from training.data import raw, synthetic
+from training.data.contracts import validate_raw
+from training.data.snapshot import raw_dir
+from training.data.synthetic import GroundTruth, generate, load_world
 from training.evaluation.metrics import recall_at_k
 from training.evaluation.oracle import oracle_recall_at_k
+from training.pipeline import continue_raw, make_raw
 
 SMALL = DataConfig(n_users=300, n_pins=800, n_events=60_000, seed=11)
 POSITIVE = ("closeup", "click", "save")
@@ -259,3 +265,188 @@ def test_recall_at_k_by_hand() -> None:
         recall_at_k(topk, [{1}, set(), {2}])
     with pytest.raises(ValueError, match="rows"):
         recall_at_k(topk, [{1}])
+
+
+# --- The world continued (`retrieval generate --continue --days N`) -----------------------------------------------
+
+US_PER_DAY = 86_400_000_000
+
+
+def _world_cfg(data_dir: Path, **data) -> Config:
+    return Config(data_dir=str(data_dir), data=dataclasses.replace(SMALL, **data))
+
+
+def _small_flags(data_dir: Path) -> list[str]:
+    return ["--data_dir", str(data_dir), "--data.n_users", str(SMALL.n_users), "--data.n_pins", str(SMALL.n_pins),
+            "--data.n_events", str(SMALL.n_events), "--data.seed", str(SMALL.seed)]
+
+
+def _raw_bytes(cfg: Config) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(raw_dir(cfg).iterdir())}
+
+
+@pytest.fixture(scope="module")
+def continued(tmp_path_factory) -> tuple[Config, dict[str, bytes], dict[str, bytes]]:
+    """A SMALL world, continued by 14 days through the CLI in two 7-day steps; its raw files before and after."""
+    cfg = _world_cfg(tmp_path_factory.mktemp("continued"))
+    assert main(["generate", *_small_flags(cfg.data_path)]) == 0
+    before = _raw_bytes(cfg)
+    for _ in range(2):
+        assert main(["generate", "--continue", "--days", "7", *_small_flags(cfg.data_path)]) == 0
+    return cfg, before, _raw_bytes(cfg)
+
+
+def test_continuing_in_day_chunks_gives_identical_files(continued, tmp_path: Path) -> None:
+    _, _, after = continued
+    cfg = _world_cfg(tmp_path)
+    make_raw(cfg)
+    summary = continue_raw(cfg, 14)
+    assert _raw_bytes(cfg) == after
+    assert summary["to"] == "2026-11-15T00:00:00+00:00" and summary["events"] > 0 and summary["pins"] > 0
+
+
+def test_the_replayed_world_is_the_generated_one(small: tuple[raw.RawTables, GroundTruth]) -> None:
+    """Centroids and users' activity are not stored: the continuation replays the generator's first draws."""
+    _, truth = small
+    world = synthetic._make_world(np.random.Generator(np.random.PCG64(SMALL.seed)), SMALL)
+    first_draw = np.random.Generator(np.random.PCG64(SMALL.seed)).normal(
+        0.0, synthetic.CENTROID_STD, (SMALL.n_interests, synthetic.LATENT_DIM))
+    np.testing.assert_array_equal(world.centroids, first_draw)
+    np.testing.assert_array_equal(world.pins.v, truth.v)
+    np.testing.assert_array_equal(world.users.theta, truth.theta)
+    # v of an original = its interest's centroid + noise: the centroids are the ones the pins were drawn around
+    original = truth.duplicate_of < 0
+    noise = truth.v[original] - world.centroids[truth.pin_interest[original]]
+    assert abs(noise.std() - synthetic.PIN_NOISE_STD) < 0.05 and abs(noise.mean()) < 0.05
+
+
+def test_continuation_only_appends_after_the_old_end(continued) -> None:
+    cfg, before, after = continued
+    for name in ("users.parquet", "interests.parquet", "user_follows.parquet"):
+        assert after[name] == before[name], name
+    old, old_truth = generate(SMALL)
+    tables, truth = load_world(raw_dir(cfg))
+    for name in ("pins", "events"):
+        new = getattr(tables, name)
+        pd.testing.assert_frame_equal(new.iloc[: len(getattr(old, name))], getattr(old, name), check_dtype=False)
+    ev = tables.events.iloc[len(old.events):]
+    old_end = pd.Timestamp(SMALL.end_date, tz="UTC")
+    assert ev["event_timestamp"].min() >= old_end
+    assert ev["event_timestamp"].max() < old_end + pd.Timedelta(days=14)
+    keys = tables.events[["event_timestamp", "user_id", "pin_id"]]
+    assert keys.equals(keys.sort_values(["event_timestamp", "user_id", "pin_id"], kind="stable"))
+    per_day = ev.groupby(ev["event_timestamp"].dt.floor("D")).size()
+    rate = SMALL.n_events / SMALL.days   # the history's mean daily rate (a day has its share, or one row less)
+    assert len(per_day) == 14 and per_day.between(np.floor(rate) - 1, np.ceil(rate)).all()
+    assert set(ev["event_type"]) == set(raw.EVENT_TYPES) and set(ev["surface"]) == set(raw.SURFACES)
+    created = ev["pin_id"].map(tables.pins.set_index("pin_id")["created_at"])
+    assert (ev["event_timestamp"] >= created).all()
+    assert ev["user_id"].isin(old.users["user_id"]).all()
+    assert truth.end_us == old_truth.end_us + 14 * US_PER_DAY
+
+
+def test_new_pins_are_created_in_the_new_days_and_get_events(continued) -> None:
+    cfg, _, _ = continued
+    old, _ = generate(SMALL)
+    tables, truth = load_world(raw_dir(cfg))
+    new = tables.pins.iloc[len(old.pins):]
+    old_end = pd.Timestamp(SMALL.end_date, tz="UTC")
+    assert len(new) > 20 and new["pin_id"].min() > old.pins["pin_id"].max() and new["pin_id"].is_monotonic_increasing
+    assert new["created_at"].between(old_end, old_end + pd.Timedelta(days=14), inclusive="left").all()
+    assert new["created_at"].is_monotonic_increasing
+    # near-duplicates copy an older original: same signature and interest, created later
+    idx = np.searchsorted(truth.pin_ids, new["pin_id"].to_numpy())
+    dup = truth.duplicate_of[idx] >= 0
+    assert 0 < dup.sum() < len(new)
+    pins = tables.pins.set_index("pin_id")
+    copies, originals = new[dup].set_index("pin_id"), pins.loc[truth.duplicate_of[idx][dup]]
+    assert (copies["image_signature"].to_numpy() == originals["image_signature"].to_numpy()).all()
+    assert (copies["interest_id"].to_numpy() == originals["interest_id"].to_numpy()).all()
+    assert (copies["created_at"].to_numpy() > originals["created_at"].to_numpy()).all()
+    assert not new.loc[~dup, "image_signature"].isin(old.pins["image_signature"]).any()
+    # new pins are shown and engaged with
+    ev = tables.events.iloc[len(old.events):]
+    shown = ev[ev["pin_id"].isin(new["pin_id"])]
+    assert shown["pin_id"].nunique() > 0.5 * len(new)
+    assert shown["event_type"].isin(POSITIVE).any()
+
+
+def test_ground_truth_is_extended_and_the_trend_goes_on(continued, small: tuple[raw.RawTables, GroundTruth]) -> None:
+    cfg, _, _ = continued
+    old_tables, old = small
+    tables, truth = load_world(raw_dir(cfg))
+    np.testing.assert_array_equal(truth.pin_ids, tables.pins["pin_id"].to_numpy())
+    n = len(old.pin_ids)
+    for name in ("pin_ids", "v", "pin_interest", "popularity", "duplicate_of"):
+        np.testing.assert_array_equal(getattr(truth, name)[:n], getattr(old, name), err_msg=name)
+        assert len(getattr(truth, name)) == len(tables.pins), name
+    for name in ("user_ids", "theta", "z", "dominant", "trend_amplitude", "trend_drift", "start_us"):
+        np.testing.assert_array_equal(getattr(truth, name), getattr(old, name), err_msg=name)
+    np.testing.assert_array_equal(truth.pin_interest, tables.pins["interest_id"].to_numpy())
+    assert truth.trend_days == SMALL.days and truth.history_days == SMALL.days
+    # new pins: positive Zipf weights no larger than rank 1's, all in interests that had pins
+    s = SMALL.zipf_exponent
+    assert (truth.popularity[n:] > 0).all() and truth.popularity[n:].max() <= 2 ** (1 - s) / (1 - s) - 1 / (1 - s)
+    # the trend of the history is unchanged, and it goes on past the old end (sinusoid + drift, no jump)
+    t = np.linspace(0, SMALL.days, 50)
+    np.testing.assert_array_equal(truth.log_trend(t), old.log_trend(t))
+    edge = truth.log_trend(np.array([SMALL.days - 1e-6, SMALL.days + 1e-6]))
+    np.testing.assert_allclose(edge[0], edge[1], atol=1e-5)
+    later = truth.trend_weights("2026-11-14T12:00")
+    t_later = SMALL.days + 13.5
+    expected = np.exp(truth.trend_amplitude * np.sin(2 * np.pi * t_later / truth.trend_period_days + truth.trend_phase)
+                      + truth.trend_drift * (t_later / SMALL.days - 0.5))
+    np.testing.assert_allclose(later, expected, rtol=1e-9)
+    hours = (np.arange((SMALL.days + 14) * 24) + 0.5) / 24
+    np.testing.assert_allclose(truth.trend_mean, np.exp(truth.log_trend(hours)).mean(axis=0), rtol=1e-12)
+    # the oracle scores the continued world: trained on the history, tested on the new days
+    train, _ = _temporal_split(old_tables.events, test_share=0.0)
+    ev = tables.events.iloc[len(old_tables.events):]
+    test = ev[ev["event_type"].isin(POSITIVE)]
+    oracle = oracle_recall_at_k(truth, train, test, k=50)
+    popularity = _popularity_recall_at_k(train, test, truth.pin_ids, k=50)
+    assert oracle > popularity + 0.1, (oracle, popularity)
+
+
+def test_continued_events_pass_the_contracts(continued, tmp_path: Path) -> None:
+    cfg, _, _ = continued
+    reports = validate_raw(raw_dir(cfg), tmp_path, cfg.contracts, now=datetime(2026, 11, 15, tzinfo=UTC))
+    assert all(r.quarantined == 0 for r in reports.values()), reports
+
+
+def test_an_interrupted_continuation_is_redone_identically(continued, tmp_path: Path) -> None:
+    """The ground truth is written last: pins and events written past its end are leftovers, drawn again."""
+    _, _, after = continued
+    cfg = _world_cfg(tmp_path)
+    make_raw(cfg)
+    continue_raw(cfg, 7)
+    truth_after_7 = (raw_dir(cfg) / "ground_truth.npz").read_bytes()
+    continue_raw(cfg, 10)
+    (raw_dir(cfg) / "ground_truth.npz").write_bytes(truth_after_7)   # killed before the ground truth was replaced
+    continue_raw(cfg, 7)
+    assert _raw_bytes(cfg) == after
+
+
+def test_continuation_refuses_what_it_cannot_continue(continued, tmp_path: Path, capsys) -> None:
+    cfg, _, after = continued
+    with pytest.raises(ValueError, match="no synthetic world to continue .* no raw data"):
+        continue_raw(_world_cfg(tmp_path / "empty"), 7)
+    movielens = _world_cfg(tmp_path / "movielens")
+    raw.write_raw(tiny_raw(400), raw_dir(movielens))
+    with pytest.raises(ValueError, match="no synthetic world to continue .* MovieLens"):
+        continue_raw(movielens, 7)
+    for field, value in (("seed", SMALL.seed + 1), ("n_users", 301), ("n_events", 50_000), ("days", 90)):
+        with pytest.raises(ValueError, match=rf"does not match the stored synthetic world.*data\.{field}|"
+                                             rf"data\.{field}.* does not match the stored world"):
+            continue_raw(dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, **{field: value})), 7)
+    # the contract rejects timestamps more than contracts.max_future_days after the wall clock
+    now = datetime(2026, 11, 16, 12, tzinfo=UTC)
+    with pytest.raises(ValueError, match=r"contracts\.max_future_days=1"):
+        continue_raw(cfg, 3, now=now)
+    assert _raw_bytes(cfg) == after   # nothing written by a refusal
+    far = dataclasses.replace(cfg, contracts=dataclasses.replace(cfg.contracts, max_future_days=30))
+    assert continue_raw(far, 3, now=now)["to"] == "2026-11-18T00:00:00+00:00"
+    assert main(["generate", "--days", "3", *_small_flags(cfg.data_path)]) == 2
+    assert "--days goes with --continue" in capsys.readouterr().err
+    assert main(["generate", "--continue", *_small_flags(cfg.data_path)]) == 2
+    assert "--continue needs --days" in capsys.readouterr().err
