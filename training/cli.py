@@ -7,7 +7,8 @@
     retrieval training-set         point-in-time training set through the feature services
     retrieval pretrain             pre-trained ID embeddings (a versioned table under <data_dir>/pretrained)
     retrieval train | report       two-tower training (checkpoint) | model variants vs baselines report
-    retrieval release ACTION       publish | rollback | status | recover: versioned Milvus index + user tower
+    retrieval release ACTION       publish | rollback | status | recover | history: versioned Milvus index + user tower
+    retrieval retrain              refresh data, train a candidate, validate against live, publish or reject
     retrieval stack up|down|status a local Milvus server + Redis for development (training/stack.py)
     retrieval config               print the effective config as YAML
 
@@ -74,7 +75,22 @@ def _release(cfg: Config, args: argparse.Namespace) -> object:
 
     if args.action == "publish":
         return publish.publish(cfg, Path(args.checkpoint) if args.checkpoint else None)
+    if args.action == "history":
+        from training import retrain
+
+        return retrain.summary(retrain.history(cfg))
     return getattr(publish, args.action)(cfg)
+
+
+def _retrain(cfg: Config, args: argparse.Namespace) -> object:
+    from dataclasses import replace
+
+    from training import pipeline
+
+    overrides = {k: v for k, v in (("every", args.every), ("cycles", args.cycles)) if v is not None}
+    if overrides:
+        cfg = replace(cfg, retrain=replace(cfg.retrain, **overrides))
+    return pipeline.retrain(cfg)
 
 
 def _stack(cfg: Config, args: argparse.Namespace) -> object:
@@ -102,10 +118,17 @@ COMMANDS: dict[str, tuple[Callable[[Config, argparse.Namespace], object], str]] 
     "pretrain": (_cmd("pretrain"), "pre-train user and pin ID embeddings on the window before the training window"),
     "train": (_cmd("train"), "train the two-tower model on the live training set; save the checkpoint"),
     "report": (_cmd("report"), "two-tower variants (seeds) vs tuned baselines on one split: report.md/.json, plot"),
-    "release": (_release, "publish (build + verify + switch) | rollback | status | recover the retrieval release"),
+    "release": (_release, "publish (build + verify + switch) | rollback | status | recover the retrieval release | "
+                          "history of retrain candidates"),
+    "retrain": (_retrain, "one retrain cycle (or --cycles N, one --every interval apart): new data, candidate, "
+                          "gate against the live model, synchronized publish or a recorded rejection, pruning"),
     "stack": (_stack, "up | down | status: a local Milvus server and Redis under <data_dir>/stack (development)"),
     "config": (_print_config, "print the effective config as YAML"),
 }
+
+
+BUSY_EXIT = 75
+"""Exit status of a retrain that found another one running (EX_TEMPFAIL: try again later)."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -116,8 +139,11 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text, description=help_text)
         add_config_flags(p)
         if name == "release":
-            p.add_argument("action", choices=["publish", "rollback", "status", "recover"])
+            p.add_argument("action", choices=["publish", "rollback", "status", "recover", "history"])
             p.add_argument("--checkpoint", help="publish this model.pt (default: the newest under <data_dir>/models)")
+        if name == "retrain":
+            p.add_argument("--every", help="shorthand for --retrain.every (e.g. 1d, 6h, 0s)")
+            p.add_argument("--cycles", type=int, help="shorthand for --retrain.cycles")
         if name == "stack":
             p.add_argument("action", choices=["up", "down", "status"])
         if name == "generate":
@@ -142,7 +168,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = config_from_args(args)
         result = COMMANDS[args.command][0](cfg, args)
-    except (ConfigError, FileNotFoundError, ValueError, RuntimeError) as e:
+    except RuntimeError as e:
+        from training.retrain import RetrainBusy
+
+        print(f"retrieval {args.command}: error: {e}", file=sys.stderr)
+        return BUSY_EXIT if isinstance(e, RetrainBusy) else 2
+    except (ConfigError, FileNotFoundError, ValueError) as e:
         print(f"retrieval {args.command}: error: {e}", file=sys.stderr)
         return 2
     if result is not None:

@@ -460,6 +460,60 @@ class ReportConfig:
         _positive(self, "report", "seeds")
 
 
+@dataclass
+class RetrainConfig:
+    """``retrieval retrain``: refresh the data, train a candidate, validate it against the live model on the newest
+    data, publish it (or record why not), prune (training/retrain.py)."""
+
+    every: str = "1d"
+    """Interval between the starts of two cycles of an in-process loop (``--cycles`` > 1): a number with s, m, h
+    or d ("30s", "6h", "1d"; "0s" = back to back). Cron or a Kubernetes CronJob run one cycle per call instead."""
+    cycles: int = 1
+    """Cycles to run in this process (1 = one retrain, what cron runs)."""
+    simulate_days: int = 0
+    """Demo and benchmark only: before each cycle, move the data on by this many days: the synthetic world is
+    continued (``retrieval generate --continue``), a MovieLens replay moves ``data.until`` forward. 0 = take the
+    raw data as the ingestion left it (production)."""
+    warm_start: bool = False
+    """Initialise the candidate from the live checkpoint (shared weights copied, pin ids remapped) instead of from
+    scratch."""
+    metric: str = "capped_recall@50"
+    """The gate's figure (a key of the harness's metrics)."""
+    tolerance: float = 0.005
+    """The candidate passes when its ``metric`` >= live's - tolerance on the fresh holdout."""
+    min_metric: float = 0.0
+    """And when its ``metric`` reaches this floor (an absolute guard, e.g. against a broken data day)."""
+    min_coverage_ratio: float = 0.5
+    """And when its coverage@50 (share of the candidates in someone's top 50) is >= this × live's."""
+    min_holdout_users: int = 20
+    """The fresh holdout is the test interactions at or after the live model's data end; with fewer users than
+    this it is the whole test part (the record says which)."""
+    pretrain_every_days: float = 7.0
+    """Refresh the pre-trained ID table when the newest usable one ends more than this many days before the
+    candidate's training window starts (the table never overlaps the window)."""
+    keep_checkpoints: int = 4
+    """Checkpoints kept under <data_dir>/models: the newest ones, plus always those of the published releases
+    (the live one and its rollback target among them)."""
+    keep_pretrained: int = 2
+    """Pre-trained tables kept (the newest)."""
+
+    def __post_init__(self) -> None:
+        _check(re.fullmatch(r"\d+(\.\d+)?[smhd]", self.every) is not None, "retrain.every",
+               f"a number with s, m, h or d (e.g. 30s, 6h, 1d), got {self.every!r}")
+        _positive(self, "retrain", "cycles", "keep_checkpoints", "keep_pretrained", "pretrain_every_days")
+        _check(self.simulate_days >= 0, "retrain.simulate_days", "must be >= 0")
+        _check(self.tolerance >= 0, "retrain.tolerance", "must be >= 0")
+        _check(0 <= self.min_metric <= 1, "retrain.min_metric", "must be in [0, 1]")
+        _check(0 <= self.min_coverage_ratio <= 1, "retrain.min_coverage_ratio", "must be in [0, 1]")
+        _check(self.min_holdout_users >= 1, "retrain.min_holdout_users", "must be >= 1")
+        _check(re.fullmatch(r"(capped_)?recall@\d+|ndcg@\d+", self.metric) is not None, "retrain.metric",
+               f"recall@K, capped_recall@K or ndcg@K, got {self.metric!r}")
+
+    @property
+    def every_seconds(self) -> float:
+        return float(self.every[:-1]) * {"s": 1, "m": 60, "h": 3600, "d": 86400}[self.every[-1]]
+
+
 def _default_data_dir() -> str:
     return os.environ.get(DATA_DIR_ENV, str(REPO_ROOT / ".data"))
 
@@ -480,6 +534,7 @@ class Config:
     index: IndexConfig = field(default_factory=IndexConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
+    retrain: RetrainConfig = field(default_factory=RetrainConfig)
 
 
     @property

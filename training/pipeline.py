@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 from training.config import Config
@@ -87,7 +88,10 @@ def features(cfg: Config) -> dict[str, Any]:
     snap = snapshot.load_live(cfg)
     store = feature_store(cfg)
     store.apply()
-    return store.materialize(snap.as_of, snap.id)
+    # what computed the feature values; a later cut (data.until) of the same lineage only adds newer rows
+    config = {k: v for k, v in (snap.manifest.get("config") or {}).items() if k != "until"}
+    lineage = {"source": snap.manifest.get("source"), "config": config}
+    return store.materialize(snap.as_of, snap.id, lineage=lineage)
 
 
 def training_set(cfg: Config) -> dict[str, Any]:
@@ -135,10 +139,16 @@ def pretrain(cfg: Config) -> dict[str, Any]:
     return pretrain_stage(cfg)
 
 
-def train(cfg: Config) -> dict[str, Any]:
+def train(cfg: Config, init_from: Path | None = None) -> dict[str, Any]:
     from training.train import train as train_stage
 
-    return train_stage(cfg)
+    return train_stage(cfg, init_from=init_from)
+
+
+def retrain(cfg: Config) -> dict[str, Any]:
+    from training.retrain import retrain as retrain_stage
+
+    return retrain_stage(cfg)
 
 
 def report(cfg: Config) -> dict[str, Any]:

@@ -22,6 +22,7 @@ import os
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -34,7 +35,7 @@ from training.config import Config, TrainConfig
 from training.evaluation.harness import evaluate
 from training.evaluation.scorer import TwoTowerScorer
 from training.evaluation.split import Split, load_split
-from training.model.checkpoint import build_model, save_checkpoint
+from training.model.checkpoint import build_model, load_checkpoint, save_checkpoint, warm_start
 from training.model.encoding import Encoder, take
 from training.model.pretrained import PretrainedTable, check_window, latest_usable
 from training.model.two_tower import TwoTower, closest_embedding, full_softmax_loss, in_batch_softmax_loss
@@ -276,7 +277,7 @@ class Trained:
 
 
 def fit(cfg: Config, training_set: pd.DataFrame, split: Split, manifest: dict[str, Any],
-        table: PretrainedTable | None = None) -> Trained:
+        table: PretrainedTable | None = None, init: dict[str, Any] | None = None) -> Trained:
     """Train on the split's train-proper examples of the training window with early stopping on validation
     recall@``valid_k``.
 
@@ -284,7 +285,8 @@ def fit(cfg: Config, training_set: pd.DataFrame, split: Split, manifest: dict[st
     pre-trained IDs, ``table`` (default: the newest table under <data_dir>/pretrained that ends by the window's
     start) must not overlap it (``train.allow_overlapping_pretrain`` is for the ablation only). Not refit on
     train + validation (unlike the baselines): validation interactions still reach the model at test time, as
-    the users' point-in-time history features."""
+    the users' point-in-time history features. ``init``: a checkpoint payload to warm-start from
+    (``training.model.checkpoint.warm_start``; a retrain's option), else a fresh initialisation."""
     if split.is_merged:
         raise ValueError("the two-tower model early-stops on validation: fit it on a split with validation")
     tc = cfg.train
@@ -306,6 +308,8 @@ def fit(cfg: Config, training_set: pd.DataFrame, split: Split, manifest: dict[st
                           user_ids=None if table is None else table.user_ids,
                           pin_interest=training_set.drop_duplicates("pin_id").set_index("pin_id")["interest_id"])
     model = build_model(encoder, tc, None if table is None else table.aligned(encoder.pin_ids, encoder.user_ids))
+    if init is not None:
+        log.info("warm start from %s: %s", init["model_version"], warm_start(model, encoder, init))
     scorer = TwoTowerScorer(cfg, model, encoder, training_set, split, manifest["feature_services"]["pin"])
 
     def validate(_model: TwoTower) -> float:
@@ -325,13 +329,15 @@ def fit(cfg: Config, training_set: pd.DataFrame, split: Split, manifest: dict[st
     return Trained(model, encoder, result, scorer, window_start=start.isoformat(), pretrained=info)
 
 
-def train(cfg: Config) -> dict[str, Any]:
+def train(cfg: Config, init_from: Path | None = None) -> dict[str, Any]:
     """The ``retrieval train`` stage: fit on the live training set, evaluate on test, save the checkpoint.
-    Under torchrun every rank trains; rank 0 alone evaluates and writes."""
+    Under torchrun every rank trains; rank 0 alone evaluates and writes. ``init_from``: a checkpoint to
+    warm-start from (``retrieval retrain`` with ``retrain.warm_start``)."""
     rank, world = join_process_group()
     try:
         ts, split, manifest = load_split(cfg)
-        trained = fit(cfg, ts, split, manifest)
+        init = load_checkpoint(init_from)[2] if init_from is not None else None
+        trained = fit(cfg, ts, split, manifest, init=init)
         if rank != 0:
             return {"rank": rank, "world_size": world, "wrote": None}
         result = evaluate(trained.scorer.prepare("test"), split, on="test")
@@ -348,6 +354,7 @@ def train(cfg: Config) -> dict[str, Any]:
             "snapshot_id": manifest["snapshot_id"],
             "as_of": manifest["as_of"],
             "metrics": {k: v for k, v in result.items() if not isinstance(v, (list, dict))},
+            "warm_start": None if init is None else init["model_version"],
         }
         path = cfg.data_path / "models" / version / "model.pt"
         save_checkpoint(payload, path)

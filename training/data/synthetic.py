@@ -43,7 +43,7 @@ Generative process (U users, P pins, K interests, latent dimension d = ``LATENT_
 
 - Continuation (``continue_world``, ``retrieval generate --continue --days N``): the same world goes on for N more
   days after ``end_date``: same users, pins plus new ones at the history's daily creation rates, the trends
-  moving on, events at ``n_events / days`` rows a day, each day from its own random stream (``CONTINUE_STREAM``)
+  moving on, events at the history's last-week volume, each day from its own random stream (``CONTINUE_STREAM``)
   so the result does not depend on how the days are split into calls; the ground truth is extended.
 
 Output is byte-identical for the same config on the same platform (numpy version and CPU).
@@ -879,7 +879,9 @@ def continue_world(
     is not stored, and is recomputed from ``cfg.seed`` by replaying ``generate``'s draws before the events, which
     must reproduce the stored ground truth, else ValueError), the same pins plus new ones, the trends moving on
     (``GroundTruth.log_trend`` beyond the history: the sinusoid and the drift term keep going), and the events of
-    the same process at the history's daily rate (``n_events / days`` rows a day). Each day draws from its own
+    the same process at the volume of the history's last week (a seventh of it a day: the generated volume climbs
+    toward the history's end, since impressions drawn before their pin's creation move after it). Each day draws
+    from its own
     stream (``CONTINUE_STREAM``), so continuing by 7 days twice gives the same data as 14 days once.
 
     - New pins: each day, Poisson numbers of originals and near-duplicates at the history's daily rates (the pins
@@ -913,6 +915,11 @@ def continue_world(
         raise ValueError(f"data.n_events={cfg.n_events:,} does not match the stored world: its generated history has "
                          f"{int(history.sum()):,} events. Continue it with the --data.* values it was generated with.")
     truth = dataclasses.replace(truth, trend_days=cfg.days)
+    # the rate at the history's end, not its mean: impressions drawn before their pin existed were moved after its
+    # creation, so the generated volume climbs toward the end (default world: 7k events in the first week, 74k in
+    # the last); the world goes on at its last week's volume
+    last_week = pd.Timestamp((world.end_us - 7 * US_PER_DAY) * 1000, tz="UTC")
+    week_rows = int((history & (events_df["event_timestamp"] >= last_week)).sum())
     in_history = world.pins.created_us >= world.start_us
     copy = world.pins.duplicate_of >= 0
     per_day = (float((in_history & ~copy).sum()) / cfg.days, float((in_history & copy).sum()) / cfg.days)
@@ -936,7 +943,7 @@ def continue_world(
             temperature=truth.temperature, outcome_bias=truth.outcome_bias, outcome_slope=truth.outcome_slope,
             other_surface_share=cfg.other_surface_share,
         )
-        n_rows = (day + 1) * cfg.n_events // cfg.days - day * cfg.n_events // cfg.days
+        n_rows = (day + 1) * week_rows // 7 - day * week_rows // 7
         trend = _trend_by_hour(truth, (day_start - truth.start_us) // US_PER_HOUR, 24)
         ev = _make_events(rng, surface_rng, proc, n_rows, day_start, day_start + US_PER_DAY, trend, progress=False)
         order = _sort_events(ev)

@@ -26,9 +26,11 @@ class Oracle:
     time, since the ground truth works in float64 on all its columns.
     """
 
-    def __init__(self, truth: GroundTruth, chunk_bytes: int = 64 * 2**20) -> None:
+    def __init__(self, truth: GroundTruth, chunk_bytes: int = 64 * 2**20, at=None) -> None:
         self.truth = truth
         self.chunk_bytes = chunk_bytes
+        self.at = at
+        """Score with the interest trends at this time (None: their average over the history)."""
         self.user_ids: np.ndarray | None = None
         self.columns: np.ndarray | None = None
 
@@ -45,7 +47,7 @@ class Oracle:
         chunk = max(1, self.chunk_bytes // (8 * len(self.truth.pin_ids)))
         out = np.empty((len(ids), len(self.columns)), dtype=np.float32)
         for start in range(0, len(ids), chunk):
-            out[start : start + chunk] = self.truth.scores(ids[start : start + chunk])[:, self.columns]
+            out[start : start + chunk] = self.truth.scores(ids[start : start + chunk], at=self.at)[:, self.columns]
         return out
 
 

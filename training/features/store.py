@@ -86,12 +86,15 @@ class Features:
         self._services.clear()
         log.info("feast apply: %d objects (%s)", len(objects), ", ".join(o.name for o in objects))
 
-    def materialize(self, as_of: datetime, snapshot_id: str) -> dict[str, Any]:
+    def materialize(self, as_of: datetime, snapshot_id: str, lineage: dict[str, Any] | None = None) -> dict[str, Any]:
         """Bring the online store up to ``as_of`` (the data's clock, not the wall clock).
 
-        Incremental when the online store already holds this snapshot; a full rebuild (teardown, apply,
-        materialize the TTL window) when it holds another one, so no entity of an old snapshot lingers, or when
-        the data dir now points at another online store (e.g. a new Redis), which holds nothing yet.
+        Incremental (``materialize_incremental``: only rows newer than what each view already holds are written)
+        when the online store holds this snapshot, or an earlier snapshot of the same ``lineage`` (the source and
+        the contract and transform config that computed it: a snapshot that only adds newer data, as a retrain's
+        does); the state records how many feature rows the new interval holds. Otherwise a full rebuild
+        (teardown, apply, materialize the TTL window), so no entity of an unrelated snapshot lingers, as when the
+        data dir now points at another online store (e.g. a new Redis), which holds nothing yet.
         """
         state_file = self.cfg.data_path / "feast" / "online_state.json"
         state = json.loads(state_file.read_text()) if state_file.exists() else {}
@@ -99,9 +102,17 @@ class Features:
         t0 = time.perf_counter()
         target = "redis://" + self.cfg.features.redis_connection if self.cfg.features.online_store == "redis" \
             else "sqlite"
-        if state.get("snapshot_id") == snapshot_id and state.get("online_store", "sqlite") == target:
+        same_store = state.get("online_store", "sqlite") == target
+        continues = (lineage is not None and state.get("lineage") == json.loads(json.dumps(lineage, default=str))
+                     and "as_of" in state and datetime.fromisoformat(state["as_of"]) <= as_of)
+        written: dict[str, int] | None = None
+        expired: dict[str, int] | None = None
+        if same_store and (state.get("snapshot_id") == snapshot_id or continues):
             mode = "incremental"
+            previous = datetime.fromisoformat(state["as_of"]) if "as_of" in state else None
+            written = self._rows_between(previous + timedelta(seconds=1), end) if previous is not None else None
             self.store.materialize_incremental(end_date=end)
+            expired = self._expire(previous, as_of) if previous is not None else None
         else:
             mode = "full"
             self.store.teardown()
@@ -110,10 +121,52 @@ class Features:
             materialize_all(self.store, as_of)
         seconds = time.perf_counter() - t0
         state = {"snapshot_id": snapshot_id, "as_of": as_of.isoformat(), "mode": mode, "seconds": round(seconds, 3),
-                 "online_store": target}
-        atomic_write_text(state_file, json.dumps(state, indent=2))
-        log.info("feast materialize (%s) to %s in %.1fs", mode, end.isoformat(), seconds)
+                 "online_store": target, "lineage": lineage, "rows_written": written, "expired": expired}
+        atomic_write_text(state_file, json.dumps(state, indent=2, default=str))
+        log.info("feast materialize (%s) to %s in %.1fs%s", mode, end.isoformat(), seconds,
+                 f": {sum(written.values()):,} new feature rows" if written else "")
         return state
+
+    def _expire(self, previous: datetime, as_of: datetime) -> dict[str, int]:
+        """After an incremental materialize from ``previous`` to ``as_of``: the entities whose newest value was within
+        a view's TTL at ``previous`` but is older than the TTL at ``as_of`` get a null value online (a tombstone, as
+        of ``as_of``), as a point-in-time lookup at ``as_of`` returns null for them. Online stores keep a value
+        until it is overwritten (SQLite has no TTL on reads), so without this an incremental materialize would
+        serve expired values that a full one leaves out."""
+        import duckdb
+
+        out = {}
+        with duckdb.connect() as con:
+            for view in self.store.list_feature_views():
+                if not view.ttl or as_of - view.ttl <= previous - view.ttl:
+                    continue
+                keys = [e.name for e in view.entity_columns]
+                key_list = ", ".join(keys)
+                expired = con.execute(
+                    f"select {key_list} from read_parquet('{view.batch_source.path}') where event_timestamp <= ? "
+                    f"group by {key_list} having max(event_timestamp) >= ? and max(event_timestamp) < ?",
+                    [as_of, previous - view.ttl, as_of - view.ttl]).df()
+                out[view.name] = len(expired)
+                if len(expired):
+                    tomb = expired.assign(event_timestamp=pd.Timestamp(as_of))
+                    for f in view.features:
+                        tomb[f.name] = None
+                    # FeatureStore.write_to_online_store drops an all-null frame; the provider's ingest writes it
+                    self.store._get_provider().ingest_df(view, tomb)
+        return out
+
+    def _rows_between(self, start: datetime, end: datetime) -> dict[str, int]:
+        """Feature rows of each view with ``start <= event_timestamp < end``: what an incremental materialize of
+        that interval writes."""
+        import duckdb
+
+        out = {}
+        with duckdb.connect() as con:
+            for view in self.store.list_feature_views():
+                out[view.name] = con.execute(
+                    f"select count(*) from read_parquet('{view.batch_source.path}') "
+                    "where event_timestamp >= ? and event_timestamp < ?", [start, end]).fetchone()[0]
+        return out
 
     # --- reads ---------------------------------------------------------------------------------------------------
     def service(self, name: str):

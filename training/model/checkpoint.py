@@ -18,6 +18,7 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -101,6 +102,41 @@ def load_checkpoint(path: Path) -> tuple[TwoTower, Encoder, dict[str, Any]]:
     model.load_state_dict(payload["model"])
     model.eval()
     return model, encoder, payload
+
+
+def warm_start(model: TwoTower, encoder: Encoder, payload: dict[str, Any]) -> dict[str, int]:
+    """Initialise ``model`` (built for ``encoder``) from the checkpoint ``payload`` of an earlier model (a retrain's
+    warm start): tensors of the same shape are copied; pin-id tables (one row per vocabulary pin + row 0) are
+    copied row by row for the pins both vocabularies hold, new pins keep their fresh initialisation; the
+    pre-trained tables stay as built (they come from the current table); anything else that changed shape stays
+    fresh. Returns how many tensors were copied, remapped and left fresh."""
+    old_ids = Encoder.from_state(payload["encoder"]).pin_ids
+    new_ids = encoder.pin_ids
+    pos = np.minimum(np.searchsorted(old_ids, new_ids), max(len(old_ids) - 1, 0))
+    found = old_ids[pos] == new_ids if len(old_ids) else np.zeros(len(new_ids), bool)
+    new_rows = torch.from_numpy(np.flatnonzero(found) + 1)
+    old_rows = torch.from_numpy(pos[found] + 1)
+    same_vocab = np.array_equal(old_ids, new_ids)
+    counts = {"copied": 0, "remapped": 0, "fresh": 0}
+    state = model.state_dict()
+    with torch.no_grad():
+        for key, tensor in state.items():
+            src = payload["model"].get(key)
+            pin_table = (src is not None and tensor.ndim == 2 and src.ndim == 2 and tensor.shape[0] == len(new_ids) + 1
+                         and src.shape[0] == len(old_ids) + 1 and tensor.shape[1] == src.shape[1])
+            if src is None or "pretrained" in key:
+                counts["fresh"] += 1
+            elif pin_table and not same_vocab:
+                tensor[0] = src[0]
+                tensor[new_rows] = src[old_rows].to(tensor.dtype)
+                counts["remapped"] += 1
+            elif tensor.shape == src.shape:
+                tensor.copy_(src)
+                counts["copied"] += 1
+            else:
+                counts["fresh"] += 1
+    model.load_state_dict(state)
+    return counts
 
 
 def export_user_tower(payload: dict[str, Any], model: TwoTower, collection: str) -> dict[str, Any]:

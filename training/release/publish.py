@@ -95,9 +95,11 @@ def _verify_with_escalation(client, name: str, emb: PinEmbeddings, queries: np.n
         raises += 1
 
 
-def publish(cfg: Config, checkpoint: Path | None = None, embeddings: PinEmbeddings | None = None) -> dict[str, Any]:
+def publish(cfg: Config, checkpoint: Path | None = None, embeddings: PinEmbeddings | None = None,
+            gate: dict[str, Any] | None = None) -> dict[str, Any]:
     """Build, verify and switch to the release of ``checkpoint`` (default: the newest one). ``embeddings``:
-    pins already embedded by this checkpoint's pin tower (default: embed the live serving corpus)."""
+    pins already embedded by this checkpoint's pin tower (default: embed the live serving corpus). ``gate``: the
+    retrain's validation figures, kept in the release record."""
     import torch
 
     reg = Registry(cfg)
@@ -155,7 +157,7 @@ def publish(cfg: Config, checkpoint: Path | None = None, embeddings: PinEmbeddin
                        "publish_seconds": round(time.perf_counter() - t0, 3)},
                 created_at=meta["created_at"], interest_ids=list(payload["interest_ids"]),
                 example_user_id=int(example["user_id"].iloc[0]) if len(example) else None, modes=modes,
-                default_mode="multi" if "multi" in modes else "single")
+                default_mode="multi" if "multi" in modes else "single", gate=dict(gate or {}))
             reg.save_record(release)
         except BaseException:
             store.drop(name)

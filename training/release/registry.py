@@ -60,6 +60,8 @@ class Release:
     """Retrieval modes the model supports: 'single', plus 'multi' (multi-embedding) and 'conditional'."""
     default_mode: str = "single"
     """The mode a request gets when it names none: the best one measured for this model."""
+    gate: dict[str, Any] = field(default_factory=dict)
+    """How ``retrieval retrain`` validated it against the model live at the time (empty for a manual publish)."""
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Release:
