@@ -474,6 +474,9 @@ class RetrainConfig:
     """Demo and benchmark only: before each cycle, move the data on by this many days: the synthetic world is
     continued (``retrieval generate --continue``), a MovieLens replay moves ``data.until`` forward. 0 = take the
     raw data as the ingestion left it (production)."""
+    skip_unchanged: bool = True
+    """Skip the cycle after the data stage (recorded as 'skipped') when the new snapshot is the one the live
+    release was trained on: no new data, nothing to learn."""
     warm_start: bool = False
     """Initialise the candidate from the live checkpoint (shared weights copied, pin ids remapped) instead of from
     scratch."""

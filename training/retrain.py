@@ -1,7 +1,8 @@
 """``retrieval retrain``: the auto-retraining loop. One cycle:
 
 1. **data**: (demo: move the data on by ``retrain.simulate_days``) a new snapshot (contracts + dbt), switched
-   live; Feast materialized incrementally; the point-in-time training set; the pre-trained ID table refreshed when
+   live (the cycle stops here, recorded as skipped, when it is the live release's own snapshot); Feast
+   materialized incrementally; the point-in-time training set; the pre-trained ID table refreshed when
    ``retrain.pretrain_every_days`` says so (never overlapping the candidate's training window);
 2. **train** a candidate, from scratch or warm-started from the live checkpoint (``retrain.warm_start``);
 3. **validate**: candidate and live model scored by the same harness on the same fresh holdout: the test
@@ -164,6 +165,11 @@ def _live(cfg: Config) -> tuple[str | None, Path | None, str | None]:
     return release.model_version, path if path.exists() else None, release.as_of or None
 
 
+def _live_snapshot(cfg: Config) -> str | None:
+    release = Registry(cfg).live()
+    return release.snapshot_id if release else None
+
+
 def _advance(cfg: Config, days: int) -> tuple[Config, dict[str, Any]]:
     """Move the data on by ``days`` (demo / benchmark): continue the synthetic world, or move a replay's
     ``data.until`` (kept in <data_dir>/retrain/replay.json between runs)."""
@@ -242,6 +248,12 @@ def _cycle(cfg: Config) -> dict[str, Any]:
         built = stage("data", lambda: pipeline.build(cfg))
         entry.update(snapshot_id=built["snapshot_id"], as_of=built["as_of"])
         pause_point("retrain:data")
+        if cfg.retrain.skip_unchanged and live_version and built["snapshot_id"] == _live_snapshot(cfg):
+            entry["decision"] = "skipped"
+            entry["gate"] = {"reasons": [f"no new data: snapshot {built['snapshot_id']} is the live release's "
+                                         "(retrain.skip_unchanged)"]}
+            log.info("retrain skipped: %s", entry["gate"]["reasons"][0])
+            return entry
         mat = stage("materialize", lambda: pipeline.features(cfg))
         entry["materialize"] = {k: mat.get(k) for k in ("mode", "rows_written", "seconds")}
         stage("training_set", lambda: pipeline.training_set(cfg))
@@ -284,7 +296,7 @@ def _cycle(cfg: Config) -> dict[str, Any]:
             entry["live_after"] = Registry(cfg).state()["live"]
             entry["finished_at"] = datetime.now(UTC).isoformat(timespec="seconds")
             _append_history(cfg, entry)
-    log.info("retrain %s: %s (live %s -> %s)%s", entry.get("model_version"), entry["decision"], live_version,
+    log.info("retrain %s: %s (live %s -> %s)%s", entry.get("model_version", "-"), entry["decision"], live_version,
              entry["live_after"], "" if entry["decision"] == "accepted" else f": {entry['gate']['reasons']}")
     return entry
 

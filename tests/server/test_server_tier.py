@@ -117,3 +117,43 @@ def test_a_data_dir_pointed_at_another_online_store_is_materialized_in_full(serv
                                                                           redis_connection=f"localhost:{port}"))
     assert feature_store(other).materialize(snap.as_of, snap.id)["mode"] == "full"
     assert_online_equals_offline(other, SERVICES[0], "user_id", "user_features")
+
+
+def test_a_publish_killed_on_the_server_leaves_the_live_release_and_its_alias(server_cfg, models, tmp_path):
+    """SIGKILL during the inserts of a publish to the server: the registry, the alias and searches through the
+    alias are those of the live release; the next publish drops the half-built collection and moves the alias."""
+    import numpy as np
+    import yaml
+
+    from tests.training.release.test_release import _killed_publish
+    from training.release.index import search
+    from training.release.registry import Registry
+
+    reg, store = Registry(server_cfg), IndexStore(server_cfg)
+    if reg.state()["live"] is None:
+        publish(server_cfg, models[0])
+    before = reg.state()
+    live = reg.live()
+    payload = torch.load(models[0], weights_only=True)
+    fresh = server_cfg.data_path / "models" / f"{payload['model_version']}-killed" / "model.pt"
+    fresh.parent.mkdir(parents=True)
+    torch.save({**payload, "model_version": fresh.parent.name}, fresh)
+    config = tmp_path / "server.yaml"
+    config.write_text(yaml.safe_dump({"index": dataclasses.asdict(server_cfg.index),
+                                      "features": dataclasses.asdict(server_cfg.features)}))
+    _killed_publish(server_cfg, fresh, "insert", extra=["--config", str(config)])
+
+    half = IndexStore.collection_of(fresh.parent.name)
+    assert half in store.collections(), "the kill came before the collection existed"
+    assert reg.state() == before and _alias_target(server_cfg) == live.collection
+    with store.client(live.collection, load=True) as c:
+        dim = next(f["params"]["dim"] for f in c.describe_collection(live.collection)["fields"]
+                   if f["name"] == "embedding")
+        query = np.eye(1, dim, dtype=np.float32)
+        direct = search(c, live.collection, query, 10, live.index["search_params"])[0]
+        through_alias = search(c, server_cfg.index.alias, query, 10, live.index["search_params"])[0]
+    assert [h["pin_id"] for h in through_alias] == [h["pin_id"] for h in direct] and len(direct) == 10
+
+    out = publish(server_cfg, fresh)
+    assert half in out["cleaned"]["collections"]
+    assert _alias_target(server_cfg) == half == out["collection"]

@@ -115,6 +115,9 @@ CYCLE_CONFIG = {
 }
 
 
+SAME_DATA = ("--retrain.skip_unchanged", "false")   # retrain on the data of the live release (else skipped)
+
+
 def _retrieval(data_dir: Path, config: Path, *args: str, pause: str | None = None, **kw) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if k not in ("BENTOML_HOME", "RETRIEVAL_PAUSE_AT")}
     if pause:
@@ -149,12 +152,14 @@ def world(tmp_path_factory):
 def test_a_rejected_candidate_leaves_the_live_release_and_is_recorded(world):
     data_dir, config = world
     live = _state(data_dir)["live"]
-    out = _finish(_retrieval(data_dir, config, "retrain", "--retrain.min_metric", "0.99"))
+    [skipped] = _finish(_retrieval(data_dir, config, "retrain"))["candidates"]   # no new data: nothing to learn
+    assert skipped["decision"] == "skipped" and "no new data" in skipped["reasons"][0]
+    out = _finish(_retrieval(data_dir, config, "retrain", "--retrain.min_metric", "0.99", *SAME_DATA))
     [row] = out["candidates"]
     assert row["decision"] == "rejected" and "retrain.min_metric" in row["reasons"][0]
     assert _state(data_dir)["live"] == live == row["live_after"]
     assert not (data_dir / "releases" / f"{row['model_version']}.json").exists()
-    [entry] = history(Config(data_dir=str(data_dir)))
+    entry = history(Config(data_dir=str(data_dir)))[-1]
     assert entry["decision"] == "rejected" and set(entry["gate"]["figures"]) == {"candidate", "live"}
     assert entry["seconds"]["train"] > 0 and entry["seconds"]["validate"] > 0
 
@@ -164,7 +169,7 @@ def test_a_rejected_candidate_leaves_the_live_release_and_is_recorded(world):
 def test_a_retrain_killed_anywhere_leaves_the_live_release_serving(world, point):
     data_dir, config = world
     before = _state(data_dir)
-    proc = _retrieval(data_dir, config, "retrain", "--retrain.tolerance", "1", pause=point)
+    proc = _retrieval(data_dir, config, "retrain", "--retrain.tolerance", "1", *SAME_DATA, pause=point)
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline:
         line = proc.stderr.readline()

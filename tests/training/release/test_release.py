@@ -175,11 +175,12 @@ def test_release_failing_verification_never_goes_live(cfg, checkpoints, monkeypa
     assert store.collections() == [store.collection_name(v0)] and set(stored_user_towers(cfg)) == {v0}
 
 
-def _killed_publish(cfg: Config, checkpoint: Path, stage: str) -> None:
-    """Run ``retrieval release publish`` in a subprocess, SIGKILL it (and its children) at ``stage``."""
+def _killed_publish(cfg: Config, checkpoint: Path, stage: str, extra: list[str] | None = None) -> None:
+    """Run ``retrieval release publish`` (with ``extra`` arguments) in a subprocess, SIGKILL it (and its children) at
+    ``stage``."""
     env = {**os.environ, PAUSE_ENV: stage, "RETRIEVAL_DATA_DIR": cfg.data_dir}
     cmd = [sys.executable, "-m", "training.cli", "release", "publish", "--data_dir", cfg.data_dir,
-           "--checkpoint", str(checkpoint), "--index.verify_queries", "60", "--train.threads", "1"]
+           "--checkpoint", str(checkpoint), "--index.verify_queries", "60", "--train.threads", "1", *(extra or [])]
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stderr=subprocess.PIPE, text=True, start_new_session=True)
     deadline = time.monotonic() + 240
     lines = []
