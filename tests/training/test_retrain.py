@@ -162,6 +162,10 @@ def test_a_rejected_candidate_leaves_the_live_release_and_is_recorded(world):
     entry = history(Config(data_dir=str(data_dir)))[-1]
     assert entry["decision"] == "rejected" and set(entry["gate"]["figures"]) == {"candidate", "live"}
     assert entry["seconds"]["train"] > 0 and entry["seconds"]["validate"] > 0
+    shown = subprocess.run([RETRIEVAL, "release", "history", "--data_dir", str(data_dir)], capture_output=True,
+                           text=True, timeout=120)
+    assert shown.returncode == 0, shown.stderr[-2000:]
+    assert [r["decision"] for r in json.loads(shown.stdout)] == ["skipped", "rejected"]
 
 
 @pytest.mark.slow
@@ -231,3 +235,16 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def test_a_movielens_replay_moves_data_until_forward_across_runs(tmp_path):
+    from training.config import DataConfig
+    from training.retrain import _advance, _replayed
+
+    cfg = Config(data_dir=str(tmp_path), data=DataConfig(source="movielens", until="1998-01-01"))
+    moved, info = _advance(cfg, 14)
+    assert moved.data.until.startswith("1998-01-15") and info["until"].startswith("1998-01-15")
+    assert _replayed(cfg).data.until == moved.data.until      # the next run (a new process) starts from there
+    assert _advance(cfg, 14)[0].data.until.startswith("1998-01-29")
+    with pytest.raises(ValueError, match="data.until"):
+        _advance(Config(data_dir=str(tmp_path / "other"), data=DataConfig(source="movielens")), 7)
