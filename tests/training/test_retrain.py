@@ -248,3 +248,24 @@ def test_a_movielens_replay_moves_data_until_forward_across_runs(tmp_path):
     assert _advance(cfg, 14)[0].data.until.startswith("1998-01-29")
     with pytest.raises(ValueError, match="data.until"):
         _advance(Config(data_dir=str(tmp_path / "other"), data=DataConfig(source="movielens")), 7)
+
+
+def test_pruning_keeps_the_newest_checkpoints_and_every_published_one(tmp_path):
+    from training.config import RetrainConfig
+    from training.retrain import prune
+
+    cfg = Config(data_dir=str(tmp_path), retrain=RetrainConfig(keep_checkpoints=2, keep_pretrained=1))
+    versions = [f"tt-v{i}" for i in range(6)]
+    for i, v in enumerate(versions):
+        (tmp_path / "models" / v).mkdir(parents=True)
+        (tmp_path / "models" / v / "model.pt").write_text("x")
+        os.utime(tmp_path / "models" / v, (1_000_000 + i, 1_000_000 + i))
+        (tmp_path / "pretrained" / f"t{i}").mkdir(parents=True)
+        os.utime(tmp_path / "pretrained" / f"t{i}", (1_000_000 + i, 1_000_000 + i))
+    (tmp_path / "releases").mkdir()
+    (tmp_path / "releases" / "registry.json").write_text(json.dumps(
+        {"live": "tt-v1", "history": ["tt-v0", "tt-v1"], "previous": ["tt-v0"]}))   # live and its rollback target
+    out = prune(cfg)
+    assert sorted(p.name for p in (tmp_path / "models").iterdir()) == ["tt-v0", "tt-v1", "tt-v4", "tt-v5"]
+    assert sorted(out["checkpoints"]) == ["tt-v2", "tt-v3"]
+    assert [p.name for p in (tmp_path / "pretrained").iterdir()] == ["t5"]
