@@ -40,32 +40,8 @@ METRICS = ("capped_recall@50", "recall@50", "capped_recall@10")
 STAGES = ("advance", "data", "materialize", "training_set", "pretrain", "train", "validate", "publish")
 
 
-class Masked:
-    """A scorer whose candidates outside ``allowed`` (bool, per split item) cannot be retrieved."""
-
-    def __init__(self, scorer, allowed: np.ndarray):
-        self.scorer, self.allowed = scorer, allowed
-
-    def score(self, user_idx: np.ndarray) -> np.ndarray:
-        s = self.scorer.score(user_idx)
-        s[:, ~self.allowed] = -np.inf
-        return s
-
-
 def figures(result: dict) -> dict[str, float]:
     return {k: round(float(result[k]), 4) for k in METRICS} | {"users": int(result["users"])}
-
-
-def score(cfg: Config, checkpoint: Path, ts, split, allowed_ids: np.ndarray | None = None) -> dict[str, float]:
-    from training.evaluation.harness import evaluate
-    from training.evaluation.scorer import TwoTowerScorer
-    from training.model.checkpoint import load_checkpoint
-
-    model, encoder, payload = load_checkpoint(checkpoint)
-    scorer = TwoTowerScorer(cfg, model, encoder, ts, split, payload["feature_services"]["pin"]).prepare("test")
-    if allowed_ids is not None:
-        scorer = Masked(scorer, np.isin(split.items, allowed_ids))
-    return figures(evaluate(scorer, split, on="test"))
 
 
 def oracle(cfg: Config, split, at: pd.Timestamp) -> dict[str, float]:
@@ -91,7 +67,7 @@ def main() -> None:
     from training.data.snapshot import load_live
     from training.evaluation.split import load_split
     from training.release.registry import Registry
-    from training.retrain import cycle, fresh_holdout
+    from training.retrain import cycle, fresh_holdout, score_checkpoint
 
     data_dir = Path(args.data_dir)
     shutil.rmtree(data_dir, ignore_errors=True)
@@ -121,9 +97,9 @@ def main() -> None:
         as_of = pd.Timestamp(entry["as_of"])
         row = {
             "week": week, "as_of": entry["as_of"], "decision": entry["decision"], "holdout": holdout,
-            "frozen": score(cfg, frozen, ts, held, allowed_ids=corpus0),
-            "fresh_index": score(cfg, frozen, ts, held),
-            "retrained": score(cfg, kept, ts, held),
+            "frozen": score_checkpoint(cfg, frozen, ts, held, allowed_ids=corpus0),
+            "fresh_index": score_checkpoint(cfg, frozen, ts, held),
+            "retrained": score_checkpoint(cfg, kept, ts, held),
             "candidate": entry["gate"]["figures"]["candidate"],
             "oracle": oracle(cfg, held, as_of - pd.Timedelta(days=3.5)),
             "seconds": entry["seconds"], "cycle_seconds": wall,

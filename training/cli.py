@@ -127,10 +127,6 @@ COMMANDS: dict[str, tuple[Callable[[Config, argparse.Namespace], object], str]] 
 }
 
 
-BUSY_EXIT = 75
-"""Exit status of a retrain that found another one running (EX_TEMPFAIL: try again later)."""
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="retrieval", description=__doc__.split("\n")[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -168,14 +164,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = config_from_args(args)
         result = COMMANDS[args.command][0](cfg, args)
-    except RuntimeError as e:
-        from training.retrain import RetrainBusy
-
+    except (ConfigError, FileNotFoundError, ValueError, RuntimeError) as e:
         print(f"retrieval {args.command}: error: {e}", file=sys.stderr)
-        return BUSY_EXIT if isinstance(e, RetrainBusy) else 2
-    except (ConfigError, FileNotFoundError, ValueError) as e:
-        print(f"retrieval {args.command}: error: {e}", file=sys.stderr)
-        return 2
+        return getattr(e, "exit_status", 2)
     if result is not None:
         print(json.dumps(result, indent=2, default=str))
     return 0

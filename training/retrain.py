@@ -39,8 +39,10 @@ import pandas as pd
 
 from training import pipeline
 from training.config import Config, RetrainConfig, parse_utc
-from training.release.publish import CHECKPOINT_FILE, pause_point
-from training.release.registry import Registry
+from training.io import atomic_write_text
+from training.release.index import IndexBuildError
+from training.release.publish import CHECKPOINT_FILE, pause_point, publish
+from training.release.registry import Registry, Release, ReleaseError
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +54,9 @@ LOCK_FILE = ".retrain.lock"
 
 class RetrainBusy(RuntimeError):
     """Another retrain holds the data dir's lock."""
+
+    exit_status = 75
+    """What `retrieval retrain` exits with (EX_TEMPFAIL: try again later); other errors exit with 2."""
 
 
 @contextmanager
@@ -98,39 +103,40 @@ def decide(candidate: dict[str, float], live: dict[str, float] | None, rc: Retra
 def fresh_holdout(split, since: pd.Timestamp | None, min_users: int):
     """(split whose test part holds only interactions at or after ``since``, description). Too few users with such
     interactions (or no ``since``): the whole test part."""
-    from dataclasses import replace as dc_replace
-
-    from training.evaluation.split import _counts
-
-    f = split.frame
+    test = split.frame[split.frame["part"] == "test"]
     if since is not None:
-        fresh = f[(f["part"] == "test") & (f["event_timestamp"] >= since)]
+        fresh = test[test["event_timestamp"] >= since]
         users = fresh["user_id"].nunique()
         if users >= min_users:
-            test = _counts(fresh, (split.n_users, split.n_items))
-            return dc_replace(split, test=test), {"holdout": "fresh", "since": since.isoformat(), "users": int(users),
-                                                  "interactions": len(fresh)}
+            return split.test_since(since), {"holdout": "fresh", "since": since.isoformat(), "users": int(users),
+                                             "interactions": len(fresh)}
         note = f"only {users} users interacted since {since.isoformat()} (< retrain.min_holdout_users)"
     else:
         note = "no live model data end to cut at"
-    test_rows = int((f["part"] == "test").sum())
-    return split, {"holdout": "test", "note": note, "users": int(f.loc[f["part"] == "test", "user_id"].nunique()),
-                   "interactions": test_rows}
+    return split, {"holdout": "test", "note": note, "users": int(test["user_id"].nunique()),
+                   "interactions": len(test)}
 
 
 GATE_FIGURES = ("recall@10", "recall@50", "capped_recall@10", "capped_recall@50", "capped_recall@100", "ndcg@10",
                 "coverage@50", "users")
 
 
-def score_checkpoint(cfg: Config, path: Path, ts: pd.DataFrame, split) -> dict[str, float]:
-    """The harness's test figures of a checkpoint's model on ``split`` (the users' features from ``ts``)."""
+def score_checkpoint(cfg: Config, path: Path, ts: pd.DataFrame, split, allowed_ids=None) -> dict[str, float]:
+    """The harness's test figures of a checkpoint's model on ``split`` (the users' features from ``ts``);
+    ``allowed_ids``: only these pins can be retrieved (e.g. an old index's corpus), default every candidate."""
+    import numpy as np
+
     from training.evaluation.harness import evaluate
     from training.evaluation.scorer import TwoTowerScorer
     from training.model.checkpoint import load_checkpoint
 
     model, encoder, payload = load_checkpoint(path)
-    scorer = TwoTowerScorer(cfg, model, encoder, ts, split, payload["feature_services"]["pin"])
-    result = evaluate(scorer.prepare("test"), split, on="test")
+    scorer = TwoTowerScorer(cfg, model, encoder, ts, split, payload["feature_services"]["pin"]).prepare("test")
+    if allowed_ids is not None:
+        blocked = ~np.isin(split.items, allowed_ids)
+        score = scorer.score
+        scorer.score = lambda user_idx: np.where(blocked, -np.inf, score(user_idx)).astype(np.float32)
+    result = evaluate(scorer, split, on="test")
     return {k: round(float(result[k]), 5) for k in GATE_FIGURES if k in result}
 
 
@@ -156,18 +162,13 @@ def validate(cfg: Config, candidate: Path, live_checkpoint: Path | None, live_as
 
 
 # --- one cycle ---------------------------------------------------------------------------------------------------
-def _live(cfg: Config) -> tuple[str | None, Path | None, str | None]:
-    """(live model version, its checkpoint if still on disk, its data end)."""
+def _live(cfg: Config) -> tuple[Release | None, Path | None]:
+    """(the live release, its checkpoint if still on disk)."""
     release = Registry(cfg).live()
     if release is None:
-        return None, None, None
+        return None, None
     path = cfg.data_path / "models" / release.model_version / CHECKPOINT_FILE
-    return release.model_version, path if path.exists() else None, release.as_of or None
-
-
-def _live_snapshot(cfg: Config) -> str | None:
-    release = Registry(cfg).live()
-    return release.snapshot_id if release else None
+    return release, path if path.exists() else None
 
 
 def _advance(cfg: Config, days: int) -> tuple[Config, dict[str, Any]]:
@@ -184,8 +185,6 @@ def _advance(cfg: Config, days: int) -> tuple[Config, dict[str, Any]]:
         raise ValueError("retrain.simulate_days replays MovieLens by time: set data.until to where the replay starts")
     until += timedelta(days=days)
     state_file.parent.mkdir(parents=True, exist_ok=True)
-    from training.io import atomic_write_text
-
     atomic_write_text(state_file, json.dumps({"until": until.isoformat()}))
     return replace(cfg, data=replace(cfg.data, until=until.isoformat())), {"until": until.isoformat()}
 
@@ -224,13 +223,12 @@ def cycle(cfg: Config) -> dict[str, Any]:
 
 
 def _cycle(cfg: Config) -> dict[str, Any]:
-    from training.release.publish import publish
-
     started = datetime.now(UTC)
     seconds: dict[str, float] = {}
     entry: dict[str, Any] = {"started_at": started.isoformat(timespec="seconds"), "seconds": seconds,
                              "warm_start": cfg.retrain.warm_start}
-    live_version, live_ckpt, live_as_of = _live(cfg)
+    live, live_ckpt = _live(cfg)
+    live_version, live_as_of = (live.model_version, live.as_of or None) if live else (None, None)
     entry["live_before"] = live_version
     cfg = _replayed(cfg)
 
@@ -248,7 +246,7 @@ def _cycle(cfg: Config) -> dict[str, Any]:
         built = stage("data", lambda: pipeline.build(cfg))
         entry.update(snapshot_id=built["snapshot_id"], as_of=built["as_of"])
         pause_point("retrain:data")
-        if cfg.retrain.skip_unchanged and live_version and built["snapshot_id"] == _live_snapshot(cfg):
+        if cfg.retrain.skip_unchanged and live and built["snapshot_id"] == live.snapshot_id:
             entry["decision"] = "skipped"
             entry["gate"] = {"reasons": [f"no new data: snapshot {built['snapshot_id']} is the live release's "
                                          "(retrain.skip_unchanged)"]}
@@ -275,12 +273,7 @@ def _cycle(cfg: Config) -> dict[str, Any]:
                 out = stage("publish", lambda: publish(cfg, Path(trained["checkpoint"]), gate=gate))
                 entry["decision"] = "accepted"
                 entry["publish"] = {k: out[k] for k in PUBLISH_FIELDS}
-            except Exception as e:  # noqa: BLE001 - publish's own checks (ANN recall, rows) reject a candidate
-                from training.release.index import IndexBuildError
-                from training.release.registry import ReleaseError
-
-                if not isinstance(e, (IndexBuildError, ReleaseError)):
-                    raise
+            except (IndexBuildError, ReleaseError) as e:   # publish's own checks (ANN recall, rows) reject it
                 entry["decision"] = "rejected"
                 entry["gate"]["reasons"] = [*gate["reasons"], f"publish: {e}"]
         else:

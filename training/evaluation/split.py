@@ -124,6 +124,13 @@ class Split:
         empty = sp.csr_matrix(self.valid.shape, dtype=np.float32)
         return replace(self, train=(self.train + self.valid).tocsr(), valid=empty, frame=frame, is_merged=True)
 
+    def test_since(self, since: pd.Timestamp) -> Split:
+        """The split with its test part cut to the interactions at or after ``since`` (train and validation as they
+        are): the fresh holdout a retrain compares its candidate and the live model on."""
+        f = self.frame
+        return replace(self, test=_counts(f[(f["part"] == "test") & (f["event_timestamp"] >= since)],
+                                          (self.n_users, self.n_items)))
+
     def excluded(self, on: Literal["test", "valid"]) -> sp.csr_matrix:
         """(n_users, n_items) counts of the items removed from each user's ranking when evaluating ``on``."""
         if on == "test":
