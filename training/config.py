@@ -220,13 +220,19 @@ class IndexConfig:
     """IVF_FLAT clusters searched per query; publish raises it (×2 steps) until verification passes."""
     hnsw_m: int = 16
     """HNSW graph degree."""
+    hnsw_ef_construction: int = 200
+    """HNSW build breadth (a better graph for a slower build; publish cannot raise it after the build)."""
     hnsw_ef: int = 128
     """HNSW search breadth (also raised by publish when verification needs it)."""
     partition_key: bool = True
     """Milvus server: the interest id is the collection's partition key, so a search filtered to a few interests
-    visits their partitions' own HNSW graphs (filtered recall@100 0.835 at ef 1024 without it on the test data;
-    tests/server). It costs unfiltered searches: 100k random 112-d vectors, ef 128, p50 18.5 ms vs 6.1 ms
-    without. milvus-lite has no partitions and ignores it."""
+    visits their partitions' own HNSW graphs. On 1M pins (bench/bench_service.py, README "Scale out") it is the
+    only layout measured that passes publish's recall gate: without it unfiltered recall@100 was 0.939 at ef 1024;
+    with 8 partitions filtered recall was 0.916. It costs unfiltered searches, which visit every partition.
+    milvus-lite has no partitions and ignores it."""
+    partitions: int = 0
+    """Milvus server, with ``partition_key``: the collection's number of partitions the interests hash into (each
+    with its own segments and graphs; an unfiltered search visits all of them); 0 = Milvus' default (64)."""
     insert_batch: int = 10_000
     """Rows per insert call."""
     verify_queries: int = 200
@@ -241,8 +247,9 @@ class IndexConfig:
     def __post_init__(self) -> None:
         _check(self.index_type in ("IVF_FLAT", "HNSW", "FLAT"), "index.index_type", "must be IVF_FLAT, HNSW or FLAT")
         _positive(self, "index",
-                  "nprobe", "hnsw_m", "hnsw_ef", "insert_batch", "verify_queries", "verify_k", "keep_releases")
+                  "nprobe", "hnsw_m", "hnsw_ef_construction", "hnsw_ef", "insert_batch", "verify_queries", "verify_k", "keep_releases")
         _check(self.nlist >= 0, "index.nlist", "must be >= 0")
+        _check(0 <= self.partitions <= 4096, "index.partitions", "must be in [0, 4096] (0 = Milvus' default)")
         _check(0 < self.min_recall <= 1, "index.min_recall", "must be in (0, 1]")
         _identifier(self.collection_prefix, "index.collection_prefix")
         _identifier(self.alias, "index.alias")

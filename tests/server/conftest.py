@@ -25,9 +25,10 @@ def stack_state(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def server_cfg(stack_state, tmp_path_factory) -> Config:
+def server_cfg(stack_state, pipeline_cfg, tmp_path_factory) -> Config:
     """A data dir whose index lives on the Milvus server (HNSW) and whose online store is Redis, with the data
-    stages run and a short model trained."""
+    stages run and a short model trained. It shares the session's BentoML model store, which ``pipeline_cfg``
+    sets up (BentoML keeps the first store a process opens, so the tier must not open its own first)."""
     import os
 
     from training.pipeline import run_data
@@ -35,8 +36,7 @@ def server_cfg(stack_state, tmp_path_factory) -> Config:
 
     o = stack.overrides(stack_state)
     cfg = small_config(tmp_path_factory.mktemp("server-data"))
-    if os.environ.get("BENTOML_HOME"):   # one BentoML model store per process: the session's (tests/conftest.py)
-        cfg.bentoml_home.symlink_to(os.environ["BENTOML_HOME"], target_is_directory=True)
+    cfg.bentoml_home.symlink_to(os.environ["BENTOML_HOME"], target_is_directory=True)   # tests/conftest.py
     cfg = dataclasses.replace(cfg, index=IndexConfig(**o["index"]),
                               features=FeatureConfig(**o["features"]),
                               train=dataclasses.replace(cfg.train, epochs=2, patience=2, batch_size=256, threads=1))

@@ -65,6 +65,40 @@ def test_publish_builds_hnsw_on_the_server_and_the_alias_follows_publish_and_rol
     assert _alias_target(server_cfg) == a
 
 
+def test_hnsw_over_pins_of_unequal_norms_stores_unit_vectors_and_returns_the_exact_inner_products(server_cfg,
+                                                                                                 models):
+    import numpy as np
+
+    from training.model.checkpoint import load_checkpoint
+    from training.release.embeddings import embed_corpus
+    from training.release.index import MIPS_NORM, search
+    from training.release.publish import sample_users
+    from training.release.registry import Registry
+
+    reg = Registry(server_cfg)
+    if reg.state()["live"] is None:
+        publish(server_cfg, models[0])
+    release = reg.live()
+    model, encoder, payload = load_checkpoint(server_cfg.data_path / "models" / release.model_version / "model.pt")
+    emb = embed_corpus(server_cfg, model, encoder, release.feature_services["pin"])
+    norms = np.linalg.norm(emb.vectors, axis=1)
+    assert norms.max() - norms.min() > 1e-3   # the default model's pins (pin bias, blended pre-trained score)
+    params = release.index["search_params"]
+    assert params[MIPS_NORM] == pytest.approx(norms.max(), rel=1e-5)
+    users = sample_users(server_cfg, model, encoder, release.feature_services["user"], 20, seed=3)
+    queries = np.stack(users["vector"].to_numpy())
+    by_id = dict(zip(emb.frame["pin_id"].to_numpy().tolist(), emb.vectors, strict=True))
+    with IndexStore(server_cfg).client(release.collection) as c:
+        assert c.describe_collection(release.collection)["fields"][-1]["params"]["dim"] == emb.vectors.shape[1] + 1
+        for q, hits in zip(queries, search(c, release.collection, queries, 10, params), strict=True):
+            assert [h["score"] for h in hits] == pytest.approx([float(q @ by_id[h["pin_id"]]) for h in hits],
+                                                               abs=1e-4)
+        # a k above the release's ef (the service raises k by a user's seen pins): Milvus needs ef >= k
+        k = min(params["ef"] + 40, len(emb.frame))
+        assert k > params["ef"]
+        assert len(search(c, release.collection, queries[:2], k, params)[0]) == k
+
+
 def test_two_workers_on_the_server_and_redis_follow_a_switch_with_no_failed_request(server_cfg, models):
     from bentos.launcher import start, stop
     from training.release.registry import Registry
@@ -126,7 +160,7 @@ def test_a_publish_killed_on_the_server_leaves_the_live_release_and_its_alias(se
     import yaml
 
     from tests.training.release.test_release import _killed_publish
-    from training.release.index import search
+    from training.release.index import MIPS_NORM, search
     from training.release.registry import Registry
 
     reg, store = Registry(server_cfg), IndexStore(server_cfg)
@@ -149,7 +183,7 @@ def test_a_publish_killed_on_the_server_leaves_the_live_release_and_its_alias(se
     with store.client(live.collection, load=True) as c:
         dim = next(f["params"]["dim"] for f in c.describe_collection(live.collection)["fields"]
                    if f["name"] == "embedding")
-        query = np.eye(1, dim, dtype=np.float32)
+        query = np.eye(1, dim - (MIPS_NORM in live.index["search_params"]), dtype=np.float32)   # the tower's dim
         direct = search(c, live.collection, query, 10, live.index["search_params"])[0]
         through_alias = search(c, server_cfg.index.alias, query, 10, live.index["search_params"])[0]
     assert [h["pin_id"] for h in through_alias] == [h["pin_id"] for h in direct] and len(direct) == 10
@@ -157,3 +191,25 @@ def test_a_publish_killed_on_the_server_leaves_the_live_release_and_its_alias(se
     out = publish(server_cfg, fresh)
     assert half in out["cleaned"]["collections"]
     assert _alias_target(server_cfg) == half == out["collection"]
+
+
+def test_the_partition_count_of_the_interest_partition_key_is_configurable(server_cfg):
+    import numpy as np
+
+    from training.release.embeddings import PinEmbeddings
+    from training.release.index import EMBEDDING, build_collection
+
+    rng = np.random.default_rng(0)
+    vectors = rng.normal(size=(50, 8)).astype(np.float32)
+    emb = PinEmbeddings(pd.DataFrame({"pin_id": np.arange(50, dtype=np.int64), "interest_id": np.arange(50) % 5,
+                                      "image_signature": [f"s{i}" for i in range(50)],
+                                      "decayed_engagement": np.ones(50, np.float32), EMBEDDING: list(vectors)}))
+    ic = dataclasses.replace(server_cfg.index, partitions=4)
+    store, name = IndexStore(dataclasses.replace(server_cfg, index=ic)), "pins_partition_probe"
+    try:
+        with store.client(name) as c:
+            info = build_collection(c, name, emb, {"model_version": "probe"}, ic)
+            assert c.describe_collection(name)["num_partitions"] == 4
+            assert info["search_params"]["mips_max_norm"] == pytest.approx(np.linalg.norm(vectors, axis=1).max())
+    finally:
+        store.drop(name)
