@@ -3,8 +3,10 @@ the in-process floor measured in the same run.
 
 Needs a data dir where `make run` (or `retrieval run`) has trained a model. For each corpus size N, the
 bench publishes a release of that model whose collection holds N pins: the serving corpus plus synthetic
-pins around the real ones (``--synthetic``, see ``corpus_of_size``), through the normal publish path (verification included). It then starts the service and drives
-POST /retrieve (k=100, users with history, exclude_seen) at concurrency 1, 8, 16 and 32 from a client
+pins around the real ones (``--synthetic``, see ``corpus_of_size``), through the normal publish path
+(verification included), and searches that collection alone at the params its verification settled on. It then
+starts the service and drives POST /retrieve (k=100, users with history, exclude_seen) at concurrency 1, 8, 16
+and 32 from a client
 process of threads, and reports p50/p99 latency, throughput and errors. The floor is the work of one
 request done in process without HTTP, BentoML or Milvus: Feast online features + user tower + exact numpy
 top-k over the same N vectors. It stops a service already running on the data dir (milvus-lite opens a

@@ -247,7 +247,8 @@ class IndexConfig:
     def __post_init__(self) -> None:
         _check(self.index_type in ("IVF_FLAT", "HNSW", "FLAT"), "index.index_type", "must be IVF_FLAT, HNSW or FLAT")
         _positive(self, "index",
-                  "nprobe", "hnsw_m", "hnsw_ef_construction", "hnsw_ef", "insert_batch", "verify_queries", "verify_k", "keep_releases")
+                  "nprobe", "hnsw_m", "hnsw_ef_construction", "hnsw_ef", "insert_batch", "verify_queries", "verify_k",
+                  "keep_releases")
         _check(self.nlist >= 0, "index.nlist", "must be >= 0")
         _check(0 <= self.partitions <= 4096, "index.partitions", "must be in [0, 4096] (0 = Milvus' default)")
         _check(0 < self.min_recall <= 1, "index.min_recall", "must be in (0, 1]")
