@@ -174,9 +174,9 @@ def index_params(ic: IndexConfig, rows: int) -> tuple[dict[str, Any], dict[str, 
 def mips_transform(vectors: np.ndarray) -> tuple[np.ndarray, float]:
     """Pins of unequal norms made unit vectors with one more coordinate, ranking preserved exactly: with
     M = the largest norm, x -> [x, sqrt(M² - |x|²)] / M and a query q -> [q, 0], so q'·x' = q·x / M (Bachrach et
-    al. 2014). HNSW over inner product needs it: on the default model's pins (norms 1.00-1.03, from the pin bias
-    and the blended pre-trained score) Milvus 2.3's HNSW recall@100 stayed at 0.46 from ef 128 to ef 1024 on 300k
-    pins, against 0.98 at ef 128 for the same pins at unit norm (bench_service's corpus; the README)."""
+    al. 2014). HNSW over inner product needs it: on 300k of the default model's pins (the pin bias and the blended
+    pre-trained score make their norms unequal) Milvus 2.3's HNSW recall@100 stayed at 0.43-0.45 from ef 128 to ef
+    1024, and reached 0.98 at ef 128 through this reduction (bench/bench_mips.py)."""
     norms = np.linalg.norm(vectors, axis=1)
     top = float(norms.max()) if len(norms) else 1.0
     extra = np.sqrt(np.maximum(top * top - norms * norms, 0.0))[:, None]
@@ -192,15 +192,16 @@ def needs_mips_transform(ic: IndexConfig, vectors: np.ndarray) -> bool:
 
 
 def build_collection(client, name: str, emb: PinEmbeddings, metadata: dict[str, Any], ic: IndexConfig,
-                     on_progress=None) -> dict[str, Any]:
+                     on_progress=None, mips: bool | None = None) -> dict[str, Any]:
     """Create ``name`` with the version metadata, insert in batches, flush, index, load. An approximate index
-    over pins of unequal norms stores them through ``mips_transform``; the returned search params then carry
-    ``MIPS_NORM``, which ``search`` uses to pad queries and restore the inner products."""
+    over pins of unequal norms stores them through ``mips_transform`` (``mips``: force it on or off; None =
+    ``needs_mips_transform``, what publish uses); the returned search params then carry ``MIPS_NORM``, which
+    ``search`` uses to pad queries and restore the inner products."""
     from pymilvus import DataType
 
     vectors = emb.vectors
     max_norm = None
-    if needs_mips_transform(ic, vectors):
+    if needs_mips_transform(ic, vectors) if mips is None else mips:
         vectors, max_norm = mips_transform(vectors)
     dim = vectors.shape[1]
     description = json.dumps(metadata, sort_keys=True)
