@@ -31,12 +31,12 @@ import pandas as pd  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from common import machine, save_and_print  # noqa: E402  (bench/common.py)
+from common import machine, save_and_print, timed_searches  # noqa: E402  (bench/common.py)
 
 from training.config import Config, IndexConfig  # noqa: E402
 from training.evaluation.metrics import top_k  # noqa: E402
 from training.release.embeddings import PinEmbeddings  # noqa: E402
-from training.release.index import EMBEDDING, IndexStore, build_collection, search  # noqa: E402
+from training.release.index import EMBEDDING, IndexStore, build_collection  # noqa: E402
 
 DIM = 64
 N_INTERESTS = 20
@@ -105,19 +105,11 @@ def run_size(n: int, index_types: list[str], queries: int, k: int, work: Path, s
                 else [info["search_params"]]
             for params in settings:
                 for fname, fs in filters.items():
-                    for qv, f in zip(q[:10], fs[:10], strict=True):   # warm-up
-                        search(client, name, qv[None, :], k, params, interests=f)
-                    lat, rec = [], []
-                    for qv, f, want in zip(q, fs, truth[fname], strict=True):
-                        t = time.perf_counter()
-                        got = search(client, name, qv[None, :], k, params, interests=f)[0]
-                        lat.append(time.perf_counter() - t)
-                        rec.append(len({h["pin_id"] for h in got} & set(want)) / len(want))
-                    p50, p99 = percentiles(lat)
+                    r = timed_searches(client, name, q, fs, truth[fname], k, params)
                     rows.append({"pins": n, "engine": f"{engine} {index_type} {info['build_params'] or ''} "
                                                       f"{params or ''}".strip(),
-                                 "filter": fname, "p50_ms": p50, "p99_ms": p99, "recall": float(np.mean(rec)),
-                                 "build_s": build_s, "insert_s": info["insert_seconds"],
+                                 "filter": fname, "p50_ms": r["p50_ms"], "p99_ms": r["p99_ms"],
+                                 "recall": r["recall"], "build_s": build_s, "insert_s": info["insert_seconds"],
                                  "index_s": info["index_seconds"]})
                     print(json.dumps(rows[-1]), flush=True)
         store.drop(name)

@@ -37,7 +37,7 @@ import torch  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from common import machine, save_and_print  # noqa: E402  (bench/common.py)
+from common import machine, save_and_print, timed_searches  # noqa: E402  (bench/common.py)
 
 from bentos.launcher import start, stop  # noqa: E402
 from training.config import Config  # noqa: E402
@@ -46,7 +46,7 @@ from training.features.store import feature_store  # noqa: E402
 from training.model.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from training.model.towers import run_tower  # noqa: E402
 from training.release.embeddings import PinEmbeddings, embed_corpus  # noqa: E402
-from training.release.index import EMBEDDING, IndexStore, search  # noqa: E402
+from training.release.index import EMBEDDING, IndexStore  # noqa: E402
 from training.release.publish import latest_checkpoint, publish, rollback, sample_users  # noqa: E402
 from training.release.registry import Registry  # noqa: E402
 
@@ -135,29 +135,21 @@ def index_alone(cfg: Config, model, encoder, emb: PinEmbeddings, release: dict[s
     params = release["index"]["search_params"]
     vectors, ids = emb.vectors, emb.frame["pin_id"].to_numpy()
     interest = emb.frame["interest_id"].to_numpy()
-    rng = np.random.default_rng(2)
-    first = np.where(users["top_interest"].to_numpy() >= 0, users["top_interest"].to_numpy(),
-                     rng.choice(np.unique(interest), len(users)))
-    other = rng.choice(np.unique(interest), len(users))
+    rng, known = np.random.default_rng(2), np.unique(interest)
+    top = users["top_interest"].to_numpy()
+    first = np.where(top >= 0, top, rng.choice(known, len(users)))
+    other = rng.choice(known, len(users))
     filters = {"none": [None] * len(users), "1 interest": [[int(i)] for i in first],
                "2 interests": [sorted({int(i), int(j)}) for i, j in zip(first, other, strict=True)]}
     rows = []
     with store.client(release["collection"], load=True) as client:
         for fname, fs in filters.items():
-            for q, f in zip(queries[:10], fs[:10], strict=True):   # warm-up
-                search(client, release["collection"], q[None, :], k, params, interests=f)
-            lat, rec = [], []
+            truths = []
             for q, f in zip(queries, fs, strict=True):
                 sub = np.arange(len(ids)) if f is None else np.flatnonzero(np.isin(interest, f))
-                want = set(ids[sub][top_k(q[None, :] @ vectors[sub].T, min(k, len(sub)))[0]].tolist())
-                t = time.perf_counter()
-                got = search(client, release["collection"], q[None, :], k, params, interests=f)[0]
-                lat.append(time.perf_counter() - t)
-                rec.append(len({h["pin_id"] for h in got} & want) / len(want))
-            a = np.asarray(lat) * 1e3
-            rows.append({"pins": len(emb), "mode": f"index alone {params}, filter: {fname}",
-                         "p50_ms": float(np.percentile(a, 50)), "p99_ms": float(np.percentile(a, 99)),
-                         "recall": float(np.mean(rec)), "concurrency": 1, "requests": len(lat)})
+                truths.append(ids[sub][top_k(q[None, :] @ vectors[sub].T, min(k, len(sub)))[0]])
+            r = timed_searches(client, release["collection"], queries, fs, truths, k, params)
+            rows.append({"pins": len(emb), "mode": f"index alone {params}, filter: {fname}", **r, "concurrency": 1})
             print(json.dumps(rows[-1]), flush=True)
     return rows
 
