@@ -380,6 +380,13 @@ class TrainConfig:
     """Dropout inside the tower MLPs."""
     seq_dropout: float = 0.4
     """Training only: each item of the user's learned history sequence is dropped with this probability."""
+    wide_counts: bool = False
+    """With ``pin_bias``: the pin's log engagement counts also enter its bias linearly (a wide part beside the
+    deep towers), since a layer-normalised field keeps little of a count's magnitude."""
+    pin_id_dropout: float = 0.0
+    """Training only: each pin the pin tower embeds is read as an unknown pin (no learned id, no pre-trained
+    vector) with this probability, so the tower also learns to score pins from their features alone: the pins
+    created after the training window, which it meets at serving time."""
     pretrained: str = "frozen"
     """Pre-trained ID embeddings (``retrieval pretrain``): 'none', 'frozen' (as Pinterest: not updated, dropout on
     top) or 'finetune' (initialised from the table, trained)."""
@@ -439,6 +446,7 @@ class TrainConfig:
         _check(self.temperature > 0, "train.temperature", "must be > 0")
         _check(0 <= self.dropout < 1, "train.dropout", "must be in [0, 1)")
         _check(0 <= self.seq_dropout < 1, "train.seq_dropout", "must be in [0, 1)")
+        _check(0 <= self.pin_id_dropout < 1, "train.pin_id_dropout", "must be in [0, 1)")
         _check(0 <= self.pretrained_dropout < 1, "train.pretrained_dropout", "must be in [0, 1)")
         _check(0 < self.window_fraction <= 1, "train.window_fraction", "must be in (0, 1]")
         _check(self.pretrained == "none" or self.window_fraction < 1, "train.window_fraction",
@@ -459,8 +467,8 @@ class ReportConfig:
     seeds: int = 3
     """Training seeds of every two-tower row (same split); the table shows mean ± std."""
     variants: str = "default,backbone,pretrained,negatives"
-    """Comma-separated ablation groups (training/evaluation/report.py: VARIANT_GROUPS; also 'objective', 'extra');
-    'default' alone = the default config only."""
+    """Comma-separated ablation groups (training/evaluation/report.py: VARIANT_GROUPS; also 'fresh', 'objective',
+    'extra'); 'default' alone = the default config only."""
     baselines: str = "popularity,item-knn,als,ease,ease-recency"
     """Comma-separated baselines, each tuned on validation and refit on train + validation."""
 

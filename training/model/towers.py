@@ -95,12 +95,14 @@ class Tower(nn.Module):
         """Width of the output vectors (``out_dim``, plus the pre-trained subspace when blended)."""
         return self.out.out_features + (self.blend_dim or 0)
 
-    def _tail(self, fields: list[torch.Tensor], table: torch.Tensor | None) -> torch.Tensor:
+    def _tail(self, fields: list[torch.Tensor], table: torch.Tensor | None,
+              wide: torch.Tensor | None = None) -> torch.Tensor:
         tokens = torch.stack(fields, dim=1)                                      # (B, F, d)
         y = self.out(self.backbone(tokens))                                      # (B, D)
-        if self.pin_bias:   # the last coordinate: 1 for users, the pin's learned bias for pins
+        if self.pin_bias:   # the last coordinate: 1 for users, the pin's learned bias (+ its wide part) for pins
             head = F.normalize(y[:, :-1], dim=-1) if self.normalize else y[:, :-1]
-            y = torch.cat([head, torch.ones_like(y[:, -1:]) if self.side == "user" else y[:, -1:]], dim=1)
+            bias = y[:, -1:] if wide is None else y[:, -1:] + wide
+            y = torch.cat([head, torch.ones_like(y[:, -1:]) if self.side == "user" else bias], dim=1)
         elif self.normalize:
             y = F.normalize(y, dim=-1)
         if self.blend_dim is not None:
@@ -122,6 +124,12 @@ class PinTower(Tower):
         self.f_pin, self.f_interest = Field(E, d), Field(E, d)
         self.f_counts = Field(len(PIN_COUNT_COLUMNS), d)
         self.pretrained = None
+        self.id_dropout = tc.pin_id_dropout
+        # wide part: the log counts straight into the pin bias, so popularity is not squashed by a field's norm
+        self.wide = nn.Linear(len(PIN_COUNT_COLUMNS), 1) if tc.wide_counts and tc.pin_bias else None
+        if self.wide is not None:
+            nn.init.zeros_(self.wide.weight)
+            nn.init.zeros_(self.wide.bias)
         n_fields = 3
         if target is not None:
             self.pretrained = Pretrained(target, tc.pretrained == "finetune", tc.pretrained_dropout)
@@ -131,13 +139,16 @@ class PinTower(Tower):
                         else None)
 
     def forward(self, x: dict[str, torch.Tensor]) -> torch.Tensor:
-        fields = [self.f_pin(self.pin_embedding(x["pin"])), self.f_interest(self.interest_embedding(x["interest"])),
+        pin = x["pin"]
+        if self.training and self.id_dropout:   # read as unknown (index 0): features only, as a pin newer than the ids
+            pin = pin.masked_fill(torch.rand(pin.shape) < self.id_dropout, 0)
+        fields = [self.f_pin(self.pin_embedding(pin)), self.f_interest(self.interest_embedding(x["interest"])),
                   self.f_counts(x["counts"])]
         table = None
         if self.pretrained is not None:
-            table = self.pretrained(x["pin"])                                    # (B, k)
+            table = self.pretrained(pin)                                         # (B, k)
             fields.append(self.f_pretrained(self.pretrained.drop(table)))
-        return self._tail(fields, table)
+        return self._tail(fields, table, None if self.wide is None else self.wide(x["counts"]))
 
 
 class UserTower(Tower):

@@ -128,6 +128,38 @@ def test_sequence_dropout_acts_in_training_only():
     assert all(torch.isfinite(o).all() for o in outs)                   # rows left without history stay finite
 
 
+def test_pin_id_dropout_reads_pins_as_unknown_in_training_only():
+    df = frame()
+    table = _table(df)
+    enc, model = build(df, table=table, pretrained="frozen", pretrained_dropout=0.0, window_fraction=0.5,
+                       pin_id_dropout=0.999999)
+    pins = enc.pins(df)
+    unknown = {**pins, "pin": torch.zeros_like(pins["pin"])}           # every id unknown, the features kept
+    model.train()
+    torch.testing.assert_close(model.pin_tower(pins), model.pin_tower(unknown))   # ids (and table rows) dropped
+    model.eval()
+    torch.testing.assert_close(model.pin_tower(pins), model.pin_tower(pins))
+    assert not torch.allclose(model.pin_tower(pins), model.pin_tower(unknown))    # serving reads the ids
+
+
+def test_wide_counts_enter_the_pin_bias_linearly_and_start_at_zero():
+    df = frame()
+    enc, model = build(df, wide_counts=True)
+    _, plain = build(df)
+    missing, unexpected = model.load_state_dict(plain.state_dict(), strict=False)   # the same deep weights
+    assert not unexpected and sorted(missing) == ["pin_tower.wide.bias", "pin_tower.wide.weight"]
+    pins = enc.pins(df)
+    model.eval()
+    plain.eval()
+    torch.testing.assert_close(model.pin_tower(pins), plain.pin_tower(pins))   # zero-initialised: no change yet
+    with torch.no_grad():
+        model.pin_tower.wide.weight.zero_()
+        model.pin_tower.wide.weight[0, 0] = 2.0
+    shifted = model.pin_tower(pins)
+    torch.testing.assert_close(shifted[:, :-1], plain.pin_tower(pins)[:, :-1])
+    torch.testing.assert_close(shifted[:, -1] - plain.pin_tower(pins)[:, -1], 2.0 * pins["counts"][:, 0])
+
+
 def _table(df: pd.DataFrame, end: str = "2026-01-01T00:00:00+00:00") -> PretrainedTable:
     pins = np.array([100, 101, 102, 103], np.int64)
     rng = np.random.default_rng(1)
