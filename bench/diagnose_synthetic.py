@@ -1,0 +1,146 @@
+"""Where the recall of the synthetic world comes from, and what a model can see of it.
+
+Usage: ``python bench/diagnose_synthetic.py --data-dir D`` (a synthetic data dir after ``retrieval run``; the split is
+the report's). Prints capped recall@10 / @50 on the report's split for:
+
+1. the generator's ground truth taken apart: the interest term, the pin-popularity term and the affinity term alone
+   and together, and with the pin's age boost added (the generator moves the impressions a pin would have had
+   before its creation into its lifetime, so a pin created d days before the end is shown at days_total / d times
+   its rate; the oracle ranks by the stationary rate);
+2. how much of the held-out engagement falls on pins the ids cannot know: pins never engaged in the train part, and
+   pins outside the pre-trained table of the default config (its window ends where the training window starts);
+3. a two-number scorer with no training: log of the user's smoothed interest shares in their train history plus
+   beta times the log of the pin's engagements (every user's) in the ``days`` before the user's cut-off, at 8
+   cut-off time points as the two-tower scorer does; ``days`` and ``beta`` chosen on validation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from training.config import Config
+from training.data.synthetic import GroundTruth, index_of
+from training.evaluation.harness import evaluate
+from training.evaluation.split import Split, load_split
+from training.pretrain import pretrain
+
+TIME_POINTS = 8
+
+
+class _Scores:
+    def __init__(self, fn):
+        self.fn = fn
+
+    def fit(self, split: Split) -> None:
+        pass
+
+    def score(self, user_idx: np.ndarray) -> np.ndarray:
+        return self.fn(user_idx).astype(np.float32)
+
+
+def _recall(fn, split: Split, on: str) -> tuple[float, float]:
+    r = evaluate(_Scores(fn), split, on=on)
+    return round(r["capped_recall@10"], 4), round(r["capped_recall@50"], 4)
+
+
+def truth_parts(truth: GroundTruth, split: Split, boost: np.ndarray):
+    """fn(parts) -> scorer over the split's users and items, from the ground truth's terms."""
+    cols = index_of(truth.pin_ids, split.items, "candidate pin ids")
+    users = index_of(truth.user_ids, split.users, "user ids")
+    pin_k = truth.pin_interest[cols]
+    log_pop = np.log(truth.popularity[cols])
+    w = truth.trend_weights(None)
+
+    def make(interest: bool, pop: bool, affinity: bool, age: bool):
+        def fn(u: np.ndarray) -> np.ndarray:
+            mix = truth.theta[users[u]] * w
+            mix /= mix.sum(axis=1, keepdims=True)
+            aff = truth.z[users[u]] @ truth.v[cols].T
+            logit = (log_pop if pop else 0.0) + (aff / truth.temperature if affinity else 0.0) + np.zeros_like(aff)
+            lse = np.zeros((len(u), mix.shape[1]))
+            for k in np.unique(pin_k):
+                m = pin_k == k
+                lse[:, k] = np.log(np.exp(logit[:, m]).sum(axis=1))
+            s = logit - lse[:, pin_k]
+            if interest:
+                s += np.log(mix[:, pin_k] + 1e-12)
+            if affinity:
+                rates = [np.exp(b + a * aff) for b, a in zip(truth.outcome_bias, truth.outcome_slope, strict=True)]
+                s += np.log(rates[1] + rates[2] + rates[3]) - np.log(sum(rates))
+            return s + (boost[None, :] if age else 0.0)
+        return fn
+    return make
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data-dir", required=True)
+    args = ap.parse_args()
+    logging.disable(logging.INFO)
+    cfg = Config.load(None, {"data_dir": args.data_dir})
+    ts, split, manifest = load_split(cfg)
+    raw = cfg.data_path / "raw"
+    truth = GroundTruth.load(raw / "ground_truth.npz")
+    fr = split.frame
+
+    # 1. the ground truth taken apart (the age boost: log(days_total / days_left) for pins created in the history)
+    created = pd.read_parquet(raw / "pins.parquet").set_index("pin_id")["created_at"].reindex(split.items)
+    start, end = fr["event_timestamp"].min(), fr["event_timestamp"].max()
+    left = np.maximum((end - created).dt.total_seconds().to_numpy(), 3600.0)
+    boost = np.where((created > start).to_numpy(), np.log((end - start).total_seconds() / left), 0.0)
+    make = truth_parts(truth, split, boost)
+    print("1. ground truth terms (test: capped R@10, R@50)")
+    for label, parts in [("full oracle (interest + popularity + affinity)", (True, True, True, False)),
+                         ("interest + popularity (no affinity)", (True, True, False, False)),
+                         ("popularity + affinity (no interest)", (False, True, True, False)),
+                         ("interest + affinity (no popularity)", (True, False, True, False)),
+                         ("full oracle + the pin's age boost", (True, True, True, True))]:
+        print(f"   {label:55s} {_recall(make(*parts), split, 'test')}", flush=True)
+
+    # 2. held-out engagement on pins the ids cannot know
+    seen = np.asarray(split.train.sum(axis=0)).ravel() > 0
+    table = pretrain(cfg, split, manifest["snapshot_id"])
+    in_table = np.isin(split.items, table.pin_ids)
+    print(f"2. candidates in the pre-trained table (window ends {table.window_end}): {in_table.mean():.3f}")
+    for on in ("valid", "test"):
+        rel = np.asarray(split.relevant(on).sum(axis=0)).ravel()
+        print(f"   {on}: held-out pairs on pins never engaged in train {rel[~seen].sum() / rel.sum():.3f}, "
+              f"on pins outside the table {rel[~in_table].sum() / rel.sum():.3f}")
+
+    # 3. interest shares x recent pin engagement, point in time
+    ki = split.item_interest
+    n_k = int(ki.max()) + 1
+    onehot = sp.csr_matrix((np.ones(len(ki)), (np.arange(len(ki)), ki)), shape=(len(ki), n_k))
+    per_user = (split.train.tocsr() @ onehot).toarray()
+    prior = per_user.sum(axis=0) / per_user.sum()
+    a = 0.1
+    shares = np.log((per_user + a * n_k * prior) / (per_user.sum(axis=1, keepdims=True) + a * n_k))
+    ev_t, ev_i = fr["event_timestamp"].to_numpy(), fr["item_idx"].to_numpy()
+    results: dict[tuple[int, float], dict[str, tuple[float, float]]] = {}
+    for on in ("valid", "test"):
+        first = fr[fr["part"] == on].sort_values("event_timestamp").drop_duplicates("user_idx")
+        cut = pd.Series(first["event_timestamp"].to_numpy(), index=first["user_idx"].to_numpy())
+        times = sorted(set(cut.quantile(np.linspace(0, 1, TIME_POINTS), interpolation="lower")))
+        bucket = np.zeros(split.n_users, dtype=np.int64)
+        bucket[cut.index.to_numpy()] = np.searchsorted(times, cut.to_numpy(), side="right") - 1
+        for days in (14, 30):
+            recent = np.stack([np.bincount(ev_i[(ev_t < t) & (ev_t >= t - pd.Timedelta(days=days))],
+                                           minlength=split.n_items) for t in times])
+            for beta in (0.5, 1.0):
+                def fn(u, recent=recent, beta=beta, bucket=bucket):
+                    return shares[u][:, ki] + beta * np.log(recent[bucket[u]] + 0.5)
+                results.setdefault((days, beta), {})[on] = _recall(fn, split, on)
+    best = max(results, key=lambda key: results[key]["valid"][1])
+    print("3. interest shares + beta * log(recent pin engagements) (valid / test: capped R@10, R@50)")
+    for (days, beta), r in results.items():
+        mark = "  <- chosen on validation" if (days, beta) == best else ""
+        print(f"   days {days:2d} beta {beta:.1f}: valid {r['valid']} test {r['test']}{mark}")
+
+
+if __name__ == "__main__":
+    main()
