@@ -380,9 +380,13 @@ class TrainConfig:
     """Dropout inside the tower MLPs."""
     seq_dropout: float = 0.4
     """Training only: each item of the user's learned history sequence is dropped with this probability."""
-    wide_counts: bool = False
+    wide_counts: bool = True
     """With ``pin_bias``: the pin's log engagement counts also enter its bias linearly (a wide part beside the
     deep towers), since a layer-normalised field keeps little of a count's magnitude."""
+    wide_interest: bool = True
+    """With ``pin_bias``: a wide cross beside the deep towers, the user's smoothed log interest shares (from the
+    history) against the pin's one-hot interest, with a learned scale; adds the number of interests to the index
+    dimension."""
     pin_id_dropout: float = 0.0
     """Training only: each pin the pin tower embeds is read as an unknown pin (no learned id, no pre-trained
     vector) with this probability, so the tower also learns to score pins from their features alone: the pins
@@ -467,7 +471,7 @@ class ReportConfig:
     seeds: int = 3
     """Training seeds of every two-tower row (same split); the table shows mean ± std."""
     variants: str = "default,backbone,pretrained,negatives"
-    """Comma-separated ablation groups (training/evaluation/report.py: VARIANT_GROUPS; also 'fresh', 'objective',
+    """Comma-separated ablation groups (training/evaluation/report.py: VARIANT_GROUPS; also 'wide', 'objective',
     'extra'); 'default' alone = the default config only."""
     baselines: str = "popularity,item-knn,als,ease,ease-recency"
     """Comma-separated baselines, each tuned on validation and refit on train + validation."""

@@ -203,7 +203,7 @@ def choose_blend(model: TwoTower, scorer: TwoTowerScorer, split: Split, k: int) 
     for tower in (model.user_tower, model.pin_tower):
         tower.set_blend(1.0, 1.0)
     scorer.prepare("valid")
-    learned_dim = model.user_tower.out.out_features
+    learned_dim = model.user_tower.learned_dim
     figures = {}
     for w in BLEND_GRID:
         parts = (0.0, 1.0) if math.isinf(w) else (1.0, w)

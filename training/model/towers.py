@@ -36,6 +36,9 @@ from training.model.clustering import k_for_length, route
 from training.model.encoding import AGE_BUCKETS, PIN_COUNT_COLUMNS, RECENCY_BUCKETS, USER_COUNT_COLUMNS, take
 from training.model.pretrained import recency_weights
 
+CROSS_SMOOTHING = 0.1
+"""Pseudo-count per interest of the wide interest cross's shares (``train.wide_interest``)."""
+
 
 class Field(nn.Module):
     """One feature group -> one layer-normalised token: (B, in) -> (B, d)."""
@@ -86,25 +89,48 @@ class Tower(nn.Module):
         self.normalize = tc.normalize
         self.blend_dim = blend_dim
         self.register_buffer("blend", torch.tensor([1.0, 0.0]))
+        # wide interest cross: users' log interest shares · pins' one-hot interest, outside the normalisation;
+        # the user side's scale starts at the initial temperature, i.e. one log-share unit per logit
+        self.cross_dim = self.n_cross if tc.wide_interest and tc.pin_bias else 0
+        if self.cross_dim and self.side == "user":   # learned in log space: Adam's steps stay relative
+            self.cross_log_scale = nn.Parameter(torch.zeros(()))
+        self.logit_unit = float(tc.temperature)
+        """A score of ``logit_unit`` is one logit at the initial temperature: the wide parts are scaled by it so
+        that their weights learn in logits (a unit-scale weight under Adam would move 1/τ logits per step)."""
+
+    @property
+    def cross_scale(self) -> torch.Tensor:
+        """The user side's scale of the wide interest cross (its log shares are multiplied by it)."""
+        return self.logit_unit * self.cross_log_scale.exp()
+
+    n_cross = 0
+    """Interests of the wide cross (set by the towers before ``_init_tail``)."""
 
     def set_blend(self, learned: float, table: float) -> None:
         self.blend.copy_(torch.tensor([learned, table]))
 
     @property
+    def learned_dim(self) -> int:
+        """Width of the trained part of the output vectors (``out_dim``, plus the wide interest cross)."""
+        return self.out.out_features + self.cross_dim
+
+    @property
     def dim(self) -> int:
-        """Width of the output vectors (``out_dim``, plus the pre-trained subspace when blended)."""
-        return self.out.out_features + (self.blend_dim or 0)
+        """Width of the output vectors (the trained part, plus the pre-trained subspace when blended)."""
+        return self.learned_dim + (self.blend_dim or 0)
 
     def _tail(self, fields: list[torch.Tensor], table: torch.Tensor | None,
-              wide: torch.Tensor | None = None) -> torch.Tensor:
+              wide: torch.Tensor | None = None, cross: torch.Tensor | None = None) -> torch.Tensor:
         tokens = torch.stack(fields, dim=1)                                      # (B, F, d)
         y = self.out(self.backbone(tokens))                                      # (B, D)
         if self.pin_bias:   # the last coordinate: 1 for users, the pin's learned bias (+ its wide part) for pins
             head = F.normalize(y[:, :-1], dim=-1) if self.normalize else y[:, :-1]
-            bias = y[:, -1:] if wide is None else y[:, -1:] + wide
+            bias = y[:, -1:] if wide is None else y[:, -1:] + self.logit_unit * wide
             y = torch.cat([head, torch.ones_like(y[:, -1:]) if self.side == "user" else bias], dim=1)
         elif self.normalize:
             y = F.normalize(y, dim=-1)
+        if self.cross_dim:
+            y = torch.cat([y, cross], dim=1)
         if self.blend_dim is not None:
             y = torch.cat([self.blend[0].sqrt() * y, self.blend[1].sqrt() * table], dim=1)   # (B, D + k)
         return y
@@ -125,6 +151,7 @@ class PinTower(Tower):
         self.f_counts = Field(len(PIN_COUNT_COLUMNS), d)
         self.pretrained = None
         self.id_dropout = tc.pin_id_dropout
+        self.n_cross = n_interests
         # wide part: the log counts straight into the pin bias, so popularity is not squashed by a field's norm
         self.wide = nn.Linear(len(PIN_COUNT_COLUMNS), 1) if tc.wide_counts and tc.pin_bias else None
         if self.wide is not None:
@@ -148,7 +175,8 @@ class PinTower(Tower):
         if self.pretrained is not None:
             table = self.pretrained(pin)                                         # (B, k)
             fields.append(self.f_pretrained(self.pretrained.drop(table)))
-        return self._tail(fields, table, None if self.wide is None else self.wide(x["counts"]))
+        cross = F.one_hot(x["interest"], self.n_cross + 1)[:, 1:].float() if self.cross_dim else None
+        return self._tail(fields, table, None if self.wide is None else self.wide(x["counts"]), cross)
 
 
 class UserTower(Tower):
@@ -185,6 +213,7 @@ class UserTower(Tower):
                                                               batch_first=True, norm_first=True)
         self.f_attended, self.f_mean = Field(E, d), Field(E, d)
         self.n_interests = interest_embedding.num_embeddings
+        self.n_cross = self.n_interests - 1
         self.f_interest_mix = Field(self.n_interests, d)
         n_fields = 6
         self.k_max, self.routing_iterations = tc.multi_embedding, tc.routing_iterations
@@ -224,6 +253,11 @@ class UserTower(Tower):
                  + self.recency(x["seq_recency"]))                               # (B, L, E)
         valid = x["seq_valid"]                                                   # (B, L)
         mix = torch.zeros(valid.shape[0], self.n_interests).scatter_add_(1, x["seq_interest"], x["seq_valid"].float())
+        cross = None
+        if self.cross_dim:   # smoothed log shares of the known interests (index 0 = unknown is left out)
+            known = mix[:, 1:]
+            cross = self.cross_scale * torch.log((known + CROSS_SMOOTHING)
+                                                 / (known.sum(1, keepdim=True) + CROSS_SMOOTHING * self.n_cross))
         mix = mix / mix.sum(1, keepdim=True).clamp(min=1)                        # (B, K+1) interest shares
         if self.training and self.seq_dropout:
             valid = valid & (torch.rand(valid.shape) >= self.seq_dropout)
@@ -252,7 +286,7 @@ class UserTower(Tower):
             user = self.pretrained_users.drop(self.pretrained_users(x["user"]))
             fields += [self.f_pretrained(self.pretrained.drop(table)), self.f_pretrained_user(user)]
         if not self.multi:
-            y = self._tail(fields, table)
+            y = self._tail(fields, table, cross=cross)
             return (y, torch.ones(len(y), 1, dtype=torch.bool)) if with_mask else y
         # one embedding per history cluster: the cluster vector takes the attended-history field's place
         clusters, ok, _ = route(items, valid, self.k_max, self.routing_iterations)   # (B, K, E), (B, K)
@@ -262,7 +296,8 @@ class UserTower(Tower):
         per = [f.unsqueeze(1).expand(b, k, f.shape[-1]) for f in fields]
         per[3] = torch.where(ok.unsqueeze(-1), self.f_attended(clusters), per[3])   # empty cluster: the pooled one
         tokens = [f.reshape(b * k, -1) for f in per]
-        y = self._tail(tokens, None if table is None else table.repeat_interleave(k, 0)).view(b, k, -1)
+        y = self._tail(tokens, None if table is None else table.repeat_interleave(k, 0),
+                       cross=None if cross is None else cross.repeat_interleave(k, 0)).view(b, k, -1)
         y = y * keep.unsqueeze(-1).float()
         return (y, keep) if with_mask else y
 

@@ -36,7 +36,7 @@ def frame(n: int = 6) -> pd.DataFrame:
 
 def tc(**kw) -> TrainConfig:
     base = dict(id_embed_dim=16, field_dim=8, hidden_dim=32, out_dim=8, dropout=0.0, seq_dropout=0.0,
-                pretrained="none", window_fraction=1.0)
+                pretrained="none", window_fraction=1.0, wide_counts=False, wide_interest=False)
     return TrainConfig(**{**base, **kw})
 
 
@@ -157,7 +157,27 @@ def test_wide_counts_enter_the_pin_bias_linearly_and_start_at_zero():
         model.pin_tower.wide.weight[0, 0] = 2.0
     shifted = model.pin_tower(pins)
     torch.testing.assert_close(shifted[:, :-1], plain.pin_tower(pins)[:, :-1])
-    torch.testing.assert_close(shifted[:, -1] - plain.pin_tower(pins)[:, -1], 2.0 * pins["counts"][:, 0])
+    unit = model.pin_tower.logit_unit                                  # one logit at the initial temperature
+    torch.testing.assert_close(shifted[:, -1] - plain.pin_tower(pins)[:, -1], unit * 2.0 * pins["counts"][:, 0])
+
+
+def test_wide_interest_cross_adds_the_scaled_log_share_of_the_pins_interest():
+    df = frame()
+    enc, model = build(df, wide_interest=True, multi_embedding=0)
+    model.eval()
+    users, pins = enc.users(df), enc.pins(df)
+    u, p = model.user_tower(users), model.pin_tower(pins)
+    k = enc.n_interests
+    assert model.user_tower.learned_dim == model.pin_tower.learned_dim == 8 + k == u.shape[1] == p.shape[1]
+    cross_u, cross_p = u[:, 8:], p[:, 8:]
+    torch.testing.assert_close(cross_p, F.one_hot(pins["interest"], k + 1)[:, 1:].float())
+    counts = torch.zeros(len(df), k + 1).scatter_add_(1, users["seq_interest"], users["seq_valid"].float())[:, 1:]
+    shares = (counts + 0.1) / (counts.sum(1, keepdim=True) + 0.1 * k)
+    torch.testing.assert_close(cross_u, model.user_tower.cross_scale * torch.log(shares))
+    # the cross's part of a score: scale * log share of the pin's interest (0 for a pin of unknown interest)
+    part = cross_u @ cross_p.T
+    i = int(pins["interest"][2]) - 1
+    torch.testing.assert_close(part[3, 2], model.user_tower.cross_scale * torch.log(shares[3, i]))
 
 
 def _table(df: pd.DataFrame, end: str = "2026-01-01T00:00:00+00:00") -> PretrainedTable:
