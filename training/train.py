@@ -176,7 +176,7 @@ def train_model(model: TwoTower, encoder: Encoder, examples: pd.DataFrame, tc: T
         if rank == 0:
             log.info("epoch %d loss %.4f%s (%.1fs)", epoch, row["loss"],
                      f" valid recall@{tc.valid_k} {row['valid']:.4f}" if "valid" in row else "", row["seconds"])
-        if validate is not None and epoch - best[1] >= tc.patience:
+        if validate is not None and should_stop(epoch, best[1], tc):
             break
     seconds = time.perf_counter() - t0
     if best[2] is not None:
@@ -193,6 +193,12 @@ def train_model(model: TwoTower, encoder: Encoder, examples: pd.DataFrame, tc: T
                      seconds=seconds, seconds_to_best=seconds_to_best, examples_per_s=seen / max(seconds, 1e-9),
                      history=history, world_size=world, rank_fingerprints=prints,
                      hit_epoch_cap=validate is not None and len(history) == epochs and epochs - best[1] < tc.patience)
+
+
+def should_stop(epoch: int, best_epoch: int, tc: TrainConfig) -> bool:
+    """Early stopping after ``epoch`` (1-based): ``patience`` epochs without a better validation figure, and never
+    before ``min_epochs``."""
+    return epoch >= tc.min_epochs and epoch - best_epoch >= tc.patience
 
 
 def choose_blend(model: TwoTower, scorer: TwoTowerScorer, split: Split, k: int) -> dict[str, Any]:

@@ -72,3 +72,15 @@ def test_artifacts_refuse_pickled_code(tmp_path):
         load_checkpoint(path)
     with pytest.raises(ArtifactError, match="no such file"):
         load_user_tower(tmp_path / "missing.pt")
+
+
+def test_early_stopping_waits_for_min_epochs_then_for_patience():
+    from training.config import TrainConfig
+    from training.train import should_stop
+
+    tc = TrainConfig(patience=6, min_epochs=12)
+    assert not should_stop(7, 1, tc)        # epoch 1 was best, 6 epochs without a better one, but before min_epochs
+    assert not should_stop(11, 1, tc)
+    assert should_stop(12, 1, tc)
+    assert not should_stop(12, 7, tc)       # past min_epochs: patience counts from the best epoch
+    assert should_stop(13, 7, tc)
