@@ -175,7 +175,10 @@ class PinTower(Tower):
         if self.pretrained is not None:
             table = self.pretrained(pin)                                         # (B, k)
             fields.append(self.f_pretrained(self.pretrained.drop(table)))
-        cross = F.one_hot(x["interest"], self.n_cross + 1)[:, 1:].float() if self.cross_dim else None
+        cross = None
+        if self.cross_dim:   # one-hot interest; a pin of unknown interest gets the mean of the user's log shares
+            cross = F.one_hot(x["interest"], self.n_cross + 1)[:, 1:].float()
+            cross[x["interest"] == 0] = 1.0 / self.n_cross
         return self._tail(fields, table, None if self.wide is None else self.wide(x["counts"]), cross)
 
 

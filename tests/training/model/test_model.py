@@ -174,10 +174,13 @@ def test_wide_interest_cross_adds_the_scaled_log_share_of_the_pins_interest():
     counts = torch.zeros(len(df), k + 1).scatter_add_(1, users["seq_interest"], users["seq_valid"].float())[:, 1:]
     shares = (counts + 0.1) / (counts.sum(1, keepdim=True) + 0.1 * k)
     torch.testing.assert_close(cross_u, model.user_tower.cross_scale * torch.log(shares))
-    # the cross's part of a score: scale * log share of the pin's interest (0 for a pin of unknown interest)
+    # the cross's part of a score: scale * log share of the pin's interest
     part = cross_u @ cross_p.T
     i = int(pins["interest"][2]) - 1
     torch.testing.assert_close(part[3, 2], model.user_tower.cross_scale * torch.log(shares[3, i]))
+    unknown = model.pin_tower({**pins, "interest": torch.zeros_like(pins["interest"])})[:, 8:]
+    torch.testing.assert_close(cross_u @ unknown.T,                  # unknown interest: the mean log share, no boost
+                               (model.user_tower.cross_scale * torch.log(shares).mean(1))[:, None].expand(6, 6))
 
 
 def _table(df: pd.DataFrame, end: str = "2026-01-01T00:00:00+00:00") -> PretrainedTable:
