@@ -24,8 +24,9 @@ import pandas as pd
 import scipy.sparse as sp
 
 from training.config import Config
-from training.data.synthetic import GroundTruth, index_of
+from training.data.synthetic import SCORE_TERMS, GroundTruth
 from training.evaluation.harness import evaluate
+from training.evaluation.oracle import Oracle
 from training.evaluation.split import Split, load_split
 from training.pretrain import pretrain
 
@@ -48,35 +49,6 @@ def _recall(fn, split: Split, on: str) -> tuple[float, float]:
     return round(r["capped_recall@10"], 4), round(r["capped_recall@50"], 4)
 
 
-def truth_parts(truth: GroundTruth, split: Split, boost: np.ndarray):
-    """fn(parts) -> scorer over the split's users and items, from the ground truth's terms."""
-    cols = index_of(truth.pin_ids, split.items, "candidate pin ids")
-    users = index_of(truth.user_ids, split.users, "user ids")
-    pin_k = truth.pin_interest[cols]
-    log_pop = np.log(truth.popularity[cols])
-    w = truth.trend_weights(None)
-
-    def make(interest: bool, pop: bool, affinity: bool, age: bool):
-        def fn(u: np.ndarray) -> np.ndarray:
-            mix = truth.theta[users[u]] * w
-            mix /= mix.sum(axis=1, keepdims=True)
-            aff = truth.z[users[u]] @ truth.v[cols].T
-            logit = (log_pop if pop else 0.0) + (aff / truth.temperature if affinity else 0.0) + np.zeros_like(aff)
-            lse = np.zeros((len(u), mix.shape[1]))
-            for k in np.unique(pin_k):
-                m = pin_k == k
-                lse[:, k] = np.log(np.exp(logit[:, m]).sum(axis=1))
-            s = logit - lse[:, pin_k]
-            if interest:
-                s += np.log(mix[:, pin_k] + 1e-12)
-            if affinity:
-                rates = [np.exp(b + a * aff) for b, a in zip(truth.outcome_bias, truth.outcome_slope, strict=True)]
-                s += np.log(rates[1] + rates[2] + rates[3]) - np.log(sum(rates))
-            return s + (boost[None, :] if age else 0.0)
-        return fn
-    return make
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data-dir", required=True)
@@ -93,14 +65,16 @@ def main() -> None:
     start, end = fr["event_timestamp"].min(), fr["event_timestamp"].max()
     left = np.maximum((end - created).dt.total_seconds().to_numpy(), 3600.0)
     boost = np.where((created > start).to_numpy(), np.log((end - start).total_seconds() / left), 0.0)
-    make = truth_parts(truth, split, boost)
     print("1. ground truth terms (test: capped R@10, R@50)")
-    for label, parts in [("full oracle (interest + popularity + affinity)", (True, True, True, False)),
-                         ("interest + popularity (no affinity)", (True, True, False, False)),
-                         ("popularity + affinity (no interest)", (False, True, True, False)),
-                         ("interest + affinity (no popularity)", (True, False, True, False)),
-                         ("full oracle + the pin's age boost", (True, True, True, True))]:
-        print(f"   {label:55s} {_recall(make(*parts), split, 'test')}", flush=True)
+    for label, terms, age in [("full oracle (interest + popularity + affinity)", SCORE_TERMS, False),
+                              ("interest + popularity (no affinity)", ("interest", "popularity"), False),
+                              ("popularity + affinity (no interest)", ("popularity", "affinity"), False),
+                              ("interest + affinity (no popularity)", ("interest", "affinity"), False),
+                              ("full oracle + the pin's age boost", SCORE_TERMS, True)]:
+        oracle = Oracle(truth, terms=terms)
+        oracle.fit(split)
+        fn = (lambda u, o=oracle: o.score(u) + boost[None, :]) if age else oracle.score
+        print(f"   {label:55s} {_recall(fn, split, 'test')}", flush=True)
 
     # 2. held-out engagement on pins the ids cannot know
     seen = np.asarray(split.train.sum(axis=0)).ravel() > 0

@@ -53,7 +53,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -89,6 +89,8 @@ BACKGROUND_SHARE = 0.1
 OUTCOME_BIAS = np.array([0.0, -2.2, -2.6, -3.0, -3.5])
 OUTCOME_SLOPE = np.array([0.0, 0.6, 0.8, 1.4, -1.2])
 POSITIVE_OUTCOMES = np.array([1, 2, 3])
+SCORE_TERMS = ("interest", "popularity", "affinity")
+"""The terms of ``GroundTruth.scores``."""
 """closeup, click, save: the engagement types counted as positive interactions."""
 
 SURFACE_STREAM = 1
@@ -195,7 +197,8 @@ class GroundTruth:
         t_days = (ts.value // 1000 - self.start_us) / US_PER_DAY
         return np.exp(self.log_trend(np.array([t_days])))[0]
 
-    def scores(self, user_ids: np.ndarray, at: datetime | str | None = None) -> np.ndarray:
+    def scores(self, user_ids: np.ndarray, at: datetime | str | None = None,
+               terms: Collection[str] = SCORE_TERMS) -> np.ndarray:
         """(len(user_ids), P) float32 true log-rate of a positive engagement with each pin.
 
         ``log p(k_p | u) + log p(p | u, k_p) + log P(closeup/click/save | a_up)`` where
@@ -203,15 +206,21 @@ class GroundTruth:
         ``p(p | u, k) ∝ pop_p exp(a_up / τ)`` over the pins of interest ``k``. The generator
         draws pins by resampling a finite number of proposals, so its empirical distribution is
         this one tempered toward popularity; the ranking it implies is the generator's target.
-        Columns follow ``self.pin_ids``.
+        Columns follow ``self.pin_ids``. ``terms`` keeps a subset of the ``SCORE_TERMS`` (for diagnostics):
+        'interest' is ``log p(k_p | u)``, 'popularity' the ``pop_p`` factor and 'affinity' the ``a_up`` factor
+        together with the outcome term.
         """
+        unknown = set(terms) - set(SCORE_TERMS)
+        if unknown:
+            raise ValueError(f"unknown score terms {sorted(unknown)} (known: {', '.join(SCORE_TERMS)})")
         uidx = index_of(self.user_ids, np.asarray(user_ids), "user_ids")
         w = self.trend_weights(at)
         mix = self.theta[uidx] * w
         with np.errstate(divide="ignore"):
             log_interest = np.log(mix) - np.log(mix.sum(axis=1, keepdims=True))
         affinity = self.z[uidx] @ self.v.T
-        logit = np.log(self.popularity) + affinity / self.temperature
+        logit = (np.log(self.popularity) if "popularity" in terms else 0.0) + (
+            affinity / self.temperature if "affinity" in terms else np.zeros_like(affinity))
         # Normalise within each interest: log-sum-exp over the pins of every non-empty interest.
         order = np.argsort(self.pin_interest, kind="stable")
         _, starts, counts = np.unique(self.pin_interest[order], return_index=True, return_counts=True)
@@ -221,14 +230,16 @@ class GroundTruth:
         log_pin = np.empty_like(logit)
         log_pin[:, order] = sorted_logit - np.repeat(lse, counts, axis=1)
         del sorted_logit, logit
-        positive, total = np.zeros_like(affinity), np.zeros_like(affinity)
-        for code, (bias, slope) in enumerate(zip(self.outcome_bias, self.outcome_slope, strict=True)):
-            rate = np.exp(bias + slope * affinity)
-            total += rate
-            if code in POSITIVE_OUTCOMES:
-                positive += rate
-        log_pin += np.log(positive) - np.log(total)
-        log_pin += log_interest[:, self.pin_interest]
+        if "affinity" in terms:
+            positive, total = np.zeros_like(affinity), np.zeros_like(affinity)
+            for code, (bias, slope) in enumerate(zip(self.outcome_bias, self.outcome_slope, strict=True)):
+                rate = np.exp(bias + slope * affinity)
+                total += rate
+                if code in POSITIVE_OUTCOMES:
+                    positive += rate
+            log_pin += np.log(positive) - np.log(total)
+        if "interest" in terms:
+            log_pin += log_interest[:, self.pin_interest]
         return log_pin.astype(np.float32)
 
     def save(self, path: str | Path) -> None:

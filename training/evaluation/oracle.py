@@ -6,10 +6,12 @@ as every model, so "x% of the oracle" compares like with like.
 
 from __future__ import annotations
 
+from collections.abc import Collection
+
 import numpy as np
 import pandas as pd
 
-from training.data.synthetic import GroundTruth, index_of
+from training.data.synthetic import SCORE_TERMS, GroundTruth, index_of
 from training.evaluation.harness import evaluate
 from training.evaluation.split import Split
 
@@ -26,8 +28,11 @@ class Oracle:
     time, since the ground truth works in float64 on all its columns.
     """
 
-    def __init__(self, truth: GroundTruth, chunk_bytes: int = 64 * 2**20, at=None) -> None:
+    def __init__(self, truth: GroundTruth, chunk_bytes: int = 64 * 2**20, at=None,
+                 terms: Collection[str] = SCORE_TERMS) -> None:
         self.truth = truth
+        self.terms = tuple(terms)
+        """Which terms of the ground truth to score with (``GroundTruth.scores``; all by default)."""
         self.chunk_bytes = chunk_bytes
         self.at = at
         """Score with the interest trends at this time (None: their average over the history)."""
@@ -47,7 +52,8 @@ class Oracle:
         chunk = max(1, self.chunk_bytes // (8 * len(self.truth.pin_ids)))
         out = np.empty((len(ids), len(self.columns)), dtype=np.float32)
         for start in range(0, len(ids), chunk):
-            out[start : start + chunk] = self.truth.scores(ids[start : start + chunk], at=self.at)[:, self.columns]
+            scores = self.truth.scores(ids[start : start + chunk], at=self.at, terms=self.terms)
+            out[start : start + chunk] = scores[:, self.columns]
         return out
 
 

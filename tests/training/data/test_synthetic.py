@@ -203,6 +203,13 @@ def test_ground_truth_roundtrip_and_scores(small: tuple[raw.RawTables, GroundTru
     assert at.shape == scores.shape and not np.array_equal(at, scores)
     with pytest.raises(ValueError, match="unknown"):
         truth.scores(np.array([-1]))
+    # leaving the interest term out changes a score by the same amount for every pin of one interest
+    diff = scores - truth.scores(users, terms=("popularity", "affinity"))
+    for k in np.unique(truth.pin_interest):
+        of_k = diff[:, truth.pin_interest == k]
+        np.testing.assert_allclose(of_k, np.repeat(of_k[:, :1], of_k.shape[1], axis=1), atol=1e-4)
+    with pytest.raises(ValueError, match="unknown score terms"):
+        truth.scores(users, terms=("trend",))
 
 
 def test_follows_are_deterministic_valid_and_follow_the_dominant_interests(
