@@ -16,6 +16,14 @@ import torch
 
 USER_COUNT_COLUMNS = ("engagements_7d", "engagements_30d", "saves_30d", "hides_30d", "history_length")
 PIN_COUNT_COLUMNS = ("decayed_engagement", "pin_impressions_30d", "pin_engagements_30d", "pin_saves_30d", "age_days")
+PIN_RATE_COLUMNS = ("pin_impressions_30d", "pin_engagements_30d", "pin_saves_30d")
+"""Counts also read as per-day rates over the pin's exposure in their window (``PIN_COUNT_WINDOW_DAYS``)."""
+PIN_COUNT_WINDOW_DAYS = 30.0
+"""Window of the ``*_30d`` pin counts: a pin younger than it was exposed for its age only."""
+RATE_PSEUDO = 0.5
+"""Pseudo-count (and pseudo-days) of the rates: log((count + 0.5) / (min(age, window) + 0.5))."""
+PIN_NUMERIC = len(PIN_COUNT_COLUMNS) + len(PIN_RATE_COLUMNS)
+"""Width of the pin tower's numeric input: log counts, then log rates."""
 AGE_BUCKETS = np.array([18, 25, 35, 45, 55, 65], dtype=np.float64)
 """Edges of the user-age buckets (bucket 0 = unknown / 0)."""
 RECENCY_BUCKETS = 16
@@ -175,11 +183,15 @@ class Encoder:
         return table[idx]
 
     def pins(self, df: pd.DataFrame) -> dict[str, torch.Tensor]:
-        """Pin-tower inputs, each (n, ...): pin index, interest (+1; 0 = unknown), log counts."""
+        """Pin-tower inputs, each (n, ...): pin index, interest (+1; 0 = unknown), log counts and log rates."""
         n = len(df)
         interest = pd.to_numeric(df["interest_id"], errors="coerce").fillna(-1).to_numpy(np.int64) + 1
-        counts = np.stack([np.log1p(pd.to_numeric(df[c], errors="coerce").fillna(0).to_numpy(np.float64).clip(0))
-                           if c in df else np.zeros(n) for c in PIN_COUNT_COLUMNS], axis=1)
+        raw = {c: pd.to_numeric(df[c], errors="coerce").fillna(0).to_numpy(np.float64).clip(0) if c in df
+               else np.zeros(n) for c in PIN_COUNT_COLUMNS}
+        # a young pin's 30-day count covers its age only: the rate per exposed day says how often it is shown now
+        exposure = np.minimum(raw["age_days"], PIN_COUNT_WINDOW_DAYS) + RATE_PSEUDO
+        counts = np.stack([np.log1p(raw[c]) for c in PIN_COUNT_COLUMNS]
+                          + [np.log((raw[c] + RATE_PSEUDO) / exposure) for c in PIN_RATE_COLUMNS], axis=1)
         return {
             "pin": torch.from_numpy(_index(df["pin_id"].to_numpy(np.int64), self.pin_ids)),
             "interest": torch.from_numpy(np.clip(interest, 0, self.n_interests)),

@@ -33,7 +33,7 @@ from torch import nn
 from training.config import TrainConfig
 from training.model.backbones import make_backbone
 from training.model.clustering import k_for_length, route
-from training.model.encoding import AGE_BUCKETS, PIN_COUNT_COLUMNS, RECENCY_BUCKETS, USER_COUNT_COLUMNS, take
+from training.model.encoding import AGE_BUCKETS, PIN_NUMERIC, RECENCY_BUCKETS, USER_COUNT_COLUMNS, take
 from training.model.pretrained import recency_weights
 
 CROSS_SMOOTHING = 0.1
@@ -148,12 +148,12 @@ class PinTower(Tower):
         self.pin_embedding = nn.Embedding(n_pins, E, padding_idx=0)
         self.interest_embedding = nn.Embedding(n_interests + 1, E, padding_idx=0)
         self.f_pin, self.f_interest = Field(E, d), Field(E, d)
-        self.f_counts = Field(len(PIN_COUNT_COLUMNS), d)
+        self.f_counts = Field(PIN_NUMERIC, d)
         self.pretrained = None
         self.id_dropout = tc.pin_id_dropout
         self.n_cross = n_interests
         # wide part: the log counts straight into the pin bias, so popularity is not squashed by a field's norm
-        self.wide = nn.Linear(len(PIN_COUNT_COLUMNS), 1) if tc.wide_counts and tc.pin_bias else None
+        self.wide = nn.Linear(PIN_NUMERIC, 1) if tc.wide_counts and tc.pin_bias else None
         if self.wide is not None:
             nn.init.zeros_(self.wide.weight)
             nn.init.zeros_(self.wide.bias)

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from training.config import TrainConfig
 from training.model.backbones import MaskBlock, ParallelMaskNet
-from training.model.encoding import Encoder
+from training.model.encoding import PIN_COUNT_COLUMNS, PIN_NUMERIC, Encoder
 from training.model.pretrained import PretrainedError, PretrainedTable, check_window, latest_usable
 from training.model.two_tower import StreamingFrequency, TwoTower, in_batch_softmax_loss
 
@@ -71,6 +71,22 @@ def test_encoder_pads_truncates_and_maps_unknown_ids_to_zero():
         online = {c: [df[c].iloc[i]] for c in df.columns}
         for name, tensor in enc.users(online).items():
             assert torch.equal(tensor, users[name][i:i + 1]), (i, name)
+
+
+def test_pin_counts_are_also_read_as_rates_over_the_exposed_days():
+    df = pd.DataFrame({"pin_id": [1, 2, 3], "interest_id": [0, 0, 0], "decayed_engagement": [0.0, 0.0, 0.0],
+                       "pin_impressions_30d": [20, 20, 0], "pin_engagements_30d": [4, 4, 0],
+                       "pin_saves_30d": [1, 1, 0], "age_days": [2.0, 400.0, 0.0]})
+    counts = Encoder.fit(df.assign(user_id=0), n_interests=1).pins(df)["counts"].double()
+    assert counts.shape == (3, PIN_NUMERIC)
+    rates = counts[:, len(PIN_COUNT_COLUMNS):]
+    # a 2-day-old pin's 20 impressions are 20 in 2 days; an old pin's are 20 in the 30-day window
+    torch.testing.assert_close(rates[0], torch.log((torch.tensor([20.0, 4.0, 1.0], dtype=torch.float64) + 0.5) / 2.5))
+    torch.testing.assert_close(rates[1], torch.log((torch.tensor([20.0, 4.0, 1.0], dtype=torch.float64) + 0.5) / 30.5))
+    assert rates[2].abs().max() == 0          # just created, nothing yet: no evidence either way
+    # a frame without the count columns (an unknown pin) still encodes
+    assert Encoder.fit(df.assign(user_id=0), n_interests=1).pins(df[["pin_id", "interest_id"]])["counts"].shape == (
+        3, PIN_NUMERIC)
 
 
 @pytest.mark.parametrize("backbone", ["mlp", "masknet", "dhen"])
