@@ -22,8 +22,8 @@ PIN_COUNT_WINDOW_DAYS = 30.0
 """Window of the ``*_30d`` pin counts: a pin younger than it was exposed for its age only."""
 RATE_PSEUDO = 0.5
 """Pseudo-count (and pseudo-days) of the rates: log((count + 0.5) / (min(age, window) + 0.5))."""
-PIN_NUMERIC = len(PIN_COUNT_COLUMNS) + len(PIN_RATE_COLUMNS)
-"""Width of the pin tower's numeric input: log counts, then log rates."""
+PIN_NUMERIC = len(PIN_COUNT_COLUMNS) + 1 + len(PIN_RATE_COLUMNS)
+"""Width of the pin tower's numeric input: log counts, log days since the features' row, log rates."""
 AGE_BUCKETS = np.array([18, 25, 35, 45, 55, 65], dtype=np.float64)
 """Edges of the user-age buckets (bucket 0 = unknown / 0)."""
 RECENCY_BUCKETS = 16
@@ -182,21 +182,45 @@ class Encoder:
         table = np.concatenate([[0], self.pin_interests])
         return table[idx]
 
-    def pins(self, df: pd.DataFrame) -> dict[str, torch.Tensor]:
-        """Pin-tower inputs, each (n, ...): pin index, interest (+1; 0 = unknown), log counts and log rates."""
+    def pins(self, df: pd.DataFrame, now: Any = None) -> dict[str, torch.Tensor]:
+        """Pin-tower inputs, each (n, ...): pin index, interest (+1; 0 = unknown), log counts and log rates.
+        ``now``: when the pins are scored (a timestamp); default each row's ``event_timestamp`` (the time of its
+        point-in-time join). A pin's feature row is written at the midnight after each active day, so the days
+        from its ``pin_features_at`` to ``now`` are days without activity: they age the pin and thin its rates."""
         n = len(df)
-        interest = pd.to_numeric(df["interest_id"], errors="coerce").fillna(-1).to_numpy(np.int64) + 1
-        raw = {c: pd.to_numeric(df[c], errors="coerce").fillna(0).to_numpy(np.float64).clip(0) if c in df
-               else np.zeros(n) for c in PIN_COUNT_COLUMNS}
+        raw = {c: pd.to_numeric(df[c], errors="coerce").to_numpy(np.float64) if c in df else np.full(n, np.nan)
+               for c in PIN_COUNT_COLUMNS}
+        known = ~np.isnan(raw["age_days"])       # no feature row (never materialised or expired): an old, idle pin
+        raw = {c: np.nan_to_num(v).clip(0) for c, v in raw.items()}
+        stale = _days_since(df, "pin_features_at", now)
+        age = np.where(known, raw["age_days"] + stale, PIN_COUNT_WINDOW_DAYS)
         # a young pin's 30-day count covers its age only: the rate per exposed day says how often it is shown now
-        exposure = np.minimum(raw["age_days"], PIN_COUNT_WINDOW_DAYS) + RATE_PSEUDO
-        counts = np.stack([np.log1p(raw[c]) for c in PIN_COUNT_COLUMNS]
+        exposure = np.minimum(age, PIN_COUNT_WINDOW_DAYS) + RATE_PSEUDO
+        counts = np.stack([np.log1p(raw[c]) for c in PIN_COUNT_COLUMNS] + [np.log1p(stale)]
                           + [np.log((raw[c] + RATE_PSEUDO) / exposure) for c in PIN_RATE_COLUMNS], axis=1)
+        interest = pd.to_numeric(df["interest_id"], errors="coerce").fillna(-1).to_numpy(np.int64) + 1
         return {
             "pin": torch.from_numpy(_index(df["pin_id"].to_numpy(np.int64), self.pin_ids)),
             "interest": torch.from_numpy(np.clip(interest, 0, self.n_interests)),
             "counts": torch.from_numpy(counts.astype(np.float32)),
         }
+
+
+def _days_since(df: pd.DataFrame, column: str, now: Any) -> np.ndarray:
+    """(n,) days from each row's ``column`` timestamp to ``now`` (default: the row's ``event_timestamp``), >= 0;
+    0 where either is missing."""
+    n = len(df)
+    if column not in df:
+        return np.zeros(n)
+    at = pd.to_datetime(df[column], utc=True, errors="coerce")
+    if now is None:
+        if "event_timestamp" not in df:
+            return np.zeros(n)
+        ref = pd.to_datetime(df["event_timestamp"], utc=True, errors="coerce")
+    else:
+        ref = pd.Series(pd.to_datetime([now], utc=True)[0], index=at.index)
+    days = (ref - at).dt.total_seconds().to_numpy(np.float64) / 86400.0
+    return np.nan_to_num(days).clip(0)
 
 
 def take(batch: dict[str, torch.Tensor], idx: torch.Tensor | np.ndarray) -> dict[str, torch.Tensor]:

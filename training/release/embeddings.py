@@ -87,7 +87,8 @@ def embed_corpus(cfg: Config, model, encoder, pin_service: str) -> PinEmbeddings
     t0 = time.perf_counter()
     feats = feature_store(cfg).online_frame(pin_service, "pin_id", pins["pin_id"].to_numpy())
     t1 = time.perf_counter()
-    vectors = run_tower(model.pin_tower, encoder.pins(feats), batch=8192).astype(np.float32)
+    # scored as of the snapshot's end: the days since a pin's last feature row count as idle days
+    vectors = run_tower(model.pin_tower, encoder.pins(feats, now=load_live(cfg).as_of), batch=8192).astype(np.float32)
     frame = pd.DataFrame({
         "pin_id": pins["pin_id"].astype("int64"),
         "interest_id": pins["interest_id"].fillna(-1).astype("int64"),

@@ -74,19 +74,30 @@ def test_encoder_pads_truncates_and_maps_unknown_ids_to_zero():
 
 
 def test_pin_counts_are_also_read_as_rates_over_the_exposed_days():
-    df = pd.DataFrame({"pin_id": [1, 2, 3], "interest_id": [0, 0, 0], "decayed_engagement": [0.0, 0.0, 0.0],
-                       "pin_impressions_30d": [20, 20, 0], "pin_engagements_30d": [4, 4, 0],
-                       "pin_saves_30d": [1, 1, 0], "age_days": [2.0, 400.0, 0.0]})
-    counts = Encoder.fit(df.assign(user_id=0), n_interests=1).pins(df)["counts"].double()
-    assert counts.shape == (3, PIN_NUMERIC)
-    rates = counts[:, len(PIN_COUNT_COLUMNS):]
-    # a 2-day-old pin's 20 impressions are 20 in 2 days; an old pin's are 20 in the 30-day window
-    torch.testing.assert_close(rates[0], torch.log((torch.tensor([20.0, 4.0, 1.0], dtype=torch.float64) + 0.5) / 2.5))
-    torch.testing.assert_close(rates[1], torch.log((torch.tensor([20.0, 4.0, 1.0], dtype=torch.float64) + 0.5) / 30.5))
-    assert rates[2].abs().max() == 0          # just created, nothing yet: no evidence either way
-    # a frame without the count columns (an unknown pin) still encodes
-    assert Encoder.fit(df.assign(user_id=0), n_interests=1).pins(df[["pin_id", "interest_id"]])["counts"].shape == (
-        3, PIN_NUMERIC)
+    now = pd.Timestamp("2026-06-30", tz="UTC")
+    df = pd.DataFrame({"pin_id": [1, 2, 3, 4, 5], "interest_id": [0] * 5, "decayed_engagement": [0.0] * 5,
+                       "pin_impressions_30d": [20, 20, 0, 20, None], "pin_engagements_30d": [4, 4, 0, 4, None],
+                       "pin_saves_30d": [1, 1, 0, 1, None], "age_days": [2.0, 400.0, 0.0, 2.0, None],
+                       "pin_features_at": [now, now, now, now - pd.Timedelta(days=10), pd.NaT],
+                       "event_timestamp": now})
+    enc = Encoder.fit(df.assign(user_id=0), n_interests=1)
+    counts = enc.pins(df)["counts"].double()
+    assert counts.shape == (5, PIN_NUMERIC)
+    stale, rates = counts[:, len(PIN_COUNT_COLUMNS)], counts[:, len(PIN_COUNT_COLUMNS) + 1:]
+    n = torch.tensor([20.0, 4.0, 1.0], dtype=torch.float64) + 0.5
+    torch.testing.assert_close(rates[0], torch.log(n / 2.5))      # 20 impressions in a 2-day life
+    torch.testing.assert_close(rates[1], torch.log(n / 30.5))     # an old pin's are 20 in the 30-day window
+    assert rates[2].abs().max() == 0                              # just created, nothing yet: no evidence either way
+    # the row is 10 days old at scoring time: 10 idle days since, the pin is 12 days old
+    torch.testing.assert_close(stale, torch.tensor([0.0, 0.0, 0.0, np.log1p(10.0), 0.0], dtype=torch.float64))
+    torch.testing.assert_close(rates[3], torch.log(n / 12.5))
+    # no feature row at all: an old idle pin (window-long exposure), not a new one
+    torch.testing.assert_close(rates[4], torch.full((3,), np.log(0.5 / 30.5), dtype=torch.float64))
+    # an explicit scoring time (publish: the snapshot's end) replaces each row's event time
+    later = enc.pins(df, now=now + pd.Timedelta(days=5))["counts"].double()
+    torch.testing.assert_close(later[0, len(PIN_COUNT_COLUMNS)], torch.tensor(np.log1p(5.0), dtype=torch.float64))
+    # a frame without the count or time columns (an unknown pin) still encodes
+    assert enc.pins(df[["pin_id", "interest_id"]])["counts"].shape == (5, PIN_NUMERIC)
 
 
 @pytest.mark.parametrize("backbone", ["mlp", "masknet", "dhen"])
