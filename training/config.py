@@ -387,6 +387,10 @@ class TrainConfig:
     """With ``pin_bias``: a wide cross beside the deep towers, the user's smoothed log interest shares (from the
     history) against the pin's one-hot interest, with a learned scale; adds the number of interests to the index
     dimension."""
+    pin_rates: bool = True
+    """The pin tower also reads its 30-day counts as per-day rates over the days the pin was exposed (a young pin's
+    counts cover its age only) and the idle days since its last feature row (which age it and thin its rates);
+    off: the log counts and the age alone."""
     pin_id_dropout: float = 0.0
     """Training only: each pin the pin tower embeds is read as an unknown pin (no learned id, no pre-trained
     vector) with this probability, so the tower also learns to score pins from their features alone: the pins

@@ -63,6 +63,7 @@ VARIANT_GROUPS: dict[str, list[tuple[str, dict[str, Any]]]] = {
               ("conditional", {"train.conditional": True})],
     "wide": [("no wide parts (deep towers only)", {"train.wide_counts": False, "train.wide_interest": False}),
              ("wide counts only", {"train.wide_interest": False}),
+             ("no pin rates / idle days (log counts and age only)", {"train.pin_rates": False}),
              ("wide interest cross only", {"train.wide_counts": False}),
              ("pin-id dropout 0.25 (cold pins from features)", {"train.pin_id_dropout": 0.25}),
              ("training window 10% (table on the first 90%)", {"train.window_fraction": 0.1})],

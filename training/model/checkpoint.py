@@ -36,10 +36,16 @@ class ArtifactError(ValueError):
     """A checkpoint or exported tower that cannot be loaded; the message names the file and why."""
 
 
+ADDED_SWITCHES = {"wide_counts": False, "wide_interest": False, "pin_rates": False}
+"""Model switches added after artifacts were first written, with the value that rebuilds an artifact written
+before them (their defaults changed the model's shape)."""
+
+
 def train_config(state: dict[str, Any]) -> TrainConfig:
-    """The ``TrainConfig`` stored in an artifact (fields this code no longer has are ignored)."""
+    """The ``TrainConfig`` stored in an artifact (fields this code no longer has are ignored; switches it predates
+    take ``ADDED_SWITCHES``)."""
     known = {f.name for f in dataclasses.fields(TrainConfig)}
-    return TrainConfig(**{k: v for k, v in state.items() if k in known})
+    return TrainConfig(**{**ADDED_SWITCHES, **{k: v for k, v in state.items() if k in known}})
 
 
 def placeholder_tables(encoder: Encoder, dim: int | None) -> dict[str, torch.Tensor] | None:

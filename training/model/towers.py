@@ -33,7 +33,7 @@ from torch import nn
 from training.config import TrainConfig
 from training.model.backbones import make_backbone
 from training.model.clustering import k_for_length, route
-from training.model.encoding import AGE_BUCKETS, PIN_NUMERIC, RECENCY_BUCKETS, USER_COUNT_COLUMNS, take
+from training.model.encoding import AGE_BUCKETS, PIN_COUNT_COLUMNS, PIN_NUMERIC, RECENCY_BUCKETS, USER_COUNT_COLUMNS, take
 from training.model.pretrained import recency_weights
 
 CROSS_SMOOTHING = 0.1
@@ -148,12 +148,14 @@ class PinTower(Tower):
         self.pin_embedding = nn.Embedding(n_pins, E, padding_idx=0)
         self.interest_embedding = nn.Embedding(n_interests + 1, E, padding_idx=0)
         self.f_pin, self.f_interest = Field(E, d), Field(E, d)
-        self.f_counts = Field(PIN_NUMERIC, d)
+        # the encoder's numeric inputs are the log counts, then the idle days and rates (read with ``pin_rates``)
+        self.n_numeric = PIN_NUMERIC if tc.pin_rates else len(PIN_COUNT_COLUMNS)
+        self.f_counts = Field(self.n_numeric, d)
         self.pretrained = None
         self.id_dropout = tc.pin_id_dropout
         self.n_cross = n_interests
         # wide part: the log counts straight into the pin bias, so popularity is not squashed by a field's norm
-        self.wide = nn.Linear(PIN_NUMERIC, 1) if tc.wide_counts and tc.pin_bias else None
+        self.wide = nn.Linear(self.n_numeric, 1) if tc.wide_counts and tc.pin_bias else None
         if self.wide is not None:
             nn.init.zeros_(self.wide.weight)
             nn.init.zeros_(self.wide.bias)
@@ -169,8 +171,9 @@ class PinTower(Tower):
         pin = x["pin"]
         if self.training and self.id_dropout:   # read as unknown (index 0): features only, as a pin newer than the ids
             pin = pin.masked_fill(torch.rand(pin.shape) < self.id_dropout, 0)
+        counts = x["counts"][:, :self.n_numeric]
         fields = [self.f_pin(self.pin_embedding(pin)), self.f_interest(self.interest_embedding(x["interest"])),
-                  self.f_counts(x["counts"])]
+                  self.f_counts(counts)]
         table = None
         if self.pretrained is not None:
             table = self.pretrained(pin)                                         # (B, k)
@@ -179,7 +182,7 @@ class PinTower(Tower):
         if self.cross_dim:   # one-hot interest; a pin of unknown interest gets the mean of the user's log shares
             cross = F.one_hot(x["interest"], self.n_cross + 1)[:, 1:].float()
             cross[x["interest"] == 0] = 1.0 / self.n_cross
-        return self._tail(fields, table, None if self.wide is None else self.wide(x["counts"]), cross)
+        return self._tail(fields, table, None if self.wide is None else self.wide(counts), cross)
 
 
 class UserTower(Tower):

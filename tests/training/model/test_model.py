@@ -339,3 +339,17 @@ def test_the_conditioned_tower_changes_with_the_condition_and_none_is_the_uncond
     on = model.user_tower({**x, "condition": torch.full((6,), 3, dtype=torch.long)})
     other = model.user_tower({**x, "condition": torch.full((6,), 4, dtype=torch.long)})
     assert not torch.allclose(on, plain) and not torch.allclose(on, other)
+
+
+def test_an_artifact_written_before_the_added_switches_rebuilds_without_them():
+    from dataclasses import asdict
+
+    from training.model.checkpoint import ADDED_SWITCHES, train_config
+
+    old = {k: v for k, v in asdict(tc()).items() if k not in ADDED_SWITCHES}
+    assert all(getattr(train_config(old), k) == v for k, v in ADDED_SWITCHES.items())
+    new = tc(wide_counts=True, wide_interest=True, pin_rates=True)
+    assert train_config(asdict(new)) == new                          # a current artifact keeps what it says
+    enc, model = build(frame(), wide_counts=True, pin_rates=False)     # the old pin tower: log counts and age only
+    assert model.pin_tower.wide.in_features == len(PIN_COUNT_COLUMNS)
+    assert model.pin_tower(enc.pins(frame())).shape[0] == len(frame())
