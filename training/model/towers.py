@@ -33,7 +33,14 @@ from torch import nn
 from training.config import TrainConfig
 from training.model.backbones import make_backbone
 from training.model.clustering import k_for_length, route
-from training.model.encoding import AGE_BUCKETS, PIN_COUNT_COLUMNS, PIN_NUMERIC, RECENCY_BUCKETS, USER_COUNT_COLUMNS, take
+from training.model.encoding import (
+    AGE_BUCKETS,
+    PIN_COUNT_COLUMNS,
+    PIN_NUMERIC,
+    RECENCY_BUCKETS,
+    USER_COUNT_COLUMNS,
+    take,
+)
 from training.model.pretrained import recency_weights
 
 CROSS_SMOOTHING = 0.1
