@@ -31,10 +31,9 @@ from training.data.snapshot import load_live
 from training.data.synthetic import SCORE_TERMS, GroundTruth
 from training.evaluation.harness import evaluate
 from training.evaluation.oracle import Oracle
+from training.evaluation.scorer import time_points
 from training.evaluation.split import Split, load_split
 from training.pretrain import pretrain
-
-TIME_POINTS = 8
 
 
 class _Scores:
@@ -110,9 +109,8 @@ def main() -> None:
     for on in ("valid", "test"):
         first = fr[fr["part"] == on].sort_values("event_timestamp").drop_duplicates("user_idx")
         cut = pd.Series(first["event_timestamp"].to_numpy(), index=first["user_idx"].to_numpy())
-        times = sorted(set(cut.quantile(np.linspace(0, 1, TIME_POINTS), interpolation="lower")))
         bucket = np.zeros(split.n_users, dtype=np.int64)
-        bucket[cut.index.to_numpy()] = np.searchsorted(times, cut.to_numpy(), side="right") - 1
+        times, bucket[cut.index.to_numpy()] = time_points(cut)
         age = np.stack([np.clip((pd.Timestamp(t) - created_at).dt.total_seconds().to_numpy() / 86400, 0, None)
                         for t in times])
         for signal, (ev_t, ev_i) in signals.items():

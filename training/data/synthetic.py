@@ -89,9 +89,9 @@ BACKGROUND_SHARE = 0.1
 OUTCOME_BIAS = np.array([0.0, -2.2, -2.6, -3.0, -3.5])
 OUTCOME_SLOPE = np.array([0.0, 0.6, 0.8, 1.4, -1.2])
 POSITIVE_OUTCOMES = np.array([1, 2, 3])
+"""closeup, click, save: the engagement types counted as positive interactions."""
 SCORE_TERMS = ("interest", "popularity", "affinity")
 """The terms of ``GroundTruth.scores``."""
-"""closeup, click, save: the engagement types counted as positive interactions."""
 
 SURFACE_STREAM = 1
 """Spawn key of the surface draws' random stream (independent of the main stream seeded by ``seed``)."""

@@ -60,8 +60,7 @@ class TwoTowerScorer:
         self._user_bucket = np.zeros(split.n_users, dtype=np.int64)
         self._user_vectors[rows["user_idx"].to_numpy()] = users
         cutoffs = rows["event_timestamp"]
-        times = sorted(set(cutoffs.quantile(np.linspace(0, 1, PIN_TIME_POINTS), interpolation="lower")))
-        self._user_bucket[rows["user_idx"].to_numpy()] = np.searchsorted(times, cutoffs, side="right") - 1
+        times, self._user_bucket[rows["user_idx"].to_numpy()] = time_points(cutoffs)
         self._pin_vectors = np.stack([run_tower(self.model.pin_tower, self.encoder.pins(self._pins_at(t)))
                                       for t in times])       # (T, n_items, D)
         return self
@@ -113,6 +112,13 @@ class _Reweighted:
 
     def score(self, user_idx: np.ndarray) -> np.ndarray:
         return best_of(self.users[user_idx], self.base._user_bucket[user_idx], self.pins)   # noqa: SLF001
+
+
+def time_points(cutoffs: pd.Series) -> tuple[list[pd.Timestamp], np.ndarray]:
+    """The ``PIN_TIME_POINTS`` times (quantiles of the users' cut-offs, deduplicated) at which candidates are scored,
+    and each cut-off's time point: the latest at or before it."""
+    times = sorted(set(cutoffs.quantile(np.linspace(0, 1, PIN_TIME_POINTS), interpolation="lower")))
+    return times, np.searchsorted(times, cutoffs, side="right") - 1
 
 
 def best_of(users: np.ndarray, bucket: np.ndarray, pins: np.ndarray) -> np.ndarray:
