@@ -65,7 +65,8 @@ class DataConfig:
     source: str = "synthetic"
     """Raw data source: 'synthetic' (embedded default) or 'movielens'."""
     movielens_path: str = ""
-    """MovieLens directory: ML-100k files (u.data, u.item, u.user) or ml-latest csv (ratings.csv, movies.csv)."""
+    """MovieLens directory: ML-100k files (u.data, u.item, u.user), ML-1M / ML-10M files (ratings.dat, movies.dat[,
+    users.dat]) or ml-latest csv (ratings.csv, movies.csv)."""
     until: str = ""
     """Cut the data stage at this UTC date (ISO, midnight): events, pins, users and follows at or after it are left
     out before dbt computes anything (the `until` dbt var), so the snapshot's as_of is at most this date. Replays

@@ -1,10 +1,15 @@
-"""MovieLens ingest: ML-100k original files or ml-latest(-small) csv as ``RawTables``.
+"""MovieLens ingest: ML-100k original files, ML-1M / ML-10M ``.dat`` files or ml-latest(-small) csv as
+``RawTables``.
 
 Layouts (detected from the files present):
 
 - ML-100k: ``u.data`` (tab: user, item, rating, unix seconds), ``u.item`` ('|', latin-1: id, title,
   release date like ``01-Jan-1995``, video release, url, 19 genre flags), ``u.user`` ('|': id, age,
   gender, occupation, zip).
+- ML-1M / ML-10M: ``ratings.dat`` (user::movie::rating::unix seconds), ``movies.dat`` (id::title::genres joined
+  by '|'; latin-1 when not UTF-8) and, ML-1M only, ``users.dat`` (id::gender::age code::occupation code::zip;
+  the occupation codes are named as in the ML-1M README). Fields are separated by ``::``, so a title keeps its
+  single colons.
 - ml-latest / ml-latest-small: ``ratings.csv`` (userId, movieId, rating, timestamp) and
   ``movies.csv`` (movieId, title, genres joined by '|', or ``(no genres listed)``); no user file.
 
@@ -23,7 +28,8 @@ Mapping:
   movie listed twice under two ids shares one signature. ML-100k has 18 such duplicate-title
   groups (18 titles listed twice: 1682 movies, 1664 distinct normalised titles).
 - Users: ML-100k age, gender lowercased ('m'/'f', anything else 'u'), segment = occupation;
-  ml-latest users (those with ratings) get age 0, gender 'u', segment 'unknown'. ``signup_at`` is
+  ML-1M: age is its age-group code (1, 18, 25, ...), segment its occupation's name;
+  ML-10M and ml-latest users (those with ratings) get age 0, gender 'u', segment 'unknown'. ``signup_at`` is
   one second before the user's first rating (the data set's first rating for users without any).
 
 Malformed rows (wrong field count, unparsable ids/ratings/timestamps/genre flags) and ratings of
@@ -50,6 +56,15 @@ log = logging.getLogger(__name__)
 
 ML100K_FILES = ("u.data", "u.item", "u.user")
 LATEST_FILES = ("ratings.csv", "movies.csv")
+DAT_FILES = ("ratings.dat", "movies.dat")
+DAT_USERS = "users.dat"
+DAT_SEP = "::"
+ML1M_OCCUPATIONS = (
+    "other", "academic/educator", "artist", "clerical/admin", "college/grad student", "customer service",
+    "doctor/health care", "executive/managerial", "farmer", "homemaker", "K-12 student", "lawyer", "programmer",
+    "retired", "sales/marketing", "scientist", "self-employed", "technician/engineer", "tradesman/craftsman",
+    "unemployed", "writer",
+)  # fmt: skip
 UNKNOWN_GENRE = "unknown"
 ML100K_GENRES = (
     UNKNOWN_GENRE, "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "Documentary", "Drama",
@@ -59,7 +74,8 @@ LATEST_NO_GENRE = "(no genres listed)"
 SAVE_MIN_RATING = 4.0
 US_PER_SECOND = 1_000_000
 
-_EXPECTED = f"expected ML-100k files ({', '.join(ML100K_FILES)}) or ml-latest csv files ({', '.join(LATEST_FILES)})"
+_EXPECTED = (f"expected ML-100k files ({', '.join(ML100K_FILES)}), ML-1M / ML-10M files ({', '.join(DAT_FILES)}) "
+             f"or ml-latest csv files ({', '.join(LATEST_FILES)})")
 
 
 def ingest(path: str | Path, max_bad_fraction: float = 0.01) -> RawTables:
@@ -72,6 +88,8 @@ def ingest(path: str | Path, max_bad_fraction: float = 0.01) -> RawTables:
         raise ValueError(f"MovieLens path {root} is not a directory; {_EXPECTED}")
     if (root / "u.data").exists():
         layout, tables = "ML-100k", _ingest_100k(root, max_bad_fraction)
+    elif (root / "ratings.dat").exists():
+        layout, tables = "ML-1M/10M", _ingest_dat(root, max_bad_fraction)
     elif (root / "ratings.csv").exists():
         layout, tables = "ml-latest", _ingest_latest(root, max_bad_fraction)
     else:
@@ -118,10 +136,29 @@ def _load(
 ) -> tuple[pd.DataFrame, int]:
     """Read a delimited file as strings and parse ``ints`` (whole numbers) and ``floats``.
 
-    Lines with the wrong number of fields or an unparsable number are dropped (see
-    ``_check_dropped``). With ``header`` the first line must equal it. Returns the kept rows, shape
-    (kept, len(columns)), and the number of data lines read (kept + dropped).
+    ``sep`` ``'::'`` (the ``.dat`` files) splits each line on that pair, so single colons stay inside a
+    field; ``encoding`` is then a fallback after UTF-8. Lines with the wrong number of fields or an
+    unparsable number are dropped (see ``_check_dropped``). With ``header`` the first line must equal it.
+    Returns the kept rows, shape (kept, len(columns)), and the number of data lines read (kept + dropped).
     """
+    if sep == DAT_SEP:
+        df, invalid = _read_dat(path, columns, encoding)
+    else:
+        df, invalid = _read_delimited(path, columns, sep, encoding, header)
+    total = len(df) + invalid
+    if total == 0:
+        raise ValueError(f"{path} is empty")
+    parsed = {c: pd.to_numeric(df[c].str.strip(), errors="coerce") for c in [*ints, *floats]}
+    ok = np.logical_and.reduce([v.notna().to_numpy() for v in parsed.values()])
+    for c in ints:
+        ok &= (parsed[c] % 1 == 0).to_numpy()
+    _check_dropped(path, total - int(ok.sum()), total, "malformed", max_bad)
+    return df.assign(**parsed)[ok].reset_index(drop=True), total
+
+
+def _read_delimited(path: Path, columns: list[str], sep: str, encoding: str,
+                    header: str | None) -> tuple[pd.DataFrame, int]:
+    """(string frame of the well-formed lines, number of lines with the wrong field count)."""
     if header is not None:
         with open(path, encoding=encoding) as f:
             first = f.readline().strip()
@@ -147,16 +184,20 @@ def _load(
         if "Empty CSV file" in str(e):
             raise ValueError(f"{path} is empty") from e
         raise ValueError(f"{path}: cannot be parsed: {e}") from e
-    total = table.num_rows + invalid
-    if total == 0:
-        raise ValueError(f"{path} is empty")
-    df = table.to_pandas()
-    parsed = {c: pd.to_numeric(df[c].str.strip(), errors="coerce") for c in [*ints, *floats]}
-    ok = np.logical_and.reduce([v.notna().to_numpy() for v in parsed.values()])
-    for c in ints:
-        ok &= (parsed[c] % 1 == 0).to_numpy()
-    _check_dropped(path, total - int(ok.sum()), total, "malformed", max_bad)
-    return df.assign(**parsed)[ok].reset_index(drop=True), total
+    return table.to_pandas(), invalid
+
+
+def _read_dat(path: Path, columns: list[str], fallback_encoding: str) -> tuple[pd.DataFrame, int]:
+    """(string frame of the well-formed ``::`` lines, number of lines with the wrong field count); UTF-8,
+    else ``fallback_encoding`` (ML-1M's titles are latin-1)."""
+    raw_bytes = path.read_bytes()
+    try:
+        text = raw_bytes.decode("utf8")
+    except UnicodeDecodeError:
+        text = raw_bytes.decode(fallback_encoding)
+    fields = [line.split(DAT_SEP) for line in text.splitlines() if line.strip()]
+    good = [f for f in fields if len(f) == len(columns)]
+    return pd.DataFrame(good, columns=columns, dtype=object), len(fields) - len(good)
 
 
 def _utc_seconds(seconds: np.ndarray) -> pd.DatetimeIndex:
@@ -273,26 +314,66 @@ def _ingest_latest(root: Path, max_bad: float) -> RawTables:
     movies_path = root / "movies.csv"
     movies, _ = _load(movies_path, ["id", "title", "genres"], ",", ["id"], header="movieId,title,genres",
                       max_bad=max_bad)
+    return _tables(ratings_path, ratings, n_ratings, movies, _anonymous_users(ratings), max_bad)
+
+
+def _ingest_dat(root: Path, max_bad: float) -> RawTables:
+    _require(root, DAT_FILES, "ML-1M/10M")
+    ratings_path = root / "ratings.dat"
+    ratings, n_ratings = _load(ratings_path, ["user", "item", "rating", "ts"], DAT_SEP, ["user", "item", "ts"],
+                               ("rating",), encoding="latin-1", max_bad=max_bad)
+    movies, _ = _load(root / "movies.dat", ["id", "title", "genres"], DAT_SEP, ["id"], encoding="latin-1",
+                      max_bad=max_bad)
+    users_path = root / DAT_USERS
+    if not users_path.is_file():
+        return _tables(ratings_path, ratings, n_ratings, movies, _anonymous_users(ratings), max_bad)
+    users, _ = _load(users_path, ["id", "gender", "age", "occupation", "zip"], DAT_SEP, ["id", "age", "occupation"],
+                     encoding="latin-1", max_bad=max_bad)
+    user_ids = users["id"].to_numpy(np.int64)
+    gender = users["gender"].str.strip().str.lower()
+    code = users["occupation"].to_numpy(np.int64)
+    known = (code >= 0) & (code < len(ML1M_OCCUPATIONS))
+    names = np.array(ML1M_OCCUPATIONS, dtype=object)[np.where(known, code, 0)]
+    profile = pd.DataFrame(
+        {
+            "user_id": user_ids,
+            "age": users["age"].to_numpy(np.int64),
+            "gender": gender.where(gender.isin(["f", "m"]), "u").to_numpy(object),
+            "segment": np.where(known, names, "unknown").astype(object),
+            "signup_at": _signup(ratings, user_ids),
+        }
+    )
+    return _tables(ratings_path, ratings, n_ratings, movies, profile, max_bad)
+
+
+def _anonymous_users(ratings: pd.DataFrame) -> pd.DataFrame:
+    """Users of a layout without a users file: every rater, age 0, gender 'u', segment 'unknown'."""
+    user_ids = np.unique(ratings["user"].to_numpy(np.int64))
+    n_users = len(user_ids)
+    return pd.DataFrame(
+        {
+            "user_id": user_ids,
+            "age": np.zeros(n_users, dtype=np.int64),
+            "gender": np.full(n_users, "u", dtype=object),
+            "segment": np.full(n_users, "unknown", dtype=object),
+            "signup_at": _signup(ratings, user_ids),
+        }
+    )
+
+
+def _tables(ratings_path: Path, ratings: pd.DataFrame, n_ratings: int, movies: pd.DataFrame, users: pd.DataFrame,
+            max_bad: float) -> RawTables:
+    """The raw tables of a layout whose movies list their genres by name, joined by '|' (``movies``: id, title,
+    genres): interests = 'unknown' then the genre names in alphabetical order, a movie's = its first genre."""
     genre_lists = movies["genres"].str.split("|")
     names = {g.strip() for gs in genre_lists for g in gs} - {LATEST_NO_GENRE, UNKNOWN_GENRE, ""}
     genres = [UNKNOWN_GENRE, *sorted(names)]
     genre_id = {g: i for i, g in enumerate(genres)}
     interest = np.array([genre_id.get(gs[0].strip(), 0) for gs in genre_lists], dtype=np.int64)
     movie_ids = movies["id"].to_numpy(np.int64)
-
-    user_ids = np.unique(ratings["user"].to_numpy(np.int64))
-    n_users = len(user_ids)
     return RawTables(
-        users=pd.DataFrame(
-            {
-                "user_id": user_ids,
-                "age": np.zeros(n_users, dtype=np.int64),
-                "gender": np.full(n_users, "u", dtype=object),
-                "segment": np.full(n_users, "unknown", dtype=object),
-                "signup_at": _signup(ratings, user_ids),
-            }
-        ),
+        users=users,
         interests=pd.DataFrame({"interest_id": np.arange(len(genres), dtype=np.int64), "name": genres}),
         pins=_pins(movie_ids, interest, movies["title"], ratings),
-        events=_events(ratings_path, ratings, n_ratings, user_ids, movie_ids, max_bad),
+        events=_events(ratings_path, ratings, n_ratings, users["user_id"].to_numpy(np.int64), movie_ids, max_bad),
     )

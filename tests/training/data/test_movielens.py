@@ -139,3 +139,63 @@ def test_errors_name_the_path(tmp_path: Path) -> None:
 
     with pytest.raises(ValueError, match="header"):
         ingest(_latest(tmp_path / "header", ratings="user,movie,rating,ts\n1,10,4,1\n"))
+
+
+# ML-1M layout: '::'-separated, latin-1 titles, titles with single colons, a users file with coded age/occupation.
+RATINGS_DAT = ("1::10::5::978300760\n1::20::3::978302109\n2::10::4::978301968\n2::30::2::978300275\n"
+               "3::20::4::978824291\n")
+MOVIES_DAT = ("10::Toy Story (1995)::Animation|Children's|Comedy\n"
+              "20::Star Wars: Episode IV - A New Hope (1977)::Action|Adventure|Fantasy|Sci-Fi\n"
+              "30::Misérables, Les (1995)::Drama|Musical\n"
+              "40::Star wars: episode IV - a new hope (1977)::Sci-Fi\n")
+USERS_DAT = "1::F::1::10::48067\n2::M::56::16::70072\n3::M::25::99::55117\n"
+
+
+def _dat(root: Path, ratings: str = RATINGS_DAT, movies: str = MOVIES_DAT, users: str | None = USERS_DAT) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "ratings.dat").write_bytes(ratings.encode("latin-1"))
+    (root / "movies.dat").write_bytes(movies.encode("latin-1"))
+    if users is not None:
+        (root / "users.dat").write_bytes(users.encode("latin-1"))
+    return root
+
+
+def test_ml1m_dat_fixture(tmp_path: Path) -> None:
+    tables = ingest(_dat(tmp_path))
+    _check_schemas(tables)
+    names = tables.interests.set_index("interest_id")["name"].to_dict()
+    assert names[0] == "unknown" and list(names.values())[1:] == sorted(
+        ["Animation", "Children's", "Comedy", "Action", "Adventure", "Fantasy", "Sci-Fi", "Drama", "Musical"])
+    pins = tables.pins.set_index("pin_id")
+    assert [names[i] for i in pins["interest_id"]] == ["Animation", "Action", "Drama", "Sci-Fi"]
+    # a title with a single colon stays whole; the same title twice shares one signature
+    assert pins.loc[20, "image_signature"] == pins.loc[40, "image_signature"] != pins.loc[30, "image_signature"]
+    users = tables.users.set_index("user_id")
+    assert list(users["gender"]) == ["f", "m", "m"] and list(users["age"]) == [1, 56, 25]
+    assert list(users["segment"]) == ["K-12 student", "self-employed", "unknown"]
+    engaged = tables.events[tables.events["event_type"] != "impression"]
+    assert engaged.set_index(["user_id", "pin_id"])["event_type"].to_dict() == {
+        (1, 10): "save", (1, 20): "click", (2, 10): "save", (2, 30): "click", (3, 20): "save"}
+
+
+def test_ml10m_dat_without_users_and_half_stars(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    good = "".join(f"{u}::{m}::{4.5 if m == 10 else 3.5}::{1111111111 + u}\n" for u in range(1, 200) for m in (10, 20))
+    ratings = good + "7::abc::4::1\n8::10\n"
+    with caplog.at_level(logging.WARNING, logger="training.data.movielens"):
+        tables = ingest(_dat(tmp_path, ratings=ratings, users=None))
+    _check_schemas(tables)
+    assert len(tables.users) == 199 and (tables.users["segment"] == "unknown").all()
+    counts = tables.events["event_type"].value_counts().to_dict()
+    assert counts == {"impression": 398, "save": 199, "click": 199}
+    assert any("ratings.dat: dropped 2 of 400 rows (malformed)" in r.getMessage() for r in caplog.records)
+
+
+def test_dat_errors_name_the_file(tmp_path: Path) -> None:
+    root = tmp_path / "partial"
+    root.mkdir()
+    (root / "ratings.dat").write_text("1::10::5::978300760\n")
+    with pytest.raises(FileNotFoundError, match=r"movies\.dat"):
+        ingest(root)
+    bad = "".join(f"{u}::x::4::1\n" for u in range(10)) + "1::10::5::978300760\n"
+    with pytest.raises(ValueError, match=r"ratings\.dat.*malformed"):
+        ingest(_dat(tmp_path / "bad", ratings=bad))
