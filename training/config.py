@@ -193,9 +193,15 @@ class FeatureConfig:
     """Online store: 'sqlite' (embedded default, bulk writer) or 'redis' (scale-out)."""
     redis_connection: str = "localhost:6379"
     """Redis connection string when online_store is 'redis'."""
+    historical_chunk_rows: int = 25_000
+    """Point-in-time joins (training set, evaluation) call Feast's offline store with at most this many entity
+    rows at a time, in time order. Its DuckDB join holds every feature row at or before each entity row (within
+    the TTL) before keeping the newest, so one call over 748k labels spilled more than 45 GB to disk and failed;
+    25,000 rows peaked at 5 GB there (``bench``: see the README's scale-up figures)."""
 
     def __post_init__(self) -> None:
         _check(self.online_store in ("sqlite", "redis"), "features.online_store", "must be 'sqlite' or 'redis'")
+        _positive(self, "features", "historical_chunk_rows")
 
 
 @dataclass

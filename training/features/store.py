@@ -183,9 +183,17 @@ class Features:
         return refs
 
     def historical(self, entity_df: pd.DataFrame, *service_names: str) -> pd.DataFrame:
-        """Point-in-time join of ``entity_df`` (keys + event_timestamp) through the feature services."""
+        """Point-in-time join of ``entity_df`` (keys + event_timestamp) through the feature services, one Feast
+        call per ``features.historical_chunk_rows`` entity rows in time order (the rows come back in that order,
+        not ``entity_df``'s)."""
         refs = self.feature_refs(*service_names)
-        return self.store.get_historical_features(entity_df=entity_df, features=refs).to_df()
+        chunk = self.cfg.features.historical_chunk_rows
+        if len(entity_df) <= chunk:
+            return self.store.get_historical_features(entity_df=entity_df, features=refs).to_df()
+        ordered = entity_df.sort_values("event_timestamp", kind="stable")
+        parts = [self.store.get_historical_features(entity_df=ordered.iloc[i:i + chunk], features=refs).to_df()
+                 for i in range(0, len(ordered), chunk)]
+        return pd.concat(parts, ignore_index=True)
 
     def online(self, service_name: str, key: str, ids) -> dict[str, list]:
         """Online values of one feature service for entity ``key`` = each of ``ids``: column -> one value per id,
