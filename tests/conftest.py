@@ -37,7 +37,6 @@ def pipeline_cfg(tmp_path_factory) -> Config:
 @pytest.fixture(scope="session")
 def checkpoints(pipeline_cfg) -> list[Path]:
     """One short real training run, plus two copies under other model versions (perturbed weights)."""
-    import torch
 
     from training.pretrain import pretrain_stage
     from training.train import train
@@ -45,18 +44,29 @@ def checkpoints(pipeline_cfg) -> list[Path]:
     cfg = dataclasses.replace(pipeline_cfg, train=dataclasses.replace(pipeline_cfg.train, epochs=2, patience=2,
                                                                       batch_size=256, threads=1))
     pretrain_stage(cfg)
-    first = Path(train(cfg)["checkpoint"])
+    return perturbed_copies(pipeline_cfg, Path(train(cfg)["checkpoint"]))
+
+
+KEPT_AS_TRAINED = ("frequency", "blend", "pretrained.weight", "pretrained_users.weight")
+"""State that ``perturbed_copies`` leaves alone: the logQ estimate, the blend weights chosen on validation (a tower
+appends √w · table, so a weight of 0 nudged below zero is a NaN) and the frozen pre-trained tables."""
+
+
+def perturbed_copies(cfg: Config, first: Path, n: int = 2) -> list[Path]:
+    """``first`` plus ``n`` copies of it under other model versions (``<version>-v<i>``), every trained float
+    weight moved by 0.01 · N(0, 1) (seeded), so that each version scores differently."""
+    import torch
+
     payload = torch.load(first, weights_only=True)
     paths = [first]
-    for i in (1, 2):
+    for i in range(1, n + 1):
         version = f"{payload['model_version']}-v{i}"
-        out = pipeline_cfg.data_path / "models" / version / "model.pt"
+        out = cfg.data_path / "models" / version / "model.pt"
         out.parent.mkdir(parents=True, exist_ok=True)
         gen = torch.Generator().manual_seed(i)
         model = {k: v + 0.01 * torch.randn(v.shape, generator=gen)
-                 if v.is_floating_point() and not any(s in k for s in ("frequency", "blend", "pretrained.weight",
-                                                                       "pretrained_users.weight"))
-                 else v for k, v in payload["model"].items()}
+                 if v.is_floating_point() and not any(s in k for s in KEPT_AS_TRAINED) else v
+                 for k, v in payload["model"].items()}
         torch.save({**payload, "model_version": version, "model": model}, out)
         paths.append(out)
     return paths

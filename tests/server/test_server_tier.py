@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from tests.bentos.conftest import clients, free_port
+from tests.conftest import perturbed_copies
 from tests.training.features.test_feast import SERVICES, assert_online_equals_offline
 from training.release.index import IndexStore, collection_metadata
 from training.release.publish import publish, rollback
@@ -25,18 +26,7 @@ def models(server_cfg) -> list[Path]:
     """A short real training run and two perturbed copies under other versions."""
     from training.train import train
 
-    first = Path(train(server_cfg)["checkpoint"])
-    payload = torch.load(first, weights_only=True)
-    paths = [first]
-    for i in (1, 2):
-        out = server_cfg.data_path / "models" / f"{payload['model_version']}-v{i}" / "model.pt"
-        out.parent.mkdir(parents=True)
-        gen = torch.Generator().manual_seed(i)
-        model = {k: v + 0.01 * torch.randn(v.shape, generator=gen) if v.is_floating_point() and "frequency" not in k
-                 else v for k, v in payload["model"].items()}
-        torch.save({**payload, "model_version": out.parent.name, "model": model}, out)
-        paths.append(out)
-    return paths
+    return perturbed_copies(server_cfg, Path(train(server_cfg)["checkpoint"]))
 
 
 def _alias_target(cfg) -> str | None:

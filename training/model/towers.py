@@ -114,6 +114,8 @@ class Tower(nn.Module):
     """Interests of the wide cross (set by the towers before ``_init_tail``)."""
 
     def set_blend(self, learned: float, table: float) -> None:
+        if not (learned >= 0 and table >= 0):   # the subspaces are scaled by their square roots
+            raise ValueError(f"blend weights must be >= 0, got learned={learned}, table={table}")
         self.blend.copy_(torch.tensor([learned, table]))
 
     @property

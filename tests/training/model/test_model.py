@@ -243,6 +243,8 @@ def test_frozen_pretrained_tables_are_aligned_dropped_out_and_blended():
     torch.testing.assert_close(u[2, 8:], torch.from_numpy(np.asarray(pool, np.float32)))
     torch.testing.assert_close(p[2, 8:], torch.from_numpy(table.target[2]))
     assert hist   # (documentation of the row used)
+    with pytest.raises(ValueError, match="blend weights must be >= 0"):   # √w of a negative weight is a NaN
+        model.pin_tower.set_blend(1.0, -0.01)
 
 
 def test_pretrained_window_must_end_by_the_training_window(tmp_path):
