@@ -157,8 +157,9 @@ def _load(
 
 
 def _read_delimited(path: Path, columns: list[str], sep: str, encoding: str,
-                    header: str | None) -> tuple[pd.DataFrame, int]:
-    """(string frame of the well-formed lines, number of lines with the wrong field count)."""
+                    header: str | None, source: pa.BufferReader | None = None) -> tuple[pd.DataFrame, int]:
+    """(string frame of the well-formed lines, number of lines with the wrong field count); ``source`` replaces
+    the file's bytes (``path`` then only names it in errors)."""
     if header is not None:
         with open(path, encoding=encoding) as f:
             first = f.readline().strip()
@@ -173,7 +174,7 @@ def _read_delimited(path: Path, columns: list[str], sep: str, encoding: str,
 
     try:
         table = pacsv.read_csv(
-            path,
+            path if source is None else source,
             read_options=pacsv.ReadOptions(column_names=columns, skip_rows=int(header is not None), encoding=encoding),
             parse_options=pacsv.ParseOptions(
                 delimiter=sep, quote_char='"' if sep == "," else False, invalid_row_handler=skip
@@ -189,15 +190,19 @@ def _read_delimited(path: Path, columns: list[str], sep: str, encoding: str,
 
 def _read_dat(path: Path, columns: list[str], fallback_encoding: str) -> tuple[pd.DataFrame, int]:
     """(string frame of the well-formed ``::`` lines, number of lines with the wrong field count); UTF-8,
-    else ``fallback_encoding`` (ML-1M's titles are latin-1)."""
-    raw_bytes = path.read_bytes()
+    else ``fallback_encoding`` (ML-1M's titles are latin-1). Each ``::`` becomes the ASCII unit separator, a byte
+    no MovieLens field holds (nor any UTF-8 or latin-1 character's encoding), so Arrow's reader splits the lines
+    (a 10M-line ratings.dat, ML-10M's size: 16 s to read, 37 s parsed, 4.2 GB peak; splitting the lines in Python
+    took 94 s and 5.6 GB)."""
+    raw = path.read_bytes()
     try:
-        text = raw_bytes.decode("utf8")
+        raw.decode("utf8")
+        encoding = "utf8"
     except UnicodeDecodeError:
-        text = raw_bytes.decode(fallback_encoding)
-    fields = [line.split(DAT_SEP) for line in text.splitlines() if line.strip()]
-    good = [f for f in fields if len(f) == len(columns)]
-    return pd.DataFrame(good, columns=columns, dtype=object), len(fields) - len(good)
+        encoding = fallback_encoding
+    unit_sep = "\x1f"
+    return _read_delimited(path, columns, unit_sep, encoding, None,
+                           source=pa.BufferReader(raw.replace(DAT_SEP.encode(), unit_sep.encode())))
 
 
 def _utc_seconds(seconds: np.ndarray) -> pd.DatetimeIndex:
