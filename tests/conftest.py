@@ -37,7 +37,6 @@ def pipeline_cfg(tmp_path_factory) -> Config:
 @pytest.fixture(scope="session")
 def checkpoints(pipeline_cfg) -> list[Path]:
     """One short real training run, plus two copies under other model versions (perturbed weights)."""
-
     from training.pretrain import pretrain_stage
     from training.train import train
 
