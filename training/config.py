@@ -411,6 +411,13 @@ class TrainConfig:
     """Also append the pre-trained history pool / pin vector to the towers' outputs as their own subspace, so a
     score is w_learned · learned + w_table · pre-trained, with the weights chosen on validation after training
     (the index dimension becomes out_dim + pretrain.dim)."""
+    blend_table: str = "refit"
+    """Which table the blended subspace reads: 'refit' (default, chosen on validation), the same pre-training refit
+    after training on everything before the evaluation (on train for the validation figure the blend weight is
+    chosen by; on train + validation for the test evaluation and the released model, as the baselines are
+    refit), so the subspace also knows the training window's engagements; 'training', the table the towers were
+    trained with (it ends where the training window starts). The towers' fields keep the non-overlapping table
+    either way."""
     allow_overlapping_pretrain: bool = False
     """Ablation only: accept a pre-trained table whose window overlaps the training window (never the default)."""
     window_fraction: float = 0.3
@@ -466,6 +473,7 @@ class TrainConfig:
         _check(0 <= self.seq_dropout < 1, "train.seq_dropout", "must be in [0, 1)")
         _check(0 <= self.pin_id_dropout < 1, "train.pin_id_dropout", "must be in [0, 1)")
         _check(0 <= self.pretrained_dropout < 1, "train.pretrained_dropout", "must be in [0, 1)")
+        _choice(self.blend_table, "train.blend_table", ("training", "refit"))
         _check(0 < self.window_fraction <= 1, "train.window_fraction", "must be in (0, 1]")
         _check(self.pretrained == "none" or self.window_fraction < 1, "train.window_fraction",
                "must be < 1 with pre-trained ids: the table's window ends where the training window starts")

@@ -15,7 +15,9 @@ table U, used as ``u = Σ_r exp(-r/recency) · P[h_r]`` (the user's history, new
   B ≈ (U_B √S)(V_B √S)ᵀ at rank ``pretrain.dim``: P = U_B √S, Q = V_B √S; U = each user's pooled P.
 
 The table is saved under ``<data_dir>/pretrained/<table id>/`` with its window; ``retrieval train`` takes the
-newest table that ends by its own training window's start (``training.model.pretrained.latest_usable``).
+newest table that ends by its own training window's start (``training.model.pretrained.latest_usable``). With
+``train.blend_table = 'refit'`` training also refits the same method on later windows (``WINDOWS``) for the blended
+subspace only (``training.train.refit_tables``); those live in the checkpoint, not under pretrained/.
 """
 
 from __future__ import annotations
@@ -46,12 +48,13 @@ def pretrained_root(cfg: Config):
     return cfg.data_path / "pretrained"
 
 
-def window_events(cfg: Config, split: Split, end: pd.Timestamp) -> pd.DataFrame:
+def window_events(cfg: Config, split: Split, end: pd.Timestamp,
+                  held_out: tuple[str, ...] = ("valid", "test")) -> pd.DataFrame:
     """The pre-training engagements: user_id, pin_id, event_timestamp, sorted by user then time; before ``end``
-    and before each user's first held-out interaction."""
+    and before each user's first interaction of the ``held_out`` parts."""
     snap = load_live(cfg)
     ev = pd.read_parquet(snap.table(EVENTS_TABLE), columns=["user_id", "pin_id", "event_timestamp"])
-    cutoff = ev["user_id"].map(split.cutoffs())
+    cutoff = ev["user_id"].map(split.cutoffs(held_out))
     keep = (ev["event_timestamp"] < end) & (cutoff.isna() | (ev["event_timestamp"] < cutoff))
     ev = ev[keep].sort_values(["user_id", "event_timestamp", "pin_id"], kind="stable").reset_index(drop=True)
     if ev.empty:
@@ -188,15 +191,26 @@ def calibrated(tables: dict[str, np.ndarray], ev: pd.DataFrame, length: int,
     return {**tables, **{k: (tables[k] * f).astype(np.float32) for k in ("context", "target", "users")}}, c
 
 
-def pretrain(cfg: Config, split: Split, snapshot_id: str, overlap: bool = False) -> PretrainedTable:
-    """A table for ``split``: its window ends at the training window's start (or, for the overlap ablation,
-    after the newest train interaction)."""
+WINDOWS = ("window", "train", "valid")
+"""Where a table's data ends (``pretrain(until=...)``): 'window', at the two-tower's training window start and
+before each user's held-out parts (the table the towers read); 'train', after the last train interaction and before
+each user's held-out parts (the overlap ablation's table, and the blend table a validation figure is measured with);
+'valid', after the last validation interaction and before each user's test part (the blend table of the test
+evaluation and of the released model: refit on train + validation, as the baselines are)."""
+
+
+def pretrain(cfg: Config, split: Split, snapshot_id: str, until: str = "window") -> PretrainedTable:
+    """A table for ``split`` on the data before ``until`` (``WINDOWS``)."""
+    if until not in WINDOWS:
+        raise ValueError(f"pretrain: until must be one of {WINDOWS}, got {until!r}")
     pc = cfg.pretrain
-    frame = split.frame[split.frame["part"] == "train"]
-    end = (frame["event_timestamp"].max() + pd.Timedelta(microseconds=1) if overlap
-           else split.window_start(cfg.train.window_fraction))
+    parts = {"window": ("train",), "train": ("train",), "valid": ("train", "valid")}[until]
+    frame = split.frame[split.frame["part"].isin(parts)]
+    end = (split.window_start(cfg.train.window_fraction) if until == "window"
+           else frame["event_timestamp"].max() + pd.Timedelta(microseconds=1))
+    held_out = ("test",) if until == "valid" else ("valid", "test")
     t0 = time.perf_counter()
-    ev = window_events(cfg, split, end)
+    ev = window_events(cfg, split, end, held_out)
     length = cfg.transform.history_length
     if pc.method == "ease_svd":
         tables, info = ease_svd(ev, pc, length)
@@ -206,7 +220,7 @@ def pretrain(cfg: Config, split: Split, snapshot_id: str, overlap: bool = False)
     created = datetime.now(UTC)
     start = ev["event_timestamp"].min()
     table_id = f"{pc.method}-{snapshot_id}-{pd.Timestamp(end):%Y%m%dT%H%M%S}-{created:%Y%m%d%H%M%S%f}"
-    meta = {"config": vars(pc), "snapshot_id": snapshot_id, "events": len(ev), "overlapping_ablation": overlap,
+    meta = {"config": vars(pc), "snapshot_id": snapshot_id, "events": len(ev), "until": until,
             "created_at": created.isoformat(), "seconds": round(time.perf_counter() - t0, 2), **info}
     table = PretrainedTable(table_id=table_id, method=pc.method, window_start=pd.Timestamp(start).isoformat(),
                             window_end=pd.Timestamp(end).isoformat(), meta=meta, **tables)

@@ -282,16 +282,28 @@ class Trained:
     """The pre-trained table used: id, method, width and window."""
 
 
+def refit_tables(cfg: Config, split: Split, snapshot_id: str) -> dict[str, PretrainedTable]:
+    """The blend tables of ``train.blend_table = 'refit'``: the pre-training refit on train ('train', the
+    validation figure's) and on train + validation ('valid', the test evaluation's and the release's)."""
+    from training.pretrain import pretrain
+
+    return {until: pretrain(cfg, split, snapshot_id, until=until) for until in ("train", "valid")}
+
+
 def fit(cfg: Config, training_set: pd.DataFrame, split: Split, manifest: dict[str, Any],
-        table: PretrainedTable | None = None, init: dict[str, Any] | None = None) -> Trained:
+        table: PretrainedTable | None = None, init: dict[str, Any] | None = None,
+        blend_tables: dict[str, PretrainedTable] | None = None) -> Trained:
     """Train on the split's train-proper examples of the training window with early stopping on validation
     recall@``valid_k``.
 
     The training window is the newest ``train.window_fraction`` of the train-proper interactions. With
     pre-trained IDs, ``table`` (default: the newest table under <data_dir>/pretrained that ends by the window's
-    start) must not overlap it (``train.allow_overlapping_pretrain`` is for the ablation only). Not refit on
-    train + validation (unlike the baselines): validation interactions still reach the model at test time, as
-    the users' point-in-time history features. ``init``: a checkpoint payload to warm-start from
+    start) must not overlap it (``train.allow_overlapping_pretrain`` is for the ablation only). The towers are
+    not refit on train + validation (unlike the baselines): validation interactions still reach the model at test
+    time, as the users' point-in-time history features. With ``train.blend_table = 'refit'`` the blended
+    subspace is: the blend weight is chosen with the table refit on train, and the returned model reads the one
+    refit on train + validation (``blend_tables``: ``refit_tables``' result, computed when not given), ready for
+    the test evaluation and the release. ``init``: a checkpoint payload to warm-start from
     (``training.model.checkpoint.warm_start``; a retrain's option), else a fresh initialisation."""
     if split.is_merged:
         raise ValueError("the two-tower model early-stops on validation: fit it on a split with validation")
@@ -328,10 +340,19 @@ def fit(cfg: Config, training_set: pd.DataFrame, split: Split, manifest: dict[st
     result = train_model(model, encoder, train_rows, tc, validate=validate)
     log.info("two-tower fit: best epoch %s, %.1fs to best, %.0f examples/s", result.best_epoch,
              result.seconds_to_best, result.examples_per_s)
-    if model.user_tower.blend_dim is not None:
-        result.blend = choose_blend(model, scorer, split, tc.valid_k)
     info = None if table is None else {"table_id": table.table_id, "method": table.method, "dim": table.dim,
                                        "window_start": table.window_start, "window_end": table.window_end}
+    if model.user_tower.blend_dim is not None:
+        refit = None
+        if tc.blend_table == "refit":
+            refit = blend_tables or refit_tables(cfg, split, manifest["snapshot_id"])
+            model.set_blend_tables(refit["train"].aligned(encoder.pin_ids, encoder.user_ids))
+        result.blend = choose_blend(model, scorer, split, tc.valid_k)
+        if refit is not None:
+            model.set_blend_tables(refit["valid"].aligned(encoder.pin_ids, encoder.user_ids))
+            info["blend_table"] = {"table_id": refit["valid"].table_id, "window_start": refit["valid"].window_start,
+                                   "window_end": refit["valid"].window_end,
+                                   "validation_table_id": refit["train"].table_id}
     return Trained(model, encoder, result, scorer, window_start=start.isoformat(), pretrained=info)
 
 

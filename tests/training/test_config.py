@@ -48,6 +48,8 @@ def test_cli_overrides_are_typed_and_validated(tmp_path):
         load_config(build_parser().parse_args(["build", "--data.seed", "x"]))
     with pytest.raises(ConfigError, match="transform.half_life_days"):
         load_config(build_parser().parse_args(["build", "--transform.half_life_days", "-1"]))
+    with pytest.raises(ConfigError, match="train.blend_table: must be one of training, refit, got 'newest'"):
+        load_config(build_parser().parse_args(["build", "--train.blend_table", "newest"]))
 
 
 def test_unknown_yaml_field_is_named(tmp_path):

@@ -36,6 +36,25 @@ def test_window_holds_nothing_a_model_is_evaluated_on(pipeline_cfg):
     assert set(surfaces) > {"homefeed"}   # cross-surface data reaches pre-training
 
 
+def test_refit_windows_end_after_train_or_validation_and_never_reach_test(pipeline_cfg):
+    cfg = _cfg(pipeline_cfg, dim=8)
+    ts, split, manifest = load_split(cfg)
+    f = split.frame
+    for until, seen, held in (("train", ("train",), ("valid", "test")), ("valid", ("train", "valid"), ("test",))):
+        table = pretrain(cfg, split, manifest["snapshot_id"], until=until)
+        end = pd.Timestamp(table.window_end)
+        assert end == f.loc[f["part"].isin(seen), "event_timestamp"].max() + pd.Timedelta(microseconds=1)
+        ev = window_events(cfg, split, end, held)
+        cutoff = ev["user_id"].map(f[f["part"].isin(held)].groupby("user_id")["event_timestamp"].min())
+        assert (cutoff.isna() | (ev["event_timestamp"] < cutoff)).all()
+        keys = ["user_id", "pin_id", "event_timestamp"]
+        assert ev.merge(f[f["part"].isin(held)][keys], on=keys).empty            # nothing held out for it
+        reached = ev.merge(f[f["part"].isin(seen)][keys], on=keys)
+        assert set(f[f["part"].isin(seen)]["part"]) <= set(f.merge(reached, on=keys)["part"])   # what it may see
+    with pytest.raises(ValueError, match="until must be one of"):
+        pretrain(cfg, split, manifest["snapshot_id"], until="test")
+
+
 @pytest.mark.parametrize("method", ["ease_svd", "contrastive"])
 def test_both_methods_give_calibrated_tables_for_the_window(pipeline_cfg, method, tmp_path):
     cfg = _cfg(pipeline_cfg, method=method, epochs=3, dim=16)
@@ -56,7 +75,7 @@ def test_training_refuses_an_overlapping_table_and_records_the_one_it_used(pipel
     cfg = _cfg(pipeline_cfg, dim=16)
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, epochs=1, patience=1, batch_size=256))
     ts, split, manifest = load_split(cfg)
-    overlapping = pretrain(cfg, split, manifest["snapshot_id"], overlap=True)
+    overlapping = pretrain(cfg, split, manifest["snapshot_id"], until="train")
     with pytest.raises(PretrainedError, match="overlaps the training window"):
         fit(cfg, ts, split, manifest, table=overlapping)
     ablation = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, allow_overlapping_pretrain=True))
@@ -66,3 +85,8 @@ def test_training_refuses_an_overlapping_table_and_records_the_one_it_used(pipel
     assert trained.pretrained["table_id"] == out["table_id"]
     assert trained.result.blend is not None and trained.result.blend["weight"] in {
         str(w) for w in __import__("training.train", fromlist=["BLEND_GRID"]).BLEND_GRID}
+    refit = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, blend_table="refit"))
+    trained = fit(refit, ts, split, manifest)
+    blend = trained.pretrained["blend_table"]      # the towers' fields keep the non-overlapping table
+    assert trained.pretrained["table_id"] == out["table_id"] and blend["table_id"] != out["table_id"]
+    assert blend["window_end"] > trained.window_start and trained.model.pin_tower.blend_table is not None

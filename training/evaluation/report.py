@@ -59,6 +59,7 @@ VARIANT_GROUPS: dict[str, list[tuple[str, dict[str, Any]]]] = {
         ("pre-training = ease_svd", {"pretrain.method": "ease_svd"}),
     ],
     "negatives": [("full softmax", {"train.negatives": "full"})],
+    "blend": [("blend table as trained (not refit)", {"train.blend_table": "training"})],
     "modes": [("multi-embedding (K_max=4)", {"train.multi_embedding": 4}),
               ("conditional", {"train.conditional": True})],
     "wide": [("no wide parts (deep towers only)", {"train.wide_counts": False, "train.wide_interest": False}),
@@ -157,7 +158,7 @@ def report(cfg: Config, out_dir: Path | None = None) -> dict[str, Any]:
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     from training.evaluation.baselines import fit_tune_evaluate
     from training.pretrain import pretrain
-    from training.train import fit
+    from training.train import fit, refit_tables
 
     ts, split, manifest = load_split(cfg)
     started = time.perf_counter()
@@ -201,9 +202,16 @@ def report(cfg: Config, out_dir: Path | None = None) -> dict[str, Any]:
                 key = json.dumps([vars(vc.pretrain), vc.train.window_fraction, bool(overrides.get("overlap"))],
                                  sort_keys=True)
                 if key not in tables:
-                    tables[key] = pretrain(vc, split, manifest["snapshot_id"], overlap=bool(overrides.get("overlap")))
+                    tables[key] = pretrain(vc, split, manifest["snapshot_id"],
+                                           until="train" if overrides.get("overlap") else "window")
                 table = tables[key]
-            trained = fit(vc, ts, split, manifest, table=table)
+            refit = None
+            if table is not None and vc.train.pretrained_blend and vc.train.blend_table == "refit":
+                key = json.dumps(["refit", vars(vc.pretrain)], sort_keys=True)
+                if key not in tables:
+                    tables[key] = refit_tables(vc, split, manifest["snapshot_id"])
+                refit = tables[key]
+            trained = fit(vc, ts, split, manifest, table=table, blend_tables=refit)
             res = evaluate(trained.scorer.prepare("test"), split, on="test")
             if with_modes:
                 from training.evaluation.modes import evaluate_modes

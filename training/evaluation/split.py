@@ -110,10 +110,11 @@ class Split:
             return times.min()
         return times.quantile(1 - fraction, interpolation="higher")
 
-    def cutoffs(self) -> pd.Series:
-        """user_id -> the time of the user's first held-out (validation or test) interaction: nothing from then on
-        may inform a model fitted for this split."""
-        held = self.frame[self.frame["part"] != "train"]
+    def cutoffs(self, parts: tuple[str, ...] = ("valid", "test")) -> pd.Series:
+        """user_id -> the time of the user's first interaction of ``parts``: nothing from then on may inform a model
+        evaluated on them (the default, both held-out parts: a model fitted for this split; ("test",): a model
+        refit on train + validation for the test evaluation)."""
+        held = self.frame[self.frame["part"].isin(parts)]
         return held.groupby("user_id")["event_timestamp"].min()
 
     def merged(self) -> Split:

@@ -25,7 +25,7 @@ from torch import nn
 from training.config import TrainConfig
 from training.io import atomic_path
 from training.model.encoding import Encoder
-from training.model.towers import UserTower
+from training.model.towers import Tower, UserTower
 from training.model.two_tower import TwoTower
 
 USER_TOWER_FORMAT = "user_tower/1"
@@ -36,9 +36,9 @@ class ArtifactError(ValueError):
     """A checkpoint or exported tower that cannot be loaded; the message names the file and why."""
 
 
-ADDED_SWITCHES = {"wide_counts": False, "wide_interest": False, "pin_rates": False}
+ADDED_SWITCHES = {"wide_counts": False, "wide_interest": False, "pin_rates": False, "blend_table": "training"}
 """Model switches added after artifacts were first written, with the value that rebuilds an artifact written
-before them (their defaults changed the model's shape)."""
+before them (their defaults changed the model's shape or what it was trained with)."""
 
 
 def train_config(state: dict[str, Any]) -> TrainConfig:
@@ -73,6 +73,15 @@ def build_user_tower(encoder: Encoder, tc: TrainConfig, pretrained_dim: int | No
                      tables.get("context"), tables.get("users"))
 
 
+def with_blend_tables(module: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Give ``module``'s towers the blend tables ``state`` holds (``Tower.set_blend_table``: a model whose blended
+    subspace was refit after training), so that ``state`` loads into it."""
+    for name, tower in [(n, m) for n, m in module.named_modules() if isinstance(m, Tower)]:
+        key = f"{name}.blend_table.weight" if name else "blend_table.weight"
+        if key in state:
+            tower.set_blend_table(torch.zeros_like(state[key]))
+
+
 def _save(payload: dict[str, Any], path: Path) -> None:
     with atomic_path(path) as tmp:
         torch.save(payload, tmp)
@@ -105,6 +114,7 @@ def load_checkpoint(path: Path) -> tuple[TwoTower, Encoder, dict[str, Any]]:
     encoder = Encoder.from_state(payload["encoder"])
     pretrained = payload.get("pretrained") or {}
     model = build_model(encoder, train_config(payload["config"]), placeholder_tables(encoder, pretrained.get("dim")))
+    with_blend_tables(model, payload["model"])
     model.load_state_dict(payload["model"])
     model.eval()
     return model, encoder, payload
@@ -171,6 +181,7 @@ def load_user_tower(path: Path) -> tuple[UserTower, Encoder, dict[str, Any]]:
                             f"expected {USER_TOWER_FORMAT!r})")
     encoder = Encoder.from_state(payload["encoder"])
     tower = build_user_tower(encoder, train_config(payload["config"]), (payload.get("pretrained") or {}).get("dim"))
+    with_blend_tables(tower, payload["user_tower"])
     tower.load_state_dict(payload["user_tower"])
     tower.eval()
     return tower, encoder, {k: v for k, v in payload.items() if k != "user_tower"}

@@ -15,7 +15,8 @@ Pre-trained tables are frozen buffers (or parameters when fine-tuned) with dropo
 backbone as fields (Pinterest's recipe). With ``pretrained_blend`` the pre-trained history pool and pin
 embedding are also appended to the towers' outputs as their own subspace, weighted so that a score is
 ``w_learned · learned + w_table · pre-trained``; training runs with (1, 0) and the weights are chosen on
-validation afterwards (``training.train.choose_blend``): one ANN search serves the blend.
+validation afterwards (``training.train.choose_blend``): one ANN search serves the blend. The subspace can read
+a newer table than the fields (``set_blend_table``: the pre-training refit after training, ``train.blend_table``).
 
 Shapes: B = batch, L = history length, T = top interests, E = ``id_embed_dim``, d = ``field_dim``,
 k = pre-trained width, D = ``out_dim``.
@@ -96,6 +97,9 @@ class Tower(nn.Module):
         self.normalize = tc.normalize
         self.blend_dim = blend_dim
         self.register_buffer("blend", torch.tensor([1.0, 0.0]))
+        self.blend_table = None
+        """Set by ``set_blend_table``: the table the blended subspace is read from, when it is not the one the tower
+        reads as a field."""
         # wide interest cross: users' log interest shares · pins' one-hot interest, outside the normalisation;
         # the user side's scale starts at the initial temperature, i.e. one log-share unit per logit
         self.cross_dim = self.n_cross if tc.wide_interest and tc.pin_bias else 0
@@ -117,6 +121,18 @@ class Tower(nn.Module):
         if not (learned >= 0 and table >= 0):   # the subspaces are scaled by their square roots
             raise ValueError(f"blend weights must be >= 0, got learned={learned}, table={table}")
         self.blend.copy_(torch.tensor([learned, table]))
+
+    def set_blend_table(self, table: torch.Tensor) -> None:
+        """Read the blended pre-trained subspace from ``table`` (aligned to the tower's vocabulary like its own
+        pre-trained table: the pin side's candidate table, the user side's history table), e.g. a refit on newer
+        data; the fields keep the table the tower was trained with."""
+        if self.blend_dim is None or table.dim() != 2 or table.shape[1] != self.blend_dim:
+            raise ValueError(f"blend table of shape {tuple(table.shape)} for a tower whose blended subspace is "
+                             f"{self.blend_dim}-d")
+        if self.pretrained is not None and table.shape[0] != self.pretrained.weight.shape[0]:
+            raise ValueError(f"blend table has {table.shape[0]} rows, the tower's vocabulary "
+                             f"{self.pretrained.weight.shape[0]}")
+        self.blend_table = Pretrained(table, False, 0.0)
 
     @property
     def learned_dim(self) -> int:
@@ -187,6 +203,8 @@ class PinTower(Tower):
         if self.pretrained is not None:
             table = self.pretrained(pin)                                         # (B, k)
             fields.append(self.f_pretrained(self.pretrained.drop(table)))
+            if self.blend_table is not None:
+                table = self.blend_table(pin)
         cross = None
         if self.cross_dim:   # one-hot interest; a pin of unknown interest gets the mean of the user's log shares
             cross = F.one_hot(x["interest"], self.n_cross + 1)[:, 1:].float()
@@ -300,6 +318,8 @@ class UserTower(Tower):
             table = (self.pretrained(x["seq"]) * w.unsqueeze(-1)).sum(1)          # (B, k)
             user = self.pretrained_users.drop(self.pretrained_users(x["user"]))
             fields += [self.f_pretrained(self.pretrained.drop(table)), self.f_pretrained_user(user)]
+            if self.blend_table is not None:
+                table = (self.blend_table(x["seq"]) * w.unsqueeze(-1)).sum(1)
         if not self.multi:
             y = self._tail(fields, table, cross=cross)
             return (y, torch.ones(len(y), 1, dtype=torch.bool)) if with_mask else y

@@ -111,6 +111,13 @@ class TwoTower(nn.Module):
                                       requires_grad=tc.learn_temperature)
         self.frequency = StreamingFrequency()
 
+    def set_blend_tables(self, tables: dict[str, torch.Tensor]) -> None:
+        """Read the blended pre-trained subspace from newer tables (``PretrainedTable.aligned`` to this model's
+        vocabularies: the user side pools ``context``, the pin side reads ``target``); the towers' fields keep the
+        table they were trained with."""
+        self.user_tower.set_blend_table(tables["context"])
+        self.pin_tower.set_blend_table(tables["target"])
+
     @property
     def scale(self) -> torch.Tensor:
         """The inverse temperature of the softmax (learned with ``learn_temperature``)."""

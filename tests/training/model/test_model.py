@@ -247,6 +247,44 @@ def test_frozen_pretrained_tables_are_aligned_dropped_out_and_blended():
         model.pin_tower.set_blend(1.0, -0.01)
 
 
+def test_a_refit_blend_table_changes_the_blended_subspace_only_and_survives_both_artifacts(tmp_path):
+    from training.model.checkpoint import export_user_tower, load_checkpoint, load_user_tower, save_user_tower
+
+    df = frame()
+    table = _table(df)
+    enc, model = build(df, table=table, pretrained="frozen", window_fraction=0.5)
+    model.eval()
+    for tower in (model.user_tower, model.pin_tower):
+        tower.set_blend(1.0, 1.0)
+    (u0, _), p0, _, _ = model(enc.users(df), enc.pins(df))
+    newer = _table(df)
+    newer.context, newer.target = newer.context * -2.0, newer.target + 1.0
+    model.set_blend_tables(newer.aligned(enc.pin_ids, enc.user_ids))
+    (u1, _), p1, _, _ = model(enc.users(df), enc.pins(df))
+    torch.testing.assert_close(u1[:, :8], u0[:, :8])                    # the learned part reads the same fields
+    torch.testing.assert_close(p1[:, :8], p0[:, :8])
+    torch.testing.assert_close(u1[:, 8:], -2.0 * u0[:, 8:])             # the subspace pools the new history table
+    row = 1 + int(np.searchsorted(enc.pin_ids, 102))
+    torch.testing.assert_close(p1[2, 8:], torch.from_numpy(newer.target[2]))
+    assert model.pin_tower.blend_table.weight.shape == model.pin_tower.pretrained.weight.shape
+    assert model.pin_tower.pretrained.weight[row].tolist() == pytest.approx(table.target[2].tolist())
+    with pytest.raises(ValueError, match="blended subspace is 3-d"):
+        model.pin_tower.set_blend_table(torch.zeros(enc.n_pins, 4))
+    with pytest.raises(ValueError, match="rows"):
+        model.pin_tower.set_blend_table(torch.zeros(enc.n_pins + 1, 3))
+    payload = {"config": __import__("dataclasses").asdict(tc(pretrained="frozen", window_fraction=0.5)),
+               "encoder": enc.state(), "model": model.state_dict(), "model_version": "v1",
+               "feature_services": {}, "pretrained": {"dim": 3}}
+    torch.save(payload, tmp_path / "model.pt")
+    loaded, _, _ = load_checkpoint(tmp_path / "model.pt")
+    (u2, _), p2, _, _ = loaded(enc.users(df), enc.pins(df))
+    torch.testing.assert_close(u2, u1)
+    torch.testing.assert_close(p2, p1)
+    save_user_tower(export_user_tower(payload, loaded, "c1"), tmp_path / "user_tower.pt")
+    tower, _, _ = load_user_tower(tmp_path / "user_tower.pt")
+    torch.testing.assert_close(tower(enc.users(df)), u1)
+
+
 def test_pretrained_window_must_end_by_the_training_window(tmp_path):
     df = frame()
     start = datetime.fromisoformat("2026-01-01T00:00:00+00:00")
@@ -355,3 +393,4 @@ def test_an_artifact_written_before_the_added_switches_rebuilds_without_them():
     enc, model = build(frame(), wide_counts=True, pin_rates=False)     # the old pin tower: log counts and age only
     assert model.pin_tower.wide.in_features == len(PIN_COUNT_COLUMNS)
     assert model.pin_tower(enc.pins(frame())).shape[0] == len(frame())
+
