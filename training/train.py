@@ -33,6 +33,8 @@ from tqdm import tqdm
 
 from training.config import Config, TrainConfig
 from training.evaluation.harness import evaluate
+from training.evaluation.harness import rank as rank_items
+from training.evaluation.metrics import recall_curve
 from training.evaluation.scorer import TwoTowerScorer
 from training.evaluation.split import Split, load_split
 from training.model.checkpoint import build_model, load_checkpoint, save_checkpoint, warm_start
@@ -204,24 +206,50 @@ def should_stop(epoch: int, best_epoch: int, tc: TrainConfig) -> bool:
 def choose_blend(model: TwoTower, scorer: TwoTowerScorer, split: Split, k: int) -> dict[str, Any]:
     """Pick the weight of the pre-trained scores against the learned ones on validation recall@``k``
     (``BLEND_GRID``) and set it on both towers; returns every tried weight's figure. The towers run once: a
-    blended score is learned + w · pre-trained, computed from the two subspaces. Rank 0 decides (broadcast)."""
+    blended score is learned + w · pre-trained, computed from the two subspaces. Rank 0 decides (broadcast).
+
+    The best weight is kept only when its gain over the learned towers alone (weight 0) is above one standard
+    error of the per-user differences (paired, on the same validation users): a gain within the noise of the
+    validation users is no reason to leave the trained model, and a blend chosen on such a gain did not hold on
+    test (README, Measured figures)."""
     rank, world = rank_and_world()
     for tower in (model.user_tower, model.pin_tower):
         tower.set_blend(1.0, 1.0)
     scorer.prepare("valid")
     learned_dim = model.user_tower.learned_dim
-    figures = {}
-    for w in BLEND_GRID:
-        parts = (0.0, 1.0) if math.isinf(w) else (1.0, w)
-        blended = scorer.reweighted(learned_dim, *parts)
-        figures[str(w)] = _on_rank0(lambda b=blended: float(
-            evaluate(b, split, ks=(k,), on="valid", curve_k=k, ndcg_k=10, interest_k=k)[f"recall@{k}"]), rank, world)
-    best = max(BLEND_GRID, key=lambda w: (figures[str(w)], -BLEND_GRID.index(w)))
-    learned, table = (0.0, 1.0) if math.isinf(best) else (1.0, best)
+    per_user: dict[float, np.ndarray] = {}
+    if rank == 0:
+        relevant, excluded = split.relevant("valid"), split.excluded("valid")
+        n_rel = np.diff(relevant.indptr)
+        users = np.flatnonzero(n_rel > 0)
+        for w in BLEND_GRID:
+            blended = scorer.reweighted(learned_dim, *((0.0, 1.0) if math.isinf(w) else (1.0, w)))
+            _, hits = rank_items(lambda rows, b=blended: b.score(users[rows]), users, relevant[users], excluded,
+                                 min(k, split.n_items))
+            per_user[w] = recall_curve(hits, n_rel[users])[:, -1]
+    figures = {str(w): _on_rank0(lambda w=w: float(per_user[w].mean()), rank, world) for w in BLEND_GRID}
+    decision = {"best": 0.0, "gain": 0.0, "se": 0.0}
+    if rank == 0:
+        decision = dict(zip(("best", "gain", "se"), gated_best(per_user), strict=True))
+    best, gain, se = (_on_rank0(lambda key=key: decision[key], rank, world) for key in ("best", "gain", "se"))
+    chosen = best if gain > se else 0.0
+    learned, table = (0.0, 1.0) if math.isinf(chosen) else (1.0, chosen)
     for tower in (model.user_tower, model.pin_tower):
         tower.set_blend(learned, table)
-    log.info("pre-trained blend weight %s (valid %s)", best, {k: round(v, 4) for k, v in figures.items()})
-    return {"weight": str(best), "learned": learned, "table": table, "valid": figures}
+    log.info("pre-trained blend weight %s (best on validation %s: %+.4f ± %.4f over the learned towers alone; "
+             "valid %s)", chosen, best, gain, se, {k: round(v, 4) for k, v in figures.items()})
+    return {"weight": str(chosen), "learned": learned, "table": table, "valid": figures, "best": str(best),
+            "gain_over_learned": gain, "gain_se": se}
+
+
+def gated_best(per_user: dict[float, np.ndarray]) -> tuple[float, float, float]:
+    """(the weight of the best mean, its mean gain over weight 0, the standard error of that gain) from each
+    weight's per-user validation recall (the same users in the same order; ties go to the earlier weight)."""
+    weights = list(per_user)
+    best = max(weights, key=lambda w: (float(per_user[w].mean()), -weights.index(w)))
+    diff = per_user[best] - per_user[0.0]
+    se = float(diff.std(ddof=1) / math.sqrt(len(diff))) if len(diff) > 1 else math.inf
+    return best, float(diff.mean()), se
 
 
 def _on_rank0(fn, rank: int, world: int) -> float:

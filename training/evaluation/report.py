@@ -223,7 +223,7 @@ def report(cfg: Config, out_dir: Path | None = None) -> dict[str, Any]:
             res.update({"seed": seed, "best_epoch": r.best_epoch, "epochs_run": r.epochs_run,
                         "hit_epoch_cap": r.hit_epoch_cap, "examples_per_s": r.examples_per_s,
                         "seconds_to_best": r.seconds_to_best, "fit_seconds": r.seconds,
-                        "valid": (max(r.blend["valid"].values()) if r.blend else r.best_valid),
+                        "valid": (r.blend["valid"][r.blend["weight"]] if r.blend else r.best_valid),
                         "blend_weight": (r.blend or {}).get("weight"),
                         "user_tower_ms": user_tower_cost(trained.model, trained.encoder, test_rows)["p50_ms"]})
             runs.append(res)

@@ -394,3 +394,18 @@ def test_an_artifact_written_before_the_added_switches_rebuilds_without_them():
     assert model.pin_tower.wide.in_features == len(PIN_COUNT_COLUMNS)
     assert model.pin_tower(enc.pins(frame())).shape[0] == len(frame())
 
+
+def test_a_blend_weight_is_kept_only_when_its_paired_gain_is_above_one_standard_error():
+    from training.train import gated_best
+
+    rng = np.random.default_rng(0)
+    learned = rng.random(2000)
+    noisy = learned + rng.normal(0.002, 0.05, 2000)           # +.002 on average, SE ≈ .05 / √2000 ≈ .0011
+    clear = learned + rng.normal(0.05, 0.05, 2000)            # +.05
+    best, gain, se = gated_best({0.0: learned, 1.0: noisy})
+    assert best == 1.0 and 0 < gain < 2 * se                  # the best mean, by a gain within ~2 SE
+    best, gain, se = gated_best({0.0: learned, 0.3: learned.copy(), 3.0: clear, float("inf"): clear - 0.01})
+    assert best == 3.0 and gain > 10 * se
+    assert gated_best({0.0: learned, 0.1: learned.copy()})[0] == 0.0   # a tie goes to the earlier weight
+    best, gain, se = gated_best({0.0: learned, 1.0: learned + 0.5})  # every user gains the same: no noise at all
+    assert best == 1.0 and gain == pytest.approx(0.5) and se == pytest.approx(0.0, abs=1e-9)
