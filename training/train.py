@@ -20,7 +20,7 @@ import logging
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from training.config import Config, TrainConfig
+from training.config import Config, PretrainConfig, TrainConfig
 from training.evaluation.harness import evaluate
 from training.evaluation.harness import rank as rank_items
 from training.evaluation.metrics import recall_curve
@@ -310,11 +310,17 @@ class Trained:
     """The pre-trained table used: id, method, width and window."""
 
 
-def refit_tables(cfg: Config, split: Split, snapshot_id: str) -> dict[str, PretrainedTable]:
-    """The blend tables of ``train.blend_table = 'refit'``: the pre-training refit on train ('train', the
-    validation figure's) and on train + validation ('valid', the test evaluation's and the release's)."""
+def refit_tables(cfg: Config, split: Split, snapshot_id: str,
+                 table: PretrainedTable | None = None) -> dict[str, PretrainedTable]:
+    """The blend tables of ``train.blend_table = 'refit'``: the pre-training of ``table`` (its recorded
+    ``PretrainConfig``; default ``cfg.pretrain``) refit on train ('train', the validation figure's) and on
+    train + validation ('valid', the test evaluation's and the release's)."""
     from training.pretrain import pretrain
 
+    if table is not None:
+        known = {f.name for f in fields(PretrainConfig)}
+        recorded = {k: v for k, v in (table.meta.get("config") or {}).items() if k in known}
+        cfg = replace(cfg, pretrain=replace(cfg.pretrain, **recorded))
     return {until: pretrain(cfg, split, snapshot_id, until=until) for until in ("train", "valid")}
 
 
@@ -373,7 +379,7 @@ def fit(cfg: Config, training_set: pd.DataFrame, split: Split, manifest: dict[st
     if model.user_tower.blend_dim is not None:
         refit = None
         if tc.blend_table == "refit":
-            refit = blend_tables or refit_tables(cfg, split, manifest["snapshot_id"])
+            refit = blend_tables or refit_tables(cfg, split, manifest["snapshot_id"], table)
             model.set_blend_tables(refit["train"].aligned(encoder.pin_ids, encoder.user_ids))
         result.blend = choose_blend(model, scorer, split, tc.valid_k)
         if refit is not None:

@@ -85,8 +85,11 @@ def test_training_refuses_an_overlapping_table_and_records_the_one_it_used(pipel
     assert trained.pretrained["table_id"] == out["table_id"]
     assert trained.result.blend is not None and trained.result.blend["weight"] in {
         str(w) for w in __import__("training.train", fromlist=["BLEND_GRID"]).BLEND_GRID}
-    refit = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, blend_table="refit"))
+    # the refit repeats the pre-training the table records (16-d), whatever the current pretrain section says
+    refit = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, blend_table="refit"),
+                                pretrain=dataclasses.replace(cfg.pretrain, dim=24))
     trained = fit(refit, ts, split, manifest)
+    assert trained.model.pin_tower.blend_table.weight.shape[1] == 16
     blend = trained.pretrained["blend_table"]      # the towers' fields keep the non-overlapping table
     assert trained.pretrained["table_id"] == out["table_id"] and blend["table_id"] != out["table_id"]
     assert blend["window_end"] > trained.window_start and trained.model.pin_tower.blend_table is not None

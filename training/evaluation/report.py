@@ -209,7 +209,7 @@ def report(cfg: Config, out_dir: Path | None = None) -> dict[str, Any]:
             if table is not None and vc.train.pretrained_blend and vc.train.blend_table == "refit":
                 key = json.dumps(["refit", vars(vc.pretrain)], sort_keys=True)
                 if key not in tables:
-                    tables[key] = refit_tables(vc, split, manifest["snapshot_id"])
+                    tables[key] = refit_tables(vc, split, manifest["snapshot_id"], table)
                 refit = tables[key]
             trained = fit(vc, ts, split, manifest, table=table, blend_tables=refit)
             res = evaluate(trained.scorer.prepare("test"), split, on="test")
