@@ -32,9 +32,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from training.config import Config, PretrainConfig, TrainConfig
-from training.evaluation.harness import evaluate
-from training.evaluation.harness import rank as rank_items
-from training.evaluation.metrics import recall_curve
+from training.evaluation.harness import evaluate, user_recall
 from training.evaluation.scorer import TwoTowerScorer
 from training.evaluation.split import Split, load_split
 from training.model.checkpoint import build_model, load_checkpoint, save_checkpoint, warm_start
@@ -219,14 +217,9 @@ def choose_blend(model: TwoTower, scorer: TwoTowerScorer, split: Split, k: int) 
     learned_dim = model.user_tower.learned_dim
     per_user: dict[float, np.ndarray] = {}
     if rank == 0:
-        relevant, excluded = split.relevant("valid"), split.excluded("valid")
-        n_rel = np.diff(relevant.indptr)
-        users = np.flatnonzero(n_rel > 0)
         for w in BLEND_GRID:
-            blended = scorer.reweighted(learned_dim, *((0.0, 1.0) if math.isinf(w) else (1.0, w)))
-            _, hits = rank_items(lambda rows, b=blended: b.score(users[rows]), users, relevant[users], excluded,
-                                 min(k, split.n_items))
-            per_user[w] = recall_curve(hits, n_rel[users])[:, -1]
+            per_user[w] = user_recall(scorer.reweighted(learned_dim, *((0.0, 1.0) if math.isinf(w) else (1.0, w))),
+                                      split, k)
     figures = {str(w): _on_rank0(lambda w=w: float(per_user[w].mean()), rank, world) for w in BLEND_GRID}
     decision = {"best": 0.0, "gain": 0.0, "se": 0.0}
     if rank == 0:
@@ -335,7 +328,7 @@ def fit(cfg: Config, training_set: pd.DataFrame, split: Split, manifest: dict[st
     start) must not overlap it (``train.allow_overlapping_pretrain`` is for the ablation only). The towers are
     not refit on train + validation (unlike the baselines): validation interactions still reach the model at test
     time, as the users' point-in-time history features. With ``train.blend_table = 'refit'`` the blended
-    subspace is: the blend weight is chosen with the table refit on train, and the returned model reads the one
+    subspace is refit: the blend weight is chosen with the table refit on train, and the returned model reads the one
     refit on train + validation (``blend_tables``: ``refit_tables``' result, computed when not given), ready for
     the test evaluation and the release. ``init``: a checkpoint payload to warm-start from
     (``training.model.checkpoint.warm_start``; a retrain's option), else a fresh initialisation."""

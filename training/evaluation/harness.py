@@ -83,15 +83,8 @@ def evaluate(
         raise ValueError(f"ks must be positive, got {ks}")
     depth = min(max(*ks, curve_k, ndcg_k, interest_k), split.n_items)
     t0 = time.perf_counter()
-    excluded = split.excluded(on)
-    relevant = split.relevant(on)
-    n_rel = np.diff(relevant.indptr)
-    users = np.flatnonzero(n_rel > 0)
-    if len(users) == 0:
-        raise ValueError(f"no user has a relevant {on} item")
-    topk, hits = rank(lambda rows: scorer.score(users[rows]), users, relevant[users], excluded, depth,
-                      batch_bytes=batch_bytes)
-    n_rel = n_rel[users]
+    excluded, relevant = split.excluded(on), split.relevant(on)
+    users, n_rel, topk, hits = _ranked(scorer, excluded, relevant, on, depth, batch_bytes)
     curve = recall_curve(hits, n_rel).mean(axis=0)
     capped = recall_curve(hits, n_rel, capped=True).mean(axis=0)
     counts = np.asarray(excluded.sum(axis=0)).ravel()
@@ -116,6 +109,28 @@ def evaluate(
     out["items"] = split.n_items
     out["seconds"] = round(time.perf_counter() - t0, 3)
     return out
+
+
+def user_recall(scorer: Scorer, split: Split, k: int, on: Literal["test", "valid"] = "valid",
+                batch_bytes: int = BATCH_BYTES) -> np.ndarray:
+    """Each evaluated user's recall@k (``evaluate``'s users, in its order; their mean is its ``recall@k``): for
+    paired comparisons of two scorers on the same users."""
+    _, n_rel, _, hits = _ranked(scorer, split.excluded(on), split.relevant(on), on, min(k, split.n_items),
+                                batch_bytes)
+    return recall_curve(hits, n_rel)[:, -1]
+
+
+def _ranked(scorer: Scorer, excluded: sp.csr_matrix, relevant: sp.csr_matrix, on: str, depth: int,
+            batch_bytes: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(evaluated users: those with a relevant item, their numbers of relevant items, top-``depth`` item indices,
+    hits) of ``scorer`` under the protocol (``split.excluded(on)`` masked, users ranked in batches)."""
+    n_rel = np.diff(relevant.indptr)
+    users = np.flatnonzero(n_rel > 0)
+    if len(users) == 0:
+        raise ValueError(f"no user has a relevant {on} item")
+    topk, hits = rank(lambda rows: scorer.score(users[rows]), users, relevant[users], excluded, depth,
+                      batch_bytes=batch_bytes)
+    return users, n_rel[users], topk, hits
 
 
 def rank(

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from training.evaluation.harness import evaluate
+from training.evaluation.harness import evaluate, user_recall
 from training.evaluation.metrics import ndcg_at_k, recall_at_k, recall_curve
 from training.evaluation.report import format_table, write_report
 from training.evaluation.split import Split, temporal_split
@@ -78,6 +78,15 @@ def test_metrics_by_hand() -> None:
     # per interest (top 3): interest 0 {user 3: 20} 0/1; interest 1 {user 1: 40} 1/1; interest 2 {50, 50} 2/2.
     assert res["recall@3_by_interest"] == pytest.approx({"0": 0.0, "1": 1.0, "2": 1.0})
     assert res["relevant_by_interest"] == {"0": 1, "1": 1, "2": 2}
+
+
+def test_user_recall_is_each_users_share_of_evaluates_mean() -> None:
+    per_user = user_recall(FixedScorer(TOY_SCORES), _toy_split(), 1, on="test")
+    assert per_user.tolist() == pytest.approx([0.5, 1.0, 0.0])          # the users of test_metrics_by_hand
+    for k in (1, 3):
+        res = evaluate(FixedScorer(TOY_SCORES), _toy_split(), ks=(k,), on="test", interest_k=3)
+        mean = user_recall(FixedScorer(TOY_SCORES), _toy_split(), k, on="test").mean()
+        assert mean == pytest.approx(res[f"recall@{k}"])
 
 
 def test_validation_excludes_train_proper_only() -> None:
