@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
+from functools import cached_property
 from typing import Any, Literal
 
 import numpy as np
@@ -116,6 +117,23 @@ class Split:
         refit on train + validation for the test evaluation)."""
         held = self.frame[self.frame["part"].isin(parts)]
         return held.groupby("user_id")["event_timestamp"].min()
+
+    @cached_property
+    def history_rows(self) -> pd.DataFrame:
+        """The train rows a model may read as a user's history when it scores them: those strictly before the
+        user's first held-out interaction (``cutoffs``: validation and test, or test after ``merged()``). Rows at
+        that very instant stay training data but are not history: the towers' point-in-time features cannot see
+        them, so a baseline's scoring history must not either (on ML-100k, whose sessions share a second, 1.3% of
+        the train rows; with distinct timestamps, none)."""
+        train = self.frame[self.frame["part"] == "train"]
+        if "event_timestamp" not in train.columns:
+            return train
+        cut = train["user_id"].map(self.cutoffs(("test",) if self.is_merged else ("valid", "test")))
+        return train[cut.isna().to_numpy() | (train["event_timestamp"] < cut).to_numpy()]
+
+    def history(self) -> sp.csr_matrix:
+        """(n_users, n_items) counts of ``history_rows``: what a baseline scores a user from (it fits on ``train``)."""
+        return _counts(self.history_rows, self.train.shape)
 
     def merged(self) -> Split:
         """The split with validation folded into train (for the final fit before the test evaluation)."""

@@ -159,3 +159,30 @@ def test_ease_is_tuned_on_validation(synthetic: tuple[Split, GroundTruth]) -> No
     res, records = fit_tune_evaluate(EASE(), split, grid={"l2": (10.0, 500.0), "recency": (None, 20.0)})
     assert len(records) == 4 and res["params"] == records[0]["params"]
     assert records[0]["recall@50"] >= records[-1]["recall@50"] and res["capped_recall@50"] > 0.1
+
+
+def test_baselines_score_from_history_strictly_before_the_first_held_out_instant() -> None:
+    # User 1's session at t=5 holds B (train) and C (test): B is training data, not scoring history.
+    # Every other user co-engages A with D and B with C, so a baseline reading B at scoring time would rank C first.
+    t = pd.Timestamp("2024-01-01")
+    rows = [(1, 1, 0, "train"), (1, 2, 5, "train"), (1, 3, 5, "test")]
+    for u in range(2, 8):
+        rows += [(u, 1, 0, "train"), (u, 4, 1, "train")] if u % 2 else [(u, 2, 0, "train"), (u, 3, 1, "train")]
+    frame = pd.DataFrame(rows, columns=["user_id", "pin_id", "seconds", "part"])
+    frame["event_timestamp"] = t + pd.to_timedelta(frame.pop("seconds"), unit="s")
+    split = Split.from_frame(frame)
+    assert split.train[0].toarray().tolist() == [[1, 1, 0, 0]]
+    assert split.history()[0].toarray().tolist() == [[1, 0, 0, 0]]          # B, tied with the test instant, left out
+    assert split.merged().history()[0].toarray().tolist() == [[1, 0, 0, 0]]
+    assert split.history()[1:].toarray().tolist() == split.train[1:].toarray().tolist()   # no ties: all of train
+    assert history_weights(split, 1.0).toarray()[0].tolist() == [1, 0, 0, 0]  # A is the newest history item now
+    for scorer in (EASE(l2=1.0), ItemKNN(), ImplicitALS(factors=4, iterations=5, num_threads=1)):
+        scorer.fit(split)
+        s = scorer.score(np.array([0]))[0]
+        assert s[3] > s[2], type(scorer).__name__   # D (A's neighbour) above C (B's)
+    als = ImplicitALS(factors=4, iterations=5, num_threads=1)
+    als.fit(split)
+    untied = ImplicitALS(factors=4, iterations=5, num_threads=1)
+    untied.fit(Split.from_frame(frame.assign(event_timestamp=frame["event_timestamp"]
+                                             - pd.to_timedelta((frame["pin_id"] == 2) * 1, unit="s"))))
+    np.testing.assert_allclose(als.user_factors[1:], untied.user_factors[1:], rtol=1e-5)   # others as fitted
