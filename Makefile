@@ -33,7 +33,7 @@ stop: $(STAMP)
 	$(BIN)/retrieval-service stop
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -m "not bench" -q
+	$(BIN)/python -m pytest -m "not bench" -q --durations=10
 
 bench: $(STAMP)
 	$(BIN)/python bench/bench_data.py
