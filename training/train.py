@@ -43,10 +43,10 @@ from training.model.two_tower import TwoTower, closest_embedding, full_softmax_l
 log = logging.getLogger(__name__)
 
 BLEND_GRID = (0.0, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0, math.inf)
-BLEND_FOLDS = 5
-"""Folds of validation users for the blend gate's cross-fitted gain (``gated_best``)."""
 """Weights of the pre-trained scores against the learned ones tried on validation (inf = the pre-trained scores
 alone; 0 = the learned towers alone)."""
+BLEND_FOLDS = 5
+"""Folds of validation users for the blend gate's cross-fitted gain (``gated_best``)."""
 
 
 def join_process_group() -> tuple[int, int]:

@@ -112,7 +112,7 @@ class ItemKNN:
         self.sim = self._similarity(self.x, k)
 
     def score(self, user_idx: np.ndarray) -> np.ndarray:
-        """(len(user_idx), n_items) float32 sums of similarities to each user's train items."""
+        """(len(user_idx), n_items) float32 sums of similarities to each user's history items."""
         if self.history is None or self.sim is None:
             raise _Unfitted("ItemKNN.fit first")
         out = self.history[user_idx] @ self.sim
