@@ -54,8 +54,7 @@ def window_events(cfg: Config, split: Split, end: pd.Timestamp,
     and before each user's first interaction of the ``held_out`` parts."""
     snap = load_live(cfg)
     ev = pd.read_parquet(snap.table(EVENTS_TABLE), columns=["user_id", "pin_id", "event_timestamp"])
-    cutoff = ev["user_id"].map(split.cutoffs(held_out))
-    keep = (ev["event_timestamp"] < end) & (cutoff.isna() | (ev["event_timestamp"] < cutoff))
+    keep = (ev["event_timestamp"] < end).to_numpy() & split.before_cutoffs(ev, held_out)
     ev = ev[keep].sort_values(["user_id", "event_timestamp", "pin_id"], kind="stable").reset_index(drop=True)
     if ev.empty:
         raise ValueError(f"no engagement before {end} to pre-train on: lower train.window_fraction")

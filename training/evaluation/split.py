@@ -118,6 +118,12 @@ class Split:
         held = self.frame[self.frame["part"].isin(parts)]
         return held.groupby("user_id")["event_timestamp"].min()
 
+    def before_cutoffs(self, rows: pd.DataFrame, parts: tuple[str, ...] = ("valid", "test")) -> np.ndarray:
+        """(len(rows),) bool: which rows (user_id, event_timestamp) are strictly before their user's ``cutoffs``
+        (every row of a user without one)."""
+        cut = rows["user_id"].map(self.cutoffs(parts))
+        return cut.isna().to_numpy() | (rows["event_timestamp"] < cut).to_numpy()
+
     @cached_property
     def history_rows(self) -> pd.DataFrame:
         """The train rows a model may read as a user's history when it scores them: those strictly before the
@@ -128,8 +134,7 @@ class Split:
         train = self.frame[self.frame["part"] == "train"]
         if "event_timestamp" not in train.columns:
             return train
-        cut = train["user_id"].map(self.cutoffs(("test",) if self.is_merged else ("valid", "test")))
-        return train[cut.isna().to_numpy() | (train["event_timestamp"] < cut).to_numpy()]
+        return train[self.before_cutoffs(train, ("test",) if self.is_merged else ("valid", "test"))]
 
     def history(self) -> sp.csr_matrix:
         """(n_users, n_items) counts of ``history_rows``: what a baseline scores a user from (it fits on ``train``)."""
