@@ -418,6 +418,13 @@ class TrainConfig:
     refit), so the subspace also knows the training window's engagements; 'training', the table the towers were
     trained with (it ends where the training window starts). The towers' fields keep the non-overlapping table
     either way."""
+    blend_validation: str = "horizon"
+    """Which validation table the blend weight is chosen with ('refit' only): 'horizon' (default), the pre-training
+    refit on ``Split.horizon_matched()``'s train part, which ends round((t - v) / 2) rows before each user's
+    validation part, so that validation targets sit as far past the table's data on average as test targets sit
+    past the table refit on train + validation (test is ~2.5× validation's length); 'adjacent', refit on all of
+    train (validation targets right after its data). A collaborative table ages faster than the towers where
+    engagement drifts to fresh pins: chosen at validation's shorter horizon, its weight did not hold on test."""
     allow_overlapping_pretrain: bool = False
     """Ablation only: accept a pre-trained table whose window overlaps the training window (never the default)."""
     window_fraction: float = 0.3
@@ -474,6 +481,7 @@ class TrainConfig:
         _check(0 <= self.pin_id_dropout < 1, "train.pin_id_dropout", "must be in [0, 1)")
         _check(0 <= self.pretrained_dropout < 1, "train.pretrained_dropout", "must be in [0, 1)")
         _choice(self.blend_table, "train.blend_table", ("training", "refit"))
+        _choice(self.blend_validation, "train.blend_validation", ("horizon", "adjacent"))
         _check(0 < self.window_fraction <= 1, "train.window_fraction", "must be in (0, 1]")
         _check(self.pretrained == "none" or self.window_fraction < 1, "train.window_fraction",
                "must be < 1 with pre-trained ids: the table's window ends where the training window starts")

@@ -190,12 +190,15 @@ def calibrated(tables: dict[str, np.ndarray], ev: pd.DataFrame, length: int,
     return {**tables, **{k: (tables[k] * f).astype(np.float32) for k in ("context", "target", "users")}}, c
 
 
-WINDOWS = ("window", "train", "valid")
+WINDOWS = ("window", "train", "horizon", "valid")
 """Where a table's data ends (``pretrain(until=...)``): 'window', at the two-tower's training window start and
 before each user's held-out parts (the table the towers read); 'train', after the last train interaction and before
-each user's held-out parts (the overlap ablation's table, and the blend table a validation figure is measured with);
-'valid', after the last validation interaction and before each user's test part (the blend table of the test
-evaluation and of the released model: refit on train + validation, as the baselines are)."""
+each user's held-out parts (the overlap ablation's table, and the blend table of the validation figure with
+``train.blend_validation = 'adjacent'``); 'horizon', as 'train' on ``Split.horizon_matched()`` (each user's data ends
+round((t - v) / 2) rows before their validation part: the blend table of the validation figure by default, as far
+behind the validation targets as the 'valid' table is behind test's); 'valid', after the last validation
+interaction and before each user's test part (the blend table of the test evaluation and of the released model:
+refit on train + validation, as the baselines are)."""
 
 
 def pretrain(cfg: Config, split: Split, snapshot_id: str, until: str = "window") -> PretrainedTable:
@@ -203,7 +206,9 @@ def pretrain(cfg: Config, split: Split, snapshot_id: str, until: str = "window")
     if until not in WINDOWS:
         raise ValueError(f"pretrain: until must be one of {WINDOWS}, got {until!r}")
     pc = cfg.pretrain
-    parts = {"window": ("train",), "train": ("train",), "valid": ("train", "valid")}[until]
+    if until == "horizon":
+        split = split.horizon_matched()
+    parts = {"window": ("train",), "train": ("train",), "horizon": ("train",), "valid": ("train", "valid")}[until]
     frame = split.frame[split.frame["part"].isin(parts)]
     end = (split.window_start(cfg.train.window_fraction) if until == "window"
            else frame["event_timestamp"].max() + pd.Timedelta(microseconds=1))

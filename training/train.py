@@ -325,15 +325,18 @@ class Trained:
 def refit_tables(cfg: Config, split: Split, snapshot_id: str,
                  table: PretrainedTable | None = None) -> dict[str, PretrainedTable]:
     """The blend tables of ``train.blend_table = 'refit'``: the pre-training of ``table`` (its recorded
-    ``PretrainConfig``; default ``cfg.pretrain``) refit on train ('train', the validation figure's) and on
-    train + validation ('valid', the test evaluation's and the release's)."""
+    ``PretrainConfig``; default ``cfg.pretrain``) refit for the validation figure ('train': on the horizon-matched
+    train part, or on all of train with ``train.blend_validation = 'adjacent'``) and on train + validation
+    ('valid', the test evaluation's and the release's)."""
     from training.pretrain import pretrain
 
     if table is not None:
         known = {f.name for f in fields(PretrainConfig)}
         recorded = {k: v for k, v in (table.meta.get("config") or {}).items() if k in known}
         cfg = replace(cfg, pretrain=replace(cfg.pretrain, **recorded))
-    return {until: pretrain(cfg, split, snapshot_id, until=until) for until in ("train", "valid")}
+    validation = "horizon" if cfg.train.blend_validation == "horizon" else "train"
+    return {"train": pretrain(cfg, split, snapshot_id, until=validation),
+            "valid": pretrain(cfg, split, snapshot_id, until="valid")}
 
 
 def fit(cfg: Config, training_set: pd.DataFrame, split: Split, manifest: dict[str, Any],
@@ -347,10 +350,10 @@ def fit(cfg: Config, training_set: pd.DataFrame, split: Split, manifest: dict[st
     start) must not overlap it (``train.allow_overlapping_pretrain`` is for the ablation only). The towers are
     not refit on train + validation (unlike the baselines): validation interactions still reach the model at test
     time, as the users' point-in-time history features. With ``train.blend_table = 'refit'`` the blended
-    subspace is refit: the blend weight is chosen with the table refit on train, and the returned model reads the one
-    refit on train + validation (``blend_tables``: ``refit_tables``' result, computed when not given), ready for
-    the test evaluation and the release. ``init``: a checkpoint payload to warm-start from
-    (``training.model.checkpoint.warm_start``; a retrain's option), else a fresh initialisation."""
+    subspace is refit: the blend weight is chosen with the table refit for validation (horizon-matched by default),
+    and the returned model reads the one refit on train + validation (``blend_tables``: ``refit_tables``' result,
+    computed when not given), ready for the test evaluation and the release. ``init``: a checkpoint payload to
+    warm-start from (``training.model.checkpoint.warm_start``; a retrain's option), else a fresh initialisation."""
     if split.is_merged:
         raise ValueError("the two-tower model early-stops on validation: fit it on a split with validation")
     tc = cfg.train
@@ -398,7 +401,8 @@ def fit(cfg: Config, training_set: pd.DataFrame, split: Split, manifest: dict[st
             model.set_blend_tables(refit["valid"].aligned(encoder.pin_ids, encoder.user_ids))
             info["blend_table"] = {"table_id": refit["valid"].table_id, "window_start": refit["valid"].window_start,
                                    "window_end": refit["valid"].window_end,
-                                   "validation_table_id": refit["train"].table_id}
+                                   "validation_table_id": refit["train"].table_id,
+                                   "validation_table_until": refit["train"].meta.get("until")}
     return Trained(model, encoder, result, scorer, window_start=start.isoformat(), pretrained=info)
 
 

@@ -50,6 +50,8 @@ def test_cli_overrides_are_typed_and_validated(tmp_path):
         load_config(build_parser().parse_args(["build", "--transform.half_life_days", "-1"]))
     with pytest.raises(ConfigError, match="train.blend_table: must be one of training, refit, got 'newest'"):
         load_config(build_parser().parse_args(["build", "--train.blend_table", "newest"]))
+    with pytest.raises(ConfigError, match="train.blend_validation: must be one of horizon, adjacent, got 'test'"):
+        load_config(build_parser().parse_args(["build", "--train.blend_validation", "test"]))
 
 
 def test_unknown_yaml_field_is_named(tmp_path):

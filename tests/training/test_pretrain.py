@@ -39,12 +39,19 @@ def test_window_holds_nothing_a_model_is_evaluated_on(pipeline_cfg):
 def test_refit_windows_end_after_train_or_validation_and_never_reach_test(pipeline_cfg):
     cfg = _cfg(pipeline_cfg, dim=8)
     ts, split, manifest = load_split(cfg)
-    f = split.frame
-    for until, seen, held in (("train", ("train",), ("valid", "test")), ("valid", ("train", "valid"), ("test",))):
+    matched = split.horizon_matched()
+    moved = (matched.frame["part"] != split.frame["part"]).sum()
+    assert moved > 0 and (matched.frame.loc[matched.frame["part"] != split.frame["part"], "part"] == "valid").all()
+    for until, seen, held in (("train", ("train",), ("valid", "test")), ("valid", ("train", "valid"), ("test",)),
+                              ("horizon", ("train",), ("valid", "test"))):
         table = pretrain(cfg, split, manifest["snapshot_id"], until=until)
+        assert table.meta["until"] == until
+        on = matched if until == "horizon" else split   # 'horizon': the train part of the horizon-matched split
+        f = on.frame
         end = pd.Timestamp(table.window_end)
         assert end == f.loc[f["part"].isin(seen), "event_timestamp"].max() + pd.Timedelta(microseconds=1)
-        ev = window_events(cfg, split, end, held)
+        ev = window_events(cfg, on, end, held)
+        assert len(ev) == table.meta["events"]
         cutoff = ev["user_id"].map(f[f["part"].isin(held)].groupby("user_id")["event_timestamp"].min())
         assert (cutoff.isna() | (ev["event_timestamp"] < cutoff)).all()
         keys = ["user_id", "pin_id", "event_timestamp"]
@@ -93,3 +100,4 @@ def test_training_refuses_an_overlapping_table_and_records_the_one_it_used(pipel
     blend = trained.pretrained["blend_table"]      # the towers' fields keep the non-overlapping table
     assert trained.pretrained["table_id"] == out["table_id"] and blend["table_id"] != out["table_id"]
     assert blend["window_end"] > trained.window_start and trained.model.pin_tower.blend_table is not None
+    assert blend["validation_table_until"] == "horizon"    # the blend weight was chosen at test's horizon

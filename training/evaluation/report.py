@@ -59,7 +59,8 @@ VARIANT_GROUPS: dict[str, list[tuple[str, dict[str, Any]]]] = {
         ("pre-training = ease_svd", {"pretrain.method": "ease_svd"}),
     ],
     "negatives": [("full softmax", {"train.negatives": "full"})],
-    "blend": [("blend table as trained (not refit)", {"train.blend_table": "training"})],
+    "blend": [("blend table as trained (not refit)", {"train.blend_table": "training"}),
+              ("blend weight chosen at validation's own horizon", {"train.blend_validation": "adjacent"})],
     "modes": [("multi-embedding (K_max=4)", {"train.multi_embedding": 4}),
               ("conditional", {"train.conditional": True})],
     "wide": [("no wide parts (deep towers only)", {"train.wide_counts": False, "train.wide_interest": False}),
@@ -207,7 +208,7 @@ def report(cfg: Config, out_dir: Path | None = None) -> dict[str, Any]:
                 table = tables[key]
             refit = None
             if table is not None and vc.train.pretrained_blend and vc.train.blend_table == "refit":
-                key = json.dumps(["refit", vars(vc.pretrain)], sort_keys=True)
+                key = json.dumps(["refit", vars(vc.pretrain), vc.train.blend_validation], sort_keys=True)
                 if key not in tables:
                     tables[key] = refit_tables(vc, split, manifest["snapshot_id"], table)
                 refit = tables[key]

@@ -148,6 +148,32 @@ class Split:
         empty = sp.csr_matrix(self.valid.shape, dtype=np.float32)
         return replace(self, train=(self.train + self.valid).tocsr(), valid=empty, frame=frame, is_merged=True)
 
+    def horizon_matched(self) -> Split:
+        """The split with each user's validation part started ``round((t - v) / 2)`` rows earlier (t, v: the user's
+        test and validation rows; at least one train row stays): those last train rows become validation.
+
+        A model fitted on train and evaluated on validation sees targets 1..v rows past its data, (v + 1) / 2 on
+        average; refit on train + validation and evaluated on test, it sees them (t + 1) / 2 rows past (t ≈ 2.5 v
+        with the default fractions). A model fitted on this split's train part sees the original validation
+        targets (t + 1) / 2 rows past its data on average, as far as test's: the table the blend weight is chosen
+        with is fitted on it (``training.pretrain.pretrain(until='horizon')``), so that a table that ages faster
+        than the towers is not chosen on a horizon test does not have."""
+        if self.is_merged:
+            raise ValueError("horizon_matched needs the validation part: call it before merged()")
+        f = self.frame
+        counts = f.groupby(["user_id", "part"]).size().unstack(fill_value=0).reindex(columns=list(PARTS),
+                                                                                     fill_value=0)
+        gap = np.floor((counts["test"] - counts["valid"]) / 2 + 0.5).clip(lower=0)
+        train = f[f["part"] == "train"].sort_values(["user_id", "event_timestamp"], kind="stable")
+        from_end = train.groupby("user_id").cumcount(ascending=False)
+        kept = train.groupby("user_id")["pin_id"].transform("size") - 1   # at least one train row stays
+        moved = train.index[(from_end < train["user_id"].map(gap)) & (from_end < kept)]
+        frame = f.copy()
+        frame.loc[moved, "part"] = "valid"
+        shape = (self.n_users, self.n_items)
+        return replace(self, train=_counts(frame[frame["part"] == "train"], shape),
+                       valid=_counts(frame[frame["part"] == "valid"], shape), frame=frame)
+
     def test_since(self, since: pd.Timestamp) -> Split:
         """The split with its test part cut to the interactions at or after ``since`` (train and validation as they
         are): the fresh holdout a retrain compares its candidate and the live model on."""

@@ -164,6 +164,28 @@ def test_split_rules() -> None:
     assert split.train.shape == (6, 38) and split.items.tolist() == list(range(100, 138))
 
 
+def test_the_horizon_matched_split_puts_validation_as_far_past_train_as_test_is_past_validation() -> None:
+    split = temporal_split(_interactions({1: 10, 2: 5, 5: 3, 6: 38, 7: 100}))
+    matched = split.horizon_matched()
+    # 38: test 8, valid 3 -> round(2.5) = 3 train rows move (27 -> 24 train, 6 validation); test is untouched.
+    assert _parts(matched, 6) == ["train"] * 24 + ["valid"] * 6 + ["test"] * 8
+    # 100: test 20, valid 8 -> 6 more validation rows; the original validation targets' mean distance past the
+    # last train row is then 6 + (8 + 1) / 2 = 10.5, test's past the last validation row (20 + 1) / 2 = 10.5.
+    assert _parts(matched, 7) == ["train"] * 66 + ["valid"] * 14 + ["test"] * 20
+    # 10: test 2, valid 1 -> round(0.5) = 1; 5 and 3 rows: test 1 = valid 1 -> nothing moves.
+    assert _parts(matched, 1) == ["train"] * 6 + ["valid"] * 2 + ["test"] * 2
+    assert _parts(matched, 2) == _parts(split, 2) and _parts(matched, 5) == _parts(split, 5)
+    assert (matched.test != split.test).nnz == 0
+    assert matched.train.sum() + matched.valid.sum() == split.train.sum() + split.valid.sum()
+    # at least one train row stays: a user with 2 train rows, 1 validation and 4 test rows keeps one
+    few = split.frame[split.frame["user_id"] == 1].copy()
+    few["part"] = ["train", "train", "valid", "test", "test", "test", "test", "test", "test", "test"]
+    odd = Split.from_frame(few, split.items).horizon_matched()
+    assert _parts(odd, 1) == ["train"] + ["valid"] * 2 + ["test"] * 7
+    with pytest.raises(ValueError, match="before merged"):
+        split.merged().horizon_matched()
+
+
 def test_split_ceil_ignores_float_noise_and_test_keeps_a_train_row() -> None:
     # 0.14 * 50 == 7.000000000000001: 7 test rows, not 8.
     split = temporal_split(_interactions({1: 50}), test_fraction=0.14, valid_fraction=0.0)
