@@ -250,12 +250,20 @@ def report(cfg: Config, out_dir: Path | None = None) -> dict[str, Any]:
 
 def _verdict(variants: dict[str, dict[str, Any]], baselines: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """The best two-tower config (by mean validation recall, never test) against the best baseline of each
-    headline metric (its test figure): 'wins' only when mean − std is above it."""
+    headline metric (its test figure): 'wins' only when mean − std is above it. A row whose blend weight is chosen
+    at another validation horizon than the default's (``train.blend_validation``) reports a validation figure on
+    another scale (its table is fresher or staler at validation than at test): it is not a candidate."""
     real = {k: v for k, v in baselines.items() if not k.startswith("oracle")}
-    best = max(variants, key=lambda v: variants[v]["mean"]["valid"])
     default = next(iter(variants))
+
+    def horizon(label: str) -> Any:
+        return variants[label].get("config", {}).get("train", {}).get("blend_validation")
+
+    comparable = [v for v in variants if horizon(v) == horizon(default)]
+    best = max(comparable, key=lambda v: variants[v]["mean"]["valid"])
     lines = []
-    out: dict[str, Any] = {"best_by_validation": best, "default": default, "metrics": {}}
+    out: dict[str, Any] = {"best_by_validation": best, "default": default, "metrics": {},
+                           "not_compared_by_validation": [v for v in variants if v not in comparable]}
     for label in dict.fromkeys([default, best]):
         v = variants[label]
         parts = []
@@ -296,6 +304,10 @@ def _write(out: Path, cfg: Config, source: str, manifest: dict[str, Any], split,
                      + f" | {m['valid']:.3f} | {m['examples_per_s']:,.0f} | {m['seconds_to_best']:.1f} | "
                      f"{m['best_epoch']:.1f} / {m['epochs_run']:.1f}{f' ({caps} cap)' if caps else ''} | "
                      f"{m['user_tower_ms']:.2f} |")
+    if verdict.get("not_compared_by_validation"):
+        lines += ["", "Not candidates for the best config by validation (their blend weight is chosen at another "
+                      "validation horizon, so their validation figures are on another scale): "
+                  + ", ".join(verdict["not_compared_by_validation"]) + "."]
     if pending:
         lines += ["", f"**Partial**: {pending} more two-tower variant(s) planned; this file is rewritten as each "
                       "one finishes."]

@@ -50,3 +50,16 @@ def test_verdict_wins_only_when_mean_minus_std_clears_the_best_baseline():
     m = v["metrics"]
     assert m["default"]["capped_recall@50"]["best_baseline"] == "B" and not m["default"]["capped_recall@50"]["wins"]
     assert m["other"]["capped_recall@50"]["wins"] and m["other"]["capped_recall@10"]["best_baseline"] == "A"
+
+
+def test_a_row_validated_at_another_blend_horizon_is_not_a_candidate_for_the_best_config():
+    def row(valid, horizon):
+        m = {"capped_recall@10": 0.3, "capped_recall@50": 0.4, "valid": valid}
+        return {"mean": m, "std": {"capped_recall@10": 0.0, "capped_recall@50": 0.0},
+                "config": {"train": {"blend_validation": horizon}}}
+
+    baselines = {"A": {"capped_recall@10": 0.2, "capped_recall@50": 0.3}}
+    v = _verdict({"default": row(0.49, "horizon"), "adjacent": row(0.50, "adjacent"),
+                  "masknet": row(0.495, "horizon")}, baselines)
+    # the adjacent row's validation figure is measured with a fresher table: higher, and not comparable
+    assert v["best_by_validation"] == "masknet" and v["not_compared_by_validation"] == ["adjacent"]
