@@ -83,7 +83,7 @@ def ease_svd(ev: pd.DataFrame, pc: PretrainConfig, length: int) -> tuple[dict[st
     x.data[:] = 1.0
     b = ease_weights(x, pc.l2)
     k = min(pc.dim, len(pin_ids) - 1)
-    u, s, vt = svds(b, k=k)
+    u, s, vt = svds(b, k=k, rng=np.random.default_rng(pc.seed))   # ARPACK's start vector: reproducible
     order = np.argsort(-s)
     u, s, vt = u[:, order], s[order], vt[order]
     context = np.zeros((len(pin_ids), pc.dim), np.float32)

@@ -101,3 +101,24 @@ def test_training_refuses_an_overlapping_table_and_records_the_one_it_used(pipel
     assert trained.pretrained["table_id"] == out["table_id"] and blend["table_id"] != out["table_id"]
     assert blend["window_end"] > trained.window_start and trained.model.pin_tower.blend_table is not None
     assert blend["validation_table_until"] == "horizon"    # the blend weight was chosen at test's horizon
+
+
+def test_ease_svd_gives_the_same_table_for_the_same_seed_in_any_process_state():
+    """ARPACK starts from a random vector: unseeded, a table (and the towers that read it as features) differed
+    between two runs of the same seed."""
+    from training.config import PretrainConfig
+    from training.pretrain import ease_svd
+
+    rng = np.random.default_rng(0)
+    n = 4000
+    ev = pd.DataFrame({"user_id": rng.integers(0, 300, n), "pin_id": rng.integers(0, 400, n),
+                       "event_timestamp": pd.Timestamp("2026-01-01", tz="UTC")
+                       + pd.to_timedelta(rng.integers(0, 10**6, n), unit="s")})
+    ev = ev.sort_values(["user_id", "event_timestamp", "pin_id"]).reset_index(drop=True)
+    pc = PretrainConfig(dim=16, seed=3)
+    first, _ = ease_svd(ev, pc, 20)
+    np.random.seed(12345)    # the global state a caller may have moved
+    np.random.rand(7)
+    second, _ = ease_svd(ev, pc, 20)
+    for key in ("context", "target", "users"):
+        np.testing.assert_array_equal(first[key], second[key])
