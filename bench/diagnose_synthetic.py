@@ -9,6 +9,9 @@ the report's). Prints capped recall@10 / @50 on the report's split for:
    its rate; the oracle ranks by the stationary rate);
 2. how much of the held-out engagement falls on pins the ids cannot know: pins never engaged in the train part, and
    pins outside the pre-trained table of the default config (its window ends where the training window starts);
+   and on pins no index could hold at the user's cut-off (created after it) or at the index refresh the user is
+   scored at (``train.index_refresh_days``; 7 and 30 for comparison), with the oracle restricted to the pins that
+   existed then: the ceiling of any model served from such an index;
 3. a two-number scorer with no training: log of the user's smoothed interest shares in their train history plus
    beta times the log of the pin's popularity before the user's cut-off, at 8 cut-off time points as the two-tower
    scorer does. Popularity is the pin's Homefeed engagements or impressions (every user's) in the ``days`` before,
@@ -88,6 +91,30 @@ def main() -> None:
         rel = np.asarray(split.relevant(on).sum(axis=0)).ravel()
         print(f"   {on}: held-out pairs on pins never engaged in train {rel[~seen].sum() / rel.sum():.3f}, "
               f"on pins outside the table {rel[~in_table].sum() / rel.sum():.3f}")
+    oracle = Oracle(truth)
+    oracle.fit(split)
+    born = pd.to_datetime(created, utc=True).to_numpy()
+    for on in ("valid", "test"):
+        first = fr[fr["part"] == on].sort_values("event_timestamp").drop_duplicates("user_idx")
+        cut = pd.Series(pd.to_datetime(first["event_timestamp"], utc=True).to_numpy(),
+                        index=first["user_idx"].to_numpy())
+        pairs = split.relevant(on).tocoo()
+        for label, days in (("the cut-off", None), *((f"a refresh every {d} d", d) for d in
+                                                      sorted({cfg.train.index_refresh_days, 7, 30}))):
+            at = np.full(split.n_users, np.datetime64("NaT"), dtype=born.dtype)
+            if days is None:
+                at[cut.index.to_numpy()] = cut.to_numpy()
+            else:
+                times, which = time_points(cut, days)
+                at[cut.index.to_numpy()] = np.asarray(times, dtype=born.dtype)[which]
+            unborn = born[pairs.col] > at[pairs.row]
+
+            def existing(u, at=at):
+                s = oracle.score(u)
+                s[born[None, :] > at[u][:, None]] = -np.inf
+                return s
+            print(f"   {on}: scored at {label:20s} held-out pairs on pins created after it {unborn.mean():.3f}; "
+                  f"oracle on the pins that existed then {_recall(existing, split, on)}", flush=True)
 
     # 3. interest shares x recent pin engagement, point in time
     ki = split.item_interest
@@ -110,7 +137,7 @@ def main() -> None:
         first = fr[fr["part"] == on].sort_values("event_timestamp").drop_duplicates("user_idx")
         cut = pd.Series(first["event_timestamp"].to_numpy(), index=first["user_idx"].to_numpy())
         bucket = np.zeros(split.n_users, dtype=np.int64)
-        times, bucket[cut.index.to_numpy()] = time_points(cut)
+        times, bucket[cut.index.to_numpy()] = time_points(cut, cfg.train.index_refresh_days)
         age = np.stack([np.clip((pd.Timestamp(t) - created_at).dt.total_seconds().to_numpy() / 86400, 0, None)
                         for t in times])
         for signal, (ev_t, ev_i) in signals.items():

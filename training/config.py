@@ -462,6 +462,12 @@ class TrainConfig:
     before it climbs (measured on the synthetic default, where a run otherwise stopped at its epoch-1 figure)."""
     valid_k: int = 50
     """K of the validation recall used for early stopping."""
+    index_refresh_days: int = 1
+    """Evaluation protocol (validation, test, the retrain gate): each user is scored against candidate vectors
+    embedded from the pin features as of the pin index's last refresh at or before the user's cut-off, refreshes
+    falling on every ``index_refresh_days``-th UTC midnight since 1970-01-01: 1 = daily, as ``retrain.every`` = 1d
+    publishes a freshly embedded collection every day (a pin's feature row is written at the midnight after each
+    active day, so a refresh reads every finished day)."""
     seed: int = 0
     """Seed of initialization, shuffling and dropout."""
     threads: int = 2
@@ -469,7 +475,8 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         _positive(self, "train", "id_embed_dim", "field_dim", "hidden_dim", "masknet_blocks", "out_dim", "batch_size",
-                  "target_window", "epochs", "patience", "min_epochs", "valid_k", "threads", "history_recency")
+                  "target_window", "epochs", "patience", "min_epochs", "valid_k", "threads", "history_recency",
+                  "index_refresh_days")
         _choice(self.backbone, "train.backbone", ("mlp", "masknet", "dhen"))
         _choice(self.history_encoder, "train.history_encoder", ("pool", "transformer"))
         _choice(self.pretrained, "train.pretrained", ("none", "frozen", "finetune"))

@@ -52,6 +52,8 @@ def test_cli_overrides_are_typed_and_validated(tmp_path):
         load_config(build_parser().parse_args(["build", "--train.blend_table", "newest"]))
     with pytest.raises(ConfigError, match="train.blend_validation: must be one of horizon, adjacent, got 'test'"):
         load_config(build_parser().parse_args(["build", "--train.blend_validation", "test"]))
+    with pytest.raises(ConfigError, match="train.index_refresh_days: must be > 0, got 0"):
+        load_config(build_parser().parse_args(["build", "--train.index_refresh_days", "0"]))
 
 
 def test_unknown_yaml_field_is_named(tmp_path):

@@ -2,8 +2,8 @@
 
 Inputs come only from the Feast training set: a user is represented by the features of their first held-out
 interaction (history strictly before it), and candidates by pin features fetched through the pin feature
-service at a few times no later than that, so nothing from the evaluated period leaks in. Each user is
-scored against the latest pin snapshot not after their cut-off.
+service at the pin index's refreshes (``train.index_refresh_days``), so nothing from the evaluated period leaks
+in. Each user is scored against the latest refresh at or before their cut-off.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from typing import Literal
 
 import numpy as np
 import pandas as pd
+import torch
 
 from training.config import Config
 from training.evaluation.split import Split
@@ -20,8 +21,8 @@ from training.model.towers import run_tower
 from training.model.two_tower import TwoTower
 
 KEYS = ["user_id", "pin_id", "event_timestamp"]
-PIN_TIME_POINTS = 8
-"""Pin features for evaluation are fetched at this many times (quantiles of the users' cut-off times)."""
+PIN_BATCH = 32768
+"""Rows per pin-tower call when embedding the candidates of every refresh (measured: 1.8× faster than 4,096)."""
 
 
 class TwoTowerScorer:
@@ -36,7 +37,7 @@ class TwoTowerScorer:
         self.training_set = training_set
         self.split = split
         self.pin_service = pin_service
-        self._pin_cache: dict[pd.Timestamp, pd.DataFrame] = {}
+        self._pin_cache: dict[pd.Timestamp, dict[str, torch.Tensor]] = {}
         self._user_vectors = self._user_bucket = self._pin_vectors = None
 
     def fit(self, split: Split) -> None:
@@ -48,8 +49,8 @@ class TwoTowerScorer:
         return best_of(self._user_vectors[user_idx], self._user_bucket[user_idx], self._pin_vectors)
 
     def prepare(self, on: Literal["valid", "test"]) -> TwoTowerScorer:
-        """Embed every evaluable user at their cut-off (first ``on`` interaction) and the candidates at
-        ``PIN_TIME_POINTS`` times."""
+        """Embed every evaluable user at their cut-off (first ``on`` interaction) and the candidates at every index
+        refresh some user is scored at."""
         self.model.eval()
         split = self.split
         rows = self.cutoff_rows(on)
@@ -60,8 +61,9 @@ class TwoTowerScorer:
         self._user_bucket = np.zeros(split.n_users, dtype=np.int64)
         self._user_vectors[rows["user_idx"].to_numpy()] = users
         cutoffs = rows["event_timestamp"]
-        times, self._user_bucket[rows["user_idx"].to_numpy()] = time_points(cutoffs)
-        self._pin_vectors = np.stack([run_tower(self.model.pin_tower, self.encoder.pins(self._pins_at(t)))
+        times, self._user_bucket[rows["user_idx"].to_numpy()] = time_points(cutoffs,
+                                                                            self.cfg.train.index_refresh_days)
+        self._pin_vectors = np.stack([run_tower(self.model.pin_tower, self._encoded_pins(t), batch=PIN_BATCH)
                                       for t in times])       # (T, n_items, D)
         return self
 
@@ -75,7 +77,7 @@ class TwoTowerScorer:
 
     @property
     def pin_vectors(self) -> np.ndarray:
-        """(T, n_items, D) candidate vectors at the ``PIN_TIME_POINTS`` snapshots (after ``prepare``)."""
+        """(T, n_items, D) candidate vectors at the index refreshes (after ``prepare``)."""
         return self._pin_vectors
 
     @property
@@ -88,14 +90,16 @@ class TwoTowerScorer:
         ``first`` and the rest by ``second`` (a blend of two subspaces, without running the towers again)."""
         return _Reweighted(self, split_dim, first, second)
 
-    def _pins_at(self, t: pd.Timestamp) -> pd.DataFrame:
-        """Pin features of every candidate as of ``t`` through the pin feature service (Feast offline)."""
+    def _encoded_pins(self, t: pd.Timestamp) -> dict[str, torch.Tensor]:
+        """Pin-tower inputs of every candidate as of ``t``: the pin feature service (Feast offline) read and encoded
+        once per refresh time and kept (the encoder does not change during a fit; every epoch's validation reuses
+        them)."""
         if t not in self._pin_cache:
             from training.features.store import feature_store
 
             entity = pd.DataFrame({"pin_id": self.split.items, "event_timestamp": t})
             df = feature_store(self.cfg).historical(entity, self.pin_service)
-            self._pin_cache[t] = df.set_index("pin_id").loc[self.split.items].reset_index()
+            self._pin_cache[t] = self.encoder.pins(df.set_index("pin_id").loc[self.split.items].reset_index())
         return self._pin_cache[t]
 
 
@@ -114,11 +118,13 @@ class _Reweighted:
         return best_of(self.users[user_idx], self.base._user_bucket[user_idx], self.pins)   # noqa: SLF001
 
 
-def time_points(cutoffs: pd.Series) -> tuple[list[pd.Timestamp], np.ndarray]:
-    """The ``PIN_TIME_POINTS`` times (quantiles of the users' cut-offs, deduplicated) at which candidates are scored,
-    and each cut-off's time point: the latest at or before it."""
-    times = sorted(set(cutoffs.quantile(np.linspace(0, 1, PIN_TIME_POINTS), interpolation="lower")))
-    return times, np.searchsorted(times, cutoffs, side="right") - 1
+def time_points(cutoffs: pd.Series, refresh_days: int) -> tuple[list[pd.Timestamp], np.ndarray]:
+    """The index refreshes some cut-off is scored at (sorted; refreshes at every ``refresh_days``-th UTC midnight
+    since 1970-01-01), and each cut-off's refresh: the latest at or before it."""
+    at = pd.to_datetime(cutoffs, utc=True)
+    refresh = at.dt.floor(f"{int(refresh_days)}D")
+    times = sorted(set(refresh))
+    return times, np.searchsorted(pd.DatetimeIndex(times), pd.DatetimeIndex(refresh))
 
 
 def best_of(users: np.ndarray, bucket: np.ndarray, pins: np.ndarray) -> np.ndarray:

@@ -251,3 +251,19 @@ def test_write_report(tmp_path: Path) -> None:
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 1000, png
     assert (tmp_path / "out" / "results.json").exists()
     assert format_table(results).count("\n") == 3
+
+
+def test_each_cut_off_is_scored_at_the_last_index_refresh_at_or_before_it() -> None:
+    from training.evaluation.scorer import time_points
+
+    cut = pd.Series(pd.to_datetime(["2026-03-02 23:59:59", "2026-03-02 00:00:00", "2026-03-01 00:00:01",
+                                    "2026-03-09 12:00:00"], utc=True))
+    times, which = time_points(cut, 1)
+    assert [str(t) for t in times] == ["2026-03-01 00:00:00+00:00", "2026-03-02 00:00:00+00:00",
+                                       "2026-03-09 00:00:00+00:00"]
+    assert which.tolist() == [1, 1, 0, 2]                 # a refresh at the cut-off's own midnight counts
+    refresh = pd.DatetimeIndex(times)[which]
+    assert (refresh <= pd.DatetimeIndex(cut)).all() and (pd.DatetimeIndex(cut) - refresh < pd.Timedelta(days=1)).all()
+    times, which = time_points(cut, 7)                    # weekly: every 7th midnight since 1970-01-01 (a Thursday)
+    assert [str(t) for t in times] == ["2026-02-26 00:00:00+00:00", "2026-03-05 00:00:00+00:00"]
+    assert which.tolist() == [0, 0, 0, 1]
