@@ -63,7 +63,8 @@ class TwoTowerScorer:
         cutoffs = rows["event_timestamp"]
         times, self._user_bucket[rows["user_idx"].to_numpy()] = time_points(cutoffs,
                                                                             self.cfg.train.index_refresh_days)
-        self._pin_vectors = np.stack([run_tower(self.model.pin_tower, self._encoded_pins(t), batch=PIN_BATCH)
+        self._fetch(times)
+        self._pin_vectors = np.stack([run_tower(self.model.pin_tower, self._pin_cache[t], batch=PIN_BATCH)
                                       for t in times])       # (T, n_items, D)
         return self
 
@@ -90,17 +91,25 @@ class TwoTowerScorer:
         ``first`` and the rest by ``second`` (a blend of two subspaces, without running the towers again)."""
         return _Reweighted(self, split_dim, first, second)
 
-    def _encoded_pins(self, t: pd.Timestamp) -> dict[str, torch.Tensor]:
-        """Pin-tower inputs of every candidate as of ``t``: the pin feature service (Feast offline) read and encoded
-        once per refresh time and kept (the encoder does not change during a fit; every epoch's validation reuses
-        them)."""
-        if t not in self._pin_cache:
-            from training.features.store import feature_store
+    def _fetch(self, times: list[pd.Timestamp]) -> None:
+        """Pin-tower inputs of every candidate at each of ``times`` not read yet: the pin feature service (Feast
+        offline) for all of them in one point-in-time join (chunked by ``features.historical_chunk_rows``), encoded
+        once per time and kept (the encoder does not change during a fit; every epoch's validation reuses them)."""
+        missing = [t for t in times if t not in self._pin_cache]
+        if not missing:
+            return
+        from training.features.store import feature_store
 
-            entity = pd.DataFrame({"pin_id": self.split.items, "event_timestamp": t})
-            df = feature_store(self.cfg).historical(entity, self.pin_service)
-            self._pin_cache[t] = self.encoder.pins(df.set_index("pin_id").loc[self.split.items].reset_index())
-        return self._pin_cache[t]
+        items = self.split.items
+        entity = pd.DataFrame({"pin_id": np.tile(items, len(missing)),
+                               "event_timestamp": pd.DatetimeIndex(missing).repeat(len(items))})
+        df = feature_store(self.cfg).historical(entity, self.pin_service)
+        at = pd.to_datetime(df["event_timestamp"], utc=True)
+        for t in missing:
+            rows = df[(at == t).to_numpy()]
+            if len(rows) != len(items):
+                raise RuntimeError(f"the pin feature service returned {len(rows)} rows at {t} for {len(items)} pins")
+            self._pin_cache[t] = self.encoder.pins(rows.set_index("pin_id").loc[items].reset_index())
 
 
 class _Reweighted:
