@@ -378,6 +378,7 @@ def fit(cfg: Config, training_set: pd.DataFrame, split: Split, manifest: dict[st
     if init is not None:
         log.info("warm start from %s: %s", init["model_version"], warm_start(model, encoder, init))
     scorer = TwoTowerScorer(cfg, model, encoder, training_set, split, manifest["feature_services"]["pin"])
+    scorer.fetch("valid")
 
     def validate(_model: TwoTower) -> float:
         k = tc.valid_k

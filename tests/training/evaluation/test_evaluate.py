@@ -267,3 +267,34 @@ def test_each_cut_off_is_scored_at_the_last_index_refresh_at_or_before_it() -> N
     times, which = time_points(cut, 7)                    # weekly: every 7th midnight since 1970-01-01 (a Thursday)
     assert [str(t) for t in times] == ["2026-02-26 00:00:00+00:00", "2026-03-05 00:00:00+00:00"]
     assert which.tolist() == [0, 0, 0, 1]
+
+
+def test_scorers_of_one_split_read_each_refresh_once_and_get_the_rows_in_candidate_order(monkeypatch) -> None:
+    import training.features.store as store
+    from training.config import Config
+    from training.evaluation.scorer import TwoTowerScorer
+
+    calls = []
+
+    class Store:
+        def historical(self, entity, service):
+            calls.append((service, sorted(set(entity["event_timestamp"]))))
+            out = entity.iloc[::-1].reset_index(drop=True)        # Feast returns rows in its own order
+            return out.assign(age_days=out["pin_id"] * 1.0 + out["event_timestamp"].dt.day)
+
+    class Encoder:
+        def pins(self, df):
+            return {"age": df["age_days"].to_numpy(), "pin": df["pin_id"].to_numpy()}
+
+    monkeypatch.setattr(store, "feature_store", lambda cfg: Store())
+    split = _toy_split()
+    day = [pd.Timestamp(f"2026-03-0{d}", tz="UTC") for d in (1, 2, 3)]
+    first = TwoTowerScorer(Config(), None, Encoder(), None, split, "pin_svc")
+    first._fetch(day[:2])
+    second = TwoTowerScorer(Config(), None, Encoder(), None, split, "pin_svc")
+    second._fetch(day)                                             # only the third day is new to the split
+    assert calls == [("pin_svc", day[:2]), ("pin_svc", day[2:])]
+    assert second._pin_cache[day[1]]["pin"].tolist() == ITEMS.tolist()
+    assert second._pin_cache[day[1]]["age"].tolist() == (ITEMS + 2.0).tolist()
+    TwoTowerScorer(Config(), None, Encoder(), None, _toy_split(), "pin_svc")._fetch(day[:1])
+    assert len(calls) == 3                                         # another split reads its own
