@@ -12,12 +12,12 @@ the report's). Prints capped recall@10 / @50 on the report's split for:
    and on pins no index could hold at the user's cut-off (created after it) or at the index refresh the user is
    scored at (``train.index_refresh_days``; 7 and 30 for comparison), with the oracle restricted to the pins that
    existed then: the ceiling of any model served from such an index;
-3. a two-number scorer with no training: log of the user's smoothed interest shares in their train history plus
-   beta times the log of the pin's popularity before the user's cut-off, at 8 cut-off time points as the two-tower
-   scorer does. Popularity is the pin's Homefeed engagements or impressions (every user's) in the ``days`` before,
-   as a count or as a rate per exposed day, (n + .5) / (min(age, days) + .5): a young pin's count covers its age
-   only. The signal, form, ``days`` and ``beta`` are chosen on validation. The events are exact to the second
-   here; the two-tower reads the same counts from daily feature rows.
+3. a two-number scorer with no training: log of the user's smoothed interest shares in their train history plus beta
+   times the log of the pin's popularity at the index refresh the user is scored at, as the two-tower scorer does
+   (``train.index_refresh_days``). Popularity is the pin's Homefeed engagements or impressions (every user's) in the
+   ``days`` before, as a count or as a rate per exposed day, (n + .5) / (min(age, days) + .5): a young pin's count
+   covers its age only. The signal, form, ``days`` and ``beta`` are chosen on validation. The events are exact to the
+   second here; the two-tower reads the same counts from daily feature rows.
 """
 
 from __future__ import annotations
