@@ -50,6 +50,12 @@ class _Scores:
         return self.fn(user_idx).astype(np.float32)
 
 
+def _cutoffs(split: Split, on: str) -> pd.Series:
+    """user index -> the time of the user's first ``on`` interaction (UTC)."""
+    cut = split.cutoffs((on,))
+    return pd.Series(pd.to_datetime(cut.to_numpy(), utc=True), index=pd.Index(split.users).get_indexer(cut.index))
+
+
 def _recall(fn, split: Split, on: str) -> tuple[float, float]:
     r = evaluate(_Scores(fn), split, on=on)
     return round(r["capped_recall@10"], 4), round(r["capped_recall@50"], 4)
@@ -95,9 +101,7 @@ def main() -> None:
     oracle.fit(split)
     born = pd.to_datetime(created, utc=True).to_numpy()
     for on in ("valid", "test"):
-        first = fr[fr["part"] == on].sort_values("event_timestamp").drop_duplicates("user_idx")
-        cut = pd.Series(pd.to_datetime(first["event_timestamp"], utc=True).to_numpy(),
-                        index=first["user_idx"].to_numpy())
+        cut = _cutoffs(split, on)
         pairs = split.relevant(on).tocoo()
         for label, days in (("the cut-off", None), *((f"a refresh every {d} d", d) for d in
                                                       sorted({cfg.train.index_refresh_days, 7, 30}))):
@@ -134,8 +138,7 @@ def main() -> None:
     created_at = pd.to_datetime(created, utc=True)
     results: dict[tuple[str, str, int, float], dict[str, tuple[float, float]]] = {}
     for on in ("valid", "test"):
-        first = fr[fr["part"] == on].sort_values("event_timestamp").drop_duplicates("user_idx")
-        cut = pd.Series(first["event_timestamp"].to_numpy(), index=first["user_idx"].to_numpy())
+        cut = _cutoffs(split, on)
         bucket = np.zeros(split.n_users, dtype=np.int64)
         times, bucket[cut.index.to_numpy()] = time_points(cut, cfg.train.index_refresh_days)
         age = np.stack([np.clip((pd.Timestamp(t) - created_at).dt.total_seconds().to_numpy() / 86400, 0, None)
