@@ -16,6 +16,7 @@ group), and returns (B, H). The output projection to the embedding space is the 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -52,14 +53,71 @@ class MaskBlock(nn.Module):
 
 
 class ParallelMaskNet(nn.Module):
+    """``blocks`` ``MaskBlock``s on the same input, their outputs concatenated, then the bottleneck MLP.
+
+    The blocks' weights are stacked, (blocks, in, out) per layer: a request (at most ``STACKED_ROWS`` rows) runs every
+    block in one batched matmul per layer, which costs about 40% of the block-by-block loop's CPU time for one row;
+    a training batch runs the blocks one after another, which is faster at a thousand rows (both measured with
+    one torch thread). The two paths compute the same function. The weights start as ``MaskBlock``'s would, drawn
+    block by block in its order; checkpoints written with per-block modules (``blocks.{i}.mask.0.weight``, ...)
+    load into the stacked form.
+    """
+
+    STACKED_ROWS = 64
+    _LAYERS = ("mask_in", "mask_out", "hidden", "out")   # MaskBlock's linear layers, in its order
+    _NORMS = ("norm_hidden", "norm_out")                 # and its layer norms
+
     def __init__(self, width: int, hidden: int, blocks: int, dropout: float, out: int | None = None):
         super().__init__()
-        self.blocks = nn.ModuleList(MaskBlock(width, hidden, dropout) for _ in range(blocks))
+        proto = [MaskBlock(width, hidden, dropout) for _ in range(blocks)]
+        self.n_blocks = blocks
+        self._paths: dict[str, str] = {}   # stacked name -> the per-block module's path (for old checkpoints)
+        for names, kind in ((self._LAYERS, nn.Linear), (self._NORMS, nn.LayerNorm)):
+            paths = [path for path, m in proto[0].named_modules() if isinstance(m, kind)]
+            for name, path in zip(names, paths, strict=True):
+                self._paths[name] = path
+                mods = [b.get_submodule(path) for b in proto]   # weights (blocks, in, out), the rest (blocks, 1, n)
+                weight = [m.weight.detach().T if kind is nn.Linear else m.weight.detach()[None] for m in mods]
+                bias = [m.bias.detach()[None] for m in mods]
+                self.register_parameter(f"{name}_weight", nn.Parameter(torch.stack(weight)))
+                self.register_parameter(f"{name}_bias", nn.Parameter(torch.stack(bias)))
+        self.drop = nn.Dropout(dropout) if dropout else nn.Identity()
         self.out_features = out or hidden
         self.bottleneck = mlp([blocks * hidden, hidden, self.out_features], dropout, final_activation=out is None)
 
+    def _linear(self, name: str, h: torch.Tensor, k: int | None) -> torch.Tensor:
+        w, b = getattr(self, f"{name}_weight"), getattr(self, f"{name}_bias")
+        return torch.baddbmm(b, h, w) if k is None else torch.addmm(b[k], h, w[k])
+
+    def _norm(self, name: str, h: torch.Tensor, k: int | None) -> torch.Tensor:
+        w, b = getattr(self, f"{name}_weight"), getattr(self, f"{name}_bias")
+        if k is None:
+            return F.layer_norm(h, h.shape[-1:]) * w + b
+        return F.layer_norm(h, h.shape[-1:], w[k, 0], b[k, 0])
+
+    def _blocks(self, x: torch.Tensor, k: int | None) -> torch.Tensor:
+        """Block ``k`` on x (B, W) -> (B, hidden), or every block on x (blocks, B, W) -> (blocks, B, hidden)."""
+        mask = self._linear("mask_out", F.gelu(self._linear("mask_in", x, k)), k)
+        h = self.drop(F.gelu(self._norm("norm_hidden", self._linear("hidden", x * mask, k), k)))
+        return self.drop(F.gelu(self._norm("norm_out", self._linear("out", h, k), k)))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:   # (B, W) -> (B, out)
-        return self.bottleneck(torch.cat([b(x) for b in self.blocks], dim=-1))
+        if len(x) <= self.STACKED_ROWS:
+            y = self._blocks(x.unsqueeze(0).expand(self.n_blocks, -1, -1), None)          # (blocks, B, hidden)
+            y = y.transpose(0, 1).reshape(len(x), -1)
+        else:
+            y = torch.cat([self._blocks(x, k) for k in range(self.n_blocks)], dim=-1)
+        return self.bottleneck(y)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        """Stack a checkpoint's per-block modules (written before the blocks were stacked)."""
+        if f"{prefix}blocks.0.mask.0.weight" in state_dict:
+            for name, path in self._paths.items():
+                for part in ("weight", "bias"):
+                    old = [state_dict.pop(f"{prefix}blocks.{i}.{path}.{part}") for i in range(self.n_blocks)]
+                    transpose = name in self._LAYERS and part == "weight"
+                    state_dict[f"{prefix}{name}_{part}"] = torch.stack([t.T if transpose else t[None] for t in old])
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
 class MaskNetBackbone(nn.Module):

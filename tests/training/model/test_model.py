@@ -139,7 +139,29 @@ def test_masknet_block_is_mlp_b_of_x_times_mlp_a_of_x():
     x = torch.randn(3, 6)
     torch.testing.assert_close(block(x), block.out(x * block.mask(x)))
     net = ParallelMaskNet(width=6, hidden=4, blocks=4, dropout=0.0)
-    assert len(net.blocks) == 4 and net(x).shape == (3, 4)
+    assert net(x).shape == (3, 4)
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_parallel_masknet_is_its_blocks_side_by_side_on_both_paths_and_reads_per_block_checkpoints(dropout):
+    torch.manual_seed(0)
+    blocks = [MaskBlock(width=6, hidden=4, dropout=dropout).eval() for _ in range(4)]
+    net = ParallelMaskNet(width=6, hidden=4, blocks=4, dropout=dropout).eval()
+    for p in net.bottleneck.parameters():
+        torch.nn.init.normal_(p)
+    # a checkpoint written when the blocks were modules of their own
+    old = {f"blocks.{i}.{k}": v for i, b in enumerate(blocks) for k, v in b.state_dict().items()}
+    old.update({f"bottleneck.{k}": v for k, v in net.bottleneck.state_dict().items()})
+    fresh = ParallelMaskNet(width=6, hidden=4, blocks=4, dropout=dropout).eval()
+    fresh.load_state_dict(old)
+    x = torch.randn(ParallelMaskNet.STACKED_ROWS + 1, 6)   # one row past the stacked path: the block loop
+    expected = net.bottleneck(torch.cat([b(x) for b in blocks], dim=-1))
+    torch.testing.assert_close(fresh(x), expected)
+    torch.testing.assert_close(fresh(x[:3]), expected[:3])                 # the stacked path: the same function
+    fresh.train()
+    torch.manual_seed(1)
+    fresh(x[:3]).sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in fresh.parameters())
 
 
 def test_sequence_dropout_acts_in_training_only():
