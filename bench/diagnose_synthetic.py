@@ -199,19 +199,17 @@ def main() -> None:
     shape = (split.n_items, split.n_users)
     print("4. the step-3 scorer chosen on validation + gamma * cos(user vector, mean vector of the pin's engagers "
           "in the 30 days before the refresh) (valid / test: capped R@10, R@50)")
+    pops = {on: popularity(signal, form, days, times) for on, (times, _) in refreshes.items()}
     for label, vectors in user_vectors.items():
         unit = _unit(vectors)
+        pooled = {on: [_unit(sp.csr_matrix((np.ones(m.sum()), (ev_i[m], ev_u[m])), shape=shape) @ unit)
+                       .astype(np.float32)
+                       for m in ((ev_t < t) & (ev_t >= t - pd.Timedelta(days=30)) for t in times)]
+                  for on, (times, _) in refreshes.items()}   # per part: (n_items, d) per refresh, for every gamma
         for gamma in (0.5, 1.0, 2.0):
             row = {}
-            for on, (times, bucket) in refreshes.items():
-                pop = popularity(signal, form, days, times)
-                pooled = []
-                for t in times:
-                    m = (ev_t < t) & (ev_t >= t - pd.Timedelta(days=30))
-                    engaged = sp.csr_matrix((np.ones(m.sum()), (ev_i[m], ev_u[m])), shape=shape)
-                    pooled.append(_unit(engaged @ unit).astype(np.float32))
-
-                def fn(u, pop=pop, pooled=pooled, bucket=bucket, unit=unit, gamma=gamma):
+            for on, (_, bucket) in refreshes.items():
+                def fn(u, pop=pops[on], pooled=pooled[on], bucket=bucket, unit=unit, gamma=gamma):
                     affinity = np.empty((len(u), split.n_items), dtype=np.float32)
                     for b in np.unique(bucket[u]):
                         rows = bucket[u] == b
@@ -219,7 +217,6 @@ def main() -> None:
                     return shares[u][:, ki] + beta * pop[bucket[u]] + gamma * affinity
                 row[on] = _recall(fn, split, on)
             print(f"   {label:68s} gamma {gamma:.1f}: valid {row['valid']} test {row['test']}", flush=True)
-
 
 if __name__ == "__main__":
     main()
