@@ -109,15 +109,35 @@ class ParallelMaskNet(nn.Module):
             y = torch.cat([self._blocks(x, k) for k in range(self.n_blocks)], dim=-1)
         return self.bottleneck(y)
 
+    def stack_blocks(self, state_dict: dict[str, torch.Tensor], prefix: str = "") -> None:
+        """Rewrite, in place, a checkpoint's per-block modules under ``prefix`` (written before the blocks were
+        stacked) into this module's stacked tensors; a state dict without them is left as it is. The block count is
+        the checkpoint's (a different count than this module's then fails to load, as any shape change does)."""
+        n = 0
+        while f"{prefix}blocks.{n}.mask.0.weight" in state_dict:
+            n += 1
+        if not n:
+            return
+        for name, path in self._paths.items():
+            for part in ("weight", "bias"):
+                old = [state_dict.pop(f"{prefix}blocks.{i}.{path}.{part}") for i in range(n)]
+                transpose = name in self._LAYERS and part == "weight"
+                state_dict[f"{prefix}{name}_{part}"] = torch.stack([t.T if transpose else t[None] for t in old])
+
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        """Stack a checkpoint's per-block modules (written before the blocks were stacked)."""
-        if f"{prefix}blocks.0.mask.0.weight" in state_dict:
-            for name, path in self._paths.items():
-                for part in ("weight", "bias"):
-                    old = [state_dict.pop(f"{prefix}blocks.{i}.{path}.{part}") for i in range(self.n_blocks)]
-                    transpose = name in self._LAYERS and part == "weight"
-                    state_dict[f"{prefix}{name}_{part}"] = torch.stack([t.T if transpose else t[None] for t in old])
+        self.stack_blocks(state_dict, prefix)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+def stack_masknet_blocks(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A copy of ``state_dict`` (a checkpoint of a model shaped like ``model``) with the per-block MaskNet modules of
+    checkpoints written before the blocks were stacked rewritten as ``model`` holds them: what ``load_state_dict``
+    does on its own, for code that matches tensors by name (a retrain's warm start)."""
+    out = dict(state_dict)
+    for prefix, module in model.named_modules():
+        if isinstance(module, ParallelMaskNet):
+            module.stack_blocks(out, f"{prefix}." if prefix else "")
+    return out
 
 
 class MaskNetBackbone(nn.Module):

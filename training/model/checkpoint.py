@@ -24,6 +24,7 @@ from torch import nn
 
 from training.config import TrainConfig
 from training.io import atomic_path
+from training.model.backbones import stack_masknet_blocks
 from training.model.encoding import Encoder
 from training.model.towers import Tower, UserTower
 from training.model.two_tower import TwoTower
@@ -135,9 +136,10 @@ def warm_start(model: TwoTower, encoder: Encoder, payload: dict[str, Any]) -> di
     same_vocab = np.array_equal(old_ids, new_ids)
     counts = {"copied": 0, "remapped": 0, "fresh": 0}
     state = model.state_dict()
+    source = stack_masknet_blocks(model, payload["model"])
     with torch.no_grad():
         for key, tensor in state.items():
-            src = payload["model"].get(key)
+            src = source.get(key)
             pin_table = (src is not None and tensor.ndim == 2 and src.ndim == 2 and tensor.shape[0] == len(new_ids) + 1
                          and src.shape[0] == len(old_ids) + 1 and tensor.shape[1] == src.shape[1])
             if src is None or "pretrained" in key:

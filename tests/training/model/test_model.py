@@ -164,6 +164,33 @@ def test_parallel_masknet_is_its_blocks_side_by_side_on_both_paths_and_reads_per
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in fresh.parameters())
 
 
+def test_a_warm_start_reads_masknet_blocks_from_a_checkpoint_written_before_they_were_stacked():
+    from training.model.checkpoint import warm_start
+
+    df = frame()
+    enc, model = build(df, backbone="dhen")                  # a ParallelMaskNet in both towers' first layer
+    stacked = model.state_dict()
+    per_block = dict(stacked)                                 # the same weights as the per-block modules held them
+    nets = [(name, m) for name, m in model.named_modules() if isinstance(m, ParallelMaskNet)]
+    assert len(nets) == 2
+    for prefix, net in nets:
+        for name, path in net._paths.items():
+            for part in ("weight", "bias"):
+                transpose = name in net._LAYERS and part == "weight"
+                for i, t in enumerate(per_block.pop(f"{prefix}.{name}_{part}")):
+                    per_block[f"{prefix}.blocks.{i}.{path}.{part}"] = t.T if transpose else t[0]
+    counts = {}
+    for source in (stacked, per_block):
+        _, target = build(df, backbone="dhen")
+        with torch.no_grad():
+            for p in target.parameters():
+                p.add_(1.0)
+        counts[len(source)] = warm_start(target, enc, {"encoder": enc.state(), "model": source})
+        assert all(torch.equal(v, stacked[k]) for k, v in target.state_dict().items()), "a tensor was left fresh"
+    assert counts[len(per_block)] == counts[len(stacked)] and counts[len(stacked)]["fresh"] == 0
+    assert len(per_block) > len(stacked) and any(".blocks.3.mask.0.weight" in k for k in per_block)
+
+
 def test_sequence_dropout_acts_in_training_only():
     df = frame()
     enc, model = build(df, seq_dropout=0.5)
