@@ -252,18 +252,22 @@ def _verdict(variants: dict[str, dict[str, Any]], baselines: dict[str, dict[str,
     """The best two-tower config (by mean validation recall, never test) against the best baseline of each
     headline metric (its test figure): 'wins' only when mean − std is above it. A row whose blend weight is chosen
     at another validation horizon than the default's (``train.blend_validation``) reports a validation figure on
-    another scale (its table is fresher or staler at validation than at test): it is not a candidate."""
+    another scale (its table is fresher or staler at validation than at test): it is not a candidate. Nor is an
+    ablation-only row (``train.allow_overlapping_pretrain``: a table that overlaps the training window, which no
+    config may use)."""
     real = {k: v for k, v in baselines.items() if not k.startswith("oracle")}
     default = next(iter(variants))
 
-    def horizon(label: str) -> Any:
-        return variants[label].get("config", {}).get("train", {}).get("blend_validation")
+    def train(label: str) -> dict[str, Any]:
+        return variants[label].get("config", {}).get("train", {})
 
-    comparable = [v for v in variants if horizon(v) == horizon(default)]
-    best = max(comparable, key=lambda v: variants[v]["mean"]["valid"])
+    comparable = [v for v in variants if train(v).get("blend_validation") == train(default).get("blend_validation")]
+    allowed = [v for v in comparable if not train(v).get("allow_overlapping_pretrain")]
+    best = max(allowed, key=lambda v: variants[v]["mean"]["valid"])
     lines = []
     out: dict[str, Any] = {"best_by_validation": best, "default": default, "metrics": {},
-                           "not_compared_by_validation": [v for v in variants if v not in comparable]}
+                           "not_compared_by_validation": [v for v in variants if v not in comparable],
+                           "ablation_only": [v for v in comparable if v not in allowed]}
     for label in dict.fromkeys([default, best]):
         v = variants[label]
         parts = []
@@ -308,6 +312,10 @@ def _write(out: Path, cfg: Config, source: str, manifest: dict[str, Any], split,
         lines += ["", "Not candidates for the best config by validation (their blend weight is chosen at another "
                       "validation horizon, so their validation figures are on another scale): "
                   + ", ".join(verdict["not_compared_by_validation"]) + "."]
+    if verdict.get("ablation_only"):
+        lines += ["", "Not candidates for the best config by validation (ablation only: their pre-trained table "
+                      "overlaps the training window, which no config may use): "
+                  + ", ".join(verdict["ablation_only"]) + "."]
     if pending:
         lines += ["", f"**Partial**: {pending} more two-tower variant(s) planned; this file is rewritten as each "
                       "one finishes."]

@@ -63,3 +63,17 @@ def test_a_row_validated_at_another_blend_horizon_is_not_a_candidate_for_the_bes
                   "masknet": row(0.495, "horizon")}, baselines)
     # the adjacent row's validation figure is measured with a fresher table: higher, and not comparable
     assert v["best_by_validation"] == "masknet" and v["not_compared_by_validation"] == ["adjacent"]
+
+
+def test_an_overlapping_table_ablation_is_not_a_candidate_for_the_best_config():
+    def row(valid, overlap):
+        m = {"capped_recall@10": 0.3, "capped_recall@50": 0.4, "valid": valid}
+        return {"mean": m, "std": {"capped_recall@10": 0.0, "capped_recall@50": 0.0},
+                "config": {"train": {"blend_validation": "horizon", "allow_overlapping_pretrain": overlap}}}
+
+    baselines = {"A": {"capped_recall@10": 0.2, "capped_recall@50": 0.3}}
+    v = _verdict({"default": row(0.49, False), "overlapping": row(0.50, True), "finetune": row(0.489, False)},
+                 baselines)
+    # the overlapping table breaks the non-overlap rule that every usable config keeps: an ablation, never a pick
+    assert v["best_by_validation"] == "default" and v["ablation_only"] == ["overlapping"]
+    assert v["not_compared_by_validation"] == []
