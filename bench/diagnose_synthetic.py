@@ -218,5 +218,6 @@ def main() -> None:
                 row[on] = _recall(fn, split, on)
             print(f"   {label:68s} gamma {gamma:.1f}: valid {row['valid']} test {row['test']}", flush=True)
 
+
 if __name__ == "__main__":
     main()

@@ -308,14 +308,12 @@ def _write(out: Path, cfg: Config, source: str, manifest: dict[str, Any], split,
                      + f" | {m['valid']:.3f} | {m['examples_per_s']:,.0f} | {m['seconds_to_best']:.1f} | "
                      f"{m['best_epoch']:.1f} / {m['epochs_run']:.1f}{f' ({caps} cap)' if caps else ''} | "
                      f"{m['user_tower_ms']:.2f} |")
-    if verdict.get("not_compared_by_validation"):
-        lines += ["", "Not candidates for the best config by validation (their blend weight is chosen at another "
-                      "validation horizon, so their validation figures are on another scale): "
-                  + ", ".join(verdict["not_compared_by_validation"]) + "."]
-    if verdict.get("ablation_only"):
-        lines += ["", "Not candidates for the best config by validation (ablation only: their pre-trained table "
-                      "overlaps the training window, which no config may use): "
-                  + ", ".join(verdict["ablation_only"]) + "."]
+    for key, why in (("not_compared_by_validation", "their blend weight is chosen at another validation horizon, "
+                                                    "so their validation figures are on another scale"),
+                     ("ablation_only", "ablation only: their pre-trained table overlaps the training window, which "
+                                       "no config may use")):
+        if verdict.get(key):
+            lines += ["", f"Not candidates for the best config by validation ({why}): {', '.join(verdict[key])}."]
     if pending:
         lines += ["", f"**Partial**: {pending} more two-tower variant(s) planned; this file is rewritten as each "
                       "one finishes."]
