@@ -439,6 +439,10 @@ class TrainConfig:
     """Subtract the streaming log sampling probability of each in-batch pin (logQ correction)."""
     logq_weight: float = 1.0
     """Scale of the logQ correction: logits - logq_weight · log q (1 = the unbiased correction)."""
+    hide_negatives: bool = False
+    """Hides as hard negatives: each example's softmax also holds one of its user's hides (label 0: negative
+    feedback on a pin the user was shown) from before the example, drawn uniformly, with that pin's features at the
+    hide and no sampling correction. Only with 'in_batch' negatives; a no-op on data without hides (MovieLens)."""
     batch_size: int = 1024
     """Positive pairs per step."""
     target_window: int = 1
@@ -497,6 +501,8 @@ class TrainConfig:
         _check(0 <= self.condition_rate <= 1, "train.condition_rate", "must be in [0, 1]")
         _check(self.routing_iterations >= 1, "train.routing_iterations", "must be >= 1")
         _check(self.logq_weight >= 0, "train.logq_weight", "must be >= 0")
+        _check(not self.hide_negatives or self.negatives == "in_batch", "train.hide_negatives",
+               "needs train.negatives = 'in_batch' (the full softmax already holds every pin)")
         _check(self.user_weight_power >= 0, "train.user_weight_power", "must be >= 0")
         _check(self.lr > 0, "train.lr", "must be > 0")
 

@@ -91,10 +91,11 @@ class FitResult:
 
 
 def train_model(model: TwoTower, encoder: Encoder, examples: pd.DataFrame, tc: TrainConfig,
-                epochs: int | None = None, validate=None) -> FitResult:
+                epochs: int | None = None, validate=None, hides: pd.DataFrame | None = None) -> FitResult:
     """Train on positive pairs ``examples`` (training-set rows). ``validate(model) -> float`` is called after
     each epoch (on rank 0, which broadcasts the figure); the best epoch's weights are restored. Runs unchanged under
-    torchrun (DDP, gloo): every rank takes its shard of each epoch's permutation; gradients are averaged."""
+    torchrun (DDP, gloo): every rank takes its shard of each epoch's permutation; gradients are averaged.
+    ``hides``: training-set rows of negative feedback (label 0), the hard negatives of ``tc.hide_negatives``."""
     torch.set_num_threads(tc.threads)
     rank, world = rank_and_world()
     users, pins = encoder.users(examples), encoder.pins(examples)
@@ -108,6 +109,10 @@ def train_model(model: TwoTower, encoder: Encoder, examples: pd.DataFrame, tc: T
     vocab_row[torch.from_numpy(latest["_pin"].to_numpy())] = torch.arange(len(latest))
     n_vocab = len(latest)
     n = len(examples)
+    hard = HideNegatives(examples, hides) if tc.hide_negatives and hides is not None and len(hides) else None
+    if tc.hide_negatives and hard is None:
+        log.warning("train.hide_negatives: the training set has no hides (label 0), so no hard negative is added")
+    hide_pins = None if hard is None else encoder.pins(hard.rows)
     user_codes, user_counts = np.unique(examples["user_id"].to_numpy(), return_inverse=True, return_counts=True)[1:]
     weights = (torch.from_numpy(user_counts[user_codes].astype(np.float32)) ** -tc.user_weight_power
                if tc.user_weight_power else None)
@@ -153,11 +158,22 @@ def train_model(model: TwoTower, encoder: Encoder, examples: pd.DataFrame, tc: T
                     extra_ids = extra_x["pin"]
                     extra_log_q = (torch.full((len(pick),), tc.logq_weight * math.log(tc.random_negatives / n_vocab))
                                    if tc.logq else None)
+                hard_valid = hard_ids = None
+                if hard is not None:   # the hard negatives go through the pin tower in the same call as the sampled
+                    row, hard_valid = hard.sample(batch, gen)
+                    hard_x = take(hide_pins, row)
+                    hard_ids = hard_x["pin"]
+                    extra_x = hard_x if extra_x is None else {k: torch.cat([extra_x[k], hard_x[k]]) for k in hard_x}
                 (u, mask), p, extra, scale = net(x_users, take(pins, target), extra_x)
+                hard_p = None
+                if hard is not None:
+                    extra, hard_p = (extra[:tc.random_negatives] if tc.random_negatives else None,
+                                     extra[tc.random_negatives:])
                 u = closest_embedding(u, mask, p)
                 log_q = tc.logq_weight * model.frequency.log_q(pin_idx[target]) if tc.logq else None
                 loss = in_batch_softmax_loss(u, p, scale, log_q=log_q, pin_ids=pin_idx[target], weights=w,
-                                             extra=extra, extra_log_q=extra_log_q, extra_ids=extra_ids)
+                                             extra=extra, extra_log_q=extra_log_q, extra_ids=extra_ids,
+                                             hard=hard_p, hard_valid=hard_valid, hard_ids=hard_ids)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -301,6 +317,31 @@ class FutureTargets:
         return self.order[self.pos[batch] + offset]
 
 
+class HideNegatives:
+    """Draws each example's hard negative: one of the same user's hides (label 0) at or before the example's time,
+    uniformly. ``rows`` are the hides sorted by (user, time); ``sample`` returns (row of ``rows``, has-one mask)."""
+
+    def __init__(self, examples: pd.DataFrame, hides: pd.DataFrame):
+        self.rows = hides.sort_values(["user_id", "event_timestamp"], kind="stable").reset_index(drop=True)
+        codes, uniques = pd.factorize(pd.concat([self.rows["user_id"], examples["user_id"]], ignore_index=True))
+        hide_user, example_user = codes[:len(self.rows)], codes[len(self.rows):]
+        t0 = min(self.rows["event_timestamp"].min(), examples["event_timestamp"].min())
+        hide_s = ((self.rows["event_timestamp"] - t0).dt.total_seconds().to_numpy(np.int64))
+        example_s = ((examples["event_timestamp"] - t0).dt.total_seconds().to_numpy(np.int64))
+        # one sortable key per (user, second): hides sorted by it; an example's hides are those of its user up to
+        # its own key (a hide in the example's second counts as before it)
+        hide_key = hide_user.astype(np.int64) << 32 | hide_s
+        example_key = example_user.astype(np.int64) << 32 | example_s
+        self.start = torch.from_numpy(np.searchsorted(hide_key, example_user.astype(np.int64) << 32, side="left"))
+        self.count = torch.from_numpy(np.searchsorted(hide_key, example_key, side="right")) - self.start
+
+    def sample(self, batch: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        count = self.count[batch]
+        offset = (torch.rand(len(batch), generator=gen, dtype=torch.float64) * count).long()
+        row = (self.start[batch] + offset.clamp(max=(count - 1).clamp(min=0))).clamp(max=max(len(self.rows) - 1, 0))
+        return row, count > 0
+
+
 def _gather(x: torch.Tensor) -> torch.Tensor:
     out = [torch.empty_like(x) for _ in range(dist.get_world_size())]
     dist.all_gather(out, x.contiguous())
@@ -387,7 +428,8 @@ def fit(cfg: Config, training_set: pd.DataFrame, split: Split, manifest: dict[st
 
     log.info("two-tower fit on %s examples from %s%s", f"{len(train_rows):,}", start,
              f" with pre-trained table {table.table_id}" if table is not None else "")
-    result = train_model(model, encoder, train_rows, tc, validate=validate)
+    hides = training_set[training_set["label"] == 0] if "label" in training_set.columns else None
+    result = train_model(model, encoder, train_rows, tc, validate=validate, hides=hides)
     log.info("two-tower fit: best epoch %s, %.1fs to best, %.0f examples/s", result.best_epoch,
              result.seconds_to_best, result.examples_per_s)
     info = None if table is None else {"table_id": table.table_id, "method": table.method, "dim": table.dim,

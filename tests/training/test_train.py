@@ -84,3 +84,40 @@ def test_early_stopping_waits_for_min_epochs_then_for_patience():
     assert should_stop(12, 1, tc)
     assert not should_stop(12, 7, tc)       # past min_epochs: patience counts from the best epoch
     assert should_stop(13, 7, tc)
+
+
+def test_a_hard_negative_is_one_of_the_users_hides_from_before_the_example():
+    import pandas as pd
+    import torch
+
+    from training.train import HideNegatives
+
+    t = pd.Timestamp("2026-01-01", tz="UTC")
+    day = pd.Timedelta(days=1)
+    examples = pd.DataFrame({"user_id": [1, 1, 1, 2, 3], "event_timestamp": [t, t + 2 * day, t + 5 * day, t + day,
+                                                                             t + 9 * day]})
+    hides = pd.DataFrame({"user_id": [1, 2, 1, 1, 9], "pin_id": [10, 20, 11, 12, 90],
+                          "event_timestamp": [t + day, t + 3 * day, t + 2 * day, t + 8 * day, t]})
+    h = HideNegatives(examples, hides)
+    # user 1's hides before each example: none at t; pins 10, 11 at t + 2d (one in the same second counts);
+    # 10, 11 at t + 5d (pin 12 comes later). User 2's hide is after its example; user 3 has none.
+    assert h.count.tolist() == [0, 2, 2, 0, 0]
+    gen = torch.Generator().manual_seed(0)
+    drawn = {i: set() for i in range(5)}
+    for _ in range(200):
+        row, has = h.sample(torch.arange(5), gen)
+        assert has.tolist() == [False, True, True, False, False]
+        assert ((row >= 0) & (row < len(h.rows))).all()
+        for i in (1, 2):
+            drawn[i].add(int(h.rows["pin_id"].iloc[int(row[i])]))
+    assert drawn[1] == drawn[2] == {10, 11}
+
+
+def test_hide_negatives_need_the_in_batch_softmax():
+    import pytest
+
+    from training.config import ConfigError, TrainConfig
+
+    TrainConfig(hide_negatives=True)
+    with pytest.raises(ConfigError, match="train.hide_negatives"):
+        TrainConfig(hide_negatives=True, negatives="full")

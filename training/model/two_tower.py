@@ -56,7 +56,9 @@ def in_batch_softmax_loss(user: torch.Tensor, pin: torch.Tensor, scale: torch.Te
                           log_q: torch.Tensor | None = None, pin_ids: torch.Tensor | None = None,
                           weights: torch.Tensor | None = None, extra: torch.Tensor | None = None,
                           extra_log_q: torch.Tensor | None = None,
-                          extra_ids: torch.Tensor | None = None) -> torch.Tensor:
+                          extra_ids: torch.Tensor | None = None, hard: torch.Tensor | None = None,
+                          hard_valid: torch.Tensor | None = None,
+                          hard_ids: torch.Tensor | None = None) -> torch.Tensor:
     """Extreme multi-class softmax over the batch's pins.
 
     user, pin: (B, D) embeddings of positive pairs (row i's positive is pin i); scale: the inverse temperature;
@@ -64,7 +66,9 @@ def in_batch_softmax_loss(user: torch.Tensor, pin: torch.Tensor, scale: torch.Te
     (B,) so that other rows' copies of a row's own positive are masked instead of counted as negatives;
     weights: (B,). extra: (R, D) additional negatives (mixed negative sampling: pins drawn uniformly from the
     vocabulary) with their log sampling probability extra_log_q (R,) and ids extra_ids (R,) (a row's own
-    positive among them is masked).
+    positive among them is masked). hard: (B, D) one hard negative per row (the user's own negative feedback),
+    scored against that row only, without a sampling correction; hard_valid (B,) says which rows have one and
+    hard_ids (B,) masks a row's hard negative that is also its positive.
     """
     logits = scale * (user @ pin.T)                                       # (B, B)
     if log_q is not None:
@@ -80,6 +84,12 @@ def in_batch_softmax_loss(user: torch.Tensor, pin: torch.Tensor, scale: torch.Te
         if extra_ids is not None and pin_ids is not None:
             more = more.masked_fill(pin_ids.unsqueeze(1) == extra_ids.unsqueeze(0), float("-inf"))
         logits = torch.cat([logits, more], dim=1)
+    if hard is not None:
+        own = scale * (user * hard).sum(-1)                               # (B,)
+        drop = torch.zeros_like(own, dtype=torch.bool) if hard_valid is None else ~hard_valid
+        if hard_ids is not None and pin_ids is not None:
+            drop = drop | (hard_ids == pin_ids)
+        logits = torch.cat([logits, own.masked_fill(drop, float("-inf")).unsqueeze(1)], dim=1)
     target = torch.arange(len(user), device=user.device)
     return _weighted(F.cross_entropy(logits, target, reduction="none"), weights)
 

@@ -24,7 +24,7 @@ def test_report_runs_seeds_and_writes_md_and_json(pipeline_cfg, checkpoints, tmp
     assert data["data"] == "synthetic" and data["seeds"] == 2 and data["pending_variants"] == 0
     assert set(data["baselines"]) == {"popularity", "EASE (tuned)", "oracle (generator's ground truth)"}
     rows = data["two_tower"]
-    assert list(rows) == ["two-tower (default config)", "full softmax"]
+    assert list(rows) == ["two-tower (default config)", "full softmax", "hides as hard negatives"]
     for row in rows.values():
         assert len(row["runs"]) == 2 and [r["seed"] for r in row["runs"]] == [0, 1]
         for key in ("examples_per_s", "seconds_to_best", "user_tower_ms", "hit_epoch_cap", "best_epoch", "valid"):
@@ -33,6 +33,7 @@ def test_report_runs_seeds_and_writes_md_and_json(pipeline_cfg, checkpoints, tmp
             sum(r["capped_recall@50"] for r in row["runs"]) / 2)
         assert row["config"]["train"]["epochs"] == 2
     assert rows["full softmax"]["config"]["train"]["negatives"] == "full"
+    assert rows["hides as hard negatives"]["config"]["train"]["hide_negatives"] is True
     md = (tmp_path / "report.md").read_text()
     assert "**Verdict**" in md and "± " in md and out["verdict"]
 

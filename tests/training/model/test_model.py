@@ -400,6 +400,27 @@ def test_mixed_negatives_extend_the_softmax_with_their_own_correction():
     assert got.item() == pytest.approx(F.cross_entropy(logits, torch.arange(3)).item(), rel=1e-6)
 
 
+def test_a_hard_negative_is_one_more_column_of_its_own_row_only():
+    torch.manual_seed(2)
+    u, p = F.normalize(torch.randn(3, 4), dim=1), F.normalize(torch.randn(3, 4), dim=1)
+    hard = F.normalize(torch.randn(3, 4), dim=1)
+    ids, hard_ids = torch.tensor([1, 2, 3]), torch.tensor([5, 6, 3])
+    got = in_batch_softmax_loss(u, p, 5.0, pin_ids=ids, hard=hard, hard_valid=torch.tensor([True, False, True]),
+                                hard_ids=hard_ids)
+    own = (u * hard).sum(-1) / 0.2
+    own[1] = float("-inf")   # row 1 has no hide
+    own[2] = float("-inf")   # row 2's hide is its own positive (pin 3)
+    logits = torch.cat([u @ p.T / 0.2, own.unsqueeze(1)], dim=1)
+    assert got.item() == pytest.approx(F.cross_entropy(logits, torch.arange(3)).item(), rel=1e-6)
+    # a row's hard negative pushes its own loss up and no other row's
+    alone = in_batch_softmax_loss(u, p, 5.0, pin_ids=ids, hard=hard, hard_valid=torch.tensor([True, False, False]))
+    base = F.cross_entropy(u @ p.T / 0.2, torch.arange(3), reduction="none")
+    with_first = F.cross_entropy(torch.cat([u @ p.T / 0.2, own.unsqueeze(1).masked_fill(
+        torch.tensor([[False], [True], [True]]), float("-inf"))], 1), torch.arange(3), reduction="none")
+    assert with_first[0] > base[0] and torch.allclose(with_first[1:], base[1:])
+    assert alone.item() == pytest.approx(with_first.mean().item(), rel=1e-6)
+
+
 def test_multi_embedding_users_get_k_by_history_length_and_train_through_the_closest():
     from training.model.two_tower import closest_embedding
 
