@@ -313,8 +313,12 @@ class FutureTargets:
     def sample(self, batch: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         if self.window == 1:
             return batch
-        offset = (torch.rand(len(batch), generator=gen, dtype=torch.float64) * self.count[batch]).long()
-        return self.order[self.pos[batch] + offset]
+        return self.order[self.pos[batch] + _uniform_offsets(self.count[batch], gen)]
+
+
+def _uniform_offsets(count: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """(B,) one offset per row drawn uniformly from 0 .. count - 1 (0 where count is 0)."""
+    return (torch.rand(len(count), generator=gen, dtype=torch.float64) * count).long()
 
 
 class HideNegatives:
@@ -323,11 +327,11 @@ class HideNegatives:
 
     def __init__(self, examples: pd.DataFrame, hides: pd.DataFrame):
         self.rows = hides.sort_values(["user_id", "event_timestamp"], kind="stable").reset_index(drop=True)
-        codes, uniques = pd.factorize(pd.concat([self.rows["user_id"], examples["user_id"]], ignore_index=True))
+        codes, _ = pd.factorize(pd.concat([self.rows["user_id"], examples["user_id"]], ignore_index=True))
         hide_user, example_user = codes[:len(self.rows)], codes[len(self.rows):]
         t0 = min(self.rows["event_timestamp"].min(), examples["event_timestamp"].min())
-        hide_s = ((self.rows["event_timestamp"] - t0).dt.total_seconds().to_numpy(np.int64))
-        example_s = ((examples["event_timestamp"] - t0).dt.total_seconds().to_numpy(np.int64))
+        hide_s = (self.rows["event_timestamp"] - t0).dt.total_seconds().to_numpy(np.int64)
+        example_s = (examples["event_timestamp"] - t0).dt.total_seconds().to_numpy(np.int64)
         # one sortable key per (user, second): hides sorted by it; an example's hides are those of its user up to
         # its own key (a hide in the example's second counts as before it)
         hide_key = hide_user.astype(np.int64) << 32 | hide_s
@@ -337,8 +341,8 @@ class HideNegatives:
 
     def sample(self, batch: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         count = self.count[batch]
-        offset = (torch.rand(len(batch), generator=gen, dtype=torch.float64) * count).long()
-        row = (self.start[batch] + offset.clamp(max=(count - 1).clamp(min=0))).clamp(max=max(len(self.rows) - 1, 0))
+        # a row without hides points at its user's slot, which may be past the last hide: clamp, then mask it
+        row = (self.start[batch] + _uniform_offsets(count, gen)).clamp(max=max(len(self.rows) - 1, 0))
         return row, count > 0
 
 
