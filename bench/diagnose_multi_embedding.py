@@ -1,7 +1,8 @@
 """How far apart a multi-embedding model's user embeddings are: each user of the training set is embedded at their
 last positive training-set row, and every extra real embedding is compared with the first (cosine), over the
-whole output vector and over its learned part alone (the first ``out_dim`` coordinates; the rest, the wide parts and
-the blended pre-trained subspace, are computed from inputs that every embedding of a user shares).
+whole output vector and over its learned part alone (the first ``out_dim`` coordinates; the rest are the pin-bias
+coordinate, the wide interest cross, which with ``train.cluster_features`` is each cluster's own, and the blended
+pre-trained subspace, which every embedding of a user shares).
 
     retrieval train --data_dir D --train.multi_embedding 4
     python bench/diagnose_multi_embedding.py D/models/<version>/model.pt D/training/training_set.parquet

@@ -377,6 +377,12 @@ class TrainConfig:
     max(1, min(K_max, ceil(log2 n))). 0 = one embedding per user."""
     routing_iterations: int = 3
     """Routing rounds of the history clustering."""
+    cluster_features: bool = True
+    """Multi-embedding: the history is clustered by content (pin + interest embeddings, not recency) and each
+    embedding reads its own cluster's learned mean, interest mix and wide interest cross (the cluster's interests as
+    shares of the whole history) in place of the whole history's; the pre-trained pool stays the whole history's.
+    False (artifacts written before the switch): clusters over the recency-aware items, and only the
+    attended-history field differs between a user's embeddings."""
     conditional: bool = False
     """Conditional retrieval: the user tower also reads an interest id (early fusion, one field like the others;
     a learned "no condition" value when none is given)."""

@@ -37,7 +37,8 @@ class ArtifactError(ValueError):
     """A checkpoint or exported tower that cannot be loaded; the message names the file and why."""
 
 
-ADDED_SWITCHES = {"wide_counts": False, "wide_interest": False, "pin_rates": False, "blend_table": "training"}
+ADDED_SWITCHES = {"wide_counts": False, "wide_interest": False, "pin_rates": False, "blend_table": "training",
+                  "cluster_features": False}
 """Model switches added after artifacts were first written, with the value that rebuilds an artifact written
 before them (their defaults changed the model's shape or what it was trained with)."""
 

@@ -53,12 +53,15 @@ def maxmin_centres(items: torch.Tensor, valid: torch.Tensor, k: int) -> tuple[to
     return idx, centre_ok
 
 
-def route(items: torch.Tensor, valid: torch.Tensor, k: int, iterations: int = 3
+def route(items: torch.Tensor, valid: torch.Tensor, k: int, iterations: int = 3, limit: torch.Tensor | None = None
           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(B, K, E) unit cluster vectors, (B, K) bool which clusters are valid (non-empty), (B, L) the cluster of each
-    item (-1 for padding)."""
+    item (-1 for padding). ``limit`` (B,), optional: each row's number of clusters (at most K; the first centres):
+    every valid item then joins one of those."""
     b, length, e = items.shape
     idx, centre_ok = maxmin_centres(items, valid, k)
+    if limit is not None:
+        centre_ok = centre_ok & (torch.arange(k)[None, :] < limit[:, None])
     unit = F.normalize(items, dim=-1)
     centres = torch.gather(unit, 1, idx.unsqueeze(-1).expand(b, k, e))  # (B, K, E)
     assign = torch.full((b, length), -1, dtype=torch.long)

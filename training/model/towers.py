@@ -250,6 +250,7 @@ class UserTower(Tower):
         self.f_interest_mix = Field(self.n_interests, d)
         n_fields = 6
         self.k_max, self.routing_iterations = tc.multi_embedding, tc.routing_iterations
+        self.cluster_features = tc.cluster_features
         self.conditional = tc.conditional
         if self.conditional:   # early fusion: the condition is one more field; 0 = the learned "no condition"
             self.no_condition = nn.Parameter(torch.zeros(E))
@@ -282,16 +283,13 @@ class UserTower(Tower):
         profile = self.f_profile(torch.cat([self.age(x["age_bucket"]), self.gender(x["gender"]),
                                             self.segment(x["segment"])], -1))
         counts, interests = self.f_counts(x["counts"]), self.f_interests(top_mean)
-        items = (self.pin_embedding(x["seq"]) + self.interest_embedding(x["seq_interest"])
-                 + self.recency(x["seq_recency"]))                               # (B, L, E)
+        content = self.pin_embedding(x["seq"]) + self.interest_embedding(x["seq_interest"])   # (B, L, E)
+        items = content + self.recency(x["seq_recency"])                         # (B, L, E)
         valid = x["seq_valid"]                                                   # (B, L)
-        mix = torch.zeros(valid.shape[0], self.n_interests).scatter_add_(1, x["seq_interest"], x["seq_valid"].float())
-        cross = None
-        if self.cross_dim:   # smoothed log shares of the known interests (index 0 = unknown is left out)
-            known = mix[:, 1:]
-            cross = self.cross_scale * torch.log((known + CROSS_SMOOTHING)
-                                                 / (known.sum(1, keepdim=True) + CROSS_SMOOTHING * self.n_cross))
-        mix = mix / mix.sum(1, keepdim=True).clamp(min=1)                        # (B, K+1) interest shares
+        counts_by_interest = torch.zeros(valid.shape[0], self.n_interests).scatter_add_(
+            1, x["seq_interest"], x["seq_valid"].float())                        # (B, I+1)
+        cross = self._cross(counts_by_interest, counts_by_interest[:, 1:].sum(-1, keepdim=True))
+        mix = counts_by_interest / counts_by_interest.sum(-1, keepdim=True).clamp(min=1)   # (B, I+1) interest shares
         if self.training and self.seq_dropout:
             valid = valid & (torch.rand(valid.shape) >= self.seq_dropout)
         has_history = valid.any(1, keepdim=True)                                 # (B, 1)
@@ -323,18 +321,48 @@ class UserTower(Tower):
         if not self.multi:
             y = self._tail(fields, table, cross=cross)
             return (y, torch.ones(len(y), 1, dtype=torch.bool)) if with_mask else y
-        # one embedding per history cluster: the cluster vector takes the attended-history field's place
-        clusters, ok, _ = route(items, valid, self.k_max, self.routing_iterations)   # (B, K, E), (B, K)
-        keep = ok & (torch.arange(self.k_max)[None, :] < k_for_length(valid.sum(1), self.k_max)[:, None])
+        # one embedding per history cluster: the cluster vector takes the attended-history field's place; with
+        # cluster features, items are clustered by what they are (pin + interest), not when they were engaged
+        # (with cluster features a user's items are routed among the clusters they keep only, so none is left out)
+        kept = k_for_length(valid.sum(1), self.k_max)                                # (B,)
+        clusters, ok, assign = route(content if self.cluster_features else items, valid, self.k_max,
+                                     self.routing_iterations, kept if self.cluster_features else None)
+        keep = ok & (torch.arange(self.k_max)[None, :] < kept[:, None])             # (B, K)
         keep[:, 0] = True                                                            # everyone gets one
         b, k = keep.shape
         per = [f.unsqueeze(1).expand(b, k, f.shape[-1]) for f in fields]
-        per[3] = torch.where(ok.unsqueeze(-1), self.f_attended(clusters), per[3])   # empty cluster: the pooled one
+
+        def cluster_or_all(own: torch.Tensor, whole: torch.Tensor) -> torch.Tensor:   # an empty cluster: the whole's
+            return torch.where(ok.unsqueeze(-1), own, whole)
+
+        per[3] = cluster_or_all(self.f_attended(clusters), per[3])
+        cross_k = None if cross is None else cross.unsqueeze(1).expand(b, k, cross.shape[-1])
+        table_k = None if table is None else table.unsqueeze(1).expand(b, k, table.shape[-1])
+        if self.cluster_features:   # each embedding reads its own cluster's history
+            member = ((assign.unsqueeze(1) == torch.arange(k)[None, :, None]) & valid.unsqueeze(1)).float()  # (B,K,L)
+            per[4] = cluster_or_all(self.f_mean(member @ items / member.sum(-1, keepdim=True).clamp(min=1)), per[4])
+            # a cluster's interests as shares of the whole history: its own interests keep the weight they have in
+            # the user's history (a minor interest's cluster is not raised to a major one's), the others fall away
+            counts_k = member @ F.one_hot(x["seq_interest"], self.n_interests).float()   # (B, K, I+1)
+            per[5] = cluster_or_all(self.f_interest_mix(counts_k / counts_k.sum((1, 2), keepdim=True).clamp(min=1)),
+                                    per[5])
+            if cross_k is not None:   # an interest of the cluster keeps its whole-history log share, the rest fall
+                absent = self._cross(torch.zeros_like(counts_k), counts_k[..., 1:].sum((1, 2), keepdim=True))
+                cross_k = cluster_or_all(torch.where(counts_k[..., 1:] > 0, cross_k, absent), cross_k)
         tokens = [f.reshape(b * k, -1) for f in per]
-        y = self._tail(tokens, None if table is None else table.repeat_interleave(k, 0),
-                       cross=None if cross is None else cross.repeat_interleave(k, 0)).view(b, k, -1)
+        y = self._tail(tokens, None if table_k is None else table_k.reshape(b * k, -1),
+                       cross=None if cross_k is None else cross_k.reshape(b * k, -1)).view(b, k, -1)
         y = y * keep.unsqueeze(-1).float()
         return (y, keep) if with_mask else y
+
+    def _cross(self, counts: torch.Tensor, total: torch.Tensor) -> torch.Tensor | None:
+        """The wide interest cross from history counts per interest (..., I+1) out of ``total`` items: the
+        smoothed log shares of the known interests (index 0 = unknown is left out), times the learned scale;
+        None without the cross."""
+        if not self.cross_dim:
+            return None
+        known = counts[..., 1:]
+        return self.cross_scale * torch.log((known + CROSS_SMOOTHING) / (total + CROSS_SMOOTHING * self.n_cross))
 
 
 @torch.no_grad()

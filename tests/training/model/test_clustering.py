@@ -44,6 +44,14 @@ def test_routing_assigns_each_item_to_exactly_one_cluster():
     assert leaf.grad[0, :6].abs().sum() > 0 and leaf.grad[0, 6:].abs().sum() == 0
 
 
+def test_a_limit_routes_every_item_among_the_first_clusters_only():
+    items, valid = _items()
+    clusters, ok, assign = route(items, valid, 3, iterations=3, limit=torch.tensor([2]))
+    a = assign[0].tolist()
+    assert ok[0].tolist() == [True, True, False] and (clusters[0, 2] == 0).all()
+    assert all(c in (0, 1) for c in a[:6]) and a[6:] == [-1, -1]     # no valid item is left in a dropped cluster
+
+
 def test_k_by_history_length():
     assert [k_for_length(n, 4) for n in (0, 1, 2, 3, 4, 5, 8, 9, 100)] == [1, 1, 1, 2, 2, 3, 3, 4, 4]
     assert k_for_length(torch.tensor([0, 1, 2, 3, 4, 5, 8, 9, 100]), 4).tolist() == [1, 1, 1, 2, 2, 3, 3, 4, 4]

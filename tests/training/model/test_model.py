@@ -438,6 +438,36 @@ def test_multi_embedding_users_get_k_by_history_length_and_train_through_the_clo
     torch.testing.assert_close(picked, uu[torch.arange(6), best])
 
 
+def test_each_multi_embedding_reads_its_own_clusters_interests_in_the_wide_cross():
+    from training.model.clustering import k_for_length, route
+
+    df = frame()
+    df.at[4, "recent_pin_ids"] = [100, 101, 102, 103] * 15         # a long history over four interests
+    enc, model = build(df, multi_embedding=3, wide_interest=True)
+    model.eval()
+    x = enc.users(df)
+    u, mask = model.user_tower(x, with_mask=True)
+    ut = model.user_tower
+    items = ut.pin_embedding(x["seq"]) + ut.interest_embedding(x["seq_interest"])   # clustered by content
+    _, ok, assign = route(items, x["seq_valid"], 3, ut.routing_iterations, k_for_length(x["seq_valid"].sum(1), 3))
+    n = enc.n_interests
+    history = x["seq_interest"][4][x["seq_valid"][4]]
+    known = int((history > 0).sum())
+    for j in range(3):
+        if not ok[4, j]:
+            continue
+        own = x["seq_interest"][4][(assign[4] == j) & x["seq_valid"][4]]
+        counts = torch.bincount(own, minlength=n + 1)[1:].float()
+        shares = (counts + 0.1) / (known + 0.1 * n)   # shares of the whole history: a small cluster is not raised
+        torch.testing.assert_close(u[4, j, 8:], ut.cross_scale * torch.log(shares))
+    assert mask[4].sum() == 3 and not torch.allclose(u[4, 0, 8:], u[4, 1, 8:])
+    # switched off (and in an artifact written before the switch): every embedding reads the whole history's cross
+    enc, whole = build(df, multi_embedding=3, wide_interest=True, cluster_features=False)
+    whole.eval()
+    w = whole.user_tower(x)
+    torch.testing.assert_close(w[4, 1, 8:], w[4, 0, 8:])
+
+
 def test_the_conditioned_tower_changes_with_the_condition_and_none_is_the_unconditioned_use():
     df = frame()
     enc, model = build(df, conditional=True)
