@@ -341,12 +341,12 @@ class UserTower(Tower):
         if self.cluster_features:   # each embedding reads its own cluster's history
             member = ((assign.unsqueeze(1) == torch.arange(k)[None, :, None]) & valid.unsqueeze(1)).float()  # (B,K,L)
             per[4] = cluster_or_all(self.f_mean(member @ items / member.sum(-1, keepdim=True).clamp(min=1)), per[4])
-            # a cluster's interests as shares of the whole history: its own interests keep the weight they have in
-            # the user's history (a minor interest's cluster is not raised to a major one's), the others fall away
             counts_k = member @ F.one_hot(x["seq_interest"], self.n_interests).float()   # (B, K, I+1)
             per[5] = cluster_or_all(self.f_interest_mix(counts_k / counts_k.sum((1, 2), keepdim=True).clamp(min=1)),
                                     per[5])
-            if cross_k is not None:   # an interest of the cluster keeps its whole-history log share, the rest fall
+            if cross_k is not None:
+                # an interest of the cluster keeps its log share of the whole history (a minor interest's cluster
+                # is not raised to a major one's), the others get the floor of an interest never engaged with
                 absent = self._cross(torch.zeros_like(counts_k), counts_k[..., 1:].sum((1, 2), keepdim=True))
                 cross_k = cluster_or_all(torch.where(counts_k[..., 1:] > 0, cross_k, absent), cross_k)
         tokens = [f.reshape(b * k, -1) for f in per]

@@ -452,13 +452,14 @@ def test_each_multi_embedding_reads_its_own_clusters_interests_in_the_wide_cross
     _, ok, assign = route(items, x["seq_valid"], 3, ut.routing_iterations, k_for_length(x["seq_valid"].sum(1), 3))
     n = enc.n_interests
     history = x["seq_interest"][4][x["seq_valid"][4]]
-    known = int((history > 0).sum())
+    whole = torch.bincount(history, minlength=n + 1)[1:].float()
     for j in range(3):
         if not ok[4, j]:
             continue
-        own = x["seq_interest"][4][(assign[4] == j) & x["seq_valid"][4]]
-        counts = torch.bincount(own, minlength=n + 1)[1:].float()
-        shares = (counts + 0.1) / (known + 0.1 * n)   # shares of the whole history: a small cluster is not raised
+        own = torch.bincount(x["seq_interest"][4][(assign[4] == j) & x["seq_valid"][4]], minlength=n + 1)[1:]
+        # the cluster's interests keep their share of the whole history (a small cluster is not raised), the
+        # others get the floor of an interest never engaged with
+        shares = (torch.where(own > 0, whole, 0.0) + 0.1) / (whole.sum() + 0.1 * n)
         torch.testing.assert_close(u[4, j, 8:], ut.cross_scale * torch.log(shares))
     assert mask[4].sum() == 3 and not torch.allclose(u[4, 0, 8:], u[4, 1, 8:])
     # switched off (and in an artifact written before the switch): every embedding reads the whole history's cross
