@@ -378,11 +378,12 @@ class TrainConfig:
     routing_iterations: int = 3
     """Routing rounds of the history clustering."""
     cluster_features: bool = True
-    """Multi-embedding: the history is clustered by content (pin + interest embeddings, not recency) and each
-    embedding reads its own cluster's learned mean, interest mix and wide interest cross (the cluster's interests as
-    shares of the whole history) in place of the whole history's; the pre-trained pool stays the whole history's.
-    False (artifacts written before the switch): clusters over the recency-aware items, and only the
-    attended-history field differs between a user's embeddings."""
+    """Multi-embedding: the history is clustered by content (pin + interest embeddings, not recency), every item
+    among the clusters the user keeps, and each embedding reads its own cluster's learned mean and interest mix and
+    its own wide interest cross (the cluster's interests keep their log share of the whole history, the others get
+    the floor of an interest never engaged with) in place of the whole history's; the pre-trained fields stay the
+    whole history's. False (artifacts written before the switch): clusters over the recency-aware items, and only
+    the attended-history field differs between a user's embeddings."""
     conditional: bool = False
     """Conditional retrieval: the user tower also reads an interest id (early fusion, one field like the others;
     a learned "no condition" value when none is given)."""

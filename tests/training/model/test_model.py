@@ -463,9 +463,9 @@ def test_each_multi_embedding_reads_its_own_clusters_interests_in_the_wide_cross
         torch.testing.assert_close(u[4, j, 8:], ut.cross_scale * torch.log(shares))
     assert mask[4].sum() == 3 and not torch.allclose(u[4, 0, 8:], u[4, 1, 8:])
     # switched off (and in an artifact written before the switch): every embedding reads the whole history's cross
-    enc, whole = build(df, multi_embedding=3, wide_interest=True, cluster_features=False)
-    whole.eval()
-    w = whole.user_tower(x)
+    enc, plain = build(df, multi_embedding=3, wide_interest=True, cluster_features=False)
+    plain.eval()
+    w = plain.user_tower(x)
     torch.testing.assert_close(w[4, 1, 8:], w[4, 0, 8:])
 
 
