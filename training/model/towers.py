@@ -322,8 +322,8 @@ class UserTower(Tower):
             y = self._tail(fields, table, cross=cross)
             return (y, torch.ones(len(y), 1, dtype=torch.bool)) if with_mask else y
         # one embedding per history cluster: the cluster vector takes the attended-history field's place; with
-        # cluster features, items are clustered by what they are (pin + interest), not when they were engaged
-        # (with cluster features a user's items are routed among the clusters they keep only, so none is left out)
+        # cluster features, items are clustered by what they are (pin + interest), not when they were engaged, and
+        # only among the clusters the user keeps, so no item is left out
         kept = k_for_length(valid.sum(1), self.k_max)                                # (B,)
         clusters, ok, assign = route(content if self.cluster_features else items, valid, self.k_max,
                                      self.routing_iterations, kept if self.cluster_features else None)
