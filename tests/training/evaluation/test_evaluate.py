@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from training.evaluation.harness import evaluate, user_recall
 from training.evaluation.metrics import ndcg_at_k, recall_at_k, recall_curve
@@ -298,3 +299,22 @@ def test_scorers_of_one_split_read_each_refresh_once_and_get_the_rows_in_candida
     assert second._pin_cache[day[1]]["age"].tolist() == (ITEMS + 2.0).tolist()
     TwoTowerScorer(Config(), None, Encoder(), None, _toy_split(), "pin_svc")._fetch(day[:1])
     assert len(calls) == 3                                         # another split reads its own
+
+
+def test_a_candidate_whose_features_did_not_change_between_refreshes_is_embedded_once() -> None:
+    from training.config import Config
+    from training.evaluation.scorer import TwoTowerScorer
+
+    scorer = TwoTowerScorer(Config(), None, None, None, _toy_split(), "pin_svc")
+    day = [pd.Timestamp(f"2026-03-0{d}", tz="UTC") for d in (1, 2, 3)]
+    pins = torch.arange(1, 5)
+    counts = torch.tensor([[0.0, 1.0], [1.0, 1.0], [2.0, 0.5], [3.0, 0.0]])
+    later = counts.clone()
+    later[2, 1] = 0.25                                           # one pin's features change on day 2
+    scorer._pin_cache = {day[0]: {"pin": pins, "counts": counts}, day[1]: {"pin": pins, "counts": later},
+                         day[2]: {"pin": pins, "counts": later.clone()}}
+    distinct, row = scorer._distinct_pins(day)
+    assert len(distinct["pin"]) == 5 and len(row) == 12
+    for name in ("pin", "counts"):                               # every (refresh, pin) reads its own inputs back
+        assert torch.equal(distinct[name][torch.from_numpy(row)],
+                           torch.cat([scorer._pin_cache[t][name] for t in day]))
