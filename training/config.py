@@ -444,6 +444,9 @@ class TrainConfig:
     """Extra negatives per step drawn uniformly from the pin vocabulary (mixed negative sampling); 0 = off."""
     logq: bool = True
     """Subtract the streaming log sampling probability of each in-batch pin (logQ correction)."""
+    logq_prime: bool = False
+    """Start the logQ estimates at the training examples' pin frequencies (each pin's expected gap between the
+    batches it is in) instead of a flat guess the stream corrects only after hundreds of batches."""
     logq_weight: float = 1.0
     """Scale of the logQ correction: logits - logq_weight · log q (1 = the unbiased correction)."""
     hide_negatives: bool = False

@@ -125,6 +125,8 @@ def train_model(model: TwoTower, encoder: Encoder, examples: pd.DataFrame, tc: T
     steps = n // (tc.batch_size * world) or 1
     sched = (torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs * steps) if tc.lr_schedule == "cosine"
              else None)
+    if tc.logq and tc.logq_prime and tc.negatives != "full":
+        model.frequency.prime(pin_idx, tc.batch_size * world)
     gen = torch.Generator().manual_seed(tc.seed)
     best = (-math.inf, 0, None)
     history: list[dict[str, float]] = []

@@ -47,6 +47,15 @@ class StreamingFrequency(nn.Module):
         self.gap[slots] = torch.where(seen, (1 - self.alpha) * self.gap[slots] + self.alpha * delta, self.gap[slots])
         self.last_step[slots] = self.step
 
+    @torch.no_grad()
+    def prime(self, ids: torch.Tensor, batch_size: int) -> None:
+        """Set the gap of every id in ``ids`` (an epoch's positives, with repeats) to its expectation when batches
+        of ``batch_size`` are drawn from them uniformly: 1 / P(in a batch) = 1 / (1 - (1 - c/n)^B), c its count
+        of n. The stream then updates these estimates as before."""
+        count = torch.bincount(self._slot(ids), minlength=self.gap.numel()).double()
+        present = count > 0
+        self.gap[present] = 1.0 / (1.0 - (1.0 - count[present] / len(ids)) ** batch_size)
+
     def log_q(self, ids: torch.Tensor) -> torch.Tensor:
         """(B,) log of the estimated per-batch sampling probability of each id."""
         return -torch.log(self.gap[self._slot(ids)].clamp(min=1.0)).float()

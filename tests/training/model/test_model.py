@@ -388,6 +388,28 @@ def test_streaming_frequency_estimates_the_per_batch_probability():
     assert q.tolist() == pytest.approx([1.0, 0.25, 0.05], rel=0.1)
 
 
+def test_primed_frequencies_start_where_the_stream_settles():
+    """Priming from an epoch's positives gives each pin the gap the stream measures when batches are drawn from
+    them, so the correction is right from the first step; the default alpha takes hundreds of batches to get
+    there from the flat guess."""
+    gen = torch.Generator().manual_seed(0)
+    epoch = torch.cat([torch.full((600,), 1), torch.full((60,), 2), torch.full((6,), 3), torch.arange(10, 344)])
+    batch = 64
+    primed, flat = StreamingFrequency(buckets=4096), StreamingFrequency(buckets=4096)
+    primed.prime(epoch, batch)
+    ids = torch.tensor([1, 2, 3])
+    expected = 1 - (1 - torch.tensor([600, 60, 6]) / len(epoch)) ** batch
+    start = primed.log_q(ids).exp()
+    assert start.tolist() == pytest.approx(expected.tolist(), rel=1e-5)
+    for _ in range(300):   # about 30 epochs of uniform batches
+        drawn = epoch[torch.randint(0, len(epoch), (batch,), generator=gen)]
+        primed.update(drawn)
+        flat.update(drawn)
+    assert primed.log_q(ids).exp().tolist() == pytest.approx(expected.tolist(), rel=0.15)
+    assert flat.log_q(ids[:1]).exp().item() < 0.2   # pin 1 is in every batch, the unprimed stream still says 1 in 5
+    assert start[0] > 0.99
+
+
 def test_mixed_negatives_extend_the_softmax_with_their_own_correction():
     torch.manual_seed(1)
     u, p = F.normalize(torch.randn(3, 4), dim=1), F.normalize(torch.randn(3, 4), dim=1)
