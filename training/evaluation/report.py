@@ -75,6 +75,7 @@ VARIANT_GROUPS: dict[str, list[tuple[str, dict[str, Any]]]] = {
     "extra": [("in-batch + 1024 uniform (mixed)", {"train.random_negatives": 1024}),
               ("no pre-trained blend (fields only)", {"train.pretrained_blend": False}),
               ("in-batch without logQ", {"train.logq": False}),
+              ("logQ primed from the training counts", {"train.logq_prime": True}),
               ("frozen, no dropout", {"train.pretrained_dropout": 0.0}),
               ("every user counts once", {"train.user_weight_power": 1.0}),
               ("cosine learning-rate schedule", {"train.lr_schedule": "cosine"}),
