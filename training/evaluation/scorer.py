@@ -85,8 +85,8 @@ class TwoTowerScorer:
             stacked = {name: torch.cat([self._pin_cache[t][name] for t in times]) for name in self._pin_cache[times[0]]}
             raw = np.concatenate([v.reshape(len(v), -1).numpy().view(np.uint8).reshape(len(v), -1)
                                   for v in stacked.values()], axis=1)
-            _, first, inverse = np.unique(np.ascontiguousarray(raw).view(np.dtype((np.void, raw.shape[1]))).ravel(),
-                                          return_index=True, return_inverse=True)
+            _, first, inverse = np.unique(raw.view(np.dtype((np.void, raw.shape[1]))).ravel(), return_index=True,
+                                          return_inverse=True)
             self._distinct[key] = (take(stacked, torch.from_numpy(first)), inverse.ravel())
         return self._distinct[key]
 
