@@ -405,6 +405,12 @@ class TrainConfig:
     """The pin tower also reads its 30-day counts as per-day rates over the days the pin was exposed (a young pin's
     counts cover its age only) and the idle days since its last feature row (which age it and thin its rates);
     off: the log counts and the age alone."""
+    popularity_prior: bool = True
+    """With ``pin_bias``: after training, a weight on the pin's log impression rate (its 30-day impressions per
+    exposed day, an input of the pin tower) is added to its bias coordinate, chosen on validation recall@``valid_k``
+    over ``training.train.PRIOR_GRID`` and kept only when its cross-fitted gain over no prior is above one standard
+    error (as the blend weight). The training loss calibrates popularity for the training window; how much of it a
+    top-K list should take at serving time is a retrieval choice, made on validation. Off: the towers as trained."""
     pin_id_dropout: float = 0.0
     """Training only: each pin the pin tower embeds is read as an unknown pin (no learned id, no pre-trained
     vector) with this probability, so the tower also learns to score pins from their features alone: the pins

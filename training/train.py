@@ -45,6 +45,9 @@ log = logging.getLogger(__name__)
 BLEND_GRID = (0.0, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0, math.inf)
 """Weights of the pre-trained scores against the learned ones tried on validation (inf = the pre-trained scores
 alone; 0 = the learned towers alone)."""
+PRIOR_GRID = (0.0, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0)
+"""Weights of the popularity prior tried on validation (logits at the initial temperature per unit of the pin's log
+impression rate; ``train.popularity_prior``)."""
 BLEND_FOLDS = 5
 """Folds of validation users for the blend gate's cross-fitted gain (``gated_best``)."""
 
@@ -88,6 +91,8 @@ class FitResult:
     not early stopping, ended it."""
     blend: dict[str, Any] | None = None
     """With the pre-trained blend: the weight chosen on validation and the figure of every weight tried."""
+    prior: dict[str, Any] | None = None
+    """With the popularity prior: the weight chosen on validation and the figure of every weight tried."""
 
 
 def train_model(model: TwoTower, encoder: Encoder, examples: pd.DataFrame, tc: TrainConfig,
@@ -253,6 +258,26 @@ def choose_blend(model: TwoTower, scorer: TwoTowerScorer, split: Split, k: int) 
              "alone; valid %s)", chosen, best, gain, se, {k: round(v, 4) for k, v in figures.items()})
     return {"weight": str(chosen), "learned": learned, "table": table, "valid": figures, "best": str(best),
             "gain_over_learned": gain, "gain_se": se}
+
+
+def choose_prior(model: TwoTower, scorer: TwoTowerScorer, split: Split, k: int) -> dict[str, Any]:
+    """Pick the popularity prior's weight (``PRIOR_GRID``) on validation recall@``k`` after training (and after the
+    blend), kept only when its cross-fitted gain over no prior is above one standard error (``gated_best``), and set
+    it on the pin tower; returns every tried weight's figure. Rank 0 decides (broadcast)."""
+    rank, world = rank_and_world()
+    per_user: dict[float, np.ndarray] = {}
+    if rank == 0:
+        for w in PRIOR_GRID:
+            model.pin_tower.set_prior(w)
+            per_user[w] = user_recall(scorer.prepare("valid"), split, k)
+    figures = {str(w): _on_rank0(lambda w=w: float(per_user[w].mean()), rank, world) for w in PRIOR_GRID}
+    decision = dict(zip(("best", "gain", "se"), gated_best(per_user), strict=True)) if rank == 0 else {}
+    best, gain, se = (_on_rank0(lambda key=key: decision[key], rank, world) for key in ("best", "gain", "se"))
+    chosen = best if gain > se else 0.0
+    model.pin_tower.set_prior(chosen)
+    log.info("popularity prior %s (best on validation %s; cross-fitted %+.4f ± %.4f over no prior; valid %s)",
+             chosen, best, gain, se, {k: round(v, 4) for k, v in figures.items()})
+    return {"weight": chosen, "valid": figures, "best": best, "gain_over_none": gain, "gain_se": se}
 
 
 def gated_best(per_user: dict[float, np.ndarray], folds: int = BLEND_FOLDS) -> tuple[float, float, float]:
@@ -424,6 +449,8 @@ def fit(cfg: Config, training_set: pd.DataFrame, split: Split, manifest: dict[st
     model = build_model(encoder, tc, None if table is None else table.aligned(encoder.pin_ids, encoder.user_ids))
     if init is not None:
         log.info("warm start from %s: %s", init["model_version"], warm_start(model, encoder, init))
+        if model.pin_tower.prior is not None:   # the previous model's weight: this one trains without, then chooses
+            model.pin_tower.set_prior(0.0)
     scorer = TwoTowerScorer(cfg, model, encoder, training_set, split, manifest["feature_services"]["pin"])
     scorer.fetch("valid")
 
@@ -440,18 +467,20 @@ def fit(cfg: Config, training_set: pd.DataFrame, split: Split, manifest: dict[st
              result.seconds_to_best, result.examples_per_s)
     info = None if table is None else {"table_id": table.table_id, "method": table.method, "dim": table.dim,
                                        "window_start": table.window_start, "window_end": table.window_end}
+    refit = None
     if model.user_tower.blend_dim is not None:
-        refit = None
         if tc.blend_table == "refit":
             refit = blend_tables or refit_tables(cfg, split, manifest["snapshot_id"], table)
             model.set_blend_tables(refit["train"].aligned(encoder.pin_ids, encoder.user_ids))
         result.blend = choose_blend(model, scorer, split, tc.valid_k)
-        if refit is not None:
-            model.set_blend_tables(refit["valid"].aligned(encoder.pin_ids, encoder.user_ids))
-            info["blend_table"] = {"table_id": refit["valid"].table_id, "window_start": refit["valid"].window_start,
-                                   "window_end": refit["valid"].window_end,
-                                   "validation_table_id": refit["train"].table_id,
-                                   "validation_table_until": refit["train"].meta.get("until")}
+    if model.pin_tower.prior is not None:   # on validation, with the blend table validation is scored with
+        result.prior = choose_prior(model, scorer, split, tc.valid_k)
+    if refit is not None:
+        model.set_blend_tables(refit["valid"].aligned(encoder.pin_ids, encoder.user_ids))
+        info["blend_table"] = {"table_id": refit["valid"].table_id, "window_start": refit["valid"].window_start,
+                               "window_end": refit["valid"].window_end,
+                               "validation_table_id": refit["train"].table_id,
+                               "validation_table_until": refit["train"].meta.get("until")}
     return Trained(model, encoder, result, scorer, window_start=start.isoformat(), pretrained=info)
 
 

@@ -62,6 +62,7 @@ VARIANT_GROUPS: dict[str, list[tuple[str, dict[str, Any]]]] = {
                   ("hides as hard negatives", {"train.hide_negatives": True})],
     "blend": [("blend table as trained (not refit)", {"train.blend_table": "training"}),
               ("blend weight chosen at validation's own horizon", {"train.blend_validation": "adjacent"})],
+    "prior": [("no popularity prior (towers as trained)", {"train.popularity_prior": False})],
     "modes": [("multi-embedding (K_max=4)", {"train.multi_embedding": 4}),
               ("conditional", {"train.conditional": True})],
     "wide": [("no wide parts (deep towers only)", {"train.wide_counts": False, "train.wide_interest": False}),
@@ -226,8 +227,10 @@ def report(cfg: Config, out_dir: Path | None = None) -> dict[str, Any]:
             res.update({"seed": seed, "best_epoch": r.best_epoch, "epochs_run": r.epochs_run,
                         "hit_epoch_cap": r.hit_epoch_cap, "examples_per_s": r.examples_per_s,
                         "seconds_to_best": r.seconds_to_best, "fit_seconds": r.seconds,
-                        "valid": (r.blend["valid"][r.blend["weight"]] if r.blend else r.best_valid),
+                        "valid": (r.prior["valid"][str(r.prior["weight"])] if r.prior else
+                                  r.blend["valid"][r.blend["weight"]] if r.blend else r.best_valid),
                         "blend_weight": (r.blend or {}).get("weight"),
+                        "prior_weight": (r.prior or {}).get("weight"),
                         "user_tower_ms": user_tower_cost(trained.model, trained.encoder, test_rows)["p50_ms"]})
             runs.append(res)
             log.info("%s seed %d: capped recall@10 %.4f @50 %.4f (valid %.4f)", label, seed,
@@ -321,7 +324,10 @@ def _write(out: Path, cfg: Config, source: str, manifest: dict[str, Any], split,
                       "one finishes."]
     lines += ["", f"Report computed in {seconds / 60:.1f} min. Blend weights chosen on validation: "
               + "; ".join(f"{label}: {[r['blend_weight'] for r in v['runs']]}" for label, v in variants.items()
-                          if any(r["blend_weight"] for r in v["runs"])), ""]
+                          if any(r["blend_weight"] for r in v["runs"]))
+              + ". Popularity prior weights chosen on validation: "
+              + "; ".join(f"{label}: {[r.get('prior_weight') for r in v['runs']]}" for label, v in variants.items()
+                          if any(r.get("prior_weight") for r in v["runs"])), ""]
     if any(v.get("modes") for v in variants.values()):
         from training.evaluation.modes import markdown
 

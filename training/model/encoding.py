@@ -18,6 +18,8 @@ USER_COUNT_COLUMNS = ("engagements_7d", "engagements_30d", "saves_30d", "hides_3
 PIN_COUNT_COLUMNS = ("decayed_engagement", "pin_impressions_30d", "pin_engagements_30d", "pin_saves_30d", "age_days")
 PIN_RATE_COLUMNS = ("pin_impressions_30d", "pin_engagements_30d", "pin_saves_30d")
 """Counts also read as per-day rates over the pin's exposure in their window (``PIN_COUNT_WINDOW_DAYS``)."""
+PIN_IMPRESSION_RATE = len(PIN_COUNT_COLUMNS) + 1 + PIN_RATE_COLUMNS.index("pin_impressions_30d")
+"""Column of the pin tower's numeric input that holds the log impression rate (the popularity prior's signal)."""
 PIN_COUNT_WINDOW_DAYS = 30.0
 """Window of the ``*_30d`` pin counts: a pin younger than it was exposed for its age only."""
 RATE_PSEUDO = 0.5

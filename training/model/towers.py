@@ -37,6 +37,7 @@ from training.model.clustering import k_for_length, route
 from training.model.encoding import (
     AGE_BUCKETS,
     PIN_COUNT_COLUMNS,
+    PIN_IMPRESSION_RATE,
     PIN_NUMERIC,
     RECENCY_BUCKETS,
     USER_COUNT_COLUMNS,
@@ -184,6 +185,8 @@ class PinTower(Tower):
         if self.wide is not None:
             nn.init.zeros_(self.wide.weight)
             nn.init.zeros_(self.wide.bias)
+        # the popularity prior (``train.popularity_prior``): logits per unit of log impression rate, set after training
+        self.register_buffer("prior", torch.zeros(()) if tc.popularity_prior and tc.pin_bias else None)
         n_fields = 3
         if target is not None:
             self.pretrained = Pretrained(target, tc.pretrained == "finetune", tc.pretrained_dropout)
@@ -209,7 +212,18 @@ class PinTower(Tower):
         if self.cross_dim:   # one-hot interest; a pin of unknown interest gets the mean of the user's log shares
             cross = F.one_hot(x["interest"], self.n_cross + 1)[:, 1:].float()
             cross[x["interest"] == 0] = 1.0 / self.n_cross
-        return self._tail(fields, table, None if self.wide is None else self.wide(counts), cross)
+        wide = None if self.wide is None else self.wide(counts)
+        if self.prior is not None:
+            prior = self.prior * x["counts"][:, PIN_IMPRESSION_RATE:PIN_IMPRESSION_RATE + 1]
+            wide = prior if wide is None else wide + prior
+        return self._tail(fields, table, wide, cross)
+
+    def set_prior(self, weight: float) -> None:
+        """Set the popularity prior: ``weight`` logits (at the initial temperature) per unit of the pin's log
+        impression rate, added to its bias coordinate (``train.popularity_prior``)."""
+        if self.prior is None:
+            raise ValueError("this pin tower has no popularity prior (train.popularity_prior and train.pin_bias)")
+        self.prior.fill_(float(weight))
 
 
 class UserTower(Tower):

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from training.config import TrainConfig
 from training.model.backbones import MaskBlock, ParallelMaskNet
-from training.model.encoding import PIN_COUNT_COLUMNS, PIN_NUMERIC, Encoder
+from training.model.encoding import PIN_COUNT_COLUMNS, PIN_IMPRESSION_RATE, PIN_NUMERIC, Encoder
 from training.model.pretrained import PretrainedError, PretrainedTable, check_window, latest_usable
 from training.model.two_tower import StreamingFrequency, TwoTower, in_batch_softmax_loss
 
@@ -235,6 +235,30 @@ def test_wide_counts_enter_the_pin_bias_linearly_and_start_at_zero():
     torch.testing.assert_close(shifted[:, :-1], plain.pin_tower(pins)[:, :-1])
     unit = model.pin_tower.logit_unit                                  # one logit at the initial temperature
     torch.testing.assert_close(shifted[:, -1] - plain.pin_tower(pins)[:, -1], unit * 2.0 * pins["counts"][:, 0])
+
+
+def test_the_popularity_prior_adds_its_weight_times_the_log_impression_rate_to_the_pin_bias_only():
+    df = frame()
+    enc, model = build(df, wide_counts=True)
+    model.eval()
+    pins = enc.pins(df)
+    assert "pin_tower.prior" in dict(model.named_buffers())              # a buffer: kept in the checkpoint, not trained
+    before = model.pin_tower(pins)
+    model.pin_tower.set_prior(0.3)
+    after = model.pin_tower(pins)
+    torch.testing.assert_close(after[:, :-1], before[:, :-1])          # every coordinate but the bias is unchanged
+    rate = pins["counts"][:, PIN_IMPRESSION_RATE]
+    expected = np.log((df["pin_impressions_30d"] + 0.5) / (np.minimum(df["age_days"], 30.0) + 0.5))
+    np.testing.assert_allclose(rate.numpy(), expected, rtol=1e-5)       # the 30-day impressions per exposed day
+    torch.testing.assert_close(after[:, -1] - before[:, -1], model.pin_tower.logit_unit * 0.3 * rate)
+    users = model.user_tower(enc.users(df))
+    assert (users[:, -1] == 1).all()                                   # the user side's bias coordinate stays 1
+    _, without = build(df, wide_counts=True, popularity_prior=False)
+    assert without.pin_tower.prior is None and "pin_tower.prior" not in without.state_dict()
+    with pytest.raises(ValueError, match="no popularity prior"):
+        without.pin_tower.set_prior(0.1)
+    _, no_bias = build(df, pin_bias=False)                              # no bias coordinate to carry it
+    assert no_bias.pin_tower.prior is None
 
 
 def test_wide_interest_cross_adds_the_scaled_log_share_of_the_pins_interest():
@@ -541,3 +565,36 @@ def test_a_blend_weight_is_kept_only_when_its_cross_fitted_gain_is_above_one_sta
         naive += diff.mean() > diff.std(ddof=1) / np.sqrt(len(diff))
         kept += best != 0.0 and gain > se
     assert naive >= 30 and kept <= 12, (naive, kept)
+
+
+def test_the_popularity_prior_is_chosen_on_validation_and_kept_only_above_its_standard_error(monkeypatch):
+    import training.train as train_module
+
+    df = frame()
+    _, model = build(df, wide_counts=True)
+    rng = np.random.default_rng(0)
+    base = rng.random(3000)
+
+    class Scorer:   # per-user validation recall as a function of the weight the pin tower holds when prepared
+        def __init__(self, gain):
+            self.gain, self.prepared = gain, []
+
+        def prepare(self, on):
+            self.prepared.append((on, float(model.pin_tower.prior)))
+            return self
+
+    def recall(scorer, split, k):
+        w = scorer.prepared[-1][1]
+        return base + scorer.gain(w) + rng.normal(0.0, 0.01, len(base)) * (w > 0)
+
+    monkeypatch.setattr(train_module, "user_recall", recall)
+    peaked = Scorer(lambda w: 0.02 - 0.1 * (w - 0.3) ** 2 if w else 0.0)   # a clear gain, best at 0.3
+    chosen = train_module.choose_prior(model, peaked, None, 50)
+    assert [w for _, w in peaked.prepared] == pytest.approx(train_module.PRIOR_GRID)
+    assert {on for on, _ in peaked.prepared} == {"valid"}                  # chosen on validation, never on test
+    assert chosen["weight"] == pytest.approx(0.3) and float(model.pin_tower.prior) == pytest.approx(0.3)
+    assert chosen["gain_over_none"] > chosen["gain_se"] and set(chosen["valid"]) == {str(w) for w in
+                                                                                    train_module.PRIOR_GRID}
+    flat = Scorer(lambda w: -0.02 * w)                                      # every weight hurts: the towers as trained
+    chosen = train_module.choose_prior(model, flat, None, 50)
+    assert chosen["weight"] == 0.0 and float(model.pin_tower.prior) == 0.0
