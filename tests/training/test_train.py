@@ -18,7 +18,7 @@ from training.model.checkpoint import (
     save_user_tower,
 )
 from training.model.towers import run_tower
-from training.train import train
+from training.train import PRIOR_GRID, train
 
 pytestmark = pytest.mark.slow
 
@@ -38,6 +38,9 @@ def test_short_training_run_beats_chance_and_reloads(pipeline_cfg, checkpoints, 
     assert ckpt["snapshot_id"] and ckpt["config"]["epochs"] == 3 and ckpt["fit"]["world_size"] == 1
     assert ckpt["config"]["backbone"] == backbone and ckpt["pretrained"]["table_id"]
     assert ckpt["pretrained"]["window_end"] <= ckpt["fit"]["window_start"]   # the non-overlap rule, recorded
+    prior = ckpt["fit"]["prior"]             # the popularity prior: chosen on validation, kept in the pin tower
+    assert prior["weight"] in PRIOR_GRID and set(prior["valid"]) == {str(w) for w in PRIOR_GRID}
+    assert float(model.pin_tower.prior) == prior["weight"] and ckpt["config"]["popularity_prior"]
     rows = pd.read_parquet(pipeline_cfg.data_path / "training" / "training_set.parquet").head(64)
     with torch.no_grad():
         u = model.user_tower(enc.users(rows))
