@@ -326,8 +326,8 @@ def _write(out: Path, cfg: Config, source: str, manifest: dict[str, Any], split,
               + "; ".join(f"{label}: {[r['blend_weight'] for r in v['runs']]}" for label, v in variants.items()
                           if any(r["blend_weight"] for r in v["runs"]))
               + ". Popularity prior weights chosen on validation: "
-              + "; ".join(f"{label}: {[r.get('prior_weight') for r in v['runs']]}" for label, v in variants.items()
-                          if any(r.get("prior_weight") for r in v["runs"])), ""]
+              + ("; ".join(f"{label}: {[r.get('prior_weight') for r in v['runs']]}" for label, v in variants.items()
+                           if any(r.get("prior_weight") for r in v["runs"])) or "none kept (0 in every run)"), ""]
     if any(v.get("modes") for v in variants.values()):
         from training.evaluation.modes import markdown
 

@@ -27,7 +27,8 @@ def test_report_runs_seeds_and_writes_md_and_json(pipeline_cfg, checkpoints, tmp
     assert list(rows) == ["two-tower (default config)", "full softmax", "hides as hard negatives"]
     for row in rows.values():
         assert len(row["runs"]) == 2 and [r["seed"] for r in row["runs"]] == [0, 1]
-        for key in ("examples_per_s", "seconds_to_best", "user_tower_ms", "hit_epoch_cap", "best_epoch", "valid"):
+        for key in ("examples_per_s", "seconds_to_best", "user_tower_ms", "hit_epoch_cap", "best_epoch", "valid",
+                    "blend_weight", "prior_weight"):
             assert key in row["runs"][0], key
         assert row["mean"]["capped_recall@50"] == pytest.approx(
             sum(r["capped_recall@50"] for r in row["runs"]) / 2)
@@ -36,6 +37,7 @@ def test_report_runs_seeds_and_writes_md_and_json(pipeline_cfg, checkpoints, tmp
     assert rows["hides as hard negatives"]["config"]["train"]["hide_negatives"] is True
     md = (tmp_path / "report.md").read_text()
     assert "**Verdict**" in md and "± " in md and out["verdict"]
+    assert "Popularity prior weights chosen on validation: " in md
 
 
 def test_verdict_wins_only_when_mean_minus_std_clears_the_best_baseline():
