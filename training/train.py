@@ -235,27 +235,18 @@ def choose_blend(model: TwoTower, scorer: TwoTowerScorer, split: Split, k: int) 
     error of the per-user differences (paired, on the same validation users), the gain measured on users the
     choice of weight did not see (``gated_best``): a gain within the noise of the validation users is no reason to
     leave the trained model, and a blend chosen on such a gain did not hold on test (README, Measured figures)."""
-    rank, world = rank_and_world()
     for tower in (model.user_tower, model.pin_tower):
         tower.set_blend(1.0, 1.0)
     scorer.prepare("valid")
     learned_dim = model.user_tower.learned_dim
-    per_user: dict[float, np.ndarray] = {}
-    if rank == 0:
-        for w in BLEND_GRID:
-            per_user[w] = user_recall(scorer.reweighted(learned_dim, *((0.0, 1.0) if math.isinf(w) else (1.0, w))),
-                                      split, k)
-    figures = {str(w): _on_rank0(lambda w=w: float(per_user[w].mean()), rank, world) for w in BLEND_GRID}
-    decision = {"best": 0.0, "gain": 0.0, "se": 0.0}
-    if rank == 0:
-        decision = dict(zip(("best", "gain", "se"), gated_best(per_user), strict=True))
-    best, gain, se = (_on_rank0(lambda key=key: decision[key], rank, world) for key in ("best", "gain", "se"))
-    chosen = best if gain > se else 0.0
+    figures, best, gain, se, chosen = _gated_choice(
+        BLEND_GRID, lambda w: user_recall(scorer.reweighted(learned_dim, *((0.0, 1.0) if math.isinf(w) else (1.0, w))),
+                                          split, k))
     learned, table = (0.0, 1.0) if math.isinf(chosen) else (1.0, chosen)
     for tower in (model.user_tower, model.pin_tower):
         tower.set_blend(learned, table)
     log.info("pre-trained blend weight %s (best on validation %s; cross-fitted %+.4f ± %.4f over the learned towers "
-             "alone; valid %s)", chosen, best, gain, se, {k: round(v, 4) for k, v in figures.items()})
+             "alone; valid %s)", chosen, best, gain, se, {w: round(v, 4) for w, v in figures.items()})
     return {"weight": str(chosen), "learned": learned, "table": table, "valid": figures, "best": str(best),
             "gain_over_learned": gain, "gain_se": se}
 
@@ -264,20 +255,27 @@ def choose_prior(model: TwoTower, scorer: TwoTowerScorer, split: Split, k: int) 
     """Pick the popularity prior's weight (``PRIOR_GRID``) on validation recall@``k`` after training (and after the
     blend), kept only when its cross-fitted gain over no prior is above one standard error (``gated_best``), and set
     it on the pin tower; returns every tried weight's figure. Rank 0 decides (broadcast)."""
-    rank, world = rank_and_world()
-    per_user: dict[float, np.ndarray] = {}
-    if rank == 0:
-        for w in PRIOR_GRID:
-            model.pin_tower.set_prior(w)
-            per_user[w] = user_recall(scorer.prepare("valid"), split, k)
-    figures = {str(w): _on_rank0(lambda w=w: float(per_user[w].mean()), rank, world) for w in PRIOR_GRID}
-    decision = dict(zip(("best", "gain", "se"), gated_best(per_user), strict=True)) if rank == 0 else {}
-    best, gain, se = (_on_rank0(lambda key=key: decision[key], rank, world) for key in ("best", "gain", "se"))
-    chosen = best if gain > se else 0.0
+    def recall(w: float) -> np.ndarray:
+        model.pin_tower.set_prior(w)
+        return user_recall(scorer.prepare("valid"), split, k)
+
+    figures, best, gain, se, chosen = _gated_choice(PRIOR_GRID, recall)
     model.pin_tower.set_prior(chosen)
     log.info("popularity prior %s (best on validation %s; cross-fitted %+.4f ± %.4f over no prior; valid %s)",
-             chosen, best, gain, se, {k: round(v, 4) for k, v in figures.items()})
+             chosen, best, gain, se, {w: round(v, 4) for w, v in figures.items()})
     return {"weight": chosen, "valid": figures, "best": best, "gain_over_none": gain, "gain_se": se}
+
+
+def _gated_choice(grid: tuple[float, ...], per_user_recall) -> tuple[dict[str, float], float, float, float, float]:
+    """(each weight's validation figure, the best weight, its cross-fitted gain over weight 0 and that gain's SE,
+    the weight chosen: the best when its gain is above one SE, else 0) from ``per_user_recall(w)``, each weight's
+    per-user validation recall (``gated_best``). Rank 0 computes and decides; every rank gets the result."""
+    rank, world = rank_and_world()
+    per_user = {w: per_user_recall(w) for w in grid} if rank == 0 else {}
+    figures = {str(w): _on_rank0(lambda w=w: float(per_user[w].mean()), rank, world) for w in grid}
+    decision = dict(zip(("best", "gain", "se"), gated_best(per_user), strict=True)) if rank == 0 else {}
+    best, gain, se = (_on_rank0(lambda key=key: decision[key], rank, world) for key in ("best", "gain", "se"))
+    return figures, best, gain, se, (best if gain > se else 0.0)
 
 
 def gated_best(per_user: dict[float, np.ndarray], folds: int = BLEND_FOLDS) -> tuple[float, float, float]:
