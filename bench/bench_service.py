@@ -50,7 +50,7 @@ from training.release.index import EMBEDDING, IndexStore  # noqa: E402
 from training.release.publish import latest_checkpoint, publish, rollback, sample_users  # noqa: E402
 from training.release.registry import Registry  # noqa: E402
 
-USER_SERVICE, PIN_SERVICE = "user_tower_v1", "pin_tower_v1"
+USER_SERVICE, PIN_SERVICE = "user_tower_v2", "pin_tower_v1"
 
 
 def corpus_of_size(cfg: Config, model, encoder, n: int, seed: int = 0, synthetic: str = "perturbed") -> PinEmbeddings:

@@ -30,6 +30,9 @@ user_profile_source = dbt_table("user_profile")
 # Why: point-in-time user features, one row per user per active day.
 user_features_source = dbt_table("user_features")
 
+# Why: what the user was shown, by interest, one row per user per day with impressions.
+user_impressions_source = dbt_table("user_impressions")
+
 # Why: the user's recent engaged pins, refreshed at every engagement.
 user_sequence_source = dbt_table("user_sequence")
 

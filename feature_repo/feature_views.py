@@ -9,6 +9,7 @@ from feature_repo.data_sources import (
     pin_features_source,
     pin_profile_source,
     user_features_source,
+    user_impressions_source,
     user_profile_source,
     user_sequence_source,
 )
@@ -67,6 +68,23 @@ user_features = FeatureView(
     tags={"dbt_model": "user_features"},
 )
 
+# Why: a ranking system shows users what it believes they like, so what they were shown (every surface) samples their
+# interests several times more densely than their engagements; a daily batch, so a request's own session is not in it.
+user_impressions = FeatureView(
+    name="user_impressions",
+    entities=[user],
+    ttl=FEATURE_TTL,
+    schema=[
+        Field(name="impressed_interest_ids", dtype=Array(Int64)),
+        Field(name="impressed_interest_counts", dtype=Array(Int64)),
+        Field(name="impressions_window", dtype=Int64),
+        Field(name="user_impressions_at", dtype=UnixTimestamp),
+    ],
+    source=user_impressions_source,
+    online=True,
+    tags={"dbt_model": "user_impressions"},
+)
+
 # Why: the pin's interest, known from creation, so even a pin nobody engaged with has it. No expiry.
 pin_profile = FeatureView(
     name="pin_profile",
@@ -96,4 +114,4 @@ pin_features = FeatureView(
     tags={"dbt_model": "pin_features"},
 )
 
-FEATURE_VIEWS = [user_profile, user_sequence, user_features, pin_profile, pin_features]
+FEATURE_VIEWS = [user_profile, user_sequence, user_features, user_impressions, pin_profile, pin_features]

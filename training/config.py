@@ -164,6 +164,8 @@ class TransformConfig:
     """Length of the user's recent-engaged-pins sequence feature."""
     top_interests: int = dbt_var(3)
     """Number of interest ids in the user's top-interests feature."""
+    impression_window_days: int = dbt_var(90)
+    """Window of the user's impressions by interest (``user_impressions``, every surface)."""
     engagement_weights: dict[str, float] = dbt_var(default_factory=_default_engagement_weights)
     """Weight of each engagement type in the decayed engagement (hides are negative feedback: weight 0)."""
     threads: int = 2
@@ -173,8 +175,8 @@ class TransformConfig:
 
     def __post_init__(self) -> None:
         _check(self.half_life_days > 0, "transform.half_life_days", "must be > 0")
-        _positive(self, "transform", "corpus_window_days", "corpus_size", "history_length", "top_interests", "threads",
-                  "keep_snapshots")
+        _positive(self, "transform", "corpus_window_days", "corpus_size", "history_length", "top_interests",
+                  "impression_window_days", "threads", "keep_snapshots")
         _check(set(self.engagement_weights) == {"closeup", "click", "save", "hide"}, "transform.engagement_weights",
                f"needs exactly closeup, click, save and hide, got {sorted(self.engagement_weights)}")
         _check(all(w >= 0 for w in self.engagement_weights.values()), "transform.engagement_weights",
@@ -401,6 +403,11 @@ class TrainConfig:
     """With ``pin_bias``: a wide cross beside the deep towers, the user's smoothed log interest shares (from the
     history) against the pin's one-hot interest, with a learned scale; adds the number of interests to the index
     dimension."""
+    impression_interests: bool = True
+    """With ``wide_interest``: the user's interest shares of the wide cross also count what they were shown, their
+    impressions of every surface by interest over ``impression_window_days`` (the ``user_impressions`` feature,
+    a daily batch). A ranking system shows users what it believes they like, so impressions sample their interests
+    several times more densely than engagements. Off: the shares of the engagement history alone."""
     pin_rates: bool = True
     """The pin tower also reads its 30-day counts as per-day rates over the days the pin was exposed (a young pin's
     counts cover its age only) and the idle days since its last feature row (which age it and thin its rates);

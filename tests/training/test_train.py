@@ -34,7 +34,7 @@ def test_short_training_run_beats_chance_and_reloads(pipeline_cfg, checkpoints, 
     assert test["recall@50"] > 1.5 * 50 / test["items"]
     model, enc, ckpt = load_checkpoint(out["checkpoint"])
     assert ckpt["model_version"] == out["model_version"]
-    assert ckpt["feature_services"] == {"user": "user_tower_v1", "pin": "pin_tower_v1"}
+    assert ckpt["feature_services"] == {"user": "user_tower_v2", "pin": "pin_tower_v1"}
     assert ckpt["snapshot_id"] and ckpt["config"]["epochs"] == 3 and ckpt["fit"]["world_size"] == 1
     assert ckpt["config"]["backbone"] == backbone and ckpt["pretrained"]["table_id"]
     assert ckpt["pretrained"]["window_end"] <= ckpt["fit"]["window_start"]   # the non-overlap rule, recorded

@@ -40,7 +40,7 @@ from training.io import atomic_symlink
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
-FEATURE_TABLES = ("user_profile", "user_sequence", "user_features", "pin_profile", "pin_features")
+FEATURE_TABLES = ("user_profile", "user_sequence", "user_features", "user_impressions", "pin_profile", "pin_features")
 MART_TABLES = ("fct_engagements", "fct_pretrain_engagements", "pin_engagement_decayed", "serving_corpus",
                "pin_canonical_map")
 

@@ -1,7 +1,7 @@
 """Stage: the point-in-time training set.
 
 Engagement labels (dbt mart ``fct_engagements``) joined with Feast ``get_historical_features`` through
-the user and pin feature services (``user_tower_v1``, ``pin_tower_v1``): each label gets the newest feature row at
+the user and pin feature services (``user_tower_v2``, ``pin_tower_v1``): each label gets the newest feature row at
 or before its own timestamp, and since feature rows only summarize events strictly before their
 timestamp, no label sees itself or the future. The result passes ``TRAINING_SET_SCHEMA`` before it is
 written, with a manifest that ties it to the data snapshot and the feature services (by role), and records

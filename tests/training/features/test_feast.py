@@ -117,7 +117,7 @@ def test_rerun_on_the_same_input_is_idempotent(pipeline_cfg):
     after = load_live(pipeline_cfg)
     assert after.id == before.id and after.path != before.path and before.path.exists()
     for name in ("fct_engagements", "serving_corpus", "pin_canonical_map", "pin_engagement_decayed",
-                 "user_profile", "user_sequence", "user_features", "pin_profile", "pin_features"):
+                 "user_profile", "user_sequence", "user_features", "user_impressions", "pin_profile", "pin_features"):
         a, b = (pd.read_parquet(s.table(name)) for s in (before, after))
         cols = [c for c in a.columns if a[c].dtype != object or isinstance(a[c].iloc[0], str)]
         pd.testing.assert_frame_equal(a.sort_values(cols).reset_index(drop=True),

@@ -44,7 +44,7 @@ def test_publish_builds_verifies_and_binds_one_version(cfg, checkpoints):
     assert out["verification"]["recall"] >= 0.95 and out["verification"]["filtered_recall"] >= 0.95
     release = Registry(cfg).live()
     assert release.model_version == v and release.user_tower == f"user_tower:{v}"
-    assert release.feature_services == {"user": "user_tower_v1", "pin": "pin_tower_v1"} and release.snapshot_id
+    assert release.feature_services == {"user": "user_tower_v2", "pin": "pin_tower_v1"} and release.snapshot_id
     assert set(release.metrics) >= {"recall@50", "capped_recall@50"}
 
     store = IndexStore(cfg)
