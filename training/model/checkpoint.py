@@ -38,7 +38,8 @@ class ArtifactError(ValueError):
 
 
 ADDED_SWITCHES = {"wide_counts": False, "wide_interest": False, "pin_rates": False, "blend_table": "training",
-                  "cluster_features": False, "popularity_prior": False}
+                  "cluster_features": False, "popularity_prior": False,
+                  "impression_interests": False}
 """Model switches added after artifacts were first written, with the value that rebuilds an artifact written
 before them (their defaults changed the model's shape or what it was trained with)."""
 

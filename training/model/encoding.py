@@ -165,6 +165,7 @@ class Encoder:
         top = np.where(np.arange(self.top_interests)[None, :] < top_len[:, None], top + 1, 0)
         user = _index(_numbers(_column(rows, "user_id", n), fill=-1).astype(np.int64), self.user_ids)
         return {
+            "impressed": torch.from_numpy(self._impressed(rows, n)),
             "user": torch.from_numpy(user),
             "age_bucket": torch.from_numpy(age_bucket.astype(np.int64)),
             "gender": torch.from_numpy(self._category(_column(rows, "gender", n, ""), self.genders)),
@@ -176,6 +177,19 @@ class Encoder:
             "seq_recency": torch.from_numpy(np.where(valid, recency + 1, 0)),
             "top_interests": torch.from_numpy(np.clip(top, 0, self.n_interests)),
         }
+
+    def _impressed(self, rows: Columns, n: int) -> np.ndarray:
+        """(n, n_interests + 1) float32 impressions per interest + 1 (column 0, unknown, stays 0) from the parallel
+        lists ``impressed_interest_ids`` / ``impressed_interest_counts``; zeros without them."""
+        ids, lens = _lists(_column(rows, "impressed_interest_ids", n), self.n_interests, np.int64)
+        counts, count_lens = _lists(_column(rows, "impressed_interest_counts", n), self.n_interests, np.float64)
+        if not np.array_equal(lens, count_lens):
+            raise ValueError("impressed_interest_ids and impressed_interest_counts differ in length")
+        ok = (np.arange(self.n_interests)[None, :] < lens[:, None]) & (ids >= 0) & (ids < self.n_interests)
+        out = np.zeros((n, self.n_interests + 1), np.float32)
+        row, _ = np.nonzero(ok)
+        np.add.at(out, (row, ids[ok] + 1), counts[ok].clip(0))
+        return out
 
     def _pin_interest(self, idx: np.ndarray) -> np.ndarray:
         """Interest (+1; 0 = unknown/padding) of vocabulary indices ``idx`` (0 = padding)."""

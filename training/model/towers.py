@@ -265,6 +265,7 @@ class UserTower(Tower):
         n_fields = 6
         self.k_max, self.routing_iterations = tc.multi_embedding, tc.routing_iterations
         self.cluster_features = tc.cluster_features
+        self.impression_interests = tc.impression_interests
         self.conditional = tc.conditional
         if self.conditional:   # early fusion: the condition is one more field; 0 = the learned "no condition"
             self.no_condition = nn.Parameter(torch.zeros(E))
@@ -302,7 +303,10 @@ class UserTower(Tower):
         valid = x["seq_valid"]                                                   # (B, L)
         counts_by_interest = torch.zeros(valid.shape[0], self.n_interests).scatter_add_(
             1, x["seq_interest"], x["seq_valid"].float())                        # (B, I+1)
-        cross = self._cross(counts_by_interest, counts_by_interest[:, 1:].sum(-1, keepdim=True))
+        # the cross's shares also count what the user was shown (``train.impression_interests``)
+        shown = counts_by_interest + x["impressed"] if self.impression_interests else counts_by_interest
+        cross_total = shown[:, 1:].sum(-1, keepdim=True)                         # (B, 1)
+        cross = self._cross(shown, cross_total)
         mix = counts_by_interest / counts_by_interest.sum(-1, keepdim=True).clamp(min=1)   # (B, I+1) interest shares
         if self.training and self.seq_dropout:
             valid = valid & (torch.rand(valid.shape) >= self.seq_dropout)
@@ -361,7 +365,7 @@ class UserTower(Tower):
             if cross_k is not None:
                 # an interest of the cluster keeps its log share of the whole history (a minor interest's cluster
                 # is not raised to a major one's), the others get the floor of an interest never engaged with
-                absent = self._cross(torch.zeros_like(counts_k), counts_k[..., 1:].sum((1, 2), keepdim=True))
+                absent = self._cross(torch.zeros_like(counts_k), cross_total.unsqueeze(1))
                 cross_k = cluster_or_all(torch.where(counts_k[..., 1:] > 0, cross_k, absent), cross_k)
         tokens = [f.reshape(b * k, -1) for f in per]
         y = self._tail(tokens, None if table_k is None else table_k.reshape(b * k, -1),

@@ -283,6 +283,33 @@ def test_wide_interest_cross_adds_the_scaled_log_share_of_the_pins_interest():
                                (model.user_tower.cross_scale * torch.log(shares).mean(1))[:, None].expand(6, 6))
 
 
+def test_impressions_by_interest_are_encoded_densely_and_counted_in_the_cross_only_when_switched_on():
+    df = frame().assign(impressed_interest_ids=[None, [0, 3], [2], [], [4, 1], [1]],
+                        impressed_interest_counts=[None, [5, 2], [7], [], [1, 9], [3]])
+    enc, model = build(df, wide_interest=True, multi_embedding=0)
+    users = enc.users(df)
+    k = enc.n_interests
+    assert users["impressed"].shape == (6, k + 1)                      # column interest + 1; 0 (unknown) stays 0
+    assert users["impressed"][1].tolist() == [0, 5, 0, 0, 2, 0] and users["impressed"][0].sum() == 0
+    assert users["impressed"][4].tolist() == [0, 0, 9, 0, 0, 1]
+    assert enc.users(frame())["impressed"].sum() == 0                 # rows without the feature: nothing shown
+    with pytest.raises(ValueError, match="differ in length"):
+        enc.users(df.assign(impressed_interest_counts=[None, [5], [7], [], [1, 9], [3]]))
+    model.eval()
+    history = torch.zeros(6, k + 1).scatter_add_(1, users["seq_interest"], users["seq_valid"].float())
+
+    def expected_cross(counts):
+        c = counts[:, 1:]
+        return model.user_tower.cross_scale * torch.log((c + 0.1) / (c.sum(1, keepdim=True) + 0.1 * k))
+
+    torch.testing.assert_close(model.user_tower(users)[:, 8:], expected_cross(history + users["impressed"]))
+    _, off = build(df, wide_interest=True, multi_embedding=0, impression_interests=False)
+    off.eval()
+    torch.testing.assert_close(off.user_tower(users)[:, 8:], expected_cross(history))
+    # the deep part does not read them: only the cross moves
+    torch.testing.assert_close(model.user_tower(users)[:, :8], off.user_tower(users)[:, :8])
+
+
 def _table(df: pd.DataFrame, end: str = "2026-01-01T00:00:00+00:00") -> PretrainedTable:
     pins = np.array([100, 101, 102, 103], np.int64)
     rng = np.random.default_rng(1)
