@@ -17,7 +17,9 @@ the report's). Prints capped recall@10 / @50 on the report's split for:
    (``train.index_refresh_days``). Popularity is the pin's Homefeed engagements or impressions (every user's) in the
    ``days`` before, as a count or as a rate per exposed day, (n + .5) / (min(age, days) + .5): a young pin's count
    covers its age only. The signal, form, ``days`` and ``beta`` are chosen on validation. The events are exact to the
-   second here; the two-tower reads the same counts from daily feature rows;
+   second here; the two-tower reads the same counts from daily feature rows. Then the same scorer with the shares
+   counted over what the user was shown (impressions of every surface before the midnight that starts their
+   cut-off's day, as the ``user_impressions`` feature that ``train.impression_interests`` adds to the towers' cross);
 4. that scorer plus an affinity read from the pin's engagers: the cosine of a user vector with the mean vector of
    the users who engaged the pin in the 30 days before the refresh, for three kinds of user vectors: the pre-trained
    table's (what the towers have), the user's train pins' true latents minus their interest centroid (the best a
@@ -140,13 +142,15 @@ def main() -> None:
     shares = np.log((per_user + a * n_k * prior) / (per_user.sum(axis=1, keepdims=True) + a * n_k))
     signals = {"engagements": (fr["event_timestamp"].to_numpy(), fr["item_idx"].to_numpy())}
     canonical = pd.read_parquet(load_live(cfg).table("pin_canonical_map")).set_index("pin_id")["canonical_pin_id"]
-    events = pd.read_parquet(raw / "events.parquet", columns=["pin_id", "event_type", "event_timestamp", "surface"])
+    events = pd.read_parquet(raw / "events.parquet",
+                             columns=["user_id", "pin_id", "event_type", "event_timestamp", "surface"])
     shown = events[(events["event_type"] == "impression") & (events["surface"] == "homefeed")]
     item = pd.Series(np.arange(split.n_items), index=split.items).reindex(shown["pin_id"].map(canonical).to_numpy())
     keep = item.notna().to_numpy()
     signals["impressions"] = (shown["event_timestamp"].to_numpy()[keep], item.to_numpy()[keep].astype(np.int64))
     created_at = pd.to_datetime(created, utc=True)
     results: dict[tuple[str, str, int, float], dict[str, tuple[float, float]]] = {}
+    shown_results: dict[tuple[int, float], dict[str, tuple[float, float]]] = {}
     refreshes: dict[str, tuple[list, np.ndarray]] = {}   # split part -> (refresh times, each user's refresh)
 
     def popularity(signal: str, form: str, days: int, times: list) -> np.ndarray:
@@ -160,11 +164,30 @@ def main() -> None:
                         for t in times])
         return np.log(recent / (np.minimum(age, days) + 0.5))
 
+    # the same shares counted over what each user was shown (impressions of every surface) before the midnight that
+    # starts their cut-off's day, as the daily `user_impressions` feature the towers' interest cross reads
+    seen_all = events[events["event_type"] == "impression"]
+    seen_user = pd.Index(split.users).get_indexer(seen_all["user_id"].to_numpy())
+    seen_k = pd.Series(ki, index=split.items).reindex(seen_all["pin_id"].map(canonical).to_numpy()).to_numpy()
+    seen_ok = (seen_user >= 0) & ~np.isnan(seen_k)
+    seen_t, seen_user, seen_k = seen_all["event_timestamp"].to_numpy()[seen_ok], seen_user[seen_ok], seen_k[seen_ok]
+
+    def shown_shares(on: str) -> np.ndarray:
+        day = pd.Series(pd.NaT, index=np.arange(split.n_users), dtype="datetime64[ns, UTC]")
+        cut = _cutoffs(split, on)
+        day[cut.index.to_numpy()] = cut.dt.floor("D").to_numpy()
+        before = seen_t < day.to_numpy()[seen_user]
+        counts = np.zeros((split.n_users, n_k))
+        np.add.at(counts, (seen_user[before], seen_k[before].astype(np.int64)), 1.0)
+        p = counts.sum(axis=0) / counts.sum()
+        return np.log((counts + a * n_k * p) / (counts.sum(axis=1, keepdims=True) + a * n_k))
+
     for on in ("valid", "test"):
         cut = _cutoffs(split, on)
         bucket = np.zeros(split.n_users, dtype=np.int64)
         times, bucket[cut.index.to_numpy()] = time_points(cut, cfg.train.index_refresh_days)
         refreshes[on] = (times, bucket)
+        shown = shown_shares(on)
         for signal in signals:
             for days in (7, 14, 30):
                 for form in ("count", "rate"):
@@ -173,11 +196,21 @@ def main() -> None:
                         def fn(u, pop=pop, beta=beta, bucket=bucket):
                             return shares[u][:, ki] + beta * pop[bucket[u]]
                         results.setdefault((signal, form, days, beta), {})[on] = _recall(fn, split, on)
+                        if signal == "impressions" and form == "rate":
+                            def shown_fn(u, pop=pop, beta=beta, bucket=bucket, shown=shown):
+                                return shown[u][:, ki] + beta * pop[bucket[u]]
+                            shown_results.setdefault((days, beta), {})[on] = _recall(shown_fn, split, on)
     best = max(results, key=lambda key: results[key]["valid"][1])
     print("3. interest shares + beta * log(pin popularity before the cut-off) (valid / test: capped R@10, R@50)")
     for (signal, form, days, beta), r in results.items():
         mark = "  <- chosen on validation" if (signal, form, days, beta) == best else ""
         print(f"   {signal:11s} {form:5s} days {days:2d} beta {beta:.1f}: valid {r['valid']} test {r['test']}{mark}")
+    shown_best = max(shown_results, key=lambda key: shown_results[key]["valid"][1])
+    print("   the shares counted over what the user was shown (every surface, before the cut-off's midnight) + beta *"
+          " log impression rate:")
+    for (days, beta), r in shown_results.items():
+        mark = "  <- chosen on validation" if (days, beta) == shown_best else ""
+        print(f"   shown       rate  days {days:2d} beta {beta:.1f}: valid {r['valid']} test {r['test']}{mark}")
 
     # 4. the pin's recent engagers pooled: an affinity term read from who engaged the pin, which a fresh pin has
     #    within days of its creation where its id has no training signal
