@@ -63,6 +63,14 @@ def _cutoffs(split: Split, on: str) -> pd.Series:
     return pd.Series(pd.to_datetime(cut.to_numpy(), utc=True), index=pd.Index(split.users).get_indexer(cut.index))
 
 
+def _log_shares(counts: np.ndarray, a: float = 0.1) -> np.ndarray:
+    """(users, interests) log interest shares of per-user counts, smoothed by ``a`` pseudo-counts per interest spread
+    like the interests' overall shares."""
+    n_k = counts.shape[1]
+    prior = counts.sum(axis=0) / counts.sum()
+    return np.log((counts + a * n_k * prior) / (counts.sum(axis=1, keepdims=True) + a * n_k))
+
+
 def _unit(x: np.ndarray) -> np.ndarray:
     """Rows scaled to unit length (zero rows stay zero)."""
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
@@ -136,10 +144,7 @@ def main() -> None:
     ki = split.item_interest
     n_k = int(ki.max()) + 1
     onehot = sp.csr_matrix((np.ones(len(ki)), (np.arange(len(ki)), ki)), shape=(len(ki), n_k))
-    per_user = (split.train.tocsr() @ onehot).toarray()
-    prior = per_user.sum(axis=0) / per_user.sum()
-    a = 0.1
-    shares = np.log((per_user + a * n_k * prior) / (per_user.sum(axis=1, keepdims=True) + a * n_k))
+    shares = _log_shares((split.train.tocsr() @ onehot).toarray())
     signals = {"engagements": (fr["event_timestamp"].to_numpy(), fr["item_idx"].to_numpy())}
     canonical = pd.read_parquet(load_live(cfg).table("pin_canonical_map")).set_index("pin_id")["canonical_pin_id"]
     events = pd.read_parquet(raw / "events.parquet",
@@ -179,8 +184,7 @@ def main() -> None:
         before = seen_t < day.to_numpy()[seen_user]
         counts = np.zeros((split.n_users, n_k))
         np.add.at(counts, (seen_user[before], seen_k[before].astype(np.int64)), 1.0)
-        p = counts.sum(axis=0) / counts.sum()
-        return np.log((counts + a * n_k * p) / (counts.sum(axis=1, keepdims=True) + a * n_k))
+        return _log_shares(counts)
 
     for on in ("valid", "test"):
         cut = _cutoffs(split, on)
