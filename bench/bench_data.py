@@ -11,7 +11,7 @@ Measures, in one run on one data dir:
 
     .venv/bin/python bench/bench_data.py [--events 10000000] [--data-dir .data/bench]
 
-Prints a table and the command to rerun it; writes bench/results/data.json.
+Prints a table and the command to rerun it; writes docs/results/data.json (``--out``).
 """
 
 from __future__ import annotations
@@ -28,6 +28,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from common import RESULTS, write_results  # noqa: E402  (bench/common.py)
 
 from training.config import Config, DataConfig  # noqa: E402
 
@@ -101,6 +103,7 @@ def main() -> None:
     ap.add_argument("--pins", type=int, default=100_000)
     ap.add_argument("--data-dir", default=str(ROOT / ".data" / "bench"))
     ap.add_argument("--keep-raw", action="store_true", help="reuse raw files of a previous run with the same sizes")
+    ap.add_argument("--out", default=str(RESULTS / "data.json"), help="where the figures go (JSON)")
     args = ap.parse_args()
 
     from training.data.dbt import dbt_args
@@ -184,14 +187,12 @@ def main() -> None:
     figures["materialize_speedup_vs_stock"] = figures["stock_feast_materialize_s"] / figures["materialize_s"]
     figures.update({f"rows_{k}": v for k, v in rows.items()})
 
-    out = ROOT / "bench" / "results" / "data.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(figures, indent=2))
+    doc = write_results(args.out, {"meta": {"events": args.events, "users": args.users, "pins": args.pins},
+                                   "figures": figures})
     print(f"\n{'figure':44s} value")
     for k, v in figures.items():
         print(f"{k:44s} {v:,.3f}" if isinstance(v, float) else f"{k:44s} {v:,}")
-    print(f"\nrerun: .venv/bin/python bench/bench_data.py --events {args.events} --users {args.users} "
-          f"--pins {args.pins}")
+    print(f"\nwrote {args.out}; rerun: {doc['provenance']['command']}")
 
 
 def _feast_cli_repo(cfg: Config, stock: bool) -> Path:

@@ -31,7 +31,7 @@ import pandas as pd  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from common import machine, save_and_print, timed_searches  # noqa: E402  (bench/common.py)
+from common import RESULTS, save_and_print, timed_searches  # noqa: E402  (bench/common.py)
 
 from training.config import Config, IndexConfig  # noqa: E402
 from training.evaluation.metrics import top_k  # noqa: E402
@@ -126,7 +126,7 @@ def main() -> None:
     ap.add_argument("--work", default=str(ROOT / ".data" / "bench_index"))
     ap.add_argument("--server", default=None, help="Milvus server URI (default: embedded milvus-lite)")
     ap.add_argument("--ef", type=int, nargs="*", default=[], help="HNSW search ef values to measure")
-    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "index.json"))
+    ap.add_argument("--out", default=str(RESULTS / "pin-index.json"))
     args = ap.parse_args()
     import milvus_lite
     import pymilvus
@@ -134,7 +134,7 @@ def main() -> None:
     rows = []
     for n in args.sizes:
         rows += run_size(n, args.index_types, args.queries, args.k, Path(args.work), args.server, args.ef)
-    meta = {**machine(), "pymilvus": pymilvus.__version__, "milvus_lite": getattr(milvus_lite, "__version__", "?"),
+    meta = {"pymilvus": pymilvus.__version__, "milvus_lite": getattr(milvus_lite, "__version__", "?"),
             "k": args.k, "queries": args.queries}
     header = ["pins", "engine", "filter", "p50 ms", "p99 ms", f"recall@{args.k}", "build s"]
     save_and_print(args.out, meta, rows, header,

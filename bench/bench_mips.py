@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench_service import corpus_of_size  # noqa: E402  (bench/bench_service.py)
-from common import machine, save_and_print  # noqa: E402
+from common import RESULTS, save_and_print  # noqa: E402
 
 from training.config import Config  # noqa: E402
 from training.model.checkpoint import load_checkpoint  # noqa: E402
@@ -41,7 +41,7 @@ def main() -> None:
     ap.add_argument("--pins", type=int, default=300_000)
     ap.add_argument("--ef", type=int, nargs="+", default=[128, 256, 512, 1024])
     ap.add_argument("--queries", type=int, default=200)
-    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "mips.json"))
+    ap.add_argument("--out", default=str(RESULTS / "mips.json"))
     args = ap.parse_args()
     cfg = Config.load(args.config, overrides={"data_dir": args.data_dir})
     if not cfg.index.uri or cfg.index.index_type != "HNSW":
@@ -68,7 +68,7 @@ def main() -> None:
                     print(json.dumps(rows[-1]), flush=True)
         finally:
             store.drop(name)
-    meta = {**machine(), "model": payload["model_version"], "index": cfg.index.uri,
+    meta = {"model": payload["model_version"], "index": cfg.index.uri,
             "build_params": info["build_params"], "partition_key": cfg.index.partition_key,
             "norms_min_median_max": [float(norms.min()), float(np.median(norms)), float(norms.max())]}
     save_and_print(args.out, meta, rows, ["pins", "pins stored", "ef", "recall@100", "filtered", "build s"],

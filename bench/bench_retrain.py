@@ -14,7 +14,7 @@ test interactions of the new week, unseen by every model below) the same harness
 
     .venv/bin/python bench/bench_retrain.py [--weeks 8] [--data-dir .data/bench_retrain] [--warm-start]
 
-Writes bench/results/retrain.json and bench/results/retrain.png (recall per week; cycle seconds by stage).
+Writes docs/results/retraining.json and docs/results/retraining.png (recall per week; cycle seconds by stage).
 The world ends on --end-date (default 2026-09-01) so that 8 more weeks stay in the past for the contracts.
 """
 
@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from bench.common import machine, save_and_print  # noqa: E402
+from bench.common import RESULTS, save_and_print  # noqa: E402
 from training.config import Config, DataConfig, RetrainConfig  # noqa: E402
 
 METRICS = ("capped_recall@50", "recall@50", "capped_recall@10")
@@ -60,7 +60,7 @@ def main() -> None:
     ap.add_argument("--data-dir", default=str(ROOT / ".data" / "bench_retrain"))
     ap.add_argument("--end-date", default="2026-09-01", help="end of the week-0 history (data.end_date)")
     ap.add_argument("--warm-start", action="store_true", help="candidates warm-start from the live checkpoint")
-    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "retrain.json"))
+    ap.add_argument("--out", default=str(RESULTS / "retraining.json"))
     args = ap.parse_args()
 
     from training import pipeline
@@ -113,9 +113,8 @@ def main() -> None:
                                                                    "oracle")}), flush=True)
         kept.unlink()
 
-    meta = {**machine(), "weeks": args.weeks, "end_date": args.end_date, "warm_start": args.warm_start,
-            "week0": week0, "week0_seconds": week0_seconds,
-            "command": "python bench/bench_retrain.py" + (" --warm-start" if args.warm_start else "")}
+    meta = {"weeks": args.weeks, "end_date": args.end_date, "warm_start": args.warm_start,
+            "week0": week0, "week0_seconds": week0_seconds}
     header = ["week", "decision", "frozen", "fresh index", "retrained", "candidate", "oracle", "cycle s",
               *STAGES, "label rows"]
 

@@ -37,7 +37,7 @@ import torch  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from common import machine, save_and_print, timed_searches  # noqa: E402  (bench/common.py)
+from common import RESULTS, save_and_print, timed_searches  # noqa: E402  (bench/common.py)
 
 from bentos.launcher import start, stop  # noqa: E402
 from training.config import Config  # noqa: E402
@@ -272,7 +272,7 @@ def main() -> None:
                     help="how pins beyond the serving corpus are made (see corpus_of_size)")
     ap.add_argument("--overload", type=int, default=1000, help="clients of the overload level (0: skip)")
     ap.add_argument("--overload-seconds", type=float, default=20.0)
-    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "service.json"))
+    ap.add_argument("--out", default=str(RESULTS / "service.json"))
     args = ap.parse_args()
     cfg = Config.load(args.config, overrides={"data_dir": args.data_dir})
     cfg = dataclasses.replace(cfg, serve=dataclasses.replace(cfg.serve, port=args.port),
@@ -329,7 +329,7 @@ def main() -> None:
         for _ in range(published):
             if was_live is not None and Registry(cfg).state()["live"] != was_live:
                 rollback(cfg)
-    meta = {**machine(), "k": args.k, "seconds_per_level": args.seconds, "model": payload["model_version"],
+    meta = {"k": args.k, "seconds_per_level": args.seconds, "model": payload["model_version"],
             "index": cfg.index.uri or "embedded milvus-lite", "index_type": cfg.index.index_type,
             "online_store": cfg.features.online_store}
     save_and_print(args.out, meta, rows,

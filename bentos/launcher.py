@@ -30,6 +30,7 @@ from typing import Any
 
 import yaml
 
+from training import __version__
 from training.config import CONFIG_ENV, REPO_ROOT, Config, ConfigError, add_config_flags, config_from_args
 from training.io import atomic_write_text
 
@@ -180,14 +181,22 @@ def stop(cfg: Config) -> dict[str, Any]:
     return {"stopped": pid}
 
 
-def main(argv: list[str] | None = None) -> int:
+ACTIONS = {"serve": "run the service in the foreground",
+           "start": "start it in the background and wait until it is ready; refuses a port another process holds",
+           "stop": "stop the service started with `start`"}
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="retrieval-service", description=__doc__.split("\n")[0])
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
-    for name, text in (("serve", "run the service in the foreground"),
-                       ("start", "start it in the background and wait until it is ready"),
-                       ("stop", "stop the service started with `start`")):
+    for name, text in ACTIONS.items():
         add_config_flags(sub.add_parser(name, help=text, description=text))
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     try:
         cfg = config_from_args(args)
         if args.action == "serve":

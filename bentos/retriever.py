@@ -421,6 +421,6 @@ class Retriever:
                                            "user_tower": r.user_tower, "feature_services": r.feature_services,
                                            "snapshot_id": r.snapshot_id, "created_at": r.created_at,
                                            "example_user_id": r.example_user_id, "modes": r.modes,
-                                           "default_mode": r.default_mode,
+                                           "default_mode": r.default_mode, "project_version": r.project_version,
                                            "loaded_at": rel.loaded_at, "corpus_pins": len(rel.corpus),
                                            "search_params": r.index.get("search_params")}}

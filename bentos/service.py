@@ -36,6 +36,7 @@ from starlette.responses import JSONResponse, Response
 
 from bentos.observability import METRICS, RateLimitedLog, quiet_client_errors
 from bentos.retriever import NotReady, RetrievalError, Retriever, StoreUnavailable
+from training import __version__
 from training.config import Config
 
 log = logging.getLogger("retrieval.service")
@@ -243,10 +244,11 @@ def readyz():
     return JSONResponse(body, status_code=200 if ready else 503, headers=None if ready else {"Retry-After": "1"})
 
 
-@ops.get("/metadata", summary="The loaded release, the request limits and the deployment")
+@ops.get("/metadata", summary="The service's version, the loaded release (with the project version that trained it), "
+                              "the request limits and the deployment")
 def metadata() -> dict[str, Any]:
     svc = bentoml.get_current_service()
-    return {**svc.retriever.status(),
+    return {"version": __version__, **svc.retriever.status(),
             "limits": {"max_k": SERVE.max_k, "max_interests": SERVE.max_interests,
                        "max_body_bytes": SERVE.max_body_bytes, "max_in_flight": SERVE.max_in_flight},
             "index": {"uri": CONFIG.index.uri or "embedded milvus-lite", "alias": CONFIG.index.alias},
@@ -268,6 +270,13 @@ ERROR_RESPONSES = {
 }
 
 
+API_DESCRIPTION = (
+    "Candidate pins for a user from the live release: the user's online features (Feast) through the release's "
+    "user tower, searched in the release's Milvus collection (learned), or the release's serving corpus by decayed "
+    "engagement for a user with no history (cold start). Every error has one body, ErrorBody.")
+"""The OpenAPI document's description (BentoML's default is its own README, which names the bento's tag)."""
+
+
 def _schema(model: type[BaseModel], schemas: dict[str, Any]) -> dict[str, Any]:
     """``model``'s JSON schema as pydantic writes it (optional fields as ``anyOf`` with null, which BentoML's own
     generator drops), its nested models added to ``schemas``."""
@@ -279,6 +288,7 @@ def _schema(model: type[BaseModel], schemas: dict[str, Any]) -> dict[str, Any]:
 def document_errors(spec: dict[str, Any]) -> dict[str, Any]:
     """BentoML's OpenAPI of /retrieve, completed with what the service really answers: every error status with
     the one error body, the request's required fields, and no 500 (a fault in a store is a 503)."""
+    spec["info"] = {"title": "retrieval", "version": __version__, "description": API_DESCRIPTION}
     schemas = spec.setdefault("components", {}).setdefault("schemas", {})
     schemas["ErrorBody"] = ErrorBody.model_json_schema()
     ref = {"$ref": "#/components/schemas/ErrorBody"}

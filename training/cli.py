@@ -30,6 +30,7 @@ from collections.abc import Callable
 
 import yaml
 
+from training import __version__
 from training.config import Config, ConfigError, add_config_flags, config_from_args
 
 
@@ -129,7 +130,8 @@ COMMANDS: dict[str, tuple[Callable[[Config, argparse.Namespace], object], str]] 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="retrieval", description=__doc__.split("\n")[0])
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging (and third-party warnings)")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (_, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
@@ -154,13 +156,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def quiet_warnings(verbose: bool) -> None:
+    """Python warnings go to the log (logger ``py.warnings``), shown with ``-v`` only. The libraries this project
+    drives warn about their own dependencies (ibis about duckdb's API, milvus-lite about pkg_resources, Feast
+    about pydantic fields), nothing a user of ``retrieval`` can act on; Feast also resets the warning filters
+    when its modules load, so filters alone do not keep them out of the console."""
+    warnings.simplefilter("default")
+    logging.captureWarnings(True)
+    logging.getLogger("py.warnings").setLevel(logging.DEBUG if verbose else logging.ERROR)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    warnings.filterwarnings("ignore", category=DeprecationWarning)  # third-party chatter (ibis, feast)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     for noisy in ("feast", "urllib3", "asyncio"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    quiet_warnings(args.verbose)
     try:
         cfg = config_from_args(args)
         result = COMMANDS[args.command][0](cfg, args)

@@ -31,6 +31,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from training import __version__
 from training.config import Config, PretrainConfig, TrainConfig
 from training.evaluation.harness import evaluate, user_recall
 from training.evaluation.scorer import TwoTowerScorer
@@ -502,6 +503,7 @@ def train(cfg: Config, init_from: Path | None = None) -> dict[str, Any]:
             "fit": {**asdict(trained.result), "window_start": trained.window_start},
             "pretrained": trained.pretrained,
             "model_version": version,
+            "project_version": __version__,
             "feature_services": manifest["feature_services"],
             "interest_ids": manifest["interest_ids"],
             "snapshot_id": manifest["snapshot_id"],

@@ -72,7 +72,7 @@ def run_dbt(command: str, cfg: Config, build_dir: Path, *extra: str) -> DbtResul
     log.info("dbt %s (vars %s, until %r); log: %s", command, cfg.transform.dbt_vars(), until_var(cfg),
              cfg.data_path / "dbt" / "logs")
     t0 = time.perf_counter()
-    with tqdm(desc=f"dbt {command}", unit=" node") as bar:
+    with tqdm(desc=f"dbt {command}", unit=" node", disable=None) as bar:
 
         def on_event(event) -> None:
             if event.info.name == "NodeFinished":

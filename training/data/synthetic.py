@@ -542,7 +542,8 @@ def _make_events(
     chunk = min(CHUNK_IMPRESSIONS, n_rows)
     weights = np.empty((chunk, n_interests), dtype=np.float32)
     trend = np.empty_like(weights)
-    with tqdm(total=n_rows, unit="row", unit_scale=True, desc="synthetic events", disable=not progress) as bar:
+    with tqdm(total=n_rows, unit="row", unit_scale=True, desc="synthetic events",
+              disable=None if progress else True) as bar:
         while total < n_rows:
             u = np.minimum(np.searchsorted(user_cdf, rng.random(chunk) * user_cdf[-1], side="right"), n_users - 1)
             ts = rng.integers(start_us, impression_end, chunk)
@@ -942,7 +943,7 @@ def continue_world(
     n_old_pins = len(pins.ids)
     first_day = elapsed // US_PER_DAY
     new_events: list[pd.DataFrame] = []
-    for day in tqdm(range(first_day, first_day + days), desc="continued days", unit="day"):
+    for day in tqdm(range(first_day, first_day + days), desc="continued days", unit="day", disable=None):
         day_start = world.end_us + day * US_PER_DAY
         rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence(cfg.seed, spawn_key=(CONTINUE_STREAM, day))))
         surface_rng = np.random.Generator(np.random.PCG64(

@@ -30,6 +30,7 @@ from training.config import Config
 from training.data.snapshot import load_live, raw_dir
 from training.evaluation.harness import evaluate
 from training.evaluation.split import load_split
+from training.provenance import describe_machine, provenance
 
 log = logging.getLogger(__name__)
 
@@ -295,6 +296,7 @@ def _verdict(variants: dict[str, dict[str, Any]], baselines: dict[str, dict[str,
 def _write(out: Path, cfg: Config, source: str, manifest: dict[str, Any], split, baselines: dict[str, dict[str, Any]],
            variants: dict[str, dict[str, Any]], verdict: dict[str, Any], seconds: float, pending: int = 0) -> Path:
     out.mkdir(parents=True, exist_ok=True)
+    prov = provenance()
     cols = ("capped_recall@10", "capped_recall@50", "capped_recall@100", "ndcg@10", "coverage@50")
     lines = [f"# Retrieval report ({source})", "",
              f"Data snapshot `{manifest['snapshot_id']}`; {split.n_users} users, {split.n_items} candidate pins. "
@@ -302,6 +304,8 @@ def _write(out: Path, cfg: Config, source: str, manifest: dict[str, Any], split,
              f"train + validation; two-tower rows: mean ± std over {cfg.report.seeds} training seeds, each early-"
              "stopped on validation; the best config is chosen by validation recall, never by test.", "",
              *[f"**Verdict**: {line}" for line in verdict["lines"]], "",
+             f"Measured with `{prov['command']}` at commit {prov['commit'] or 'unknown'} (version {prov['version']}) "
+             f"on {describe_machine(prov['machine'])}, {prov['date']}.", "",
              "| model | " + " | ".join(c.replace("capped_", "") for c in cols)
              + " | valid R@50 | examples/s | s to best | epochs (cap hit) | user tower p50 ms |",
              "|---|" + "---:|" * (len(cols) + 5)]
@@ -337,7 +341,9 @@ def _write(out: Path, cfg: Config, source: str, manifest: dict[str, Any], split,
               **{k: {"recall_curve": v["recall_curve"]} for k, v in variants.items()}}
     _plot(curves, out / "recall_curve.png", f"Retrieval report ({source})")
     lines += ["![recall@K](recall_curve.png)", ""]
-    (out / "report.json").write_text(json.dumps({"data": source, "snapshot_id": manifest["snapshot_id"],
+    (out / "report.json").write_text(json.dumps({"provenance": prov, "seconds": round(seconds, 1),
+                                                 "config": cfg.to_dict(),
+                                                 "data": source, "snapshot_id": manifest["snapshot_id"],
                                                  "users": split.n_users, "items": split.n_items,
                                                  "seeds": cfg.report.seeds, "pending_variants": pending,
                                                  "baselines": baselines,

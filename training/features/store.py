@@ -12,11 +12,15 @@ the environment or reloading modules. Training, publishing and the service all r
 from __future__ import annotations
 
 import copy
+import io
 import json
 import logging
 import os
+import re
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager, redirect_stdout
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -80,11 +84,11 @@ class Features:
         return FeatureStore(config=repo_config(self.cfg, self.busy_timeout))
 
     # --- definitions and the online store ----------------------------------------------------------------------
-    def apply(self) -> None:
+    def apply(self, level: int = logging.INFO) -> None:
         objects = definitions(self.cfg)
         self.store.apply(objects)
         self._services.clear()
-        log.info("feast apply: %d objects (%s)", len(objects), ", ".join(o.name for o in objects))
+        log.log(level, "feast apply: %d objects (%s)", len(objects), ", ".join(o.name for o in objects))
 
     def materialize(self, as_of: datetime, snapshot_id: str, lineage: dict[str, Any] | None = None) -> dict[str, Any]:
         """Bring the online store up to ``as_of`` (the data's clock, not the wall clock).
@@ -111,14 +115,16 @@ class Features:
             mode = "incremental"
             previous = datetime.fromisoformat(state["as_of"]) if "as_of" in state else None
             written = self._rows_between(previous + timedelta(seconds=1), end) if previous is not None else None
-            self.store.materialize_incremental(end_date=end)
+            with feast_console():
+                self.store.materialize_incremental(end_date=end)
             expired = self._expire(previous, as_of) if previous is not None else None
         else:
             mode = "full"
             self.store.teardown()
             self.store = self._open()   # the torn-down store's registry cache is gone with it
-            self.apply()
-            materialize_all(self.store, as_of)
+            self.apply(logging.DEBUG)   # the same definitions the stage has just applied
+            with feast_console():
+                materialize_all(self.store, as_of)
         seconds = time.perf_counter() - t0
         state = {"snapshot_id": snapshot_id, "as_of": as_of.isoformat(), "mode": mode, "seconds": round(seconds, 3),
                  "online_store": target, "lineage": lineage, "rows_written": written, "expired": expired}
@@ -203,6 +209,18 @@ class Features:
 
     def online_frame(self, service_name: str, key: str, ids) -> pd.DataFrame:
         return pd.DataFrame(self.online(service_name, key, ids))
+
+
+@contextmanager
+def feast_console() -> Iterator[None]:
+    """Feast's materialize prints a banner per view, in ANSI colours, to stdout; the stage logs one summary line
+    instead, and the banners go to the debug log (``retrieval -v``)."""
+    buffer = io.StringIO()
+    with redirect_stdout(buffer):
+        yield
+    text = re.sub(r"\x1b\[[0-9;]*m", "", buffer.getvalue()).strip()
+    if text:
+        log.debug("feast: %s", " ".join(text.split()))
 
 
 def materialize_all(store, as_of: datetime) -> None:

@@ -164,6 +164,7 @@ def export_user_tower(payload: dict[str, Any], model: TwoTower, collection: str)
     return {
         "format": USER_TOWER_FORMAT,
         "model_version": payload["model_version"],
+        "project_version": payload.get("project_version", ""),
         "collection": collection,
         "config": payload["config"],
         "encoder": payload["encoder"],

@@ -126,7 +126,8 @@ def publish(cfg: Config, checkpoint: Path | None = None, embeddings: PinEmbeddin
                else embeddings).validated(unit_norm)
         t_embed = time.perf_counter() - t0
         tag = tag_of(version)
-        meta = {"model_version": version, "user_tower": tag, "feature_services": services,
+        meta = {"model_version": version, "project_version": payload.get("project_version", ""),
+                "user_tower": tag, "feature_services": services,
                 "snapshot_id": payload["snapshot_id"], "created_at": datetime.now(UTC).isoformat(timespec="seconds")}
         try:
             with store.client(name) as client:
@@ -157,7 +158,8 @@ def publish(cfg: Config, checkpoint: Path | None = None, embeddings: PinEmbeddin
                        "publish_seconds": round(time.perf_counter() - t0, 3)},
                 created_at=meta["created_at"], interest_ids=list(payload["interest_ids"]),
                 example_user_id=int(example["user_id"].iloc[0]) if len(example) else None, modes=modes,
-                default_mode="multi" if "multi" in modes else "single", gate=dict(gate or {}))
+                default_mode="multi" if "multi" in modes else "single", gate=dict(gate or {}),
+                project_version=payload.get("project_version", ""))
             reg.save_record(release)
         except BaseException:
             store.drop(name)

@@ -62,6 +62,9 @@ class Release:
     """The mode a request gets when it names none: the best one measured for this model."""
     gate: dict[str, Any] = field(default_factory=dict)
     """How ``retrieval retrain`` validated it against the model live at the time (empty for a manual publish)."""
+    project_version: str = ""
+    """The project version (``training.__version__``) that trained the model ('' for a checkpoint written before
+    checkpoints recorded it)."""
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Release:
