@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run stop test bench lint clean install server-deps
+.PHONY: run stop test bench lint clean install server-deps docs docs-build docs-gen
 
 install: $(STAMP)
 
@@ -13,14 +13,15 @@ $(STAMP): pyproject.toml constraints.txt
 	@$(PYTHON) -c 'import sys; assert sys.version_info[:2] == (3, 11), f"Python 3.11 is required, found {sys.version.split()[0]} at {sys.executable}"'
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade "pip>=24"
-	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev]'
+	@# PYTHONWARNINGS: setuptools' build backend prints a boxed notice about editable installs that asks nothing of us
+	PYTHONWARNINGS=ignore::UserWarning $(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev,docs]'
 	$(BIN)/python -m pip check
 	@touch $@
 
 # The server tier's Python packages (a Milvus server run from Python, Feast's Redis client); redis-server is a
 # system package (`apt-get install redis-server`). `make test` runs the tier when both are present, else skips it.
 server-deps: $(STAMP)
-	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev,server]'
+	PYTHONWARNINGS=ignore::UserWarning $(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev,docs,server]'
 	$(BIN)/python -m pip check
 
 # The main job on the embedded synthetic data: generate → contracts → dbt → Feast apply/materialize → training set
@@ -35,13 +36,31 @@ stop: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -m "not bench" -q --durations=10
 
+# Every benchmark the documentation renders (docs/results/*.json), one after another; then `make docs-gen`.
+# About two hours on 2 cores; each script runs alone too (docs/how-to/run-benchmarks.md).
 bench: $(STAMP)
-	$(BIN)/python bench/bench_data.py
-	$(BIN)/python bench/bench_baselines.py
+	$(BIN)/python bench/bench_model.py --dataset synthetic
+	$(BIN)/python bench/bench_model.py --dataset ml100k
+	$(BIN)/python bench/bench_data.py --events 2000000 --users 40000 --pins 20000 --data-dir .data/bench_data_2m \
+	  --out docs/results/data-2m.json
+	$(BIN)/python bench/bench_data.py --data-dir .data/bench_data_10m --out docs/results/data-10m.json
 	$(BIN)/python bench/bench_index.py
+	$(BIN)/retrieval run
 	$(BIN)/python bench/bench_service.py
+	$(BIN)/python bench/bench_retrain.py
+	$(MAKE) docs-gen
 
-# The retrieval service as a bento in $(DATA)/bentoml (containerize: see README "Ship it as a container").
+# The documentation site (mkdocs.yml, docs/): served with live reload, built strictly, generated pages rewritten.
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs serve --dev-addr 127.0.0.1:8000
+
+docs-build: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
+
+docs-gen: $(STAMP)
+	$(BIN)/python docs/generate.py
+
+# The retrieval service as a bento in $(DATA)/bentoml (containerize: docs/how-to/container.md).
 # BentoML 1.4 looks up a `uv` even with lock_packages: false and pip-installs one into the venv when none is on
 # PATH; a stub that fails instead keeps .venv as installed (it is never called unless locking is turned on).
 DATA ?= .data
@@ -54,13 +73,13 @@ bento: $(STAMP)
 	fi && \
 	PATH="$$stub:$$PATH" BENTOML_HOME=$(DATA)/bentoml $(BIN)/bentoml build -f bentos/bentofile.yaml .
 
-# The bento's image built and run for real (bentos/CONTAINER.md): docker build, run with a copy of $(CT_DATA) at /data,
-# /readyz, a learned and a cold-start request, non-root, stop. Not part of `make test`: needs Docker and the network.
-# CT_DATA is made by `retrieval run --data_dir $(CT_DATA)` when it holds no release.
-CT_DATA ?= $(DATA)/container-test
+# The bento's image built and run for real (docs/how-to/container.md): docker build, run with a copy of a data dir at
+# /data, /readyz, a learned and a cold-start request, non-root, stop. Not part of `make test`: needs Docker and the
+# network. It serves a copy of the release `make run` left in .data; without one (or CT_DATA=DIR without one) it first
+# runs the whole pipeline into .data/container-test (several minutes).
 .PHONY: container-test
 container-test: bento
-	BENTOML_HOME=$(DATA)/bentoml CT_DATA=$(CT_DATA) BIN=$(BIN) bash bentos/container_test.sh
+	BENTOML_HOME=$(DATA)/bentoml BIN=$(BIN) bash bentos/container_test.sh
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

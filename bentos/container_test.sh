@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# `make container-test`: the bento's image built and run for real (bentos/CONTAINER.md).
+# `make container-test`: the bento's image built and run for real (docs/how-to/container.md).
 #
 #   1. `make bento` has built the bento; its generated Dockerfile (env/docker/Dockerfile) is built with
 #      `docker build`, in a copy of the bento directory (the build context `bentoml containerize` uses);
@@ -22,7 +22,8 @@
 #     host's network).
 # None of it is in the bento, the bentofile or the requirements.
 #
-# Environment: CT_DATA (data dir with a live release; made with `retrieval run --data_dir` when it has none),
+# Environment: CT_DATA (the data dir to serve; default: .data when `make run` left a live release there, else
+# .data/container-test, where `retrieval run` makes one first: a whole pipeline run, several minutes),
 # BENTOML_HOME (where `make bento` put the bento), BASE_IMAGE, CT_IMAGE (tag of the built image),
 # CT_BUILD_ARGS (more `docker build` arguments, e.g. --no-cache), CT_READY_SECONDS (default 300),
 # CT_KEEP=1 (keep the container and the data copy for a look).
@@ -32,7 +33,16 @@ started=$(date +%s)
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 BIN=${BIN:-$REPO/.venv/bin}
 : "${BENTOML_HOME:?BENTOML_HOME: the bento store of make bento}"
-: "${CT_DATA:?CT_DATA: the data dir to serve}"
+live_in() { python3 -c 'import json, sys; print(json.load(open(sys.argv[1])).get("live") or "")' \
+  "$1/releases/registry.json" 2>/dev/null || true; }
+if [[ -z ${CT_DATA:-} ]]; then
+  if [[ -n $(live_in "$REPO/.data") ]]; then
+    CT_DATA=$REPO/.data
+    say "serving a copy of the release make run left in .data ($(live_in "$CT_DATA"); CT_DATA=DIR serves another)"
+  else
+    CT_DATA=$REPO/.data/container-test
+  fi
+fi
 mkdir -p "$CT_DATA" && CT_DATA=$(cd "$CT_DATA" && pwd)
 STANDIN_IMAGE=${STANDIN_IMAGE:-retrieval-ct/debian-bookworm-python:3.11}
 CT_BUILD_NETWORK=${CT_BUILD_NETWORK:-host}
@@ -143,16 +153,20 @@ user=$(docker image inspect --format '{{.Config.User}}' "$image")
 [[ -n $user && $user != root && $user != 0 ]] || die "the image runs as '${user:-root}', not as a non-root user"
 
 # --- data --------------------------------------------------------------------------------------------------------
-live() { python3 -c 'import json, sys; print(json.load(open(sys.argv[1])).get("live") or "")' \
-  "$CT_DATA/releases/registry.json" 2>/dev/null || true; }
+live() { live_in "$CT_DATA"; }
 if [[ -z $(live) ]]; then
-  say "no release in $CT_DATA: making one (retrieval run --data_dir $CT_DATA, a few minutes)"
+  say "no release in $CT_DATA: making one with the whole pipeline (retrieval run --data_dir $CT_DATA: generate, " \
+      "build, features, train, publish; several minutes; \`make run\` first to reuse its release instead)"
   # its user towers go to the data dir's own model store ($CT_DATA/bentoml), not to the bento store of make bento
   BENTOML_HOME="$CT_DATA/bentoml" "$BIN/retrieval" run --data_dir "$CT_DATA"
   [[ -n $(live) ]] || die "retrieval run published no live release in $CT_DATA"
 fi
-cp -a "$CT_DATA" "$work/data"
-rm -f "$work/data/serve.pid" "$work/data/serve.log"   # a host service's, if one ran on it
+# a copy of what the service reads: releases, user towers, snapshots (cold start), Feast, Milvus; not the raw data,
+# the training set, checkpoints, reports or benchmark folders (nor a host service's pid and log)
+mkdir "$work/data"
+tar -C "$CT_DATA" --exclude=./raw --exclude=./training --exclude=./models --exclude=./pretrained --exclude=./reports \
+  --exclude='./bench*' --exclude=./container-test --exclude=./dbt --exclude=./dev --exclude=./site --exclude=./stack \
+  --exclude=./serve.pid --exclude='./serve.log*' -cf - . | tar -C "$work/data" -xf -
 run_as=()
 if [[ $(id -u) == 0 ]]; then
   uid=$(docker run --rm --entrypoint id "$image" -u)
@@ -165,7 +179,7 @@ fi
 say "docker run $image with $CT_DATA (a copy) at /data"
 run_start=$(date +%s)
 # BENTOML_HOME: the image has BentoML's /home/bentoml/, the model store of the data dir is /data/bentoml
-# (bentos/bentofile.yaml, envs); a run names it, as bentos/CONTAINER.md tells users to
+# (bentos/bentofile.yaml, envs); a run names it, as docs/how-to/container.md tells users to
 docker run -d --name "$container" "${run_as[@]}" -p 127.0.0.1::3000 -e BENTOML_HOME=/data/bentoml \
   -v "$work/data:/data" "$image" >/dev/null
 url="http://$(docker port "$container" 3000/tcp | head -1)"

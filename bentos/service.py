@@ -1,7 +1,7 @@
 """The retrieval HTTP service (BentoML): user id -> candidate pins from the live release.
 
     POST /retrieve   {"user_id": 42, "k": 100, "interests": [3, 7], "exclude_seen": true}
-    GET  /healthz    liveness (always answers, also under load)
+    GET  /healthz    liveness (always answers, also under load); GET /livez the same
     GET  /readyz     200 with the loaded release when it and the online store answer, else 503 with the reason
     GET  /metadata   the loaded release, limits and config;   GET /metrics   Prometheus, bounded labels
     OpenAPI: GET /docs.json, Swagger UI at /
@@ -96,7 +96,7 @@ def error(status: int, message: str, field: str | None = None, details: list | N
     return JSONResponse({"error": message, "field": field, "details": details}, status_code=status, headers=headers)
 
 
-OPS_PATHS = frozenset({"/healthz", "/readyz", "/metadata", "/metrics"})
+OPS_PATHS = frozenset({"/healthz", "/livez", "/readyz", "/metadata", "/metrics"})
 ROUTES = frozenset({"/retrieve", "/docs.json", "/", "/docs", *OPS_PATHS})
 """Paths the service answers; anything else is 404 and counted as 'unmatched' (bounded metric labels)."""
 
@@ -228,8 +228,13 @@ def _reshape_400(raw: bytes) -> bytes:
 ops = FastAPI(title="retrieval ops")
 
 
-@ops.get("/healthz", summary="Liveness")
+@ops.get("/healthz", summary="Liveness: 200 while the process runs (also under load)")
 def healthz() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@ops.get("/livez", summary="Liveness, as Kubernetes names it: the same answer as /healthz")
+def livez() -> dict[str, str]:
     return {"status": "ok"}
 
 
@@ -274,7 +279,7 @@ API_DESCRIPTION = (
     "Candidate pins for a user from the live release: the user's online features (Feast) through the release's "
     "user tower, searched in the release's Milvus collection (learned), or the release's serving corpus by decayed "
     "engagement for a user with no history (cold start). Every error has one body, ErrorBody.")
-"""The OpenAPI document's description (BentoML's default is its own README, which names the bento's tag)."""
+"""The OpenAPI document's description (BentoML's default is its own readme text, which names the bento's tag)."""
 
 
 def _schema(model: type[BaseModel], schemas: dict[str, Any]) -> dict[str, Any]:
@@ -292,6 +297,10 @@ def document_errors(spec: dict[str, Any]) -> dict[str, Any]:
     schemas = spec.setdefault("components", {}).setdefault("schemas", {})
     schemas["ErrorBody"] = ErrorBody.model_json_schema()
     ref = {"$ref": "#/components/schemas/ErrorBody"}
+    metrics = spec.get("paths", {}).get("/metrics", {}).get("get")
+    if metrics is not None:   # Prometheus text, not JSON
+        metrics["responses"] = {"200": {"description": "Prometheus text exposition format",
+                                        "content": {"text/plain": {"schema": {"type": "string"}}}}}
     post = spec.get("paths", {}).get("/retrieve", {}).get("post")
     if post is not None:
         responses = post.setdefault("responses", {})

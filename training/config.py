@@ -199,7 +199,7 @@ class FeatureConfig:
     """Point-in-time joins (training set, evaluation) call Feast's offline store with at most this many entity
     rows at a time, in time order. Its DuckDB join holds every feature row at or before each entity row (within
     the TTL) before keeping the newest, so one call over 748k labels spilled more than 45 GB to disk and failed;
-    25,000 rows peaked at 5 GB there (``bench``: see the README's scale-up figures)."""
+    25,000 rows peaked at 5 GB there (the experiment log, docs/experiment-log.md)."""
 
     def __post_init__(self) -> None:
         _check(self.online_store in ("sqlite", "redis"), "features.online_store", "must be 'sqlite' or 'redis'")
@@ -235,7 +235,7 @@ class IndexConfig:
     """HNSW search breadth (also raised by publish when verification needs it)."""
     partition_key: bool = True
     """Milvus server: the interest id is the collection's partition key, so a search filtered to a few interests
-    visits their partitions' own HNSW graphs. On 1M pins (bench/bench_service.py, README "Scale out") it is the
+    visits their partitions' own HNSW graphs. On 1M pins (bench/bench_service.py; docs/experiment-log.md) it is the
     only layout measured that passes publish's recall gate: without it unfiltered recall@100 was 0.939 at ef 1024;
     with 8 partitions filtered recall was 0.916. It costs unfiltered searches, which visit every partition.
     milvus-lite has no partitions and ignores it."""

@@ -129,8 +129,19 @@ def run_all(cfg: Config, regenerate: bool = True, data_only: bool = False) -> di
         results[name] = fn(cfg)
         seconds[name] = round(time.perf_counter() - t0, 2)
         log.info("stage %s done in %.1fs", name, seconds[name])
-    return {"seconds": seconds, "model_version": results["publish"]["live"],
-            "test": {k: round(v, 4) for k, v in results["train"]["test"].items() if k.startswith("capped_recall")}}
+    test = {k: round(v, 4) for k, v in results["train"]["test"].items() if k.startswith("capped_recall")}
+    out = {"seconds": seconds, "model_version": results["publish"]["live"], "test": test}
+    from training.evaluation.report import published_reference
+
+    reference = published_reference(cfg, snapshot.load_live(cfg).id)
+    if reference is not None:
+        out["reference"] = reference
+        log.info("test capped_recall@10 %.4f, @50 %.4f (one seed); the published report of this data and config: "
+                 "%.4f ± %.4f and %.4f ± %.4f over %d seeds (%s): %s", test["capped_recall@10"],
+                 test["capped_recall@50"], reference["capped_recall@10"]["mean"], reference["capped_recall@10"]["std"],
+                 reference["capped_recall@50"]["mean"], reference["capped_recall@50"]["std"], reference["seeds"],
+                 reference["measured"], reference["page"])
+    return out
 
 
 def pretrain(cfg: Config) -> dict[str, Any]:

@@ -6,7 +6,7 @@ tier, under ``<data_dir>/stack``, and the config that points the project at them
 - Redis: ``redis-server`` from the system (Debian: ``apt-get install redis-server``), no persistence.
 
 Both listen on free loopback ports; ``<data_dir>/stack/stack.json`` records ports and pids. In a real deployment
-these are the Milvus and Redis of the cluster (README "Scale out"); nothing here is used by the service itself.
+these are the Milvus and Redis of the cluster (docs/how-to/scale-out.md); nothing here is used by the service itself.
 """
 
 from __future__ import annotations

@@ -235,7 +235,7 @@ def choose_blend(model: TwoTower, scorer: TwoTowerScorer, split: Split, k: int) 
     The best weight is kept only when its gain over the learned towers alone (weight 0) is above one standard
     error of the per-user differences (paired, on the same validation users), the gain measured on users the
     choice of weight did not see (``gated_best``): a gain within the noise of the validation users is no reason to
-    leave the trained model, and a blend chosen on such a gain did not hold on test (README, Measured figures)."""
+    leave the trained model, and a blend chosen on such a gain did not hold on test (docs/experiment-log.md)."""
     for tower in (model.user_tower, model.pin_tower):
         tower.set_blend(1.0, 1.0)
     scorer.prepare("valid")

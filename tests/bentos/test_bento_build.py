@@ -156,7 +156,7 @@ def test_requirements_supply_chain():
     found = hashes(text)
     assert found.pop("torch") == [[]], "torch: no hash (its CPU index is not reachable where this file is made)"
     unhashed = sorted(name for name, lists in found.items() if not all(lists))
-    assert not unhashed, f"add their --hash lines (bentos/CONTAINER.md): {unhashed}"
+    assert not unhashed, f"add their --hash lines (docs/how-to/container.md): {unhashed}"
     assert all(len(set(h)) == len(h) for lists in found.values() for h in lists), "a hash listed twice"
 
 
@@ -257,7 +257,7 @@ def test_dockerfile(bento):
             env[m[1]] = (env[m[1]] if m[1] in env else args.get(m[1], "")) if m[2] == f"${m[1]}" else m[2]
     assert env["RETRIEVAL_DATA_DIR"] == "/data"
     # BentoML's own, which an `envs` entry can't override (bentos/bentofile.yaml): a run passes
-    # `-e BENTOML_HOME=/data/bentoml` (bentos/CONTAINER.md, bentos/container_test.sh)
+    # `-e BENTOML_HOME=/data/bentoml` (docs/how-to/container.md, bentos/container_test.sh)
     assert env["BENTOML_HOME"] == "/home/bentoml/"
     assert not [name for name in env if name.startswith(("UV_INDEX", "UV_EXTRA", "PIP_"))], "no index config"
     assert "--mount=type=secret" not in bento["dockerfile"], "a plain `docker build` must work too"

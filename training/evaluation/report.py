@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from training.config import Config
+from training.config import REPO_ROOT, Config
 from training.data.snapshot import load_live, raw_dir
 from training.evaluation.harness import evaluate
 from training.evaluation.split import load_split
@@ -89,6 +89,39 @@ VARIANT_GROUPS: dict[str, list[tuple[str, dict[str, Any]]]] = {
 'modes' every row of the report also gets the tables of ``training.evaluation.modes`` (single vs multi,
 diversity, first k embeddings, by number of dominant interests, per-interest and conditioned recall)."""
 HEADLINE = ("capped_recall@10", "capped_recall@50", "capped_recall@100", "recall@50", "ndcg@10", "coverage@50")
+
+
+PUBLISHED = REPO_ROOT / "docs" / "results"
+"""Where the documentation's model reports live (``bench/bench_model.py`` writes ``model-<dataset>.json``)."""
+
+
+def published_reference(cfg: Config, snapshot_id: str) -> dict[str, Any] | None:
+    """The published report (docs/results/model-*.json) of this very data (same snapshot id, which hashes the
+    inputs and the transform config) and model config (seeds and threads aside), as {metric: mean, std, min, max
+    over its seeds} of the default row, with the page that shows it; None when no published report matches."""
+    ignore = {"train": {"seed", "threads"}, "pretrain": {"seed"}}
+    for path in sorted(PUBLISHED.glob("model-*.json")):
+        try:
+            doc = json.loads(path.read_text())
+            if doc.get("snapshot_id") != snapshot_id:
+                continue
+            same = all({k: v for k, v in doc["config"][section].items() if k not in skip}
+                       == {k: v for k, v in json.loads(json.dumps(getattr(cfg, section).__dict__)).items()
+                           if k not in skip} for section, skip in ignore.items())
+            if not same:
+                continue
+            runs = doc["two_tower"][doc["verdict"]["default"]]["runs"]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        figures = {}
+        for metric in ("capped_recall@10", "capped_recall@50"):
+            values = np.array([r[metric] for r in runs], dtype=float)
+            figures[metric] = {"mean": round(float(values.mean()), 4),
+                               "std": round(float(values.std(ddof=1)) if len(values) > 1 else 0.0, 4),
+                               "min": round(float(values.min()), 4), "max": round(float(values.max()), 4)}
+        return {"seeds": len(runs), **figures, "page": "docs/benchmarks/model.md",
+                "measured": f"{doc['provenance']['commit']} on {doc['provenance']['date'][:10]}"}
+    return None
 
 
 def _baselines():
