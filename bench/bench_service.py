@@ -334,9 +334,9 @@ def main() -> None:
             "online_store": cfg.features.online_store}
     save_and_print(args.out, meta, rows,
                    ["pins", "mode", "concurrency", "requests", "errors", "req/s", "p50 ms", "p99 ms",
-                    "shed 503 (p50 / p99 ms)"],
+                    "shed 503 (p50 / p99 ms)", "in the server p50 ms"],
                    lambda r: [f"{r['pins']:,}", r["mode"], str(r.get("concurrency", "")), str(r.get("requests", "")),
-                              str(r.get("errors", "")), f"{r.get('rps', 0):.0f}", f"{r['p50_ms']:.1f}",
+                              str(r.get("errors", "")), f"{r['rps']:.0f}" if r.get("rps") else "", f"{r['p50_ms']:.1f}",
                               f"{r['p99_ms']:.1f}",
                               f"{r['shed_503']} ({r['shed_p50_ms']:.1f} / {r['shed_p99_ms']:.1f})" if "shed_503" in r
                               else "", " / ".join(f"{v:.1f}" for v in r.get("server_p50_ms", {}).values())])

@@ -101,13 +101,42 @@ def port_taken(host: str, port: int) -> bool:
         return s.connect_ex((host, port)) == 0
 
 
+def _recorded_pids(cfg: Config) -> list[int]:
+    """The live processes of the service ``start`` left running for this data dir (leader and workers)."""
+    pid_file, _ = _paths(cfg)
+    try:
+        recorded = json.loads(pid_file.read_text())
+        pids = [int(recorded["pid"]), *map(int, recorded.get("descendants", []))]
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
+    return _alive(pids)
+
+
+def _held_by(pids: list[int], port: int) -> bool:
+    """True when one of ``pids`` listens on ``port``."""
+    import psutil
+
+    for pid in pids:
+        try:
+            conns = psutil.Process(pid).net_connections(kind="inet")
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+        if any(c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port for c in conns):
+            return True
+    return False
+
+
 def start(cfg: Config, timeout_s: float = 180.0) -> dict[str, Any]:
-    """Start the service in the background and return once it is ready (stopping the one this data dir started
-    before). Refuses, naming the port, when another process already listens there."""
+    """Start the service in the background and return once it is ready, replacing the one this data dir started
+    before (an embedded Milvus database opens in one process only). Refuses, naming the port, when another process
+    listens there, and then leaves the running service as it was: nothing is stopped unless the new one can bind."""
+    if port_taken(cfg.serve.host, cfg.serve.port) and not _held_by(_recorded_pids(cfg), cfg.serve.port):
+        raise RuntimeError(f"{cfg.serve.host}:{cfg.serve.port} is already in use by another process: stop it, or "
+                           "choose another --serve.port (the service of this data dir, if any, still runs)")
     stop(cfg)
     if port_taken(cfg.serve.host, cfg.serve.port):
-        raise RuntimeError(f"{cfg.serve.host}:{cfg.serve.port} is already in use by another process: stop it, or "
-                           "choose another --serve.port")
+        raise RuntimeError(f"{cfg.serve.host}:{cfg.serve.port} is still in use after stopping this data dir's "
+                           "service: choose another --serve.port")
     cmd, env = command(cfg)
     pid_file, log_file = _paths(cfg)
     piped = [sys.executable, "-m", "bentos.logpipe", str(log_file), str(LOG_MAX_BYTES), str(LOG_BACKUPS), "--", *cmd]

@@ -91,14 +91,16 @@ class ErrorBody(BaseModel):
 
 
 def error(status: int, message: str, field: str | None = None, details: list | None = None,
-          retry_after: int | None = None) -> JSONResponse:
-    headers = {"Retry-After": str(retry_after)} if retry_after else None
+          retry_after: int | None = None, headers: dict[str, str] | None = None) -> JSONResponse:
+    headers = {**({"Retry-After": str(retry_after)} if retry_after else {}), **(headers or {})} or None
     return JSONResponse({"error": message, "field": field, "details": details}, status_code=status, headers=headers)
 
 
 OPS_PATHS = frozenset({"/healthz", "/livez", "/readyz", "/metadata", "/metrics"})
 ROUTES = frozenset({"/retrieve", "/docs.json", "/", "/docs", *OPS_PATHS})
 """Paths the service answers; anything else is 404 and counted as 'unmatched' (bounded metric labels)."""
+METHODS = {"/retrieve": ("POST",)}
+"""The methods of each route (the others: GET); any other method is a 405 naming them in ``Allow``."""
 
 
 class RequestGuard:
@@ -134,6 +136,10 @@ class RequestGuard:
         try:
             if route == "unmatched":
                 return await error(404, f"no such endpoint: {method} {path}", "path")(scope, receive, counted_send)
+            allowed = METHODS.get(path, ("GET",))
+            if method not in allowed:
+                return await error(405, f"{method} is not allowed on {path}: use {', '.join(allowed)}", "method",
+                                   headers={"Allow": ", ".join(allowed)})(scope, receive, counted_send)
             if path != "/retrieve" or method != "POST":
                 return await self.app(scope, receive, counted_send)
             if self.in_flight >= self.max_in_flight:
@@ -150,6 +156,10 @@ class RequestGuard:
     async def _guarded(self, scope, receive, send):
         too_big = error(413, f"request body is larger than {self.max_bytes} bytes", "body")
         headers = dict(scope.get("headers", []))
+        encoding = headers.get(b"content-encoding", b"").strip().lower()
+        if encoding not in (b"", b"identity"):
+            return await error(415, f"Content-Encoding {encoding.decode(errors='replace')} is not supported: send the "
+                                    "JSON body uncompressed", "content-encoding")(scope, receive, send)
         kind = headers.get(b"content-type", b"").split(b";")[0].strip().lower()
         if kind not in (b"", b"application/json"):
             return await error(415, f"send the body as JSON with Content-Type: application/json, not "
@@ -185,21 +195,33 @@ class RequestGuard:
         response: dict[str, Any] = {}
 
         async def reshaping_send(message):
-            # BentoML answers its own validation errors with {"error": ..., "detail": [...]}: one shape everywhere
-            if message["type"] == "http.response.start" and message["status"] == 400:
+            # BentoML answers its own validation errors with {"error": ..., "detail": [...]} and its timeout with
+            # {"error": ...}: one shape everywhere
+            if message["type"] == "http.response.start" and message["status"] in RESHAPED:
                 response["start"] = message
                 return None
             if "start" in response and message["type"] == "http.response.body":
                 response["body"] = response.get("body", b"") + message.get("body", b"")
                 if message.get("more_body"):
                     return None
-                reshaped = _reshape_400(response["body"])
+                reshaped = RESHAPED[response["start"]["status"]](response["body"])
                 await send({**response["start"], "headers": [(b"content-type", b"application/json"),
                                                              (b"content-length", str(len(reshaped)).encode())]})
                 return await send({"type": "http.response.body", "body": reshaped})
             return await send(message)
 
         await self.app(scope, replay, reshaping_send)
+
+
+def _reshape_504(raw: bytes) -> bytes:
+    import json
+
+    try:
+        message = json.loads(raw or b"{}").get("error")
+    except (ValueError, AttributeError):
+        message = None
+    return json.dumps({"error": f"timeout: {message or 'the request took too long'} (serve.request_seconds)",
+                       "field": None, "details": None}).encode()
 
 
 def _reshape_400(raw: bytes) -> bytes:
@@ -224,6 +246,9 @@ def _reshape_400(raw: bytes) -> bytes:
         return json.dumps({"error": f"body: not a JSON object ({message})", "field": "body", "details": None}).encode()
     return json.dumps({"error": message, "field": "body", "details": None}).encode()
 
+
+RESHAPED = {400: _reshape_400, 504: _reshape_504}
+"""Statuses BentoML answers with bodies of its own, and how each becomes the service's error body."""
 
 ops = FastAPI(title="retrieval ops")
 
@@ -268,10 +293,12 @@ def metrics() -> Response:
 ERROR_RESPONSES = {
     "400": "a request field is missing, mistyped or out of range (`field` names it)",
     "404": "no such endpoint",
+    "405": "the method is not allowed on this path (the Allow header names the one that is)",
     "408": "the request body did not arrive in time",
     "413": "the request body is too large",
-    "415": "the request body is not JSON",
+    "415": "the request body is not JSON, or is compressed (Content-Encoding)",
     "503": "no release is live, a store does not answer, or the service is shedding load (see Retry-After)",
+    "504": "the request took longer than serve.request_seconds",
 }
 
 

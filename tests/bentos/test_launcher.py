@@ -63,3 +63,30 @@ def test_wait_ready_gives_up_on_a_dead_process_or_the_deadline():
 
 def test_stop_without_a_service_is_a_no_op(tmp_path):
     assert stop(Config(data_dir=str(tmp_path))) == {"stopped": None}
+
+
+def test_a_refused_start_leaves_the_running_service_alone(tmp_path):
+    """`start` on a port another process holds is refused before anything is stopped: the data dir's running
+    service (here a stand-in process recorded in serve.pid) keeps running."""
+    import json
+    import socket
+
+    from bentos.launcher import start
+
+    running = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    other = socket.socket()
+    other.bind(("127.0.0.1", 0))
+    other.listen()
+    port = other.getsockname()[1]
+    cfg = Config(data_dir=str(tmp_path))
+    cfg = dataclasses.replace(cfg, serve=dataclasses.replace(cfg.serve, port=port))
+    (tmp_path / "serve.pid").write_text(json.dumps({"pid": running.pid, "descendants": []}))
+    try:
+        with pytest.raises(RuntimeError, match=f"{port} is already in use by another process"):
+            start(cfg, timeout_s=5)
+        assert running.poll() is None, "the running service was stopped by a start that could not bind"
+        assert (tmp_path / "serve.pid").exists()
+    finally:
+        other.close()
+        running.kill()
+        running.wait()

@@ -107,7 +107,17 @@ class TestInProcess:
         form = {"content-type": "application/x-www-form-urlencoded"}
         r = client.post("/retrieve", content=b"user_id=1", headers=form)
         assert r.status_code == 415 and r.json()["field"] == "content-type"
-        assert client.get("/retrieve").status_code == 405
+        gzipped = {"content-type": "application/json", "content-encoding": "gzip"}
+        r = client.post("/retrieve", content=b'{"user_id": 1}', headers=gzipped)
+        assert r.status_code == 415 and r.json()["field"] == "content-encoding"
+
+    def test_a_wrong_method_is_a_405_in_the_error_shape_naming_the_allowed_one(self, client):
+        for method, path, allowed in (("GET", "/retrieve", "POST"), ("POST", "/healthz", "GET"),
+                                      ("DELETE", "/metadata", "GET"), ("PUT", "/docs.json", "GET")):
+            r = client.request(method, path)
+            assert r.status_code == 405, (method, path, r.status_code)
+            assert r.headers["allow"] == allowed
+            assert set(r.json()) == {"error", "field", "details"} and r.json()["field"] == "method"
 
     def test_ops_endpoints_and_openapi(self, client, checkpoints):
         assert client.get("/healthz").json() == {"status": "ok"}
@@ -115,6 +125,10 @@ class TestInProcess:
         assert ready.status_code == 200 and ready.json()["release"]["model_version"] == version_of(checkpoints[0])
         meta = client.get("/metadata").json()
         assert meta["limits"]["max_k"] == 1000 and meta["release"]["user_tower"].startswith("user_tower:")
+        from training import __version__
+
+        assert meta["version"] == __version__ and meta["release"]["project_version"] == __version__
+        assert client.get("/docs.json").json()["info"]["version"] == __version__
         paths = client.get("/docs.json").json()["paths"]
         assert {"/retrieve", "/healthz", "/readyz", "/metadata"} <= set(paths)
         schema = str(paths["/retrieve"])
