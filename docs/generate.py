@@ -560,6 +560,19 @@ def _default(doc: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     return label, doc["two_tower"][label]
 
 
+def verdict_lines(doc: dict[str, Any]) -> list[str]:
+    """The report's verdict, from its figures: the default and the best config by validation against the best
+    baseline of each metric."""
+    v = doc["verdict"]
+    out = []
+    for label, metrics in v["metrics"].items():
+        tag = "default config" if label == v["default"] else "best config by validation"
+        parts = [f"{metric} {m['mean']:.3f} ± {m['std']:.3f} {'**wins** over' if m['wins'] else 'does **not** beat'} "
+                 f"{m['best_baseline']} {m['baseline']:.3f}" for metric, m in metrics.items()]
+        out.append(f"{tag} ({label}): " + "; ".join(parts))
+    return out
+
+
 def model_table(doc: dict[str, Any]) -> str:
     head = ["model", *MODEL_COLUMNS, "valid recall@50", "s to best", "epochs (best / run)",
             "user tower p50 ms"]
@@ -589,7 +602,7 @@ def model_section(name: str) -> str:
             "train + validation. The best configuration is chosen by validation, never by test.", "",
             model_table(doc), "", "**Verdict** (a model wins only when its mean − std is above the best baseline):",
             ""]
-    out += [f"- {line}" for line in doc["verdict"]["lines"]]
+    out += [f"- {line}" for line in verdict_lines(doc)]
     out += ["", f"Per seed ({label}):", "",
             table(["seed", "capped_recall@10", "capped_recall@50", "valid recall@50", "best epoch",
                    "s to best", "blend weight", "popularity prior"],

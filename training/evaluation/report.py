@@ -318,7 +318,7 @@ def _verdict(variants: dict[str, dict[str, Any]], baselines: dict[str, dict[str,
             out["metrics"].setdefault(label, {})[metric] = {"mean": v["mean"][metric], "std": v["std"][metric],
                                                             "best_baseline": top, "baseline": real[top][metric],
                                                             "wins": won}
-            parts.append(f"{metric.replace('capped_', '')} {v['mean'][metric]:.3f} ± {v['std'][metric]:.3f} "
+            parts.append(f"{metric} {v['mean'][metric]:.3f} ± {v['std'][metric]:.3f} "
                          f"{'WINS over' if won else 'does NOT beat'} {top} {real[top][metric]:.3f}")
         tag = "default config" if label == default else "best config by validation"
         lines.append(f"{tag} ({label}): " + "; ".join(parts))

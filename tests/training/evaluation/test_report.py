@@ -80,3 +80,25 @@ def test_an_overlapping_table_ablation_is_not_a_candidate_for_the_best_config():
     # the overlapping table breaks the non-overlap rule that every usable config keeps: an ablation, never a pick
     assert v["best_by_validation"] == "default" and v["ablation_only"] == ["overlapping"]
     assert v["not_compared_by_validation"] == []
+
+
+def test_a_run_finds_the_published_report_of_its_own_data_and_config(tmp_path, monkeypatch):
+    """`retrieval run` prints the published mean ± std next to its one-seed test figures, but only for the same
+    snapshot (data and transform config) and the same model config (seeds and threads aside)."""
+    import json
+
+    from training.config import Config
+    from training.evaluation import report as report_module
+
+    cfg = Config()
+    runs = [{"capped_recall@10": a, "capped_recall@50": b} for a, b in ((0.18, 0.38), (0.19, 0.39), (0.20, 0.40))]
+    doc = {"snapshot_id": "abc", "config": {**cfg.to_dict(), "train": {**cfg.to_dict()["train"], "seed": 2}},
+           "verdict": {"default": "d"}, "two_tower": {"d": {"runs": runs}},
+           "provenance": {"commit": "1234567", "date": "2026-12-06T00:00:00+00:00"}}
+    (tmp_path / "model-synthetic.json").write_text(json.dumps(doc))
+    monkeypatch.setattr(report_module, "PUBLISHED", tmp_path)
+    ref = report_module.published_reference(cfg, "abc")
+    assert ref["seeds"] == 3 and ref["capped_recall@50"] == {"mean": 0.39, "std": 0.01, "min": 0.38, "max": 0.4}
+    assert report_module.published_reference(cfg, "other snapshot") is None
+    cfg.train.lr = cfg.train.lr * 2
+    assert report_module.published_reference(cfg, "abc") is None
