@@ -34,6 +34,7 @@ from fastapi import FastAPI
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.responses import JSONResponse, Response
 
+from bentos import http_limits
 from bentos.observability import METRICS, RateLimitedLog, quiet_client_errors
 from bentos.retriever import NotReady, RetrievalError, Retriever, StoreUnavailable
 from training import __version__
@@ -45,6 +46,7 @@ fault_log = RateLimitedLog(log)
 CONFIG = Config.load()
 SERVE = CONFIG.serve
 INT64 = 2**63
+http_limits.install(SERVE.max_header_bytes, SERVE.header_seconds)   # before uvicorn loads its config
 
 
 class RetrieveRequest(BaseModel):

@@ -279,6 +279,12 @@ class ServeConfig:
     """Most interest ids one request may filter on."""
     max_body_bytes: int = 16_384
     """Larger request bodies get 413."""
+    max_header_bytes: int = 16_384
+    """A request whose header block (request line and headers) is larger gets 431 and its connection is closed, as
+    soon as that much has been read (bentos/http_limits.py)."""
+    header_seconds: float = 5.0
+    """A connection that has not sent a request's complete header block this long after it opened (or after the
+    request's first byte, on a kept-alive connection) gets 408 and is closed."""
     poll_seconds: float = 1.0
     """How often the service checks the registry for a new live release."""
     threads: int = 8
@@ -298,7 +304,8 @@ class ServeConfig:
     """Longest wait on the online store (e.g. a locked SQLite file) before a request gets 503."""
 
     def __post_init__(self) -> None:
-        _positive(self, "serve", "port", "max_k", "max_interests", "max_body_bytes", "threads", "workers",
+        _positive(self, "serve", "port", "max_k", "max_interests", "max_body_bytes", "max_header_bytes",
+                  "header_seconds", "threads", "workers",
                   "max_in_flight", "max_batch", "body_seconds", "request_seconds", "store_timeout_seconds")
         _check(self.poll_seconds > 0, "serve.poll_seconds", "must be > 0")
 

@@ -135,6 +135,28 @@ class TestInProcess:
         assert "RetrieveRequest" in schema or "user_id" in str(client.get("/docs.json").json()["components"])
 
 
+def test_the_real_server_refuses_an_oversized_header_block_at_once(server):
+    """`bentoml serve`'s workers run uvicorn with the header limits (bentos/http_limits.py): a 1 MiB header is a 431
+    before it is read to its end, and the service goes on answering."""
+    import socket
+    import time
+    from urllib.parse import urlparse
+
+    url = urlparse(server)
+    s = socket.create_connection((url.hostname, url.port))
+    started = time.perf_counter()
+    try:
+        s.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * (1 << 20) + b"\r\n\r\n")
+    except (BrokenPipeError, ConnectionResetError):
+        pass
+    s.settimeout(5)
+    answer = s.recv(4096)
+    s.close()
+    assert answer.startswith(b"HTTP/1.1 431"), answer[:200]
+    assert time.perf_counter() - started < 2
+    assert httpx.get(f"{server}/livez", timeout=10).status_code == 200
+
+
 def test_real_server_round_trip(server, users, checkpoints):
     r = httpx.post(f"{server}/retrieve", json={"user_id": users["history"], "k": 10})
     assert r.status_code == 200

@@ -1,0 +1,103 @@
+"""Limits on a request's header block, enforced where the HTTP parser reads it.
+
+uvicorn's httptools protocol (what BentoML serves with) accepts a header block of any size and waits for it
+forever: one 96 MiB header held a worker for seconds and raised its memory by hundreds of MB, and connections that
+send half a header stay open. ``LimitedHttpToolsProtocol`` is that protocol with two limits:
+
+- a request whose header block grows past ``max_header_bytes`` is answered 431 and its connection closed, as soon
+  as the parser has read that much (what it keeps in memory is bounded by the limit plus one network read);
+- a connection that has not finished a request's header block ``header_seconds`` after it opened (or after the
+  request's first byte, on a kept-alive connection) is answered 408 and closed.
+
+Both answers carry the service's error body. ``install`` makes uvicorn's "auto" HTTP protocol this class; the
+service calls it at import, which in a BentoML worker is before uvicorn loads its config.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+log = logging.getLogger("retrieval.service")
+
+
+def _response(status: int, reason: str, message: str, field: str) -> bytes:
+    body = json.dumps({"error": message, "field": field, "details": None}).encode()
+    return (f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\ncontent-length: {len(body)}\r\n"
+            "connection: close\r\n\r\n").encode() + body
+
+
+class LimitedHttpToolsProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol with a header size limit (431) and a header read timeout (408)."""
+
+    max_header_bytes = 16_384
+    header_seconds = 5.0
+
+    def connection_made(self, transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._header_bytes = 0
+        self._in_headers = True
+        self._header_timer = self.loop.call_later(self.header_seconds, self._header_timeout)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._stop_header_timer()
+        super().connection_lost(exc)
+
+    def _stop_header_timer(self) -> None:
+        timer = getattr(self, "_header_timer", None)
+        if timer is not None:
+            timer.cancel()
+            self._header_timer = None
+
+    def _reject(self, raw: bytes) -> None:
+        self._stop_header_timer()
+        self._in_headers = False
+        if not self.transport.is_closing():
+            self.transport.write(raw)
+            self.transport.close()
+
+    def _header_timeout(self) -> None:
+        self._header_timer = None
+        if self._in_headers and not self.transport.is_closing():
+            log.info("408: request headers not complete within %gs (serve.header_seconds)", self.header_seconds)
+            self._reject(_response(408, "Request Timeout", f"the request headers did not arrive within "
+                                   f"{self.header_seconds:g} s", "headers"))
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        if not self._in_headers:   # the next request on a kept-alive connection: its headers are timed afresh
+            self._in_headers = True
+            self._header_bytes = 0
+            self._stop_header_timer()
+            self._header_timer = self.loop.call_later(self.header_seconds, self._header_timeout)
+
+    def on_headers_complete(self) -> None:
+        self._in_headers = False
+        self._stop_header_timer()
+        super().on_headers_complete()
+
+    def on_message_complete(self) -> None:
+        super().on_message_complete()
+        self._header_bytes = 0
+
+    def data_received(self, data: bytes) -> None:
+        if self.transport.is_closing():
+            return
+        if self._in_headers:
+            self._header_bytes += len(data)
+        super().data_received(data)
+        if self._in_headers and self._header_bytes > self.max_header_bytes:
+            log.info("431: request headers over %d bytes (serve.max_header_bytes)", self.max_header_bytes)
+            self._reject(_response(431, "Request Header Fields Too Large", f"the request headers are larger than "
+                                   f"{self.max_header_bytes} bytes", "headers"))
+
+
+def install(max_header_bytes: int, header_seconds: float) -> None:
+    """Make uvicorn's "auto" HTTP protocol ``LimitedHttpToolsProtocol`` with these limits (this process)."""
+    import uvicorn.config
+
+    LimitedHttpToolsProtocol.max_header_bytes = max_header_bytes
+    LimitedHttpToolsProtocol.header_seconds = header_seconds
+    uvicorn.config.HTTP_PROTOCOLS["auto"] = f"{__name__}:LimitedHttpToolsProtocol"
