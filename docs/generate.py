@@ -795,8 +795,9 @@ def headline_rows(prefix: str) -> list[list[str]]:
         extra = f"; oracle {short(oracle['capped_recall@50'])} @50" if oracle else ""
         rows.append([f"Two-tower capped recall@10 / @50, {title} ({doc.get('seeds', 3)} seeds)",
                      f"{short(m['capped_recall@10'])} ± {short(s['capped_recall@10'])} / "
-                     f"{short(m['capped_recall@50'])} ± {short(s['capped_recall@50'])} (best baseline "
-                     f"{short(b10[1])} / {short(b50[1])}{extra})", link])
+                     f"{short(m['capped_recall@50'])} ± {short(s['capped_recall@50'])} (best baseline: "
+                     + (f"{b10[0]} {short(b10[1])} / {short(b50[1])}" if b10[0] == b50[0] else
+                        f"{b10[0]} {short(b10[1])}, {b50[0]} {short(b50[1])}") + f"{extra})", link])
     service = load_result("service")
     if service:
         levels = [r for r in service["rows"] if r.get("rps") and not r["mode"].endswith("overload")
@@ -885,7 +886,7 @@ def model_card() -> str:
                      "beats every baseline at @10 and @50" if wins else "does not beat every baseline"])
     out += [table(["data", "capped_recall@10", "capped_recall@50", "best baseline @50", "oracle @50", "verdict"],
                   rows), "",
-            "A single training run (one seed, as `make run` does) lands within the seed range above; machines with "
+            "A single training run (one seed, as `make run` does) lands near the seed range above; machines with "
             "other CPUs or thread counts move the third decimal.", "",
             "## Training data", "",
             "- **Synthetic default**: 3,000 users, 8,000 pins, 400,000 events over 120 days from the project's "
