@@ -24,7 +24,8 @@ from training.provenance import describe_machine, provenance  # noqa: E402
 
 
 def peak_rss_mib() -> dict[str, float]:
-    """Peak resident memory of this process and of its finished children (MiB)."""
+    """Peak resident memory of this process and of its finished children (MiB). A child's figure includes the pages
+    it shared with this process when it was forked, so it is never below this process's RSS at that moment."""
     return {"self": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
             "children": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, 1)}
 

@@ -9,8 +9,13 @@ send half a header stay open. ``LimitedHttpToolsProtocol`` is that protocol with
 - a connection that has not finished a request's header block ``header_seconds`` after it opened (or after the
   request's first byte, on a kept-alive connection) is answered 408 and closed.
 
-Both answers carry the service's error body. ``install`` makes uvicorn's "auto" HTTP protocol this class; the
-service calls it at import, which in a BentoML worker is before uvicorn loads its config.
+Both answers carry the service's error body. And a POST /retrieve that the worker's admission (bentos/admission.py)
+would refuse is answered 503 with Retry-After as soon as its headers are parsed: its body is skipped, no ASGI cycle
+is made and the connection stays open, so shedding costs the worker a few microseconds rather than a request's
+worth of middleware.
+
+``install`` makes uvicorn's "auto" HTTP protocol this class; the service calls it at import, which in a BentoML
+worker is before uvicorn loads its config.
 """
 
 from __future__ import annotations
@@ -18,15 +23,24 @@ from __future__ import annotations
 import json
 import logging
 
+import httptools
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from bentos import admission
 
 log = logging.getLogger("retrieval.service")
 
 
-def _response(status: int, reason: str, message: str, field: str) -> bytes:
+def _response(status: int, reason: str, message: str, field: str | None, close: bool = True,
+              extra: str = "") -> bytes:
     body = json.dumps({"error": message, "field": field, "details": None}).encode()
     return (f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\ncontent-length: {len(body)}\r\n"
-            "connection: close\r\n\r\n").encode() + body
+            + extra + ("connection: close\r\n" if close else "") + "\r\n").encode() + body
+
+
+SHED = _response(503, "Service Unavailable", "overloaded: the worker is at its in-flight limit (serve.max_in_flight, "
+                 "adapted to serve.latency_target_seconds)", None, close=False, extra="retry-after: 1\r\n")
+"""The answer to a request shed before its body is read (kept-alive: the client may send the next one)."""
 
 
 class LimitedHttpToolsProtocol(HttpToolsProtocol):
@@ -76,9 +90,24 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
     def on_headers_complete(self) -> None:
         self._in_headers = False
         self._stop_header_timer()
+        gate = admission.ADMISSION
+        if gate is not None and gate.full() and self.parser.get_method() == b"POST" \
+                and httptools.parse_url(self.url).path == b"/retrieve":
+            gate.refuse()
+            self._shedding = True   # its body is skipped; the connection stays open for the next request
+            self.transport.write(SHED)
+            return
         super().on_headers_complete()
 
+    def on_body(self, body: bytes) -> None:
+        if not getattr(self, "_shedding", False):
+            super().on_body(body)
+
     def on_message_complete(self) -> None:
+        if getattr(self, "_shedding", False):
+            self._shedding = False
+            self._header_bytes = 0
+            return
         super().on_message_complete()
         self._header_bytes = 0
 

@@ -34,7 +34,8 @@ from fastapi import FastAPI
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.responses import JSONResponse, Response
 
-from bentos import http_limits
+from bentos import admission, http_limits
+from bentos.admission import Admission
 from bentos.observability import METRICS, RateLimitedLog, quiet_client_errors
 from bentos.retriever import NotReady, RetrievalError, Retriever, StoreUnavailable
 from training import __version__
@@ -47,6 +48,8 @@ CONFIG = Config.load()
 SERVE = CONFIG.serve
 INT64 = 2**63
 http_limits.install(SERVE.max_header_bytes, SERVE.header_seconds)   # before uvicorn loads its config
+GATE = admission.install(SERVE.max_in_flight, SERVE.latency_target_seconds, SERVE.min_in_flight)
+"""This worker's admission: the ASGI guard admits through it, the HTTP protocol sheds early by it."""
 
 
 class RetrieveRequest(BaseModel):
@@ -109,18 +112,19 @@ class RequestGuard:
     """ASGI middleware in front of the API, before anything parses a body:
 
     - 404 for unknown paths (one 'unmatched' metric label for all of them);
-    - 503 + Retry-After past ``max_in_flight`` concurrent POST /retrieve (load shedding, decided at once);
+    - 503 + Retry-After past the worker's in-flight limit of POST /retrieve (load shedding, decided at once; the
+      limit adapts to the latency of the admitted requests: bentos/admission.py);
     - 415 unless a POST body is JSON (or untyped); 413 for bodies over ``max_bytes`` (declared or streamed);
     - 408 when the body does not arrive within ``body_seconds``;
     - 400 bodies of BentoML's own validation reshaped to the service's error shape (naming the field).
     """
 
-    def __init__(self, app, max_bytes: int, max_in_flight: int, body_seconds: float):
+    def __init__(self, app, max_bytes: int, max_in_flight: int, body_seconds: float,
+                 gate: Admission | None = None, latency_target_seconds: float = 0.25):
         self.app = app
         self.max_bytes = max_bytes
-        self.max_in_flight = max_in_flight
         self.body_seconds = body_seconds
-        self.in_flight = 0
+        self.gate = gate if gate is not None else Admission(max_in_flight, latency_target_seconds)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -144,14 +148,16 @@ class RequestGuard:
                                    headers={"Allow": ", ".join(allowed)})(scope, receive, counted_send)
             if path != "/retrieve" or method != "POST":
                 return await self.app(scope, receive, counted_send)
-            if self.in_flight >= self.max_in_flight:
-                return await error(503, f"overloaded: {self.in_flight} requests in flight (serve.max_in_flight)",
-                                   retry_after=1)(scope, receive, counted_send)
-            self.in_flight += 1
+            gate = self.gate
+            if not gate.try_acquire():
+                return await error(503, f"overloaded: {gate.in_flight} requests in flight, the worker's limit "
+                                        f"(serve.max_in_flight {gate.max_limit}, adapted to "
+                                        f"serve.latency_target_seconds)", retry_after=1)(scope, receive, counted_send)
+            admitted = time.perf_counter()
             try:
                 await self._guarded(scope, receive, counted_send)
             finally:
-                self.in_flight -= 1
+                gate.release(time.perf_counter() - admitted)
         finally:
             METRICS.observe(route, method, status["code"], time.perf_counter() - started)
 
@@ -283,6 +289,7 @@ def metadata() -> dict[str, Any]:
     return {"version": __version__, **svc.retriever.status(),
             "limits": {"max_k": SERVE.max_k, "max_interests": SERVE.max_interests,
                        "max_body_bytes": SERVE.max_body_bytes, "max_in_flight": SERVE.max_in_flight},
+            "admission": GATE.state(),
             "index": {"uri": CONFIG.index.uri or "embedded milvus-lite", "alias": CONFIG.index.alias},
             "online_store": CONFIG.features.online_store, "switches": svc.switches}
 
@@ -426,4 +433,5 @@ class RetrievalService:
 
 RetrievalService.add_asgi_middleware(OpsRoutes)
 RetrievalService.add_asgi_middleware(RequestGuard, max_bytes=SERVE.max_body_bytes, max_in_flight=SERVE.max_in_flight,
+                                     gate=GATE,
                                      body_seconds=SERVE.body_seconds)

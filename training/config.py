@@ -292,7 +292,14 @@ class ServeConfig:
     workers: int = 1
     """Worker processes (each loads the live release)."""
     max_in_flight: int = 32
-    """Requests in flight per worker past which POST /retrieve is refused at once with 503 + Retry-After."""
+    """Most requests in flight per worker: past the worker's limit POST /retrieve is refused at once with 503 +
+    Retry-After. The limit starts here and adapts to the latency of the admitted requests, never above this and never
+    below ``min_in_flight`` (bentos/admission.py)."""
+    min_in_flight: int = 4
+    """The adaptive in-flight limit never falls below this."""
+    latency_target_seconds: float = 0.25
+    """The admitted requests' latency the in-flight limit aims at: it falls when more than a tenth of the requests of
+    a quarter second took longer, and rises while none did and the limit was reached."""
     max_batch: int = 32
     """Most concurrent requests whose feature reads, user-tower passes and ANN searches run as one batch
     (bentos/batching.py; batches form only under load, nothing waits to fill one)."""
@@ -305,9 +312,11 @@ class ServeConfig:
 
     def __post_init__(self) -> None:
         _positive(self, "serve", "port", "max_k", "max_interests", "max_body_bytes", "max_header_bytes",
-                  "header_seconds", "threads", "workers",
+                  "header_seconds", "threads", "workers", "min_in_flight", "latency_target_seconds",
                   "max_in_flight", "max_batch", "body_seconds", "request_seconds", "store_timeout_seconds")
         _check(self.poll_seconds > 0, "serve.poll_seconds", "must be > 0")
+        _check(self.min_in_flight <= self.max_in_flight, "serve.min_in_flight",
+               f"must be <= serve.max_in_flight ({self.max_in_flight}), got {self.min_in_flight}")
 
 
 def _choice(value: str, name: str, options: tuple[str, ...]) -> None:

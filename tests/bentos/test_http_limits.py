@@ -142,3 +142,23 @@ def test_install_makes_it_uvicorns_auto_protocol():
         uvicorn.config.HTTP_PROTOCOLS.update(before)
         LimitedHttpToolsProtocol.max_header_bytes, LimitedHttpToolsProtocol.header_seconds = LIMIT, 5.0
 
+
+
+def test_a_full_worker_sheds_retrieve_in_the_protocol_and_keeps_the_connection(server):
+    """With the worker's admission full, POST /retrieve is a 503 with Retry-After written as soon as its headers are
+    parsed (the app never sees it) and the kept-alive connection serves the next request."""
+    from bentos import admission
+
+    gate = admission.install(1, 0.25)
+    assert gate.try_acquire() and gate.full()
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{server}") as c:
+            r = c.post("/retrieve", json={"user_id": 1})
+            assert r.status_code == 503 and r.headers["retry-after"] == "1"
+            assert r.json()["error"].startswith("overloaded")
+            assert c.get("/healthz").status_code == 200   # same connection, other paths unaffected
+            gate.release(0.01)
+            assert c.post("/retrieve", json={"user_id": 1}).status_code == 200   # admitted again: the app answers
+        assert gate.shed == 1
+    finally:
+        admission.ADMISSION = None
