@@ -694,6 +694,28 @@ def pin_index_page() -> str:
     return page("Pin index", "docs/results/pin-index.json, docs/results/mips.json", "\n".join(body))
 
 
+def overload_section() -> list[str]:
+    doc = load_result("overload")
+    out = ["## Under overload", "",
+           "Far more closed-loop clients than the service can serve, on the same machine: the best throughput at 8–32 "
+           "clients is the floor, and each overload level runs twice, with clients that send again at once after a "
+           "503 and with clients that wait the Retry-After it asks for. A separate process asks `GET /healthz` 20 "
+           "times a second. Measured by `bench/bench_overload.py`.", ""]
+    if doc is None:
+        return out + [missing(".venv/bin/python bench/bench_overload.py")]
+    rows = []
+    for r in doc["rows"]:
+        adm = r.get("admission_after") or {}
+        rows.append([fmt(r["clients"]), r["after_503"], f"{r['goodput_rps']:.0f}",
+                     f"{r['goodput_ratio']:.0%}" if "goodput_ratio" in r else "",
+                     f"{r['p50_ms']:.0f} / {r['p99_ms']:.0f}", fmt(r["shed_503"]), fmt(r["errors"]),
+                     f"{r['healthz_p50_ms']:.1f} / {r['healthz_p99_ms']:.1f}", fmt(adm.get("limit"))])
+    return out + [provenance_note(doc, "overload"), "",
+                  table(["clients", "after a 503", "goodput req/s", "of the best at 8–32", "accepted p50 / p99 ms",
+                         "shed 503", "errors", "/healthz p50 / p99 ms", "in-flight limit at the end"], rows,
+                        "llrrrrrrr")]
+
+
 def service_page() -> str:
     doc = load_result("service")
     body = ["The retrieval service end to end: `bentoml serve` on loopback, `POST /retrieve` with k = 100 for users "
@@ -702,8 +724,8 @@ def service_page() -> str:
             "(verification included) whose collection holds the serving corpus plus synthetic pins around it. "
             "Measured by `bench/bench_service.py`.", ""]
     if doc is None:
-        return page("Service", "docs/results/service.json", "\n".join(body + [missing(
-            ".venv/bin/python bench/bench_service.py")]))
+        return page("Service", "docs/results/service.json, docs/results/overload.json", "\n".join(
+            body + [missing(".venv/bin/python bench/bench_service.py"), "", *overload_section()]))
     meta = doc["meta"]
     body += [provenance_note(doc, "service"), "",
              f"Index: {meta.get('index')} ({meta.get('index_type')}); online store: {meta.get('online_store')}; "
@@ -716,8 +738,8 @@ def service_page() -> str:
         rows.append([fmt(r["pins"]), r["mode"], fmt(r.get("concurrency")), fmt(r.get("requests")),
                      fmt(r.get("errors")), rps, fmt(r["p50_ms"], 1), fmt(r["p99_ms"], 1), recall, shed])
     body += [table(["pins", "what", "clients", "requests", "errors", "req/s", "p50 ms", "p99 ms", "recall@100",
-                    "shed 503 (p50 / p99 ms)"], rows, "llrrrrrrrr")]
-    return page("Service", "docs/results/service.json", "\n".join(body))
+                    "shed 503 (p50 / p99 ms)"], rows, "llrrrrrrrr"), "", *overload_section()]
+    return page("Service", "docs/results/service.json, docs/results/overload.json", "\n".join(body))
 
 
 def retraining_page() -> str:
@@ -757,7 +779,7 @@ def benchmarks_index() -> str:
     for title, link, names in (("Model quality", "model.md", ["model-synthetic", "model-ml100k"]),
                                ("Data layer", "data.md", sorted(p.stem for p in RESULTS.glob("data*.json"))),
                                ("Pin index", "pin-index.md", ["pin-index", "mips"]),
-                               ("Service", "service.md", ["service"]),
+                               ("Service", "service.md", ["service", "overload"]),
                                ("Retraining on drift", "retraining.md", ["retraining"])):
         for name in names or ["-"]:
             doc = load_result(name) if name != "-" else None
