@@ -33,20 +33,11 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench_service import users_with_history  # noqa: E402  (bench/bench_service.py)
 from common import RESULTS, save_and_print  # noqa: E402  (bench/common.py)
 
 from bentos.launcher import get_json, start, stop  # noqa: E402
 from training.config import Config  # noqa: E402
-
-
-def users_with_history(cfg: Config, n: int = 500) -> list[int]:
-    import pandas as pd
-
-    from training.data.snapshot import load_live
-
-    seq = pd.read_parquet(load_live(cfg).table("user_sequence"), columns=["user_id", "history_length"])
-    ids = seq.loc[seq.history_length >= 5, "user_id"].unique()
-    return [int(i) for i in np.random.default_rng(0).choice(ids, size=min(n, len(ids)), replace=False)]
 
 
 def _probe(host: str, port: int, seconds: float, out: mp.Queue) -> None:
