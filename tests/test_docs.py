@@ -87,3 +87,15 @@ def test_site_builds_strictly(tmp_path):
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
     assert (tmp_path / "site" / "index.html").exists()
     assert (tmp_path / "site" / "reference" / "http-api" / "index.html").exists()
+
+
+def test_every_docker_run_example_names_the_model_store():
+    """The image's BENTOML_HOME is BentoML's own; the data dir's model store must be named on every `docker run`
+    (docs/how-to/container.md explains why), or the service never becomes ready."""
+    missing = []
+    for path in [README, *sorted((ROOT / "docs").rglob("*.md"))]:
+        text = path.read_text().replace("\\\n", " ")
+        for line in text.splitlines():
+            if re.search(r"^\s*docker run\b", line) and "--entrypoint" not in line and "BENTOML_HOME" not in line:
+                missing.append(f"{path.relative_to(ROOT)}: {line.strip()}")
+    assert not missing, "docker run without -e BENTOML_HOME=/data/bentoml:\n" + "\n".join(missing)
