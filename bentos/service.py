@@ -47,7 +47,7 @@ fault_log = RateLimitedLog(log)
 CONFIG = Config.load()
 SERVE = CONFIG.serve
 INT64 = 2**63
-http_limits.install(SERVE.max_header_bytes, SERVE.header_seconds)   # before uvicorn loads its config
+http_limits.install(SERVE.max_header_bytes, SERVE.header_seconds, SERVE.shed_delay_seconds)   # before uvicorn starts
 GATE = admission.install(SERVE.max_in_flight, SERVE.latency_target_seconds, SERVE.min_in_flight)
 """This worker's admission: the ASGI guard admits through it, the HTTP protocol sheds early by it."""
 
@@ -120,7 +120,7 @@ class RequestGuard:
     """
 
     def __init__(self, app, max_bytes: int, max_in_flight: int, body_seconds: float,
-                 gate: Admission | None = None, latency_target_seconds: float = 0.25):
+                 gate: Admission | None = None, latency_target_seconds: float = 0.5):
         self.app = app
         self.max_bytes = max_bytes
         self.body_seconds = body_seconds
@@ -351,6 +351,17 @@ def document_errors(spec: dict[str, Any]) -> dict[str, Any]:
     return spec
 
 
+def settle_heap() -> None:
+    """Move what is alive now (the loaded release: tower, encoder, corpus, clients) out of the garbage collector's
+    sight. A full collection otherwise walks those objects again and again while requests run, pausing every thread:
+    measured on 2 cores with 8 clients, /healthz p99 fell from 243-285 ms to 24 ms and accepted p99 from 300 ms to
+    80 ms once they were frozen (bench/bench_overload.py)."""
+    import gc
+
+    gc.collect()
+    gc.freeze()
+
+
 class OpsRoutes:
     """ASGI middleware: GET /healthz, /readyz, /metadata, /metrics go to ``ops`` (BentoML's own /healthz and
     /readyz would otherwise answer first, with an empty body); GET /docs.json is BentoML's OpenAPI completed by
@@ -396,6 +407,7 @@ class RetrievalService:
         try:
             if self.retriever.refresh():
                 self.switches += 1
+                settle_heap()
             fault_log.clear("registry")
         except Exception as e:  # noqa: BLE001 - keep serving the loaded release; retry on the next poll
             fault_log.warning("registry", "could not load the live release (%s); still serving %s", e,

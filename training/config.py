@@ -297,9 +297,13 @@ class ServeConfig:
     below ``min_in_flight`` (bentos/admission.py)."""
     min_in_flight: int = 4
     """The adaptive in-flight limit never falls below this."""
-    latency_target_seconds: float = 0.25
+    latency_target_seconds: float = 0.5
     """The admitted requests' latency the in-flight limit aims at: it falls when more than a tenth of the requests of
     a quarter second took longer, and rises while none did and the limit was reached."""
+    shed_delay_seconds: float = 1.0
+    """A request past the in-flight limit gets its 503 this long after its headers arrived (its connection reads
+    nothing meanwhile), so a client that sends again at once on a 503 cannot spin the worker (bentos/http_limits.py).
+    0 answers at once."""
     max_batch: int = 32
     """Most concurrent requests whose feature reads, user-tower passes and ANN searches run as one batch
     (bentos/batching.py; batches form only under load, nothing waits to fill one)."""
@@ -315,6 +319,7 @@ class ServeConfig:
                   "header_seconds", "threads", "workers", "min_in_flight", "latency_target_seconds",
                   "max_in_flight", "max_batch", "body_seconds", "request_seconds", "store_timeout_seconds")
         _check(self.poll_seconds > 0, "serve.poll_seconds", "must be > 0")
+        _check(self.shed_delay_seconds >= 0, "serve.shed_delay_seconds", "must be >= 0")
         _check(self.min_in_flight <= self.max_in_flight, "serve.min_in_flight",
                f"must be <= serve.max_in_flight ({self.max_in_flight}), got {self.min_in_flight}")
 
