@@ -140,6 +140,7 @@ def _service():
 
     from bentos.service import RetrievalService
 
+    gc.unfreeze()   # the service freezes the heap after a release loads; frozen objects are not listed
     return next(o for o in gc.get_objects() if isinstance(o, RetrievalService.inner))
 
 
