@@ -39,11 +39,14 @@ log = logging.getLogger(__name__)
 
 
 class RetrievalError(ValueError):
-    """A request that cannot be answered as asked; ``field`` names the request field at fault."""
+    """A request that cannot be answered as asked; ``field`` names the request field at fault. ``status`` 400: the
+    request itself is wrong; 409: it is valid but the live release cannot answer it (a mode it was not trained for,
+    an interest id not in its data), so another release may."""
 
-    def __init__(self, field: str, message: str):
+    def __init__(self, field: str, message: str, status: int = 400):
         super().__init__(f"{field}: {message}")
         self.field = field
+        self.status = status
 
 
 SEARCH_LIMIT = 16_384
@@ -247,16 +250,17 @@ class Retriever:
                 break
         try:
             mode = mode or rel.release.default_mode
+            if mode not in rel.release.modes:
+                raise RetrievalError("mode", f"the live release {rel.version} does not support mode {mode!r} "
+                                             f"(it supports {', '.join(rel.release.modes)})", status=409)
             if mode == "conditional" and interests and len(interests) > MAX_CONDITIONS:
                 raise RetrievalError("interests", f"mode 'conditional' searches once per interest: at most "
                                                   f"{MAX_CONDITIONS}, got {len(interests)}")
-            if mode not in rel.release.modes:
-                raise RetrievalError("mode", f"the live release {rel.version} does not support mode {mode!r} "
-                                             f"(it supports {', '.join(rel.release.modes)})")
             if interests:
                 unknown = sorted(set(int(i) for i in interests) - rel.interests)
                 if unknown:
-                    raise RetrievalError("interests", f"unknown interest id(s) {unknown}")
+                    raise RetrievalError("interests", f"unknown interest id(s) {unknown}: the live release "
+                                                      f"{rel.version} knows the ids GET /metadata lists", status=409)
             t0 = time.perf_counter()
             feats = self._batched_features.submit((rel, user_id))
             t1 = time.perf_counter()

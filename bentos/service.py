@@ -304,6 +304,8 @@ ERROR_RESPONSES = {
     "404": "no such endpoint",
     "405": "the method is not allowed on this path (the Allow header names the one that is)",
     "408": "the request body did not arrive in time",
+    "409": "the request is valid but the live release cannot answer it: a mode it was not trained for, or an interest "
+           "id not in its data (GET /metadata lists both; `field` names which)",
     "413": "the request body is too large",
     "415": "the request body is not JSON, or is compressed (Content-Encoding)",
     "503": "no release is live, a store does not answer, or the service is shedding load (see Retry-After)",
@@ -434,7 +436,7 @@ class RetrievalService:
             result = self.retriever.retrieve(request["user_id"], k=request["k"], interests=request["interests"],
                                              exclude_seen=request["exclude_seen"], mode=request["mode"])
         except RetrievalError as e:
-            return error(400, str(e), e.field)
+            return error(e.status, str(e), e.field)
         except NotReady as e:
             return error(503, str(e), retry_after=5)
         except StoreUnavailable as e:

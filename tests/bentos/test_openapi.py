@@ -9,7 +9,6 @@ import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
 from schemathesis import GenerationMode
-from schemathesis.checks import positive_data_acceptance
 
 pytestmark = pytest.mark.slow
 
@@ -23,9 +22,7 @@ def test_retrieve_conforms_to_its_openapi(server, mode):
     @given(case=operation.as_strategy(generation_mode=mode))
     @settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck), database=None)
     def conforms(case):
-        # positive_data_acceptance is left out: a schema-valid interest id the live release does not know is a
-        # documented 400 (the ids depend on the release, not on the schema)
-        response = case.call_and_validate(base_url=server, timeout=30, excluded_checks=[positive_data_acceptance])
+        response = case.call_and_validate(base_url=server, timeout=30)
         seen.append(response.status_code)
 
     conforms()
