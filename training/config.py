@@ -333,11 +333,13 @@ class PretrainConfig:
     """Pre-trained ID embeddings (``retrieval pretrain``): user and pin tables learned on a window of engagement
     that ends where the two-tower's training window begins (``train.window_fraction``)."""
 
-    method: str = "ease_svd"
-    """'contrastive': user and pin tables trained with an in-batch softmax (+ logQ) on every positive engagement of
-    the window, every surface, no positive downsampling; 'ease_svd': the closed-form alternative, a rank-``dim``
-    factorisation of EASE's item-item matrix (history-side and candidate-side pin tables; users = their pooled
-    history)."""
+    method: str = "ridge_svd"
+    """'ridge_svd' (default): the low-rank ridge item-item model of the window's engagements, from a truncated
+    sparse SVD (memory O(engagements + pins × dim), nothing pins × pins); 'contrastive': user and pin tables trained
+    with an in-batch softmax (+ logQ) on every positive engagement of the window, every surface, no positive
+    downsampling; 'ease_svd': a rank-``dim`` factorisation of EASE's item-item matrix, which inverts a dense
+    pins × pins matrix (small catalogs only: refused above ``max_dense_gib``). All give history-side and
+    candidate-side pin tables; users = their pooled history."""
     dim: int = 48
     """Width of the pre-trained tables."""
     recency: float = 10.0
@@ -353,12 +355,23 @@ class PretrainConfig:
     """contrastive: softmax temperature of the table scores."""
     l2: float = 500.0
     """ease_svd: EASE's λ."""
+    ridge: float = 1.0
+    """ridge_svd: the ridge λ relative to the mean squared singular value kept (each direction of singular value s
+    is kept with weight s² / (s² + λ))."""
+    pop_exponent: float = 0.15
+    """ridge_svd: each pin's column is scaled by (its window engagements)^-β before the factorisation (β = this;
+    0 = plain binary engagements; larger β lets less popular pins shape the subspace)."""
+    max_dense_gib: float = 4.0
+    """ease_svd: the largest dense pins × pins working set it may allocate (3 float64 matrices, estimated before
+    anything is allocated); above it the pre-training stops with an error naming ridge_svd."""
     seed: int = 0
-    """Seed of the contrastive training."""
+    """Seed of the contrastive training and of the SVD's start vector."""
 
     def __post_init__(self) -> None:
-        _choice(self.method, "pretrain.method", ("contrastive", "ease_svd"))
-        _positive(self, "pretrain", "dim", "recency", "epochs", "batch_size", "lr", "temperature", "l2")
+        _choice(self.method, "pretrain.method", ("contrastive", "ease_svd", "ridge_svd"))
+        _positive(self, "pretrain", "dim", "recency", "epochs", "batch_size", "lr", "temperature", "l2", "ridge",
+                  "max_dense_gib")
+        _check(self.pop_exponent >= 0, "pretrain.pop_exponent", f"must be >= 0, got {self.pop_exponent}")
 
 
 @dataclass
@@ -560,8 +573,9 @@ class ReportConfig:
     variants: str = "default,backbone,pretrained,negatives"
     """Comma-separated ablation groups (training/evaluation/report.py: VARIANT_GROUPS; also 'wide', 'objective',
     'extra'); 'default' alone = the default config only."""
-    baselines: str = "popularity,item-knn,als,ease,ease-recency"
-    """Comma-separated baselines, each tuned on validation and refit on train + validation."""
+    baselines: str = "popularity,item-knn,als,ease,ease-recency,sansa"
+    """Comma-separated baselines, each tuned on validation and refit on train + validation; one that cannot run
+    here (a catalog over its memory limit, an optional package missing) is skipped with one line saying why."""
 
     def __post_init__(self) -> None:
         _positive(self, "report", "seeds")

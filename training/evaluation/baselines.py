@@ -10,6 +10,12 @@
   scores are ``x_u @ B``. With ``recency`` set, each of the user's train items enters ``x_u`` with weight
   ``exp(-r / recency)``, r = its rank from the user's newest interaction (0 = newest), instead of 1 (B is
   unchanged). λ and the recency scale are tuned on validation.
+- ``SANSA``: Spišák et al.'s scalable EASE (RecSys 2023, the ``sansa`` package): a sparse approximate inverse
+  of ``XᵀX + λI`` (incomplete Cholesky, then a sparse approximate inverse of its triangle) with a set weight
+  density, so memory grows with that density × items², not items²; scored like EASE, from the binary or
+  recency-weighted history. λ, the density (as neighbours per item) and the recency scale are tuned on
+  validation. Optional (the ``sansa`` extra: scikit-sparse needs SuiteSparse's headers to build); the report
+  skips it with one line when the package is missing.
 - ``ImplicitALS``: the ``implicit`` library's CPU ALS (Hu, Koren & Volinsky) on confidences
   ``c = 1 + alpha · count`` (passed to implicit as the matrix of confidences with its own ``alpha`` at 1);
   scores are ``user_factors @ item_factors.T``, so the harness does the ranking and filtering; a user whose
@@ -53,6 +59,9 @@ EASE_GRID: dict[str, Sequence[Any]] = {"l2": (50.0, 100.0, 200.0, 500.0, 1000.0,
 """Plain EASE (unweighted history); add recency scales, e.g. (None, 10, 20, 50), for the recency-weighted one."""
 EASE_MAX_ITEMS = 25_000
 """Largest catalogue EASE inverts densely (n_items² float32, twice)."""
+SANSA_GRID: dict[str, Sequence[Any]] = {"l2": (5.0, 20.0, 100.0, 500.0), "neighbours": (100, 400),
+                                        "recency": (None, 10.0, 20.0, 50.0)}
+"""SANSA: λ, kept weights per item (density = neighbours / items) and the history's recency scale."""
 ALS_GRID: dict[str, Sequence[Any]] = {
     "factors": (32, 64, 128),
     "regularization": (0.01, 0.1, 1.0),
@@ -124,12 +133,17 @@ class ItemKNN:
         if self._full is None:
             if n_items * n_items * 4 > DENSE_SIMILARITY_BYTES:
                 if k is None:
-                    raise MemoryError(f"{n_items:,} items: the full similarity matrix is too large; set k")
+                    raise CatalogTooLarge(f"{n_items:,} items: the full similarity matrix is too large; set k")
                 return _pruned_cosine_blocks(x, k)
             self._full = _cosine(x)
         if k is None or k >= n_items - 1:
             return self._full
         return _prune_rows(self._full, k)
+
+
+class CatalogTooLarge(MemoryError, ValueError):
+    """A method that cannot hold this catalog (a baseline, or the ``ease_svd`` pre-training), raised before anything
+    large is allocated; the command line reports it as an error, the report skips that baseline with its message."""
 
 
 class EASE:
@@ -151,7 +165,8 @@ class EASE:
     def fit(self, split: Split) -> None:
         n_items = split.n_items
         if n_items > EASE_MAX_ITEMS:
-            raise MemoryError(f"EASE inverts an n_items × n_items matrix: {n_items:,} items is over {EASE_MAX_ITEMS:,}")
+            raise CatalogTooLarge(f"EASE inverts a dense items × items matrix: {n_items:,} items is over "
+                                  f"{EASE_MAX_ITEMS:,} (SANSA is the scalable EASE)")
         l2 = float(self.params["l2"])
         if self.b is None or self._split is not split or self._fitted_l2 != l2:   # B depends on λ and X only
             self.b = ease_weights(sp.csr_matrix(split.train > 0, dtype=np.float32), l2).astype(np.float32)
@@ -170,6 +185,62 @@ class EASE:
         configs = [dict(zip(grid, values, strict=True)) for values in itertools.product(*grid.values())]
 
         def setup(params: dict[str, Any]) -> EASE:
+            self.set_params(**params)
+            return self
+
+        records = tune(setup, split, configs)
+        self.set_params(**records[0]["params"])
+        return records
+
+
+class SANSA:
+    """Scalable EASE (``sansa`` package) on binary train interactions, optionally with a recency-weighted history."""
+
+    def __init__(self, l2: float = 100.0, neighbours: int = 200, recency: float | None = None) -> None:
+        self.params: dict[str, Any] = {"l2": float(l2), "neighbours": int(neighbours), "recency": recency}
+        self.weights: tuple[sp.csr_matrix, sp.csr_matrix] | None = None
+        self._fitted: tuple[Any, ...] | None = None
+        self._split: Split | None = None
+        self.x: sp.csr_matrix | None = None
+
+    set_params = EASE.set_params
+
+    def fit(self, split: Split) -> None:
+        key = (self.params["l2"], self.params["neighbours"])
+        if self.weights is None or self._split is not split or self._fitted != key:   # λ, density and X only
+            import sansa
+
+            logging.getLogger("sansa").setLevel(logging.ERROR)   # its factorisation-shift advice is not for users
+            density = min(1.0, self.params["neighbours"] / max(split.n_items, 1))
+            config = sansa.SANSAConfig(
+                l2=float(self.params["l2"]), weight_matrix_density=density,
+                gramian_factorizer_config=sansa.ICFGramianFactorizerConfig(),
+                lower_triangle_inverter_config=sansa.UMRUnitLowerTriangleInverterConfig(scans=1, finetune_steps=5))
+            model = sansa.SANSA(config)
+            x = sp.csr_matrix(split.train > 0, dtype=np.float32)
+            # sansa needs every item column non-empty; items without a train interaction score 0, as in EASE
+            active = np.flatnonzero(np.diff(x.tocsc().indptr) > 0)
+            model.fit(x[:, active].tocsr())
+            pick = sp.csr_matrix((np.ones(len(active), np.float32), (active, np.arange(len(active)))),
+                                 shape=(split.n_items, len(active)))
+            w, w_r = model.weights
+            self.weights = ((pick @ w).tocsr(), (w_r @ pick.T).tocsr())
+            self._fitted, self._split = key, split
+        self.x = history_weights(split, self.params["recency"])
+
+    def score(self, user_idx: np.ndarray) -> np.ndarray:
+        """(len(user_idx), n_items) float32 ``x_u @ Wᵀ @ W_r`` (SANSA's factorised B)."""
+        if self.x is None or self.weights is None:
+            raise _Unfitted("SANSA.fit first")
+        out = (self.x[user_idx] @ self.weights[0]) @ self.weights[1]
+        return (out.toarray() if sp.issparse(out) else np.asarray(out)).astype(np.float32, copy=False)
+
+    def tune(self, split: Split, grid: Mapping[str, Sequence[Any]] | None = None) -> list[dict[str, Any]]:
+        """Grid search on validation recall@50 (``SANSA_GRID``); keeps the best parameters."""
+        grid = dict(SANSA_GRID if grid is None else grid)
+        configs = [dict(zip(grid, values, strict=True)) for values in itertools.product(*grid.values())]
+
+        def setup(params: dict[str, Any]) -> SANSA:
             self.set_params(**params)
             return self
 
@@ -347,15 +418,17 @@ def fit_tune_evaluate(
     ks: Sequence[int] = (10, 50, 100),
     grid: Any = None,
     tuned: bool = True,
+    per_user: bool = False,
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """Tune on validation (ItemKNN, EASE, ImplicitALS when ``tuned``), refit on train + validation, evaluate on test.
+    """Tune on validation (ItemKNN, EASE, SANSA, ImplicitALS when ``tuned``), refit on train + validation, evaluate
+    on test.
 
     Returns the test results (plus ``fit_seconds``, ``tune_seconds`` and ``params`` when tuned) and the
     tuning records (empty when nothing was tuned).
     """
     records: list[dict[str, Any]] = []
     t0 = time.perf_counter()
-    if tuned and isinstance(scorer, (ImplicitALS, EASE)):
+    if tuned and isinstance(scorer, (ImplicitALS, EASE, SANSA)):
         records = scorer.tune(split, grid)
     elif tuned and isinstance(scorer, ItemKNN):
         records = tune_knn(scorer, split, KNN_GRID if grid is None else grid)
@@ -364,7 +437,7 @@ def fit_tune_evaluate(
     t0 = time.perf_counter()
     scorer.fit(merged)
     fit_seconds = time.perf_counter() - t0
-    res = evaluate(scorer, merged, ks=ks, on="test")
+    res = evaluate(scorer, merged, ks=ks, on="test", per_user=per_user)
     res["fit_seconds"] = round(fit_seconds, 3)
     if records:
         res["tune_seconds"] = round(tune_seconds, 3)

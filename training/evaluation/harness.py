@@ -73,6 +73,7 @@ def evaluate(
     ndcg_k: int = 10,
     interest_k: int = 50,
     batch_bytes: int = BATCH_BYTES,
+    per_user: bool = False,
 ) -> dict[str, Any]:
     """Rank the candidate set for every evaluable user with an already fitted ``scorer``.
 
@@ -80,7 +81,9 @@ def evaluate(
     ``logpop@K`` for K in ``ks``, ``ndcg@{ndcg_k}``,
     ``recall_curve`` (list of recall@1..curve_k), ``recall@{interest_k}_by_interest`` (interest id ->
     recall, only with ``split.item_interest``), ``relevant_by_interest`` (interest id -> number of
-    relevant user-item pairs), ``users`` (number evaluated), ``items`` and ``seconds``. Holds the top
+    relevant user-item pairs), ``users`` (number evaluated), ``items`` and ``seconds``; with ``per_user``, also
+    ``per_user``: the evaluated users' ids and each one's capped recall@K for K in ``ks`` (arrays in one order, for
+    paired comparisons across scorers: ``training.evaluation.paired``). Holds the top
     ``max(ks, curve_k, ...)`` item indices of every evaluated user (n_users × depth int32) in memory.
     """
     ks = sorted({int(k) for k in ks})
@@ -112,6 +115,10 @@ def evaluate(
         out["relevant_by_interest"] = rel_by_interest
     out["users"] = len(users)
     out["items"] = split.n_items
+    if per_user:
+        per = recall_curve(hits, n_rel, capped=True)
+        out["per_user"] = {"user_ids": split.users[users],
+                           **{f"capped_recall@{k}": per[:, min(k, depth) - 1].astype(np.float32) for k in ks}}
     out["seconds"] = round(time.perf_counter() - t0, 3)
     return out
 

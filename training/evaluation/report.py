@@ -41,8 +41,10 @@ BASELINES = {
     "als": ("ALS (tuned)", lambda: _baselines().ImplicitALS()),
     "ease": ("EASE (tuned)", lambda: _baselines().EASE()),
     "ease-recency": ("EASE, recency-weighted history (tuned)", lambda: _baselines().EASE()),
+    "sansa": ("SANSA, scalable EASE (tuned, recency-weighted history)", lambda: _baselines().SANSA()),
 }
-"""Report baselines: name -> (row label, factory). EASE with recency is tuned over recency scales too."""
+"""Report baselines: name -> (row label, factory). EASE with recency is tuned over recency scales too; SANSA's grid
+(``baselines.SANSA_GRID``) includes them."""
 EASE_RECENCY_GRID = {"l2": (100.0, 200.0, 500.0, 1000.0), "recency": (None, 10.0, 20.0, 50.0)}
 
 VARIANT_GROUPS: dict[str, list[tuple[str, dict[str, Any]]]] = {
@@ -57,8 +59,11 @@ VARIANT_GROUPS: dict[str, list[tuple[str, dict[str, Any]]]] = {
                                                               "train.allow_overlapping_pretrain": True,
                                                               "overlap": True}),
         ("pre-training = contrastive", {"pretrain.method": "contrastive"}),
+        ("pre-training = ridge_svd", {"pretrain.method": "ridge_svd"}),
         ("pre-training = ease_svd", {"pretrain.method": "ease_svd"}),
     ],
+    "methods": [("pre-training = ridge_svd", {"pretrain.method": "ridge_svd"}),
+                ("pre-training = ease_svd", {"pretrain.method": "ease_svd"})],
     "negatives": [("full softmax", {"train.negatives": "full"}),
                   ("hides as hard negatives", {"train.hide_negatives": True})],
     "blend": [("blend table as trained (not refit)", {"train.blend_table": "training"}),
@@ -195,20 +200,30 @@ def report(cfg: Config, out_dir: Path | None = None) -> dict[str, Any]:
     """The baselines (tuned on validation, once) and every two-tower variant (``report.seeds`` training seeds)
     on one split with the same metric code; writes report.md, report.json and plots, and a verdict per metric."""
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
-    from training.evaluation.baselines import fit_tune_evaluate
+    from training.evaluation.baselines import CatalogTooLarge, fit_tune_evaluate
     from training.pretrain import pretrain
     from training.train import fit, refit_tables
 
     ts, split, manifest = load_split(cfg)
     started = time.perf_counter()
     baselines: dict[str, dict[str, Any]] = {}
+    skipped: dict[str, str] = {}
+    per_user: dict[str, Any] = {}       # label -> evaluate's per_user (baselines) or a list of them (two-tower runs)
     for name in [b.strip() for b in cfg.report.baselines.split(",") if b.strip()]:
         if name not in BASELINES:
             raise ValueError(f"report.baselines: unknown baseline {name!r} (known: {', '.join(BASELINES)})")
         label, factory = BASELINES[name]
         t0 = time.perf_counter()
         grid = EASE_RECENCY_GRID if name == "ease-recency" else None
-        res, _ = fit_tune_evaluate(factory(), split, grid=grid)
+        try:
+            res, _ = fit_tune_evaluate(factory(), split, grid=grid, per_user=True)
+        except (CatalogTooLarge, ImportError) as e:
+            why = (f"the optional package is not installed ({e}); pip install -e '.[sansa]' (needs SuiteSparse)"
+                   if isinstance(e, ImportError) else str(e))
+            skipped[label] = why
+            log.warning("%s: skipped: %s", label, why)
+            continue
+        per_user[label] = res.pop("per_user")
         res["seconds"] = round(time.perf_counter() - t0, 2)
         baselines[label] = res
         log.info("%s: capped recall@10 %.4f @50 %.4f (%.1fs)", label, res["capped_recall@10"],
@@ -251,7 +266,14 @@ def report(cfg: Config, out_dir: Path | None = None) -> dict[str, Any]:
                     tables[key] = refit_tables(vc, split, manifest["snapshot_id"], table)
                 refit = tables[key]
             trained = fit(vc, ts, split, manifest, table=table, blend_tables=refit)
-            res = evaluate(trained.scorer.prepare("test"), split, on="test")
+            res = evaluate(trained.scorer.prepare("test"), split, on="test", per_user=True)
+            per_user.setdefault(label, []).append(res.pop("per_user"))
+            if (trained.result.blend or {}).get("learned"):   # the same model, blend weight 0: the towers' part
+                alone = evaluate(trained.scorer.reweighted(trained.model.user_tower.learned_dim,
+                                                           1.0 / trained.result.blend["learned"], 0.0),
+                                 split, on="test", per_user=True)
+                per_user.setdefault(f"{label} · towers alone", []).append(alone.pop("per_user"))
+                res["towers_alone"] = {k: alone[k] for k in HEADLINE if k in alone}
             if with_modes:
                 from training.evaluation.modes import evaluate_modes
 
@@ -279,22 +301,27 @@ def report(cfg: Config, out_dir: Path | None = None) -> dict[str, Any]:
 
             variants[label]["modes"] = aggregate([r["modes"] for r in runs])
         # the files are rewritten after every variant: an interrupted report keeps every finished row
-        verdict = _verdict(variants, baselines)
+        verdict = _verdict(variants, baselines, per_user)
         md = _write(out, cfg, source, manifest, split, baselines, variants, verdict, time.perf_counter() - started,
-                    pending=len(planned) - len(variants))
+                    pending=len(planned) - len(variants), skipped=skipped, per_user=per_user)
     log.info("report %s", md)
     return {"report": str(md), "verdict": verdict["lines"],
             **{label: {k: round(v["mean"][k], 4) for k in HEADLINE} for label, v in variants.items()},
             **{label: {k: round(b[k], 4) for k in HEADLINE if k in b} for label, b in baselines.items()}}
 
 
-def _verdict(variants: dict[str, dict[str, Any]], baselines: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """The best two-tower config (by mean validation recall, never test) against the best baseline of each
-    headline metric (its test figure): 'wins' only when mean − std is above it. A row whose blend weight is chosen
-    at another validation horizon than the default's (``train.blend_validation``) reports a validation figure on
-    another scale (its table is fresher or staler at validation than at test): it is not a candidate. Nor is an
-    ablation-only row (``train.allow_overlapping_pretrain``: a table that overlaps the training window, which no
-    config may use)."""
+def _verdict(variants: dict[str, dict[str, Any]], baselines: dict[str, dict[str, Any]],
+             per_user: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The best two-tower config (by mean validation recall, never test) against the baselines on each headline
+    metric: 'wins' only when mean − std over seeds is above the best baseline's test figure **and** the paired
+    bootstrap 95% interval of the per-user difference (``training.evaluation.paired``; the row's per-user figure
+    averaged over its seeds) is above 0 against every baseline, so one seed on a large catalog still gives a
+    verdict. A row whose blend weight is chosen at another validation horizon than the default's
+    (``train.blend_validation``) reports a validation figure on another scale: it is not a candidate. Nor is an
+    ablation-only row (``train.allow_overlapping_pretrain``: a table that overlaps the training window)."""
+    from training.evaluation.paired import align, mean_over_runs, paired_interval
+
+    per_user = per_user or {}
     real = {k: v for k, v in baselines.items() if not k.startswith("oracle")}
     default = next(iter(variants))
 
@@ -305,21 +332,37 @@ def _verdict(variants: dict[str, dict[str, Any]], baselines: dict[str, dict[str,
     allowed = [v for v in comparable if not train(v).get("allow_overlapping_pretrain")]
     best = max(allowed, key=lambda v: variants[v]["mean"]["valid"])
     lines = []
-    out: dict[str, Any] = {"best_by_validation": best, "default": default, "metrics": {},
+    out: dict[str, Any] = {"best_by_validation": best, "default": default, "metrics": {}, "paired": {},
                            "not_compared_by_validation": [v for v in variants if v not in comparable],
                            "ablation_only": [v for v in comparable if v not in allowed]}
+    rows = list(dict.fromkeys([default, best]))
+    rows += [f"{label} · towers alone" for label in rows if f"{label} · towers alone" in per_user]
+    for label in rows:
+        for metric in ("capped_recall@10", "capped_recall@50"):
+            if label not in per_user:
+                continue
+            mine = mean_over_runs(per_user[label], metric)
+            for base in real:
+                if base in per_user:
+                    a, b = align(mine, per_user[base], metric)
+                    out["paired"].setdefault(label, {}).setdefault(metric, {})[base] = paired_interval(a, b)
     for label in dict.fromkeys([default, best]):
         v = variants[label]
         parts = []
         for metric in ("capped_recall@10", "capped_recall@50"):
             top = max(real, key=lambda b: real[b][metric])
             lo = v["mean"][metric] - v["std"][metric]
-            won = lo > real[top][metric]
+            intervals = out["paired"].get(label, {}).get(metric, {})
+            above = bool(intervals) and all(i["low"] > 0 for i in intervals.values())
+            won = lo > real[top][metric] and above
+            weakest = min(intervals, key=lambda b: intervals[b]["low"]) if intervals else None
             out["metrics"].setdefault(label, {})[metric] = {"mean": v["mean"][metric], "std": v["std"][metric],
                                                             "best_baseline": top, "baseline": real[top][metric],
-                                                            "wins": won}
+                                                            "paired_above_zero": above, "wins": won}
+            paired = (f" (paired 95% interval vs {weakest}: [{intervals[weakest]['low']:+.3f}, "
+                      f"{intervals[weakest]['high']:+.3f}])" if weakest else "")
             parts.append(f"{metric} {v['mean'][metric]:.3f} ± {v['std'][metric]:.3f} "
-                         f"{'WINS over' if won else 'does NOT beat'} {top} {real[top][metric]:.3f}")
+                         f"{'WINS over' if won else 'does NOT beat'} {top} {real[top][metric]:.3f}{paired}")
         tag = "default config" if label == default else "best config by validation"
         lines.append(f"{tag} ({label}): " + "; ".join(parts))
     out["lines"] = lines
@@ -327,7 +370,8 @@ def _verdict(variants: dict[str, dict[str, Any]], baselines: dict[str, dict[str,
 
 
 def _write(out: Path, cfg: Config, source: str, manifest: dict[str, Any], split, baselines: dict[str, dict[str, Any]],
-           variants: dict[str, dict[str, Any]], verdict: dict[str, Any], seconds: float, pending: int = 0) -> Path:
+           variants: dict[str, dict[str, Any]], verdict: dict[str, Any], seconds: float, pending: int = 0,
+           skipped: Mapping[str, str] | None = None, per_user: Mapping[str, Any] | None = None) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     prov = provenance()
     cols = ("capped_recall@10", "capped_recall@50", "capped_recall@100", "ndcg@10", "coverage@50")
@@ -351,6 +395,23 @@ def _write(out: Path, cfg: Config, source: str, manifest: dict[str, Any], split,
                      + f" | {m['valid']:.3f} | {m['examples_per_s']:,.0f} | {m['seconds_to_best']:.1f} | "
                      f"{m['best_epoch']:.1f} / {m['epochs_run']:.1f}{f' ({caps} cap)' if caps else ''} | "
                      f"{m['user_tower_ms']:.2f} |")
+        alone = [r["towers_alone"] for r in runs if "towers_alone" in r]
+        if len(alone) == len(runs):
+            am = {c: float(np.mean([a[c] for a in alone])) for c in cols}
+            sd = {c: float(np.std([a[c] for a in alone], ddof=1)) if len(alone) > 1 else 0.0 for c in cols}
+            lines.append(f"| {label} · towers alone (blend weight 0) | "
+                         + " | ".join(f"{am[c]:.3f} ± {sd[c]:.3f}" for c in cols) + " | | | | | |")
+    for label, why in (skipped or {}).items():
+        lines += ["", f"Skipped: {label}: {why}."]
+    if verdict.get("paired"):
+        lines += ["", "Paired per-user differences (row − baseline, the row's per-user capped recall averaged over its "
+                      "seeds; percentile bootstrap over users, 95%):", "",
+                  "| row | baseline | Δ R@10 [95% interval] | Δ R@50 [95% interval] |", "|---|---|---:|---:|"]
+        for label, by_metric in verdict["paired"].items():
+            for base in by_metric.get("capped_recall@10", {}):
+                cells = [f"{i['diff']:+.3f} [{i['low']:+.3f}, {i['high']:+.3f}]"
+                         for i in (by_metric[m][base] for m in ("capped_recall@10", "capped_recall@50"))]
+                lines.append(f"| {label} | {base} | {cells[0]} | {cells[1]} |")
     for key, why in (("not_compared_by_validation", "their blend weight is chosen at another validation horizon, "
                                                     "so their validation figures are on another scale"),
                      ("ablation_only", "ablation only: their pre-trained table overlaps the training window, which "
@@ -374,12 +435,18 @@ def _write(out: Path, cfg: Config, source: str, manifest: dict[str, Any], split,
               **{k: {"recall_curve": v["recall_curve"]} for k, v in variants.items()}}
     _plot(curves, out / "recall_curve.png", f"Retrieval report ({source})")
     lines += ["![recall@K](recall_curve.png)", ""]
+    if per_user:
+        arrays = {}
+        for i, runs in enumerate(per_user.values()):
+            for j, run in enumerate(runs if isinstance(runs, list) else [runs]):
+                arrays.update({f"{i}.{j}.{k}": np.asarray(v) for k, v in run.items()})
+        np.savez_compressed(out / "per_user.npz", labels=np.array(list(per_user)), **arrays)
     (out / "report.json").write_text(json.dumps({"provenance": prov, "seconds": round(seconds, 1),
                                                  "config": cfg.to_dict(),
                                                  "data": source, "snapshot_id": manifest["snapshot_id"],
                                                  "users": split.n_users, "items": split.n_items,
                                                  "seeds": cfg.report.seeds, "pending_variants": pending,
-                                                 "baselines": baselines,
+                                                 "baselines": baselines, "skipped_baselines": skipped or {},
                                                  "two_tower": variants, "verdict": verdict},
                                                 indent=2, default=_jsonable))
     md = out / "report.md"

@@ -18,11 +18,14 @@ def test_report_runs_seeds_and_writes_md_and_json(pipeline_cfg, checkpoints, tmp
         pipeline_cfg,
         train=dataclasses.replace(pipeline_cfg.train, epochs=2, patience=1, batch_size=256, threads=1),
         report=dataclasses.replace(pipeline_cfg.report, seeds=2, variants="default,negatives",
-                                   baselines="popularity,ease"))
+                                   baselines="popularity,ease,sansa"))
     out = report(cfg, out_dir=tmp_path)
     data = json.loads((tmp_path / "report.json").read_text())
     assert data["data"] == "synthetic" and data["seeds"] == 2 and data["pending_variants"] == 0
-    assert set(data["baselines"]) == {"popularity", "EASE (tuned)", "oracle (generator's ground truth)"}
+    sansa = "SANSA, scalable EASE (tuned, recency-weighted history)"
+    assert set(data["baselines"]) | set(data["skipped_baselines"]) == {
+        "popularity", "EASE (tuned)", sansa, "oracle (generator's ground truth)"}
+    assert sansa in data["baselines"] or "pip install" in data["skipped_baselines"][sansa]
     rows = data["two_tower"]
     assert list(rows) == ["two-tower (default config)", "full softmax", "hides as hard negatives"]
     for row in rows.values():
@@ -37,22 +40,50 @@ def test_report_runs_seeds_and_writes_md_and_json(pipeline_cfg, checkpoints, tmp
     assert rows["hides as hard negatives"]["config"]["train"]["hide_negatives"] is True
     md = (tmp_path / "report.md").read_text()
     assert "**Verdict**" in md and "± " in md and out["verdict"]
+    assert "towers alone (blend weight 0)" in md and "Paired per-user differences" in md
+    default = rows["two-tower (default config)"]
+    assert all("towers_alone" in r for r in default["runs"])
+    paired = data["verdict"]["paired"]["two-tower (default config)"]["capped_recall@50"]["EASE (tuned)"]
+    assert paired["low"] <= paired["diff"] <= paired["high"]
+    import numpy as np
+
+    arrays = np.load(tmp_path / "per_user.npz")
+    assert "two-tower (default config)" in arrays["labels"].tolist()
     assert "Popularity prior weights chosen on validation: " in md
 
 
-def test_verdict_wins_only_when_mean_minus_std_clears_the_best_baseline():
+def test_verdict_wins_only_when_mean_minus_std_and_the_paired_interval_clear_every_baseline():
+    import numpy as np
+
     def row(mean, std, valid):
         m = {"capped_recall@10": mean, "capped_recall@50": mean, "valid": valid}
         return {"mean": m, "std": {"capped_recall@10": std, "capped_recall@50": std}}
 
+    rng = np.random.default_rng(0)
+    users = np.arange(400)
+
+    def per_user(level, noise=0.05):
+        values = np.clip(level + rng.normal(0, noise, len(users)), 0, 1)
+        return {"user_ids": users, "capped_recall@10": values, "capped_recall@50": values}
+
     baselines = {"A": {"capped_recall@10": 0.30, "capped_recall@50": 0.30},
                  "B": {"capped_recall@10": 0.20, "capped_recall@50": 0.35},
                  "oracle (x)": {"capped_recall@10": 0.9, "capped_recall@50": 0.9}}   # never a baseline to beat
-    v = _verdict({"default": row(0.36, 0.02, 0.5), "other": row(0.37, 0.001, 0.6)}, baselines)
+    base_users = {"A": per_user(0.30), "B": per_user(0.35)}
+    rows = {"default": row(0.36, 0.02, 0.5), "other": row(0.37, 0.001, 0.6)}
+    v = _verdict(rows, baselines, {**base_users, "default": [per_user(0.36)], "other": [per_user(0.40)] * 2})
     assert v["best_by_validation"] == "other" and v["default"] == "default"
     m = v["metrics"]
     assert m["default"]["capped_recall@50"]["best_baseline"] == "B" and not m["default"]["capped_recall@50"]["wins"]
     assert m["other"]["capped_recall@50"]["wins"] and m["other"]["capped_recall@10"]["best_baseline"] == "A"
+    interval = v["paired"]["other"]["capped_recall@50"]["B"]
+    assert interval["low"] > 0 and interval["users"] == 400 and interval["low"] < interval["diff"] < interval["high"]
+    # the same means, but per user the row is no better than B: no win, whatever mean − std says
+    noisy = _verdict(rows, baselines, {**base_users, "default": [per_user(0.36)],
+                                       "other": [{**base_users["B"], "capped_recall@10": base_users["B"]
+                                                  ["capped_recall@10"] + rng.normal(0, 0.3, len(users))}]})
+    assert not noisy["metrics"]["other"]["capped_recall@50"]["wins"]
+    assert noisy["paired"]["other"]["capped_recall@50"]["B"]["low"] <= 0
 
 
 def test_a_row_validated_at_another_blend_horizon_is_not_a_candidate_for_the_best_config():
