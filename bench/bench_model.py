@@ -3,6 +3,7 @@ the tuned baselines, and the generator's oracle on synthetic data), written wher
 
     .venv/bin/python bench/bench_model.py --dataset synthetic          # the world `make run` trains on
     .venv/bin/python bench/bench_model.py --dataset ml100k [--ml100k ../shared/datasets/ml-100k]
+    .venv/bin/python bench/bench_model.py --dataset synthetic-medium --seeds 1   # 30k users, 100k pins, 4M events
 
 Writes docs/results/model-<dataset>.json (``--out``): the report's JSON (every run's metrics, the baselines, the
 verdict, the effective config) with the provenance of this run and the peak memory; ``make docs-gen`` renders the
@@ -28,11 +29,15 @@ from common import RESULTS, write_results  # noqa: E402  (bench/common.py)
 from training.config import Config  # noqa: E402
 
 ML100K_DEFAULT = ROOT.parent / "shared" / "datasets" / "ml-100k"
+WORLDS = {"synthetic": {}, "synthetic-medium": {"data.n_users": 30_000, "data.n_pins": 100_000,
+                                                "data.n_events": 4_000_000}}
+"""The synthetic worlds: the default one (``make run``'s) and a medium catalog, 12× its pins (same generator,
+same structure, only the sizes differ)."""
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--dataset", choices=["synthetic", "ml100k"], default="synthetic")
+    ap.add_argument("--dataset", choices=[*WORLDS, "ml100k"], default="synthetic")
     ap.add_argument("--ml100k", default=str(ML100K_DEFAULT), help="ML-100k directory (u.data, u.item, u.user)")
     ap.add_argument("--data-dir", help="data dir (default .data/bench_model/<dataset>)")
     ap.add_argument("--keep-data", action="store_true", help="reuse the data dir's training set when it has one")
@@ -50,7 +55,8 @@ def main() -> None:
     from training.evaluation.report import report
 
     data_dir = Path(args.data_dir or ROOT / ".data" / "bench_model" / args.dataset)
-    overrides = {"report.variants": args.variants, "report.seeds": args.seeds, "train.threads": args.threads}
+    overrides = {"report.variants": args.variants, "report.seeds": args.seeds, "train.threads": args.threads,
+                 **WORLDS.get(args.dataset, {})}
     if args.dataset == "ml100k":
         if not (Path(args.ml100k) / "u.data").exists():
             sys.exit(f"bench_model: no ML-100k at {args.ml100k} (u.data); download it from "

@@ -62,6 +62,9 @@ EASE_MAX_ITEMS = 25_000
 SANSA_GRID: dict[str, Sequence[Any]] = {"l2": (5.0, 20.0, 100.0, 500.0), "neighbours": (100, 400),
                                         "recency": (None, 10.0, 20.0, 50.0)}
 """SANSA: λ, kept weights per item (density = neighbours / items) and the history's recency scale."""
+SANSA_MAX_WEIGHTS = 20_000_000
+"""Largest weight matrix (neighbours × items) the SANSA grid tries: its fit time grows with it (on 2 cores, 100
+neighbours × 76k items took ~3 min, 400 × 76k over 15 min); larger grid values are dropped with a log line."""
 ALS_GRID: dict[str, Sequence[Any]] = {
     "factors": (32, 64, 128),
     "regularization": (0.01, 0.1, 1.0),
@@ -238,6 +241,15 @@ class SANSA:
     def tune(self, split: Split, grid: Mapping[str, Sequence[Any]] | None = None) -> list[dict[str, Any]]:
         """Grid search on validation recall@50 (``SANSA_GRID``); keeps the best parameters."""
         grid = dict(SANSA_GRID if grid is None else grid)
+        fits = [n for n in grid["neighbours"] if n * split.n_items <= SANSA_MAX_WEIGHTS]
+        if not fits:
+            raise CatalogTooLarge(f"SANSA: even {min(grid['neighbours'])} neighbours × {split.n_items:,} items is over "
+                                  f"{SANSA_MAX_WEIGHTS:,} weights (baselines.SANSA_MAX_WEIGHTS)")
+        if len(fits) < len(grid["neighbours"]):
+            log.info("SANSA: %s neighbours × %s items is over %s weights; tuning %s only",
+                     [n for n in grid["neighbours"] if n not in fits], f"{split.n_items:,}", f"{SANSA_MAX_WEIGHTS:,}",
+                     fits)
+        grid["neighbours"] = fits
         configs = [dict(zip(grid, values, strict=True)) for values in itertools.product(*grid.values())]
 
         def setup(params: dict[str, Any]) -> SANSA:
@@ -386,7 +398,25 @@ def tune(
 
 
 def tune_knn(knn: ItemKNN, split: Split, grid: Sequence[int | None] = KNN_GRID) -> list[dict[str, Any]]:
-    """Pick ItemKNN's neighbourhood size on validation recall@50 (one co-occurrence computation)."""
+    """Pick ItemKNN's neighbourhood size on validation recall@50 (one co-occurrence computation). A catalog whose
+    full similarity matrix is over ``DENSE_SIMILARITY_BYTES`` drops k = None from the grid and computes the
+    pruned matrix once, at the largest k; each smaller k keeps the top of those rows (the same matrix as pruning
+    the full one)."""
+    if split.n_items * split.n_items * 4 > DENSE_SIMILARITY_BYTES:
+        grid = [k for k in grid if k is not None]
+        if not grid:
+            raise CatalogTooLarge(f"{split.n_items:,} items: the full similarity matrix is too large; give k values")
+        knn.k = max(grid)
+        knn.fit(split)
+        widest = knn.sim
+
+        def setup_pruned(params: dict[str, Any]) -> Scorer:
+            knn.sim = _prune_sparse_rows(widest, params["k"])
+            return _Prefitted(knn)
+
+        records = tune(setup_pruned, split, [{"k": k} for k in grid])
+        knn.k = records[0]["params"]["k"]
+        return records
     knn.k = None
     knn.fit(split)
 
@@ -459,12 +489,29 @@ def _cosine(x: sp.csr_matrix) -> np.ndarray:
 def _prune_rows(sim: np.ndarray, k: int) -> sp.csr_matrix:
     """(n, n) CSR keeping the ``k`` largest entries of every row of the dense ``sim`` (ties by index)."""
     n = sim.shape[0]
-    keep = np.argpartition(-sim, k - 1, axis=1)[:, :k]
+    keep = np.argsort(-sim, axis=1, kind="stable")[:, :k]      # ties by index, whatever the matrix's shape
     vals = np.take_along_axis(sim, keep, axis=1)
     m = sp.csr_matrix((vals.ravel(), keep.ravel(), np.arange(0, n * k + 1, k)), shape=sim.shape)
     m.eliminate_zeros()
     m.sort_indices()
     return m
+
+
+def _prune_sparse_rows(m: sp.csr_matrix, k: int) -> sp.csr_matrix:
+    """The CSR ``m`` with each row's ``k`` largest entries kept (ties by column)."""
+    rows, cols, vals = [], [], []
+    for i in range(m.shape[0]):
+        lo, hi = m.indptr[i], m.indptr[i + 1]
+        if hi - lo > k:
+            keep = lo + np.lexsort((m.indices[lo:hi], -m.data[lo:hi]))[:k]
+        else:
+            keep = np.arange(lo, hi)
+        rows.append(np.full(len(keep), i))
+        cols.append(m.indices[keep])
+        vals.append(m.data[keep])
+    out = sp.csr_matrix((np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))), shape=m.shape)
+    out.sort_indices()
+    return out
 
 
 def _pruned_cosine_blocks(x: sp.csr_matrix, k: int, block: int = 1024) -> sp.csr_matrix:

@@ -186,3 +186,22 @@ def test_baselines_score_from_history_strictly_before_the_first_held_out_instant
     untied.fit(Split.from_frame(frame.assign(event_timestamp=frame["event_timestamp"]
                                              - pd.to_timedelta((frame["pin_id"] == 2) * 1, unit="s"))))
     np.testing.assert_allclose(als.user_factors[1:], untied.user_factors[1:], rtol=1e-5)   # others as fitted
+
+
+def test_item_knn_tuning_on_a_catalog_too_large_for_the_dense_matrix_prunes_once_and_matches_the_dense_path(
+        synthetic: tuple[Split, GroundTruth], monkeypatch: pytest.MonkeyPatch) -> None:
+    from training.evaluation import baselines
+
+    split, _ = synthetic
+    dense = tune_knn(ItemKNN(), split, grid=(10, 50))
+    monkeypatch.setattr(baselines, "DENSE_SIMILARITY_BYTES", 1024)
+    knn = ItemKNN()
+    sparse = tune_knn(knn, split, grid=(None, 10, 50))          # None is dropped: no dense matrix here
+    assert [r["params"] for r in sparse] == [r["params"] for r in dense]
+    assert [r["recall@50"] for r in sparse] == pytest.approx([r["recall@50"] for r in dense], abs=1e-6)
+    direct = ItemKNN(k=10)
+    direct.fit(split)
+    np.testing.assert_allclose(baselines._prune_sparse_rows(knn.sim, 10).toarray(), direct.sim.toarray(),
+                               atol=1e-6)
+    with pytest.raises(baselines.CatalogTooLarge, match="too large"):
+        tune_knn(ItemKNN(), split, grid=(None,))
