@@ -41,6 +41,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/bench_model.py --dataset synthetic
 	$(BIN)/python bench/bench_model.py --dataset ml100k
+	$(BIN)/python bench/bench_model.py --dataset synthetic-medium --seeds 1
 	$(BIN)/python bench/bench_data.py --events 2000000 --users 40000 --pins 20000 --data-dir .data/bench_data_2m \
 	  --out docs/results/data-2m.json
 	$(BIN)/python bench/bench_data.py --data-dir .data/bench_data_10m --out docs/results/data-10m.json

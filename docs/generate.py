@@ -20,6 +20,7 @@ import dataclasses
 import json
 import os
 import re
+import statistics
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -554,7 +555,9 @@ def features_page() -> str:
 
 MODEL_COLUMNS = ("capped_recall@10", "capped_recall@50", "capped_recall@100", "ndcg@10", "coverage@50")
 DATASETS = {"synthetic": ("Synthetic default", "bench/bench_model.py --dataset synthetic"),
-            "ml100k": ("MovieLens 100k", "bench/bench_model.py --dataset ml100k")}
+            "ml100k": ("MovieLens 100k", "bench/bench_model.py --dataset ml100k"),
+            "synthetic-medium": ("Synthetic medium catalog (100k pins)",
+                                 "bench/bench_model.py --dataset synthetic-medium --seeds 1")}
 
 
 def _best_baseline(doc: dict[str, Any], metric: str) -> tuple[str, float]:
@@ -579,8 +582,15 @@ def verdict_lines(doc: dict[str, Any]) -> list[str]:
     out = []
     for label, metrics in v["metrics"].items():
         tag = "default config" if label == v["default"] else "best config by validation"
-        parts = [f"{metric} {m['mean']:.3f} ± {m['std']:.3f} {'**wins** over' if m['wins'] else 'does **not** beat'} "
-                 f"{m['best_baseline']} {m['baseline']:.3f}" for metric, m in metrics.items()]
+        parts = []
+        for metric, m in metrics.items():
+            paired = v.get("paired", {}).get(label, {}).get(metric, {})
+            weakest = min(paired, key=lambda b: paired[b]["low"]) if paired else None
+            interval = (f" (paired 95% interval vs {weakest}: [{paired[weakest]['low']:+.3f}, "
+                        f"{paired[weakest]['high']:+.3f}])" if weakest else "")
+            parts.append(f"{metric} {m['mean']:.3f} ± {m['std']:.3f} "
+                         f"{'**wins** over' if m['wins'] else 'does **not** beat'} {m['best_baseline']} "
+                         f"{m['baseline']:.3f}{interval}")
         out.append(f"{tag} ({label}): " + "; ".join(parts))
     return out
 
@@ -597,7 +607,31 @@ def model_table(doc: dict[str, Any]) -> str:
                      *(f"{m[c]:.3f} ± {s[c]:.3f}" for c in MODEL_COLUMNS), fmt(m.get("valid")),
                      fmt(m.get("seconds_to_best"), 1),
                      f"{m.get('best_epoch', 0):.1f} / {m.get('epochs_run', 0):.1f}", fmt(m.get("user_tower_ms"), 2)])
+        alone = [r["towers_alone"] for r in v["runs"] if "towers_alone" in r]
+        if alone and len(alone) == len(v["runs"]):
+            cells = []
+            for c in MODEL_COLUMNS:
+                values = [a[c] for a in alone if c in a]
+                cells.append(f"{statistics.mean(values):.3f} ± "
+                             f"{statistics.stdev(values) if len(values) > 1 else 0.0:.3f}" if values else "")
+            rows.append([f"{label} · towers alone (blend weight 0)", *cells, "", "", "", ""])
     return table(head, rows, "l" + "r" * (len(head) - 1))
+
+
+def paired_table(doc: dict[str, Any]) -> list[str]:
+    """The verdict's paired per-user intervals (row − baseline), when the report has them."""
+    paired = doc["verdict"].get("paired") or {}
+    rows = []
+    for label, by_metric in paired.items():
+        for base in by_metric.get("capped_recall@10", {}):
+            rows.append([label, base, *(f"{i['diff']:+.3f} [{i['low']:+.3f}, {i['high']:+.3f}]"
+                                        for i in (by_metric[m][base] for m in ("capped_recall@10",
+                                                                                "capped_recall@50")))])
+    if not rows:
+        return []
+    return ["Paired per-user differences (row − baseline; the row's per-user capped recall averaged over its seeds; "
+            "percentile bootstrap over users, 95%):", "",
+            table(["row", "baseline", "Δ recall@10 [95% interval]", "Δ recall@50 [95% interval]"], rows, "llrr"), ""]
 
 
 def model_section(name: str) -> str:
@@ -612,9 +646,13 @@ def model_section(name: str) -> str:
             f"{doc['users']:,} users, {doc['items']:,} candidate pins (data snapshot `{doc['snapshot_id']}`). "
             f"Two-tower rows: mean ± std over {seeds} training seeds; baselines tuned on validation and refit on "
             "train + validation. The best configuration is chosen by validation, never by test.", "",
-            model_table(doc), "", "**Verdict** (a model wins only when its mean − std is above the best baseline):",
-            ""]
+            model_table(doc), ""]
+    out += [f"Skipped: {label}: {why}." for label, why in doc.get("skipped_baselines", {}).items()]
+    out += ["", "**Verdict** (a model wins only when its mean − std is above the best baseline and the paired "
+            "per-user interval is above 0 against every baseline):" if doc["verdict"].get("paired") else
+            "**Verdict** (a model wins only when its mean − std is above the best baseline):", ""]
     out += [f"- {line}" for line in verdict_lines(doc)]
+    out += ["", *paired_table(doc)]
     out += ["", f"Per seed ({label}):", "",
             table(["seed", "capped_recall@10", "capped_recall@50", "valid recall@50", "best epoch",
                    "s to best", "blend weight", "popularity prior"],
@@ -788,7 +826,8 @@ def retraining_page() -> str:
 
 def benchmarks_index() -> str:
     rows = []
-    for title, link, names in (("Model quality", "model.md", ["model-synthetic", "model-ml100k"]),
+    for title, link, names in (("Model quality", "model.md", ["model-synthetic", "model-ml100k",
+                                                              "model-synthetic-medium"]),
                                ("Data layer", "data.md", sorted(p.stem for p in RESULTS.glob("data*.json"))),
                                ("Pin index", "pin-index.md", ["pin-index", "mips"]),
                                ("Service", "service.md", ["service", "overload"]),

@@ -129,6 +129,13 @@ def published_reference(cfg: Config, snapshot_id: str) -> dict[str, Any] | None:
     return None
 
 
+def skip_reason(error: Exception) -> str:
+    """The one line a report prints for a baseline it cannot run here."""
+    if isinstance(error, ImportError):
+        return f"the optional package is not installed ({error}); pip install -e '.[sansa]' (needs SuiteSparse)"
+    return str(error)
+
+
 def _baselines():
     from training.evaluation import baselines
 
@@ -218,9 +225,7 @@ def report(cfg: Config, out_dir: Path | None = None) -> dict[str, Any]:
         try:
             res, _ = fit_tune_evaluate(factory(), split, grid=grid, per_user=True)
         except (CatalogTooLarge, ImportError) as e:
-            why = (f"the optional package is not installed ({e}); pip install -e '.[sansa]' (needs SuiteSparse)"
-                   if isinstance(e, ImportError) else str(e))
-            skipped[label] = why
+            skipped[label] = why = skip_reason(e)
             log.warning("%s: skipped: %s", label, why)
             continue
         per_user[label] = res.pop("per_user")

@@ -205,3 +205,43 @@ def test_item_knn_tuning_on_a_catalog_too_large_for_the_dense_matrix_prunes_once
                                atol=1e-6)
     with pytest.raises(baselines.CatalogTooLarge, match="too large"):
         tune_knn(ItemKNN(), split, grid=(None,))
+
+
+def test_sansa_is_close_to_ease_where_both_run_and_scores_zero_for_items_without_train_rows(
+        synthetic: tuple[Split, GroundTruth]) -> None:
+    pytest.importorskip("sansa", reason="the optional 'sansa' extra (needs SuiteSparse to build)")
+    from training.evaluation.baselines import SANSA
+
+    split, _ = synthetic
+    ease, sansa = EASE(l2=50.0), SANSA(l2=50.0, neighbours=split.n_items)
+    ease.fit(split)
+    sansa.fit(split)
+    users = np.arange(50)
+    a, b = ease.score(users), sansa.score(users)
+    assert a.shape == b.shape == (50, split.n_items)
+    cold = np.flatnonzero(np.asarray(split.train.sum(axis=0)).ravel() == 0)
+    assert len(cold) and np.allclose(b[:, cold], 0)
+    top_a, top_b = np.argsort(-a, axis=1)[:, :50], np.argsort(-b, axis=1)[:, :50]
+    overlap = np.mean([len(set(x) & set(y)) / 50 for x, y in zip(top_a, top_b, strict=True)])
+    assert overlap > 0.6, overlap
+
+
+def test_a_report_without_the_sansa_package_skips_it_with_a_line_naming_the_extra(monkeypatch) -> None:
+    import builtins
+
+    from training.evaluation.baselines import SANSA
+    from training.evaluation.report import skip_reason
+
+    real_import = builtins.__import__
+
+    def no_sansa(name, *args, **kwargs):
+        if name == "sansa":
+            raise ImportError("No module named 'sansa'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_sansa)
+    rows = [(u, i, "train") for u in range(6) for i in range(4)] + [(u, 4, "valid") for u in range(6)]
+    with pytest.raises(ImportError, match="sansa") as err:
+        SANSA().fit(_split(rows, items=list(range(6))))
+    line = skip_reason(err.value)
+    assert "pip install -e '.[sansa]'" in line and "SuiteSparse" in line and "No module named 'sansa'" in line
