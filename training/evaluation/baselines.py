@@ -235,8 +235,8 @@ class SANSA:
         """(len(user_idx), n_items) float32 ``x_u @ Wᵀ @ W_r`` (SANSA's factorised B)."""
         if self.x is None or self.weights is None:
             raise _Unfitted("SANSA.fit first")
-        out = (self.x[user_idx] @ self.weights[0]) @ self.weights[1]
-        return (out.toarray() if sp.issparse(out) else np.asarray(out)).astype(np.float32, copy=False)
+        latent = (self.x[user_idx] @ self.weights[0]).toarray()      # (users, items): dense, as the scores are
+        return np.asarray((self.weights[1].T @ latent.T).T, dtype=np.float32)   # dense × sparse, no fill-in
 
     def tune(self, split: Split, grid: Mapping[str, Sequence[Any]] | None = None) -> list[dict[str, Any]]:
         """Grid search on validation recall@50 (``SANSA_GRID``); keeps the best parameters."""
