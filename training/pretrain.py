@@ -237,13 +237,19 @@ def contrastive(ev: pd.DataFrame, pc: PretrainConfig, length: int,
                     "seconds": round(time.perf_counter() - t0, 2), "history": history}
 
 
+CALIBRATION_BLOCK_BYTES = 128 << 20
+"""Largest users × pins score block ``calibrated`` holds at once (never the whole users × pins matrix)."""
+
+
 def calibrated(tables: dict[str, np.ndarray], ev: pd.DataFrame, length: int,
                scale: float) -> tuple[dict[str, np.ndarray], float]:
     """The tables scaled (P, Q and U alike) so that a user's best pin scores 1 on average: the towers' softmax
     temperature then means the same whatever the method or the data."""
     pin_rows = np.searchsorted(tables["pin_ids"], ev["pin_id"].to_numpy(np.int64))
     _, pooled = pool_users(ev, pin_rows, tables["context"], length, scale)
-    best = (pooled @ tables["target"].T).max(axis=1)
+    target = tables["target"]
+    block = max(1, CALIBRATION_BLOCK_BYTES // (4 * max(len(target), 1)))   # users scored at once: bounded memory
+    best = np.concatenate([(pooled[i:i + block] @ target.T).max(axis=1) for i in range(0, len(pooled), block)])
     c = float(np.mean(best[best > 0])) if (best > 0).any() else 1.0
     f = 1.0 / np.sqrt(c)
     return {**tables, **{k: (tables[k] * f).astype(np.float32) for k in ("context", "target", "users")}}, c
@@ -297,7 +303,7 @@ def pretrain(cfg: Config, split: Split, snapshot_id: str, until: str = "window")
 
 def pretrain_stage(cfg: Config) -> dict[str, Any]:
     """``retrieval pretrain``: a table for the live training set's split, saved under <data_dir>/pretrained."""
-    ts, split, manifest = load_split(cfg)
+    _, split, manifest = load_split(cfg, features=False)
     table = pretrain(cfg, split, manifest["snapshot_id"])
     folder = table.save(pretrained_root(cfg))
     summary = {k: v for k, v in table.manifest().items() if k not in ("history", "config")}

@@ -141,25 +141,42 @@ def test_ease_svd_refuses_a_catalog_over_its_memory_limit_before_allocating_it()
     assert f"{n_pins:,} pins" in str(err.value) and "pretrain.max_dense_gib" in str(err.value)
 
 
-def test_ridge_svd_memory_grows_linearly_with_the_catalog():
-    """The default pre-training holds nothing pins × pins: with 4× the pins and 4× the engagements its peak
+def test_ridge_svd_memory_grows_linearly_with_the_catalog(monkeypatch):
+    """The default pre-training (the table and its score calibration) holds nothing pins × pins or users × pins:
+    with 4× the pins, users and engagements its peak
     allocation (tracemalloc, which sees numpy's and scipy's arrays) grows about 4×, where a dense pins × pins
     method grows 16×."""
     import tracemalloc
 
+    from training import pretrain as stage
     from training.config import PretrainConfig
-    from training.pretrain import ease_svd, ridge_svd
+    from training.pretrain import calibrated, ease_svd, ridge_svd
 
     pc = PretrainConfig(dim=16, max_dense_gib=64)
+    monkeypatch.setattr(stage, "CALIBRATION_BLOCK_BYTES", 1 << 20)   # blocks at these small sizes too
     peaks = {}
     for method in (ridge_svd, ease_svd):
         for scale in (1, 4):
             ev = _events(1000 * scale, 600 * scale, 20000 * scale, seed=scale)
             tracemalloc.start()
-            method(ev, pc, 20)
+            tables, _ = method(ev, pc, 20)
+            if method is ridge_svd:
+                calibrated(tables, ev, 20, pc.recency)     # the score scale: users × pins only in blocks
             peaks[method.__name__, scale] = tracemalloc.get_traced_memory()[1]
             tracemalloc.stop()
     ridge = peaks["ridge_svd", 4] / peaks["ridge_svd", 1]
     dense = peaks["ease_svd", 4] / peaks["ease_svd", 1]
     assert ridge < 5.5, peaks
     assert dense > 10, peaks          # the check can tell the two apart
+
+
+def test_the_pretraining_split_read_without_feature_columns_is_the_same_split(pipeline_cfg):
+    from training.evaluation.split import SPLIT_COLUMNS
+
+    _, full, _ = load_split(pipeline_cfg)
+    ts, lean, _ = load_split(pipeline_cfg, features=False)
+    assert list(ts.columns) == list(SPLIT_COLUMNS)
+    pd.testing.assert_frame_equal(full.frame, lean.frame)
+    for part in ("train", "valid", "test"):
+        assert (getattr(full, part) != getattr(lean, part)).nnz == 0
+    np.testing.assert_array_equal(full.item_interest, lean.item_interest)

@@ -309,13 +309,19 @@ def interest_map(training_set: pd.DataFrame) -> pd.Series:
     return pd.Series(df["interest_id"].to_numpy(np.int64), index=df["pin_id"].to_numpy(np.int64))
 
 
-def load_split(cfg: Config) -> tuple[pd.DataFrame, Split, dict[str, Any]]:
+SPLIT_COLUMNS = ("user_id", "pin_id", "event_timestamp", "label", "interest_id")
+"""What the split itself reads from the training set (``load_split(cfg, features=False)``)."""
+
+
+def load_split(cfg: Config, features: bool = True) -> tuple[pd.DataFrame, Split, dict[str, Any]]:
     """(training set, its temporal split, its manifest) of the live training set: the one split every model of
-    a run is fitted and evaluated on (ties at equal timestamps by a fixed hash of ``train.seed``)."""
+    a run is fitted and evaluated on (ties at equal timestamps by a fixed hash of ``train.seed``). With
+    ``features`` False only ``SPLIT_COLUMNS`` are read (the same split, without the feature columns' memory: what
+    the pre-training stage needs)."""
     path = training_set_path(cfg)
     if not path.exists():
         raise FileNotFoundError(f"no training set at {path}: run `retrieval run` (or `retrieval training-set`)")
     manifest = json.loads(path.with_suffix(".json").read_text())
-    ts = pd.read_parquet(path)
+    ts = pd.read_parquet(path, columns=None if features else list(SPLIT_COLUMNS))
     split = temporal_split(ts, item_interest=interest_map(ts), tie_break="hash", seed=cfg.train.seed)
     return ts, split, manifest
