@@ -128,12 +128,13 @@ def ridge_svd(ev: pd.DataFrame, pc: PretrainConfig, length: int) -> tuple[dict[s
     restricted to that subspace is B = V diag(s² / (s² + λ)) Vᵀ; P = Q = V diag(√(s² / (s² + λ))), with
     λ = ``pretrain.ridge`` × the mean of the kept s² (relative, so one setting carries across catalog sizes).
     Memory O(nnz + pins · dim), time O(nnz · dim) per Lanczos step: nothing pins × pins is formed."""
+    import scipy.sparse as sp
     from scipy.sparse.linalg import svds
 
     pin_ids, pin_rows, x = engagement_matrix(ev)
     counts = np.asarray(x.sum(axis=0)).ravel()
     if pc.pop_exponent:
-        x = x @ _diag(np.power(np.maximum(counts, 1.0), -pc.pop_exponent).astype(np.float32))
+        x = x @ sp.diags(np.power(np.maximum(counts, 1.0), -pc.pop_exponent).astype(np.float32), format="csr")
     k = min(pc.dim, min(x.shape) - 1)
     v0 = np.random.default_rng(pc.seed).standard_normal(min(x.shape))
     _, s, vt = svds(x, k=k, v0=v0)
@@ -146,12 +147,6 @@ def ridge_svd(ev: pd.DataFrame, pc: PretrainConfig, length: int) -> tuple[dict[s
     user_ids, users = pool_users(ev, pin_rows, context, length, pc.recency)
     return ({"pin_ids": pin_ids, "context": context, "target": context.copy(), "user_ids": user_ids,
              "users": users}, {"singular_values_top5": s[:5].round(4).tolist(), "ridge_lambda": round(lam, 4)})
-
-
-def _diag(values: np.ndarray):
-    import scipy.sparse as sp
-
-    return sp.diags(values, format="csr")
 
 
 def contrastive(ev: pd.DataFrame, pc: PretrainConfig, length: int,

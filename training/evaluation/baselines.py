@@ -149,8 +149,35 @@ class CatalogTooLarge(MemoryError, ValueError):
     large is allocated; the command line reports it as an error, the report skips that baseline with its message."""
 
 
-class EASE:
+class _GridTuned:
+    """Parameters held in ``self.params`` and a grid search over them on validation (EASE, SANSA, ALS)."""
+
+    name = ""
+    params: dict[str, Any]
+
+    def set_params(self, **params: Any) -> None:
+        unknown = set(params) - set(self.params)
+        if unknown:
+            raise ValueError(f"unknown {self.name} parameters {sorted(unknown)}")
+        self.params.update(params)
+
+    def _grid_search(self, split: Split, grid: Mapping[str, Sequence[Any]]) -> list[dict[str, Any]]:
+        """Every combination of ``grid`` fitted on train and scored on validation (``tune``); keeps the best."""
+        configs = [dict(zip(grid, values, strict=True)) for values in itertools.product(*grid.values())]
+
+        def setup(params: dict[str, Any]) -> Scorer:
+            self.set_params(**params)
+            return self
+
+        records = tune(setup, split, configs)
+        self.set_params(**records[0]["params"])
+        return records
+
+
+class EASE(_GridTuned):
     """Steck's EASE on binary train interactions, optionally with a recency-weighted history (see module doc)."""
+
+    name = "EASE"
 
     def __init__(self, l2: float = 200.0, recency: float | None = None) -> None:
         self.params: dict[str, Any] = {"l2": float(l2), "recency": recency}
@@ -158,12 +185,6 @@ class EASE:
         self._fitted_l2: float | None = None
         self._split: Split | None = None
         self.x: sp.csr_matrix | None = None
-
-    def set_params(self, **params: Any) -> None:
-        unknown = set(params) - set(self.params)
-        if unknown:
-            raise ValueError(f"unknown EASE parameters {sorted(unknown)}")
-        self.params.update(params)
 
     def fit(self, split: Split) -> None:
         n_items = split.n_items
@@ -184,20 +205,13 @@ class EASE:
 
     def tune(self, split: Split, grid: Mapping[str, Sequence[Any]] | None = None) -> list[dict[str, Any]]:
         """Grid search of λ (and the recency scale) on validation recall@50; keeps the best parameters."""
-        grid = dict(EASE_GRID if grid is None else grid)
-        configs = [dict(zip(grid, values, strict=True)) for values in itertools.product(*grid.values())]
-
-        def setup(params: dict[str, Any]) -> EASE:
-            self.set_params(**params)
-            return self
-
-        records = tune(setup, split, configs)
-        self.set_params(**records[0]["params"])
-        return records
+        return self._grid_search(split, dict(EASE_GRID if grid is None else grid))
 
 
-class SANSA:
+class SANSA(_GridTuned):
     """Scalable EASE (``sansa`` package) on binary train interactions, optionally with a recency-weighted history."""
+
+    name = "SANSA"
 
     def __init__(self, l2: float = 100.0, neighbours: int = 200, recency: float | None = None) -> None:
         self.params: dict[str, Any] = {"l2": float(l2), "neighbours": int(neighbours), "recency": recency}
@@ -205,8 +219,6 @@ class SANSA:
         self._fitted: tuple[Any, ...] | None = None
         self._split: Split | None = None
         self.x: sp.csr_matrix | None = None
-
-    set_params = EASE.set_params
 
     def fit(self, split: Split) -> None:
         key = (self.params["l2"], self.params["neighbours"])
@@ -250,15 +262,7 @@ class SANSA:
                      [n for n in grid["neighbours"] if n not in fits], f"{split.n_items:,}", f"{SANSA_MAX_WEIGHTS:,}",
                      fits)
         grid["neighbours"] = fits
-        configs = [dict(zip(grid, values, strict=True)) for values in itertools.product(*grid.values())]
-
-        def setup(params: dict[str, Any]) -> SANSA:
-            self.set_params(**params)
-            return self
-
-        records = tune(setup, split, configs)
-        self.set_params(**records[0]["params"])
-        return records
+        return self._grid_search(split, grid)
 
 
 def ease_weights(x: sp.csr_matrix, l2: float) -> np.ndarray:
@@ -287,8 +291,10 @@ def history_weights(split: Split, recency: float | None) -> sp.csr_matrix:
     return m.tocsr()
 
 
-class ImplicitALS:
+class ImplicitALS(_GridTuned):
     """``implicit.cpu.als.AlternatingLeastSquares`` as a harness scorer (confidence ``1 + alpha · count``)."""
+
+    name = "ALS"
 
     def __init__(
         self,
@@ -309,12 +315,6 @@ class ImplicitALS:
         self.num_threads = num_threads
         self.user_factors: np.ndarray | None = None
         self.item_factors: np.ndarray | None = None
-
-    def set_params(self, **params: Any) -> None:
-        unknown = set(params) - set(self.params)
-        if unknown:
-            raise ValueError(f"unknown ALS parameters {sorted(unknown)}")
-        self.params.update(params)
 
     def fit(self, split: Split) -> None:
         from implicit.cpu.als import AlternatingLeastSquares
@@ -359,17 +359,7 @@ class ImplicitALS:
         (default ``ALS_GRID``, 54 fits). Returns one record per configuration (params, the validation
         metric, seconds), best first. Refit on ``split.merged()`` before evaluating on test.
         """
-        grid = dict(ALS_GRID if grid is None else grid)
-        names = list(grid)
-        configs = [dict(zip(names, values, strict=True)) for values in itertools.product(*grid.values())]
-
-        def setup(params: dict[str, Any]) -> ImplicitALS:
-            self.set_params(**params)
-            return self
-
-        records = tune(setup, split, configs)
-        self.set_params(**records[0]["params"])
-        return records
+        return self._grid_search(split, dict(ALS_GRID if grid is None else grid))
 
 
 def tune(
