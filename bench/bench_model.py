@@ -43,6 +43,7 @@ def main() -> None:
     ap.add_argument("--keep-data", action="store_true", help="reuse the data dir's training set when it has one")
     ap.add_argument("--variants", default="default", help="report.variants: ablation groups next to the default")
     ap.add_argument("--seeds", type=int, default=3, help="training seeds per two-tower row")
+    ap.add_argument("--grids", default="", help="report.grids: JSON replacing baselines' tuning grids (large catalogs)")
     ap.add_argument("--threads", type=int, default=2, help="torch threads (train.threads)")
     ap.add_argument("--out", help="JSON output (default docs/results/model-<dataset>.json)")
     args = ap.parse_args()
@@ -56,6 +57,7 @@ def main() -> None:
 
     data_dir = Path(args.data_dir or ROOT / ".data" / "bench_model" / args.dataset)
     overrides = {"report.variants": args.variants, "report.seeds": args.seeds, "train.threads": args.threads,
+                 "report.grids": args.grids,
                  **WORLDS.get(args.dataset, {})}
     if args.dataset == "ml100k":
         if not (Path(args.ml100k) / "u.data").exists():

@@ -12,6 +12,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import inspect
+import json
 import os
 import re
 import typing
@@ -577,8 +578,20 @@ class ReportConfig:
     """Comma-separated baselines, each tuned on validation and refit on train + validation; one that cannot run
     here (a catalog over its memory limit, an optional package missing) is skipped with one line saying why."""
 
+    grids: str = ""
+    """JSON object replacing baselines' tuning grids, by baseline name: '{"als": {"factors": [16, 32], "alpha":
+    [40, 100]}, "item-knn": [50, 100]}' (item-knn takes a list of k; the others a parameter -> values map, each
+    parameter listed replacing that parameter's values, the rest kept). For large catalogs, where a full grid
+    costs hours; the report records every baseline's grid."""
+
     def __post_init__(self) -> None:
         _positive(self, "report", "seeds")
+        if self.grids.strip():
+            try:
+                grids = json.loads(self.grids)
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"config report.grids: not JSON ({e.msg} at character {e.pos})") from None
+            _check(isinstance(grids, dict), "report.grids", "a JSON object (baseline name -> grid)")
 
 
 @dataclass

@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from training import __version__
 from training.config import Config, PretrainConfig, TrainConfig
-from training.evaluation.harness import evaluate, user_recall
+from training.evaluation.harness import evaluate, user_recall, user_recalls
 from training.evaluation.scorer import TwoTowerScorer
 from training.evaluation.split import Split, load_split
 from training.model.checkpoint import build_model, load_checkpoint, save_checkpoint, warm_start
@@ -240,9 +240,11 @@ def choose_blend(model: TwoTower, scorer: TwoTowerScorer, split: Split, k: int) 
         tower.set_blend(1.0, 1.0)
     scorer.prepare("valid")
     learned_dim = model.user_tower.learned_dim
-    figures, best, gain, se, chosen = _gated_choice(
-        BLEND_GRID, lambda w: user_recall(scorer.reweighted(learned_dim, *((0.0, 1.0) if math.isinf(w) else (1.0, w))),
-                                          split, k))
+    rank, _ = rank_and_world()
+    recalls = (dict(zip(BLEND_GRID, user_recalls(   # one pass over the users: the candidates are embedded once
+        [scorer.reweighted(learned_dim, *((0.0, 1.0) if math.isinf(w) else (1.0, w))) for w in BLEND_GRID],
+        split, k), strict=True)) if rank == 0 else {})
+    figures, best, gain, se, chosen = _gated_choice(BLEND_GRID, recalls.__getitem__)
     learned, table = (0.0, 1.0) if math.isinf(chosen) else (1.0, chosen)
     for tower in (model.user_tower, model.pin_tower):
         tower.set_blend(learned, table)

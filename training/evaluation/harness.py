@@ -127,9 +127,22 @@ def user_recall(scorer: Scorer, split: Split, k: int, on: Literal["test", "valid
                 batch_bytes: int = BATCH_BYTES) -> np.ndarray:
     """Each evaluated user's recall@k (``evaluate``'s users, in its order; their mean is its ``recall@k``): for
     paired comparisons of two scorers on the same users."""
-    _, n_rel, _, hits = _ranked(scorer, split.excluded(on), split.relevant(on), on, min(k, split.n_items),
-                                batch_bytes)
-    return recall_curve(hits, n_rel)[:, -1]
+    return user_recalls([scorer], split, k, on, batch_bytes)[0]
+
+
+def user_recalls(scorers: Sequence[Scorer], split: Split, k: int, on: Literal["test", "valid"] = "valid",
+                 batch_bytes: int = BATCH_BYTES) -> list[np.ndarray]:
+    """``user_recall`` of several scorers in one pass over the users (the first scorer's ``order``): scorers that
+    share candidate vectors (``TwoTowerScorer.reweighted``) embed them once for all."""
+    relevant, excluded = split.relevant(on), split.excluded(on)
+    n_rel = np.diff(relevant.indptr)
+    users = np.flatnonzero(n_rel > 0)
+    if len(users) == 0:
+        raise ValueError(f"no user has a relevant {on} item")
+    order = scorers[0].order(users) if hasattr(scorers[0], "order") else None
+    ranked = rank_many([lambda rows, s=s: s.score(users[rows]) for s in scorers], users, relevant[users], excluded,
+                       min(k, split.n_items), batch_bytes=batch_bytes, order=order)
+    return [recall_curve(hits, n_rel[users])[:, -1] for _, hits in ranked]
 
 
 def _ranked(scorer: Scorer, excluded: sp.csr_matrix, relevant: sp.csr_matrix, on: str, depth: int,
@@ -140,8 +153,9 @@ def _ranked(scorer: Scorer, excluded: sp.csr_matrix, relevant: sp.csr_matrix, on
     users = np.flatnonzero(n_rel > 0)
     if len(users) == 0:
         raise ValueError(f"no user has a relevant {on} item")
+    order = scorer.order(users) if hasattr(scorer, "order") else None
     topk, hits = rank(lambda rows: scorer.score(users[rows]), users, relevant[users], excluded, depth,
-                      batch_bytes=batch_bytes)
+                      batch_bytes=batch_bytes, order=order)
     return users, n_rel[users], topk, hits
 
 
@@ -153,6 +167,7 @@ def rank(
     depth: int,
     *,
     batch_bytes: int = BATCH_BYTES,
+    order: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """The ranked lists of ``evaluate``, for any rows: ((n_rows, depth) int32 item indices, -1 = nothing left to
     rank; (n_rows, depth) bool hits).
@@ -160,27 +175,47 @@ def rank(
     Row ``r`` ranks for user ``row_users[r]`` (several rows may share a user, e.g. one per condition): ``score(r)``
     gives (len(r), n_items) scores of row indices ``r`` (-inf = not a candidate of that row), the user's
     ``excluded`` items (a (n_users, n_items) matrix) are masked, and ``relevant`` ((n_rows, n_items)) marks the
-    hits."""
+    hits. ``order``: a permutation of the rows to score them in (a scorer's ``order``, e.g. grouping the users
+    that share candidate vectors); the results stay in row order."""
+    return rank_many([score], row_users, relevant, excluded, depth, batch_bytes=batch_bytes, order=order)[0]
+
+
+def rank_many(
+    scores: Sequence[Callable[[np.ndarray], np.ndarray]],
+    row_users: np.ndarray,
+    relevant: sp.csr_matrix,
+    excluded: sp.csr_matrix,
+    depth: int,
+    *,
+    batch_bytes: int = BATCH_BYTES,
+    order: np.ndarray | None = None,
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """``rank`` for several score functions in one pass over the rows (batch by batch, each function in turn), so
+    that scorers sharing state computed on demand (``TwoTowerScorer``'s candidate vectors) compute it once."""
     n_items = excluded.shape[1]
     batch = max(1, batch_bytes // (4 * n_items))
-    topk = np.empty((len(row_users), depth), dtype=np.int32)
-    hits = np.empty((len(row_users), depth), dtype=bool)
+    out = [(np.empty((len(row_users), depth), dtype=np.int32), np.empty((len(row_users), depth), dtype=bool))
+           for _ in scores]
+    sequence = np.arange(len(row_users)) if order is None else np.asarray(order)
+    if len(sequence) != len(row_users) or (order is not None and not np.array_equal(np.sort(sequence),
+                                                                                     np.arange(len(row_users)))):
+        raise ValueError("order must be a permutation of the rows")
     for start in range(0, len(row_users), batch):
-        sl = slice(start, start + batch)
-        rows = np.arange(len(row_users))[sl]
-        users = row_users[sl]
-        scores = np.asarray(score(rows), dtype=np.float32)
-        if scores.shape != (len(rows), n_items):
-            raise ValueError(f"scorer returned {scores.shape}, expected {(len(rows), n_items)}")
-        if scores.base is not None or not scores.flags.writeable:
-            scores = scores.copy()  # never write -inf into a view of the scorer's own state
+        rows = sequence[start:start + batch]
+        users = row_users[rows]
         ex = excluded[users]
-        scores[np.repeat(np.arange(len(rows)), np.diff(ex.indptr)), ex.indices] = -np.inf
-        top = top_k(scores, depth)
         rel = relevant[rows].toarray()
-        topk[sl] = top
-        hits[sl] = np.take_along_axis(rel, np.maximum(top, 0), axis=1) & (top >= 0)
-    return topk, hits
+        for score, (topk, hits) in zip(scores, out, strict=True):
+            s = np.asarray(score(rows), dtype=np.float32)
+            if s.shape != (len(rows), n_items):
+                raise ValueError(f"scorer returned {s.shape}, expected {(len(rows), n_items)}")
+            if s.base is not None or not s.flags.writeable:
+                s = s.copy()  # never write -inf into a view of the scorer's own state
+            s[np.repeat(np.arange(len(rows)), np.diff(ex.indptr)), ex.indices] = -np.inf
+            top = top_k(s, depth)
+            topk[rows] = top
+            hits[rows] = np.take_along_axis(rel, np.maximum(top, 0), axis=1) & (top >= 0)
+    return out
 
 
 def _recall_by_interest(

@@ -195,6 +195,37 @@ def user_tower_cost(model, encoder, rows, n: int = 200) -> dict[str, float]:
     return {"p50_ms": float(np.percentile(times[10:], 50)), "p99_ms": float(np.percentile(times[10:], 99))}
 
 
+def _grid(cfg: Config, name: str) -> Any:
+    """The tuning grid of baseline ``name``: its default (None = the class's own), with ``report.grids``'s entry
+    for it applied (a list of k for item-knn; per-parameter values replacing the default's for the others)."""
+    from training.evaluation import baselines as b
+
+    defaults: dict[str, Any] = {"item-knn": b.KNN_GRID, "als": b.ALS_GRID, "ease": b.EASE_GRID,
+                                "ease-recency": EASE_RECENCY_GRID, "sansa": b.SANSA_GRID}
+    given = json.loads(cfg.report.grids) if cfg.report.grids.strip() else {}
+    unknown = sorted(set(given) - set(defaults))
+    if unknown:
+        raise ValueError(f"report.grids: no grid to replace for {unknown} (tuned baselines: {', '.join(defaults)})")
+    if name not in given:
+        return defaults.get(name)
+    if name == "item-knn":
+        ks = given[name]
+        if not isinstance(ks, list) or not ks or not all(k is None or (isinstance(k, int) and k > 0) for k in ks):
+            raise ValueError(f"report.grids: item-knn takes a non-empty list of k (positive integers or null), "
+                             f"got {ks!r}")
+        return tuple(ks)
+    entry = given[name]
+    if not isinstance(entry, dict):
+        raise ValueError(f"report.grids: {name} takes a parameter -> values object, got {entry!r}")
+    bad = sorted(set(entry) - set(defaults[name]))
+    if bad:
+        raise ValueError(f"report.grids: {name} has no parameter {bad} (its grid: {', '.join(defaults[name])})")
+    for param, values in entry.items():
+        if not isinstance(values, list) or not values:
+            raise ValueError(f"report.grids: {name}.{param} takes a non-empty list of values, got {values!r}")
+    return {**defaults[name], **{p: tuple(v) for p, v in entry.items()}}
+
+
 def _aggregate(runs: list[dict[str, Any]]) -> dict[str, Any]:
     keys = [k for k, v in runs[0].items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
     mean = {k: float(np.mean([r[k] for r in runs])) for k in keys}
@@ -211,17 +242,20 @@ def report(cfg: Config, out_dir: Path | None = None) -> dict[str, Any]:
     from training.pretrain import pretrain
     from training.train import fit, refit_tables
 
+    names = [b.strip() for b in cfg.report.baselines.split(",") if b.strip()]
+    for name in names:
+        if name not in BASELINES:
+            raise ValueError(f"report.baselines: unknown baseline {name!r} (known: {', '.join(BASELINES)})")
+        _grid(cfg, name)     # a malformed report.grids fails here, not after hours of tuning
     ts, split, manifest = load_split(cfg)
     started = time.perf_counter()
     baselines: dict[str, dict[str, Any]] = {}
     skipped: dict[str, str] = {}
     per_user: dict[str, Any] = {}       # label -> evaluate's per_user (baselines) or a list of them (two-tower runs)
-    for name in [b.strip() for b in cfg.report.baselines.split(",") if b.strip()]:
-        if name not in BASELINES:
-            raise ValueError(f"report.baselines: unknown baseline {name!r} (known: {', '.join(BASELINES)})")
+    for name in names:
         label, factory = BASELINES[name]
         t0 = time.perf_counter()
-        grid = EASE_RECENCY_GRID if name == "ease-recency" else None
+        grid = _grid(cfg, name)
         try:
             res, _ = fit_tune_evaluate(factory(), split, grid=grid, per_user=True)
         except (CatalogTooLarge, ImportError) as e:
@@ -229,6 +263,8 @@ def report(cfg: Config, out_dir: Path | None = None) -> dict[str, Any]:
             log.warning("%s: skipped: %s", label, why)
             continue
         per_user[label] = res.pop("per_user")
+        if grid is not None:
+            res["grid"] = grid
         res["seconds"] = round(time.perf_counter() - t0, 2)
         baselines[label] = res
         log.info("%s: capped recall@10 %.4f @50 %.4f (%.1fs)", label, res["capped_recall@10"],

@@ -9,6 +9,7 @@ in. Each user is scored against the latest refresh at or before their cut-off.
 from __future__ import annotations
 
 import weakref
+from collections import OrderedDict
 from typing import Literal
 
 import numpy as np
@@ -29,6 +30,71 @@ PIN_BATCH = 8192
 """Rows per pin-tower call when embedding the candidates of every refresh. Cache-bound: on a 2-core AMD EPYC (stop 32,
 ML-100k's 283,655 distinct validation rows, median of 10) 8,192 took 0.77 s, 4,096 0.88 s, 32,768 1.18 s; an older
 Xeon had measured 32,768 1.8× faster than 4,096."""
+SNAPSHOT_BYTES = 1 << 30
+"""Most bytes of candidate vectors held at once (``PinSnapshots``). When every refresh's vectors fit (ML-100k and
+the synthetic default: 150–210 MB), they are computed up front, each distinct input row once; otherwise refreshes
+are embedded on first use and the least recently used dropped, the harness ranking users in refresh order so that
+each is embedded once per evaluation (30,000 users over 64,300 candidates validate at 106 refreshes: 4 GB)."""
+
+
+class PinSnapshots:
+    """The candidates' vectors at each index refresh, indexed like a (T, n_items, D) array by ``best_of``.
+    ``np.asarray(snapshots)`` stacks them all (diagnostics and the modes ablation)."""
+
+    def __init__(self, tower: torch.nn.Module, inputs: list[dict[str, torch.Tensor]], n_items: int, dim: int,
+                 max_bytes: int = SNAPSHOT_BYTES):
+        self.tower, self.inputs = tower, inputs
+        self.shape = (len(inputs), n_items, dim)
+        self.max_kept = max(2, max_bytes // max(1, 4 * n_items * dim))
+        self._kept: OrderedDict[int, np.ndarray] = OrderedDict()
+        self._state = _state_of(tower)
+        self.embedded_rows = 0
+        """Input rows run through the tower so far."""
+        if len(inputs) <= self.max_kept:
+            self._embed_all()
+
+    def _embed_all(self) -> None:
+        """Every refresh at once, each distinct input row once (a pin whose features did not change between two
+        refreshes is embedded once)."""
+        stacked = {name: torch.cat([x[name] for x in self.inputs]) for name in self.inputs[0]}
+        raw = np.concatenate([v.reshape(len(v), -1).numpy().view(np.uint8).reshape(len(v), -1)
+                              for v in stacked.values()], axis=1)
+        _, first, inverse = np.unique(raw.view(np.dtype((np.void, raw.shape[1]))).ravel(), return_index=True,
+                                      return_inverse=True)
+        vectors = self._run(take(stacked, torch.from_numpy(first)))
+        every = vectors[inverse.ravel()].reshape(self.shape[0], self.shape[1], -1)
+        for t in range(self.shape[0]):
+            self._kept[t] = every[t]
+
+    def _run(self, x: dict[str, torch.Tensor]) -> np.ndarray:
+        if _state_of(self.tower) != self._state:
+            raise RuntimeError("the pin tower changed after prepare(): prepare again before scoring")
+        was_training = self.tower.training
+        self.tower.eval()
+        try:
+            vectors = run_tower(self.tower, x, batch=PIN_BATCH)
+        finally:
+            self.tower.train(was_training)
+        self.embedded_rows += len(vectors)
+        return vectors
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, t: int | np.integer) -> np.ndarray:
+        t = int(t)
+        if t in self._kept:
+            self._kept.move_to_end(t)
+            return self._kept[t]
+        vectors = self._run(self.inputs[t])
+        self._kept[t] = vectors
+        while len(self._kept) > self.max_kept:
+            self._kept.popitem(last=False)
+        return vectors
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        out = np.stack([self[t] for t in range(len(self))])
+        return out if dtype is None else out.astype(dtype)
 
 
 class TwoTowerScorer:
@@ -44,7 +110,6 @@ class TwoTowerScorer:
         self.split = split
         self.pin_service = pin_service
         self._pin_cache: dict[pd.Timestamp, dict[str, torch.Tensor]] = {}
-        self._distinct: dict[tuple[pd.Timestamp, ...], tuple[dict[str, torch.Tensor], np.ndarray]] = {}
         self._user_vectors = self._user_bucket = self._pin_vectors = None
 
     def fit(self, split: Split) -> None:
@@ -71,24 +136,15 @@ class TwoTowerScorer:
         times, self._user_bucket[rows["user_idx"].to_numpy()] = time_points(cutoffs,
                                                                             self.cfg.train.index_refresh_days)
         self._fetch(times)
-        distinct, inverse = self._distinct_pins(times)
-        vectors = run_tower(self.model.pin_tower, distinct, batch=PIN_BATCH)
-        self._pin_vectors = vectors[inverse].reshape(len(times), len(split.items), -1)   # (T, n_items, D)
+        inputs = [self._pin_cache[t] for t in times]
+        dim = run_tower(self.model.pin_tower, take(inputs[0], torch.arange(1))).shape[1]
+        self._pin_vectors = PinSnapshots(self.model.pin_tower, inputs, len(split.items), dim)   # (T, n_items, D)
         return self
 
-    def _distinct_pins(self, times: list[pd.Timestamp]) -> tuple[dict[str, torch.Tensor], np.ndarray]:
-        """The distinct pin-tower input rows over the candidates at every one of ``times``, and each (time, item)'s
-        row among them (time-major): a pin whose features did not change between two refreshes is embedded once
-        (computed once per set of times and kept, like the inputs)."""
-        key = tuple(times)
-        if key not in self._distinct:
-            stacked = {name: torch.cat([self._pin_cache[t][name] for t in times]) for name in self._pin_cache[times[0]]}
-            raw = np.concatenate([v.reshape(len(v), -1).numpy().view(np.uint8).reshape(len(v), -1)
-                                  for v in stacked.values()], axis=1)
-            _, first, inverse = np.unique(raw.view(np.dtype((np.void, raw.shape[1]))).ravel(), return_index=True,
-                                          return_inverse=True)
-            self._distinct[key] = (take(stacked, torch.from_numpy(first)), inverse.ravel())
-        return self._distinct[key]
+    def order(self, user_idx: np.ndarray) -> np.ndarray:
+        """Positions of ``user_idx`` in refresh order (after ``prepare``): the harness ranks users in this order, so
+        each refresh's candidates are embedded once even when they do not all fit in ``SNAPSHOT_BYTES``."""
+        return np.argsort(self._user_bucket[user_idx], kind="stable")
 
     def cutoff_rows(self, on: Literal["valid", "test"]) -> pd.DataFrame:
         """Each evaluable user's training-set row at their first ``on`` interaction (its point-in-time features),
@@ -99,8 +155,8 @@ class TwoTowerScorer:
         return first[KEYS + ["user_idx"]].merge(self.training_set, on=KEYS, how="left")
 
     @property
-    def pin_vectors(self) -> np.ndarray:
-        """(T, n_items, D) candidate vectors at the index refreshes (after ``prepare``)."""
+    def pin_vectors(self) -> PinSnapshots:
+        """(T, n_items, D) candidate vectors at the index refreshes (after ``prepare``; embedded on first use)."""
         return self._pin_vectors
 
     @property
@@ -148,6 +204,11 @@ class TwoTowerScorer:
             self._pin_cache[t] = self.encoder.pins(shared[(self.pin_service, t)])
 
 
+def _state_of(module: torch.nn.Module) -> list[tuple[int, int]]:
+    """Identity and in-place version of every parameter and buffer: changes with any update of the weights."""
+    return [(id(t), t._version) for t in [*module.parameters(), *module.buffers()]]   # noqa: SLF001
+
+
 class _Reweighted:
     def __init__(self, base: TwoTowerScorer, split_dim: int, first: float, second: float):
         self.base = base
@@ -161,6 +222,9 @@ class _Reweighted:
 
     def score(self, user_idx: np.ndarray) -> np.ndarray:
         return best_of(self.users[user_idx], self.base._user_bucket[user_idx], self.pins)   # noqa: SLF001
+
+    def order(self, user_idx: np.ndarray) -> np.ndarray:
+        return self.base.order(user_idx)
 
 
 def _shared_rows(split: Split) -> dict[tuple[str, pd.Timestamp], pd.DataFrame]:

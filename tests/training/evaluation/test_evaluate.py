@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import scipy.sparse as sp
 import torch
 
 from training.evaluation.harness import evaluate, user_recall
@@ -301,20 +302,78 @@ def test_scorers_of_one_split_read_each_refresh_once_and_get_the_rows_in_candida
     assert len(calls) == 3                                         # another split reads its own
 
 
-def test_a_candidate_whose_features_did_not_change_between_refreshes_is_embedded_once() -> None:
-    from training.config import Config
-    from training.evaluation.scorer import TwoTowerScorer
+class _Dot(torch.nn.Module):
+    """A pin tower over one input field: a linear map of it."""
 
-    scorer = TwoTowerScorer(Config(), None, None, None, _toy_split(), "pin_svc")
-    day = [pd.Timestamp(f"2026-03-0{d}", tz="UTC") for d in (1, 2, 3)]
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(3, 4)
+
+    def forward(self, x: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.lin(x["f"])
+
+
+def test_pin_snapshots_keep_a_bounded_number_of_refreshes_and_embed_each_once_in_refresh_order():
+    from training.evaluation.harness import rank
+    from training.evaluation.scorer import PinSnapshots, best_of
+
+    torch.manual_seed(0)
+    tower, n_items, n_times = _Dot(), 50, 6
+    inputs = [{"f": torch.randn(n_items, 3)} for _ in range(n_times)]
+    full = np.stack([tower(x).detach().numpy() for x in inputs])
+    snaps = PinSnapshots(tower, inputs, n_items, 4, max_bytes=2 * 4 * n_items * 4)   # room for 2 refreshes
+    assert snaps.shape == (n_times, n_items, 4) and snaps.max_kept == 2 and snaps.embedded_rows == 0
+    np.testing.assert_allclose(np.asarray(snaps), full, rtol=1e-6)
+    assert len(snaps._kept) == 2                                     # noqa: SLF001 - the bound holds
+    every = PinSnapshots(tower, inputs, n_items, 4)                  # all fit: computed up front
+    assert every.embedded_rows == n_times * n_items
+    np.testing.assert_allclose(np.asarray(every), full, rtol=1e-6)
+
+    rng = np.random.default_rng(0)
+    users = rng.normal(size=(40, 1, 4)).astype(np.float32)
+    bucket = rng.integers(0, n_times, 40)
+    relevant = sp.random(40, n_items, density=0.1, format="csr", random_state=1) > 0
+    excluded = sp.csr_matrix((40, n_items))
+    expected = rank(lambda r: best_of(users[r], bucket[r], full), np.arange(40), relevant, excluded, 10,
+                    batch_bytes=8 * 4 * n_items)
+    lazy = PinSnapshots(tower, inputs, n_items, 4, max_bytes=2 * 4 * n_items * 4)
+    got = rank(lambda r: best_of(users[r], bucket[r], lazy), np.arange(40), relevant, excluded, 10,
+               batch_bytes=8 * 4 * n_items, order=np.argsort(bucket, kind="stable"))
+    np.testing.assert_array_equal(got[0], expected[0])              # same ranking, results in row order
+    np.testing.assert_array_equal(got[1], expected[1])
+    assert lazy.embedded_rows == len(np.unique(bucket)) * n_items   # each refresh embedded once in refresh order
+    with pytest.raises(ValueError, match="permutation"):
+        rank(lambda r: best_of(users[r], bucket[r], lazy), np.arange(40), relevant, excluded, 10,
+             order=np.zeros(40, dtype=int))
+
+    with torch.no_grad():
+        tower.lin.weight.add_(1.0)                                   # the tower changes after prepare
+    stale = PinSnapshots(tower, inputs, n_items, 4, max_bytes=0)
+    with torch.no_grad():
+        tower.lin.bias.add_(1.0)
+    with pytest.raises(RuntimeError, match="prepare again"):
+        stale[0]
+
+
+def test_a_candidate_whose_features_did_not_change_between_refreshes_is_embedded_once() -> None:
+    from training.evaluation.scorer import PinSnapshots
+
+    class Tower(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.tensor([[1.0, 2.0], [0.5, -1.0]]))
+
+        def forward(self, x: dict[str, torch.Tensor]) -> torch.Tensor:
+            return x["counts"] @ self.w + x["pin"][:, None].float()
+
     pins = torch.arange(1, 5)
     counts = torch.tensor([[0.0, 1.0], [1.0, 1.0], [2.0, 0.5], [3.0, 0.0]])
     later = counts.clone()
     later[2, 1] = 0.25                                           # one pin's features change on day 2
-    scorer._pin_cache = {day[0]: {"pin": pins, "counts": counts}, day[1]: {"pin": pins, "counts": later},
-                         day[2]: {"pin": pins, "counts": later.clone()}}
-    distinct, row = scorer._distinct_pins(day)
-    assert len(distinct["pin"]) == 5 and len(row) == 12
-    for name in ("pin", "counts"):                               # every (refresh, pin) reads its own inputs back
-        assert torch.equal(distinct[name][torch.from_numpy(row)],
-                           torch.cat([scorer._pin_cache[t][name] for t in day]))
+    inputs = [{"pin": pins, "counts": counts}, {"pin": pins, "counts": later}, {"pin": pins, "counts": later.clone()}]
+    tower = Tower()
+    snaps = PinSnapshots(tower, inputs, 4, 2)
+    assert snaps.embedded_rows == 5                              # 5 distinct rows of 12
+    with torch.no_grad():
+        for t, x in enumerate(inputs):                           # every (refresh, pin) gets its own inputs' vector
+            np.testing.assert_allclose(snaps[t], tower(x).numpy())

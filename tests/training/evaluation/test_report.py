@@ -8,7 +8,8 @@ import json
 
 import pytest
 
-from training.evaluation.report import _verdict, report
+from training.config import Config, ConfigError
+from training.evaluation.report import _grid, _verdict, report
 
 pytestmark = pytest.mark.slow
 
@@ -18,7 +19,7 @@ def test_report_runs_seeds_and_writes_md_and_json(pipeline_cfg, checkpoints, tmp
         pipeline_cfg,
         train=dataclasses.replace(pipeline_cfg.train, epochs=2, patience=1, batch_size=256, threads=1),
         report=dataclasses.replace(pipeline_cfg.report, seeds=2, variants="default,negatives",
-                                   baselines="popularity,ease,sansa"))
+                                   baselines="popularity,ease,sansa", grids='{"ease": {"l2": [100, 500]}}'))
     out = report(cfg, out_dir=tmp_path)
     data = json.loads((tmp_path / "report.json").read_text())
     assert data["data"] == "synthetic" and data["seeds"] == 2 and data["pending_variants"] == 0
@@ -26,6 +27,8 @@ def test_report_runs_seeds_and_writes_md_and_json(pipeline_cfg, checkpoints, tmp
     assert set(data["baselines"]) | set(data["skipped_baselines"]) == {
         "popularity", "EASE (tuned)", sansa, "oracle (generator's ground truth)"}
     assert sansa in data["baselines"] or "pip install" in data["skipped_baselines"][sansa]
+    assert data["baselines"]["EASE (tuned)"]["grid"]["l2"] == [100, 500]
+    assert data["baselines"]["EASE (tuned)"]["params"]["l2"] in (100, 500)
     rows = data["two_tower"]
     assert list(rows) == ["two-tower (default config)", "full softmax", "hides as hard negatives"]
     for row in rows.values():
@@ -133,3 +136,20 @@ def test_a_run_finds_the_published_report_of_its_own_data_and_config(tmp_path, m
     assert report_module.published_reference(cfg, "other snapshot") is None
     cfg.train.lr = cfg.train.lr * 2
     assert report_module.published_reference(cfg, "abc") is None
+
+
+def test_report_grids_replace_a_baselines_values_and_name_what_is_wrong():
+    cfg = Config.load(overrides={"report.grids": '{"als": {"factors": [16, 32]}, "item-knn": [50, null]}'})
+    als = _grid(cfg, "als")
+    assert als["factors"] == (16, 32) and als["alpha"] == (1.0, 10.0, 40.0)    # the rest kept
+    assert _grid(cfg, "item-knn") == (50, None)
+    assert _grid(cfg, "sansa")["l2"] == (5.0, 20.0, 100.0, 500.0)               # no entry: the default grid
+    assert _grid(cfg, "popularity") is None
+    with pytest.raises(ConfigError, match="report.grids: not JSON"):
+        Config.load(overrides={"report.grids": "{als: 1}"})
+    for name, grids, message in [("als", '{"alss": {}}', r"no grid to replace for \['alss'\]"),
+                                 ("als", '{"als": {"factor": [8]}}', r"als has no parameter \['factor'\]"),
+                                 ("als", '{"als": {"factors": []}}', "als.factors takes a non-empty list"),
+                                 ("item-knn", '{"item-knn": [0]}', "item-knn takes a non-empty list of k")]:
+        with pytest.raises(ValueError, match=message):
+            _grid(Config.load(overrides={"report.grids": grids}), name)
