@@ -85,6 +85,16 @@ def fmt(v: Any, digits: int = 3) -> str:
     return str(v)
 
 
+def pm(mean: float, std: float, seeds: int, digits: int = 3, brief: bool = False) -> str:
+    """A figure over seeds: mean ± std, or the one run's figure when there is one seed."""
+    f = short if brief else (lambda x: f"{x:.{digits}f}")
+    return f(mean) if seeds == 1 else f"{f(mean)} ± {f(std)}"
+
+
+def n_seeds(n: int) -> str:
+    return f"{n} seed" if n == 1 else f"{n} seeds"
+
+
 def short(v: float) -> str:
     """.384 for 0.384 (recall-style figures)."""
     s = f"{v:.3f}"
@@ -588,7 +598,7 @@ def verdict_lines(doc: dict[str, Any]) -> list[str]:
             weakest = min(paired, key=lambda b: paired[b]["low"]) if paired else None
             interval = (f" (paired 95% interval vs {weakest}: [{paired[weakest]['low']:+.3f}, "
                         f"{paired[weakest]['high']:+.3f}])" if weakest else "")
-            parts.append(f"{metric} {m['mean']:.3f} ± {m['std']:.3f} "
+            parts.append(f"{metric} {pm(m['mean'], m['std'], doc.get('seeds', 3))} "
                          f"{'**wins** over' if m['wins'] else 'does **not** beat'} {m['best_baseline']} "
                          f"{m['baseline']:.3f}{interval}")
         out.append(f"{tag} ({label}): " + "; ".join(parts))
@@ -604,7 +614,7 @@ def model_table(doc: dict[str, Any]) -> str:
     for label, v in doc["two_tower"].items():
         m, s = v["mean"], v["std"]
         rows.append([f"**{label}**" if label == doc["verdict"]["default"] else label,
-                     *(f"{m[c]:.3f} ± {s[c]:.3f}" for c in MODEL_COLUMNS), fmt(m.get("valid")),
+                     *(pm(m[c], s[c], len(v["runs"])) for c in MODEL_COLUMNS), fmt(m.get("valid")),
                      fmt(m.get("seconds_to_best"), 1),
                      f"{m.get('best_epoch', 0):.1f} / {m.get('epochs_run', 0):.1f}", fmt(m.get("user_tower_ms"), 2)])
         alone = [r["towers_alone"] for r in v["runs"] if "towers_alone" in r]
@@ -612,8 +622,8 @@ def model_table(doc: dict[str, Any]) -> str:
             cells = []
             for c in MODEL_COLUMNS:
                 values = [a[c] for a in alone if c in a]
-                cells.append(f"{statistics.mean(values):.3f} ± "
-                             f"{statistics.stdev(values) if len(values) > 1 else 0.0:.3f}" if values else "")
+                cells.append(pm(statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0,
+                                len(values)) if values else "")
             rows.append([f"{label} · towers alone (blend weight 0)", *cells, "", "", "", ""])
     return table(head, rows, "l" + "r" * (len(head) - 1))
 
@@ -644,8 +654,10 @@ def model_section(name: str) -> str:
     seeds = doc.get("seeds", len(default["runs"]))
     out += [provenance_note(doc, f"model-{name}"), "",
             f"{doc['users']:,} users, {doc['items']:,} candidate pins (data snapshot `{doc['snapshot_id']}`). "
-            f"Two-tower rows: mean ± std over {seeds} training seeds; baselines tuned on validation and refit on "
-            "train + validation. The best configuration is chosen by validation, never by test.", "",
+            + ("Two-tower rows: one training seed (the paired per-user intervals below carry the verdict)"
+               if seeds == 1 else f"Two-tower rows: mean ± std over {seeds} training seeds")
+            + "; baselines tuned on validation and refit on train + validation. The best configuration is chosen by "
+            "validation, never by test.", "",
             model_table(doc), ""]
     out += [f"Skipped: {label}: {why}." for label, why in doc.get("skipped_baselines", {}).items()]
     out += ["", "**Verdict** (a model wins only when its mean − std is above the best baseline and the paired "
@@ -864,9 +876,10 @@ def headline_rows(prefix: str) -> list[list[str]]:
         b50 = _best_baseline(doc, "capped_recall@50")
         oracle = _oracle(doc)
         extra = f"; oracle {short(oracle['capped_recall@50'])} @50" if oracle else ""
-        rows.append([f"Two-tower capped recall@10 / @50, {title} ({doc.get('seeds', 3)} seeds)",
-                     f"{short(m['capped_recall@10'])} ± {short(s['capped_recall@10'])} / "
-                     f"{short(m['capped_recall@50'])} ± {short(s['capped_recall@50'])} (best baseline: "
+        n = doc.get("seeds", 3)
+        rows.append([f"Two-tower capped recall@10 / @50, {title} ({n_seeds(n)})",
+                     f"{pm(m['capped_recall@10'], s['capped_recall@10'], n, brief=True)} / "
+                     f"{pm(m['capped_recall@50'], s['capped_recall@50'], n, brief=True)} (best baseline: "
                      + (f"{b10[0]} {short(b10[1])} / {short(b50[1])}" if b10[0] == b50[0] else
                         f"{b10[0]} {short(b10[1])}, {b50[0]} {short(b50[1])}") + f"{extra})", link])
     service = load_result("service")
@@ -950,9 +963,9 @@ def model_card() -> str:
         b = _best_baseline(doc, "capped_recall@50")
         wins = all(v.get("wins") for v in doc["verdict"]["metrics"].get(doc["verdict"]["default"], {}).values())
         rows.append([f"{title} ({doc['users']:,} users, {doc['items']:,} pins)",
-                     f"{m['capped_recall@10']:.3f} ± {s['capped_recall@10']:.3f}",
-                     f"{m['capped_recall@50']:.3f} ± {s['capped_recall@50']:.3f} (seeds {min(runs50):.3f}–"
-                     f"{max(runs50):.3f})",
+                     pm(m['capped_recall@10'], s['capped_recall@10'], len(runs50)),
+                     pm(m['capped_recall@50'], s['capped_recall@50'], len(runs50))
+                     + (f" (seeds {min(runs50):.3f}–{max(runs50):.3f})" if len(runs50) > 1 else " (1 seed)"),
                      f"{b[0]}: {b[1]:.3f}", f"{oracle['capped_recall@50']:.3f}" if oracle else "",
                      "beats every baseline at @10 and @50" if wins else "does not beat every baseline"])
     out += [table(["data", "capped_recall@10", "capped_recall@50", "best baseline @50", "oracle @50", "verdict"],
