@@ -65,7 +65,7 @@ def main() -> None:
     rows: dict[str, dict[str, tuple[float, float]]] = {}
     for on in ("valid", "test"):
         scorer.prepare(on)
-        u, p, bucket = scorer._user_vectors, scorer.pin_vectors, scorer.user_bucket   # noqa: SLF001
+        u, p, bucket = scorer._user_vectors, np.asarray(scorer.pin_vectors), scorer.user_bucket   # noqa: SLF001
         times = time_points(scorer.cutoff_rows(on)["event_timestamp"], cfg.train.index_refresh_days)[0]
         inputs = [scorer._pin_cache[t]["counts"] for t in times]                      # noqa: SLF001
         with torch.no_grad():

@@ -199,9 +199,10 @@ def evaluate_modes(model, encoder, scorer, split: Split, *, dominant: Mapping[in
     vectors, mask = user_embeddings(tower, x)
     vectors = vectors * mask[..., None]
     k_max = vectors.shape[1]
-    ranker = _Ranker(split, scorer.user_bucket, scorer.pin_vectors, on)
+    pins = np.asarray(scorer.pin_vectors)   # every refresh at once: the modes group is an ablation, not a stage
+    ranker = _Ranker(split, scorer.user_bucket, pins, on)
     if model.pin_tower.pin_bias:   # diversity by direction: the pin-bias coordinate is popularity, not content
-        ranker.diversity_pins = np.delete(scorer.pin_vectors, model.pin_tower.out.out_features - 1, axis=-1)
+        ranker.diversity_pins = np.delete(pins, model.pin_tower.out.out_features - 1, axis=-1)
     relevant = relevant_all[users]
     n_rel = n_rel_all[users]
     out: dict[str, Any] = {"k_max": int(k_max), "users": int(len(users)),
