@@ -92,7 +92,7 @@ def evaluate(
     depth = min(max(*ks, curve_k, ndcg_k, interest_k), split.n_items)
     t0 = time.perf_counter()
     excluded, relevant = split.excluded(on), split.relevant(on)
-    users, n_rel, topk, hits = _ranked(scorer, excluded, relevant, on, depth, batch_bytes)
+    users, n_rel, [(topk, hits)] = _ranked([scorer], excluded, relevant, on, depth, batch_bytes)
     curve = recall_curve(hits, n_rel).mean(axis=0)
     capped = recall_curve(hits, n_rel, capped=True).mean(axis=0)
     counts = np.asarray(excluded.sum(axis=0)).ravel()
@@ -134,29 +134,24 @@ def user_recalls(scorers: Sequence[Scorer], split: Split, k: int, on: Literal["t
                  batch_bytes: int = BATCH_BYTES) -> list[np.ndarray]:
     """``user_recall`` of several scorers in one pass over the users (the first scorer's ``order``): scorers that
     share candidate vectors (``TwoTowerScorer.reweighted``) embed them once for all."""
-    relevant, excluded = split.relevant(on), split.excluded(on)
+    _, n_rel, ranked = _ranked(scorers, split.excluded(on), split.relevant(on), on, min(k, split.n_items),
+                               batch_bytes)
+    return [recall_curve(hits, n_rel)[:, -1] for _, hits in ranked]
+
+
+def _ranked(scorers: Sequence[Scorer], excluded: sp.csr_matrix, relevant: sp.csr_matrix, on: str, depth: int,
+            batch_bytes: int) -> tuple[np.ndarray, np.ndarray, list[tuple[np.ndarray, np.ndarray]]]:
+    """(evaluated users: those with a relevant item, their numbers of relevant items, each scorer's top-``depth``
+    item indices and hits) under the protocol (``split.excluded(on)`` masked, users ranked in batches, in the first
+    scorer's ``order`` when it has one)."""
     n_rel = np.diff(relevant.indptr)
     users = np.flatnonzero(n_rel > 0)
     if len(users) == 0:
         raise ValueError(f"no user has a relevant {on} item")
     order = scorers[0].order(users) if hasattr(scorers[0], "order") else None
     ranked = rank_many([lambda rows, s=s: s.score(users[rows]) for s in scorers], users, relevant[users], excluded,
-                       min(k, split.n_items), batch_bytes=batch_bytes, order=order)
-    return [recall_curve(hits, n_rel[users])[:, -1] for _, hits in ranked]
-
-
-def _ranked(scorer: Scorer, excluded: sp.csr_matrix, relevant: sp.csr_matrix, on: str, depth: int,
-            batch_bytes: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """(evaluated users: those with a relevant item, their numbers of relevant items, top-``depth`` item indices,
-    hits) of ``scorer`` under the protocol (``split.excluded(on)`` masked, users ranked in batches)."""
-    n_rel = np.diff(relevant.indptr)
-    users = np.flatnonzero(n_rel > 0)
-    if len(users) == 0:
-        raise ValueError(f"no user has a relevant {on} item")
-    order = scorer.order(users) if hasattr(scorer, "order") else None
-    topk, hits = rank(lambda rows: scorer.score(users[rows]), users, relevant[users], excluded, depth,
-                      batch_bytes=batch_bytes, order=order)
-    return users, n_rel[users], topk, hits
+                       depth, batch_bytes=batch_bytes, order=order)
+    return users, n_rel[users], ranked
 
 
 def rank(
