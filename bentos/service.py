@@ -1,6 +1,9 @@
 """The retrieval HTTP service (BentoML): user id -> candidate pins from the live release.
 
     POST /retrieve   {"user_id": 42, "k": 100, "interests": [3, 7], "exclude_seen": true}
+    POST /events     {"events": [{"event_id": "e1", "user_id": 42, "pin_id": 7, "event_type": "save",
+                                  "event_timestamp": "2026-12-07T10:00:00Z", "surface": "homefeed"}]}
+                     engagements in real time (bentos/ingest.py)
     GET  /healthz    liveness (always answers, also under load); GET /livez the same
     GET  /readyz     200 with the loaded release when it and the online store answer, else 503 with the reason
     GET  /metadata   the loaded release, limits and config;   GET /metrics   Prometheus, bounded labels
@@ -31,15 +34,17 @@ from typing import Annotated, Any, Literal
 
 import bentoml
 from fastapi import FastAPI
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 from starlette.responses import JSONResponse, Response
 
 from bentos import admission, http_limits
 from bentos.admission import Admission
+from bentos.ingest import IngestError, Ingestor, PushFailed
 from bentos.observability import METRICS, RateLimitedLog, quiet_client_errors
 from bentos.retriever import NotReady, RetrievalError, Retriever, StoreUnavailable
 from training import __version__
 from training.config import Config
+from training.features.realtime import LogUnavailable
 
 log = logging.getLogger("retrieval.service")
 fault_log = RateLimitedLog(log)
@@ -87,6 +92,41 @@ class RetrieveResponse(BaseModel):
     timings_ms: dict[str, float]
 
 
+INGEST = CONFIG.ingest
+
+
+class Event(BaseModel):
+    """One engagement event, as the raw events files hold it, plus the id that makes a retry harmless."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    event_id: Annotated[str, Field(min_length=1, max_length=128, description="Unique id of the event: a retried "
+                                   "event with the same id and content changes nothing.")]
+    user_id: Annotated[int, Field(ge=-INT64, le=INT64 - 1, description="A user of the live data snapshot.")]
+    pin_id: Annotated[int, Field(ge=-INT64, le=INT64 - 1, description="A pin of the live data snapshot (any pin: "
+                                 "it is remapped to its canonical pin as the batch path does).")]
+    event_type: Literal["impression", "closeup", "click", "save", "hide"]
+    event_timestamp: Annotated[AwareDatetime, Field(strict=False, description="When it happened: an ISO 8601 time with "
+                                               "a UTC offset, not later than the service's clock plus "
+                                               "ingest.max_future_seconds.")]
+    surface: Literal["homefeed", "search", "related"] = "homefeed"
+
+
+class EventsRequest(BaseModel):
+    """Body of POST /events: a batch applied whole or not at all."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    events: Annotated[list[Event], Field(min_length=1, max_length=INGEST.max_events)]
+
+
+class EventsResponse(BaseModel):
+    accepted: int = Field(description="Events written to the event log by this request (durable before the answer).")
+    duplicates: int = Field(description="Events whose id was already logged with the same content (unchanged).")
+    users_pushed: int = Field(description="Users whose fresh features were pushed to the online store.")
+    timings_ms: dict[str, float]
+
+
 class ErrorBody(BaseModel):
     """Every error response of the service."""
 
@@ -102,9 +142,9 @@ def error(status: int, message: str, field: str | None = None, details: list | N
 
 
 OPS_PATHS = frozenset({"/healthz", "/livez", "/readyz", "/metadata", "/metrics"})
-ROUTES = frozenset({"/retrieve", "/docs.json", "/", "/docs", *OPS_PATHS})
+ROUTES = frozenset({"/retrieve", "/events", "/docs.json", "/", "/docs", *OPS_PATHS})
 """Paths the service answers; anything else is 404 and counted as 'unmatched' (bounded metric labels)."""
-METHODS = {"/retrieve": ("POST",)}
+METHODS = {"/retrieve": ("POST",), "/events": ("POST",)}
 """The methods of each route (the others: GET); any other method is a 405 naming them in ``Allow``."""
 
 
@@ -120,9 +160,10 @@ class RequestGuard:
     """
 
     def __init__(self, app, max_bytes: int, max_in_flight: int, body_seconds: float,
-                 gate: Admission | None = None, latency_target_seconds: float = 0.5):
+                 gate: Admission | None = None, latency_target_seconds: float = 0.5, ingest_bytes: int | None = None):
         self.app = app
         self.max_bytes = max_bytes
+        self.ingest_bytes = ingest_bytes or max_bytes
         self.body_seconds = body_seconds
         self.gate = gate if gate is not None else Admission(max_in_flight, latency_target_seconds)
 
@@ -146,6 +187,8 @@ class RequestGuard:
             if method not in allowed:
                 return await error(405, f"{method} is not allowed on {path}: use {', '.join(allowed)}", "method",
                                    headers={"Allow": ", ".join(allowed)})(scope, receive, counted_send)
+            if path == "/events":   # not shed: an engagement refused is an engagement the client must keep
+                return await self._guarded(scope, receive, counted_send, self.ingest_bytes)
             if path != "/retrieve" or method != "POST":
                 return await self.app(scope, receive, counted_send)
             gate = self.gate
@@ -161,8 +204,9 @@ class RequestGuard:
         finally:
             METRICS.observe(route, method, status["code"], time.perf_counter() - started)
 
-    async def _guarded(self, scope, receive, send):
-        too_big = error(413, f"request body is larger than {self.max_bytes} bytes", "body")
+    async def _guarded(self, scope, receive, send, max_bytes: int | None = None):
+        max_bytes = max_bytes or self.max_bytes
+        too_big = error(413, f"request body is larger than {max_bytes} bytes", "body")
         headers = dict(scope.get("headers", []))
         encoding = headers.get(b"content-encoding", b"").strip().lower()
         if encoding not in (b"", b"identity"):
@@ -173,7 +217,7 @@ class RequestGuard:
             return await error(415, f"send the body as JSON with Content-Type: application/json, not "
                                     f"{kind.decode(errors='replace')}", "content-type")(scope, receive, send)
         length = headers.get(b"content-length", b"")
-        if length.isdigit() and int(length) > self.max_bytes:
+        if length.isdigit() and int(length) > max_bytes:
             return await too_big(scope, receive, send)
         # read the whole body first, within the time and size limits, so that neither a slow client nor a huge
         # body ever reaches the handler
@@ -187,7 +231,7 @@ class RequestGuard:
             if message["type"] == "http.disconnect":
                 return None
             body += message.get("body", b"")
-            if len(body) > self.max_bytes:
+            if len(body) > max_bytes:
                 return await too_big(scope, receive, send)
             if not message.get("more_body"):
                 break
@@ -245,6 +289,8 @@ def _reshape_400(raw: bytes) -> bytes:
     if isinstance(detail, list) and detail:
         first = detail[0]
         loc = ".".join(str(p) for p in first.get("loc", [])) or None
+        if loc is None and first.get("type") == "json_invalid":
+            loc = "body"
         message = f"{loc}: {first.get('msg')}" if loc else str(first.get("msg"))
         details = [{"field": ".".join(str(p) for p in d.get("loc", [])) or None, "message": d.get("msg"),
                     "type": d.get("type")} for d in detail]
@@ -313,10 +359,29 @@ ERROR_RESPONSES = {
 }
 
 
+EVENTS_ERRORS = {
+    "400": "the body is not JSON, a field is missing, mistyped or out of range, the batch is empty or longer than "
+           "ingest.max_events, or two events share an event_id (`field` names it; nothing is applied)",
+    "404": "no such endpoint",
+    "405": "the method is not allowed on this path (the Allow header names the one that is)",
+    "408": "the request body did not arrive in time",
+    "409": "an event_id is already logged with different content (nothing of the batch is applied)",
+    "413": "the request body is larger than ingest.max_body_bytes",
+    "415": "the request body is not JSON, or is compressed (Content-Encoding)",
+    "422": "rows failed the events contract: an unknown user or pin, a time before contracts.min_timestamp or later "
+           "than the service's clock + ingest.max_future_seconds (`details` lists every row; nothing is applied)",
+    "503": "the event log or the online store does not answer (see Retry-After): nothing is acknowledged, or the "
+           "events are logged and the retry pushes them",
+    "504": "the request took longer than serve.request_seconds",
+}
+
+
 API_DESCRIPTION = (
     "Candidate pins for a user from the live release: the user's online features (Feast) through the release's "
     "user tower, searched in the release's Milvus collection (learned), or the release's serving corpus by decayed "
-    "engagement for a user with no history (cold start). Every error has one body, ErrorBody.")
+    "engagement for a user with no history (cold start). Engagement events in real time (POST /events): logged "
+    "durably, the users' recent-engagement features pushed online for their next request. Every error has one body, "
+    "ErrorBody.")
 """The OpenAPI document's description (BentoML's default is its own readme text, which names the bento's tag)."""
 
 
@@ -339,17 +404,21 @@ def document_errors(spec: dict[str, Any]) -> dict[str, Any]:
     if metrics is not None:   # Prometheus text, not JSON
         metrics["responses"] = {"200": {"description": "Prometheus text exposition format",
                                         "content": {"text/plain": {"schema": {"type": "string"}}}}}
-    post = spec.get("paths", {}).get("/retrieve", {}).get("post")
-    if post is not None:
+    for path, request, answer, ok_text, errors in (
+            ("/retrieve", RetrieveRequest, RetrieveResponse, "the candidates", ERROR_RESPONSES),
+            ("/events", EventsRequest, EventsResponse, "the batch is logged (durably) and pushed", EVENTS_ERRORS)):
+        post = spec.get("paths", {}).get(path, {}).get("post")
+        if post is None:
+            continue
         responses = post.setdefault("responses", {})
         responses.pop("500", None)
-        for status, text in ERROR_RESPONSES.items():
+        for status, text in errors.items():
             responses[status] = {"description": text, "content": {"application/json": {"schema": ref}}}
         body = post.get("requestBody", {}).get("content", {}).get("application/json", {})
-        body["schema"] = _schema(RetrieveRequest, schemas)
+        body["schema"] = _schema(request, schemas)
         post.setdefault("requestBody", {})["required"] = True
-        ok = responses.setdefault("200", {"description": "the candidates"})
-        ok["content"] = {"application/json": {"schema": _schema(RetrieveResponse, schemas)}}
+        ok = responses.setdefault("200", {"description": ok_text})
+        ok["content"] = {"application/json": {"schema": _schema(answer, schemas)}}
     return spec
 
 
@@ -401,6 +470,7 @@ class RetrievalService:
     def __init__(self) -> None:
         quiet_client_errors()
         self.retriever = Retriever(CONFIG)
+        self.ingestor = Ingestor(CONFIG, self.retriever.features)
         self.switches = 0
         self._stop = threading.Event()
         self._poll()
@@ -410,12 +480,22 @@ class RetrievalService:
     def _poll(self) -> None:
         try:
             if self.retriever.refresh():
+                self._catch_up()
                 self.switches += 1
                 settle_heap()
             fault_log.clear("registry")
         except Exception as e:  # noqa: BLE001 - keep serving the loaded release; retry on the next poll
             fault_log.warning("registry", "could not load the live release (%s); still serving %s", e,
                               self.retriever.current.version if self.retriever.current else "nothing")
+
+    def _catch_up(self) -> None:
+        """Push the events the log holds but the online store does not (a crash between commit and push)."""
+        try:
+            done = self.ingestor.catch_up()
+            if done["users"]:
+                log.info("event log: pushed %d pending users' features", done["users"])
+        except Exception as e:  # noqa: BLE001 - the next batch or retry pushes them
+            fault_log.warning("event log", "could not push pending events (%s)", e)
 
     def _follow(self) -> None:
         while not self._stop.wait(SERVE.poll_seconds):
@@ -447,7 +527,29 @@ class RetrievalService:
         return RetrieveResponse(**result)
 
 
+    @bentoml.api(route="/events", input_spec=EventsRequest, output_spec=EventsResponse)
+    def events(self, **request: Any):
+        """Engagement events in real time, logged durably and pushed to the users' online features.
+
+        Each event is in the event log before the answer; the users' recent-engagement features are pushed to the
+        online store for their next request, and the next build reads the log too. A batch is applied whole or not at
+        all."""
+        try:
+            events = [e.model_dump() if isinstance(e, BaseModel) else e for e in request["events"]]
+            result = self.ingestor.ingest(events)
+        except IngestError as e:
+            return error(e.status, str(e), e.field, e.details)
+        except LogUnavailable as e:
+            fault_log.warning("event log", "%s", e)
+            return error(503, f"{e}; nothing of the batch was acknowledged", retry_after=1)
+        except PushFailed as e:
+            fault_log.warning("online store", "%s", e)
+            return error(503, str(e), retry_after=1)
+        fault_log.clear("event log")
+        return EventsResponse(**result)
+
+
 RetrievalService.add_asgi_middleware(OpsRoutes)
 RetrievalService.add_asgi_middleware(RequestGuard, max_bytes=SERVE.max_body_bytes, max_in_flight=SERVE.max_in_flight,
                                      gate=GATE,
-                                     body_seconds=SERVE.body_seconds)
+                                     body_seconds=SERVE.body_seconds, ingest_bytes=INGEST.max_body_bytes)

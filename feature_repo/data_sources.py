@@ -9,7 +9,7 @@ configured data dir (``training.features.store.definitions``).
 
 from pathlib import Path
 
-from feast import FileSource
+from feast import FileSource, PushSource
 
 CHECKOUT_DATA_DIR = Path(__file__).resolve().parent.parent / ".data"
 
@@ -35,6 +35,16 @@ user_impressions_source = dbt_table("user_impressions")
 
 # Why: the user's recent engaged pins, refreshed at every engagement.
 user_sequence_source = dbt_table("user_sequence")
+
+
+def sequence_push(batch_source: FileSource) -> PushSource:
+    """The push source of the recent-engagement sequence over ``batch_source``."""
+    return PushSource(name="user_sequence_push", batch_source=batch_source, tags={"dbt_model": "user_sequence"})
+
+
+# Why: real-time engagements (POST /events) update the sequence online between builds; the batch path recomputes
+# the same rows from the event log (training/features/realtime.py).
+user_sequence_push = sequence_push(user_sequence_source)
 
 # Why: static attributes of canonical pins, valid from creation.
 pin_profile_source = dbt_table("pin_profile")

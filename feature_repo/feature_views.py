@@ -11,7 +11,7 @@ from feature_repo.data_sources import (
     user_features_source,
     user_impressions_source,
     user_profile_source,
-    user_sequence_source,
+    user_sequence_push,
 )
 from feature_repo.entities import pin, user
 
@@ -32,7 +32,8 @@ user_profile = FeatureView(
     tags={"dbt_model": "user_profile"},
 )
 
-# Why: the user's engagement sequence, the user tower's strongest signal; fresh at every engagement.
+# Why: the user's engagement sequence, the user tower's strongest signal; fresh at every engagement, pushed online in
+# real time by the event ingestion and recomputed by dbt from the same events.
 user_sequence = FeatureView(
     name="user_sequence",
     entities=[user],
@@ -43,7 +44,7 @@ user_sequence = FeatureView(
         Field(name="history_length", dtype=Int64),
         Field(name="user_sequence_at", dtype=UnixTimestamp),
     ],
-    source=user_sequence_source,
+    source=user_sequence_push,
     online=True,
     tags={"dbt_model": "user_sequence"},
 )

@@ -325,6 +325,27 @@ class ServeConfig:
                f"must be <= serve.max_in_flight ({self.max_in_flight}), got {self.min_in_flight}")
 
 
+@dataclass
+class IngestConfig:
+    """Real-time engagement ingestion: POST /events on the service (bentos/ingest.py, training/features/realtime.py).
+    Accepted events go to a durable append-only log (``<data_dir>/events/ingest.db``, SQLite in WAL mode) before the
+    answer, the affected users' recent-engagement features are pushed to the online store through Feast, and the
+    next ``retrieval build`` reads the log like the raw files."""
+
+    max_events: int = 1000
+    """Most events one POST /events may carry; a larger batch gets 413 and nothing of it is applied."""
+    max_body_bytes: int = 1_048_576
+    """Larger POST /events bodies get 413."""
+    max_future_seconds: float = 300.0
+    """An event stamped later than the service's clock plus this is refused (clock skew allowance)."""
+    lock_seconds: float = 2.0
+    """Longest wait for the event log (one writer at a time per data dir) before a batch gets 503 + Retry-After."""
+
+    def __post_init__(self) -> None:
+        _positive(self, "ingest", "max_events", "max_body_bytes", "lock_seconds")
+        _check(self.max_future_seconds >= 0, "ingest.max_future_seconds", "must be >= 0")
+
+
 def _choice(value: str, name: str, options: tuple[str, ...]) -> None:
     _check(value in options, name, f"must be one of {', '.join(options)}, got {value!r}")
 
@@ -673,6 +694,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     index: IndexConfig = field(default_factory=IndexConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
+    ingest: IngestConfig = field(default_factory=IngestConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
     retrain: RetrainConfig = field(default_factory=RetrainConfig)
 

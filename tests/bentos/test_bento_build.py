@@ -31,8 +31,7 @@ release in the dev venv."""
 FROM_EXTRAS = {"redis", "hiredis", "async-timeout"}
 """Brought by feast[redis] within feast's ranges: neither in constraints.txt nor in the dev venv; pinned as resolved."""
 HASH = re.compile(r"--hash=sha256:[0-9a-f]{64}")
-TRAINING_ONLY = {"dbt-core", "dbt-duckdb", "implicit", "matplotlib", "threadpoolctl", "scipy", "pandera", "pytest",
-                 "ruff"}
+TRAINING_ONLY = {"dbt-core", "dbt-duckdb", "implicit", "matplotlib", "threadpoolctl", "scipy", "pytest", "ruff"}
 DEAD_PROXY = "http://127.0.0.1:9"
 """Nothing listens on the discard port: any download during the build fails."""
 CUDA = re.compile(r"^(nvidia-(?!ml-py\b)\S+|triton\b|\S*cuda\S*|torch==\S+\+cu\d+)", re.IGNORECASE)
@@ -305,7 +304,9 @@ def test_bento_sources(bento):
     assert {"bentos/service.py", "bentos/retriever.py", "feature_store.yaml", "feature_repo/feature_views.py",
             "feature_repo/infra/fast_sqlite.py"} <= files
     online = {"training/__init__.py", "training/config.py", "training/io.py", "training/features/__init__.py",
-              "training/features/store.py", "training/release/__init__.py", "training/release/index.py",
+              "training/features/store.py", "training/features/realtime.py", "training/release/__init__.py",
+              "training/release/index.py", "training/data/__init__.py", "training/data/raw.py",
+              "training/data/contracts.py",   # the raw events contract that POST /events validates with
               "training/release/registry.py", "training/release/model_store.py",
               *(p.relative_to(REPO).as_posix() for p in (REPO / "training" / "model").glob("*.py"))}
     assert {f for f in files if f.startswith("training/")} == online   # the online path, not the offline stages

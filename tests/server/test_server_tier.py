@@ -203,3 +203,48 @@ def test_the_partition_count_of_the_interest_partition_key_is_configurable(serve
             assert info["search_params"]["mips_max_norm"] == pytest.approx(np.linalg.norm(vectors, axis=1).max())
     finally:
         store.drop(name)
+
+
+def test_events_on_two_workers_push_to_redis_the_rows_the_batch_computes(server_cfg, models):
+    """POST /events spread over two workers sharing one event log: every event logged once, and Redis holds for each
+    user the row computed from the live snapshot and every logged event (none lost to a race between workers)."""
+    import httpx
+
+    from bentos.launcher import start, stop
+    from training.features.realtime import EventLog, SequencePusher, log_path
+    from training.features.store import feature_store
+    from training.release.registry import Registry
+
+    if Registry(server_cfg).state()["live"] is None:
+        publish(server_cfg, models[0])
+    cfg = dataclasses.replace(server_cfg, serve=dataclasses.replace(server_cfg.serve, port=free_port(), workers=2))
+    live = (cfg.data_path / "live").resolve()
+    seq = pd.read_parquet(live / "tables" / "user_sequence.parquet")
+    corpus = pd.read_parquet(live / "tables" / "serving_corpus.parquet").pin_id.to_numpy()
+    users = [int(u) for u in seq.user_id.unique()[:6]]
+    clock = seq.event_timestamp.max()
+    url = start(cfg)["url"]
+    try:
+        def post(i: int) -> int:
+            events = [{"event_id": f"srv-{i}-{j}", "user_id": users[(i + j) % len(users)],
+                       "pin_id": int(corpus[(7 * i + j) % len(corpus)]), "event_type": "save",
+                       "event_timestamp": (clock + pd.Timedelta(seconds=10 * i + j)).isoformat()} for j in range(5)]
+            with httpx.Client(base_url=url, timeout=30) as c:
+                return c.post("/events", json={"events": events}).status_code
+
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(8) as pool:
+            codes = list(pool.map(post, range(40)))
+    finally:
+        stop(cfg)
+    assert codes == [200] * 40
+    log = EventLog(log_path(cfg))
+    assert log.count() == 200 and log.pending() == 0
+    frame = log.frame()
+    frame["event_us"] = frame.event_timestamp.astype("int64")
+    expected = SequencePusher(cfg).rows(users, frame).set_index("user_id")
+    online = feature_store(cfg).online_frame("user_tower_v2", "user_id", users).set_index("user_id")
+    for u in users:
+        assert online.loc[u, "recent_pin_ids"] == expected.loc[u, "recent_pin_ids"], u
+        assert online.loc[u, "recent_pin_ages_days"] == expected.loc[u, "recent_pin_ages_days"], u

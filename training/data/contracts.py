@@ -224,6 +224,8 @@ def validate_raw(
                 f"above contracts.max_bad_fraction={cfg.max_bad_fraction}; most frequent: {worst} ({count:,} rows); "
                 f"quarantined rows with reasons: {out_dir / 'quarantine' / (table + '.parquet')}"
             )
+        if table == "events":
+            accepted = _with_ingested(raw_dir, accepted, raw_schema(table, known, lo, hi), reports)
         atomic_write_parquet(to_arrow(table, accepted), out_dir / "staged" / f"{table}.parquet")
         key = {"interests": "interest_id", "users": "user_id", "pins": "pin_id"}.get(table)
         if key:
@@ -231,6 +233,31 @@ def validate_raw(
         log.info("contract %s: %s rows in, %s accepted, %s quarantined", table,
                  f"{report.input_rows:,}", f"{report.accepted:,}", f"{report.quarantined:,}")
     return reports
+
+
+INGESTED_EVENTS = "ingested_events"
+"""The events the service ingested in real time (POST /events), exported from its log by ``retrieval build``
+(``training.features.realtime.export``): one row per event id, held to the events contract and staged with the raw
+events."""
+
+
+def _with_ingested(raw_dir: Path, events: pd.DataFrame, schema: pa.DataFrameSchema,
+                   reports: dict[str, TableReport]) -> pd.DataFrame:
+    """The accepted raw events plus the accepted ingested ones (each event id once; the service refused the rest
+    before logging them, so a quarantined row here means the contract or the data changed since)."""
+    path = raw_dir / f"{INGESTED_EVENTS}.parquet"
+    df = _read(path, optional=True)
+    if df is None:
+        return events
+    df = df.drop_duplicates("event_id")
+    accepted, quarantined, report = check_table("events", df.drop(columns=["event_id"]), schema, path)
+    reports[INGESTED_EVENTS] = report
+    if report.quarantined:
+        log.warning("contract %s: quarantined %s of %s ingested events (%s)", INGESTED_EVENTS,
+                    f"{report.quarantined:,}", f"{report.input_rows:,}",
+                    ", ".join(f"{k}: {v}" for k, v in list(report.reasons.items())[:3]))
+    log.info("contract %s: %s ingested events added to the raw events", INGESTED_EVENTS, f"{report.accepted:,}")
+    return pd.concat([events, accepted], ignore_index=True)
 
 
 def _not_after_label(column: str) -> pa.Check:

@@ -2,7 +2,9 @@
 
 Layout under ``<data_dir>``::
 
-    raw/                         source output (synthetic generator or MovieLens ingest)
+    raw/                         source output (synthetic generator or MovieLens ingest), and
+                                 ingested_events.parquet: the service's event log, exported by each build
+    events/ingest.db             the service's event log (POST /events; training/features/realtime.py)
     build/                       the build in progress (contracts + dbt); wiped at the start of a build
     snapshots/<id>-<utc time>/   finished builds: staged/, quarantine/, tables/*.parquet, warehouse.duckdb,
                                  manifest.json (the newest ``transform.keep_snapshots`` are kept)
@@ -32,9 +34,10 @@ from typing import Any
 import duckdb
 
 from training.config import Config
-from training.data.contracts import validate_raw
+from training.data.contracts import INGESTED_EVENTS, validate_raw
 from training.data.dbt import DBT_DIR, run_dbt, until_var
 from training.data.raw import OPTIONAL_TABLES, TABLES
+from training.features.realtime import export as export_ingested
 from training.io import atomic_symlink
 
 log = logging.getLogger(__name__)
@@ -82,7 +85,8 @@ def snapshot_id(cfg: Config) -> str:
     """Content hash of everything a build depends on."""
     h = hashlib.sha256()
     raw = raw_dir(cfg)
-    _hash_files(h, [raw / f"{t}.parquet" for t in TABLES + OPTIONAL_TABLES if (raw / f"{t}.parquet").exists()], raw)
+    names = TABLES + OPTIONAL_TABLES + (INGESTED_EVENTS,)
+    _hash_files(h, [raw / f"{t}.parquet" for t in names if (raw / f"{t}.parquet").exists()], raw)
     code = [p for p in DBT_DIR.rglob("*") if p.suffix in (".sql", ".yml") and "target" not in p.parts]
     _hash_files(h, code, DBT_DIR)
     h.update(json.dumps({"contracts": vars(cfg.contracts), "transform": cfg.transform.dbt_vars(),
@@ -112,6 +116,9 @@ def _table_rows(path: Path) -> int:
 def build(cfg: Config) -> Snapshot:
     """Contracts + dbt build into a fresh folder, then rename it to a finished snapshot (not yet live)."""
     with build_lock(cfg):
+        ingested = export_ingested(cfg, raw_dir(cfg) / f"{INGESTED_EVENTS}.parquet")
+        if ingested is not None:
+            log.info("event log: %s ingested events exported for the build", f"{ingested:,}")
         sid = snapshot_id(cfg)
         scratch = cfg.data_path / "build"
         if scratch.exists():

@@ -57,6 +57,8 @@ def repo_config(cfg: Config, busy_timeout: float | None = None):
 
 def definitions(cfg: Config) -> list[Any]:
     """The Feast objects of feature_repo/, with every parquet source under ``cfg.data_dir``."""
+    from feast import PushSource
+
     from feature_repo import entities, feature_services, feature_views
     from feature_repo.data_sources import dbt_table
 
@@ -64,6 +66,9 @@ def definitions(cfg: Config) -> list[Any]:
     for view in feature_views.FEATURE_VIEWS:
         moved = copy.copy(view)
         moved.batch_source = dbt_table(view.batch_source.tags["dbt_model"], cfg.data_path)
+        if view.stream_source is not None:   # a push source writes the same view online in real time
+            push = view.stream_source
+            moved.stream_source = PushSource(name=push.name, batch_source=moved.batch_source, tags=push.tags)
         views.append(moved)
     return [*entities.ENTITIES, *views, *feature_services.FEATURE_SERVICES]
 
@@ -206,6 +211,13 @@ class Features:
         in order (None where the store has nothing)."""
         rows = [{key: int(i)} for i in ids]
         return self.store.get_online_features(features=self.service(service_name), entity_rows=rows).to_dict()
+
+    def push(self, source: str, rows: pd.DataFrame) -> None:
+        """Write ``rows`` (entity key, event_timestamp, the view's features) to the online store through the push
+        source ``source`` (online only: the batch path recomputes the same rows from the event log)."""
+        from feast.data_source import PushMode
+
+        self.store.push(source, rows, to=PushMode.ONLINE)
 
     def online_frame(self, service_name: str, key: str, ids) -> pd.DataFrame:
         return pd.DataFrame(self.online(service_name, key, ids))

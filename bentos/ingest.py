@@ -1,0 +1,149 @@
+"""Real-time engagement ingestion behind ``POST /events``: validate a batch, log it durably, push fresh features.
+
+A batch is applied whole or not at all:
+
+- the request model (``bentos/service.py``) checks shapes and types (400, naming ``events.<row>.<field>``);
+- ``Ingestor.ingest`` then refuses the batch with 400 when two of its events share an ``event_id``, and with 422
+  when a row fails the raw events' pandera contract (``training.data.contracts.raw_schema``: a user or pin the live
+  snapshot does not know, a time before ``contracts.min_timestamp``) or is stamped later than the service's clock
+  plus ``ingest.max_future_seconds``; ``details`` lists every bad row with its field and reason;
+- an event id already logged with other content is a 409, and nothing of the batch is written;
+- otherwise the new events are committed to the event log before the answer (an event id already logged with the
+  same content counts as a duplicate and changes nothing), then the affected users' ``user_sequence`` rows are
+  pushed online (``training.features.realtime``). A log that cannot be written in ``ingest.lock_seconds`` is a
+  503 and nothing is acknowledged; a failed push after the commit is a 503 too, and the events stay logged: the
+  retry finds them as duplicates and pushes what is pending.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from training.config import Config, parse_utc
+from training.data.contracts import check_table, raw_schema
+from training.features.realtime import EventLog, LogConflict, LogUnavailable, SequencePusher, log_path
+
+log = logging.getLogger(__name__)
+
+
+class IngestError(ValueError):
+    """A batch refused as a whole; ``status`` 400 / 409 / 422, ``details`` one entry per bad row."""
+
+    def __init__(self, status: int, message: str, field: str | None = None, details: list[dict] | None = None):
+        super().__init__(message)
+        self.status = status
+        self.field = field
+        self.details = details
+
+
+class PushFailed(RuntimeError):
+    """The events are logged but the online store did not take the fresh features (the retry pushes them)."""
+
+
+class Ingestor:
+    """Validation against the live snapshot, the event log and the push, for one service process."""
+
+    def __init__(self, cfg: Config, features=None):
+        self.cfg = cfg
+        self.log = EventLog(log_path(cfg), timeout=cfg.ingest.lock_seconds)
+        self.pusher = SequencePusher(cfg, features)
+        self._known: tuple[Path, dict[str, np.ndarray]] | None = None
+        self._lock = threading.Lock()
+
+    def known(self) -> dict[str, np.ndarray]:
+        """The live snapshot's accepted users and pins (what the contract calls known), re-read when live moves."""
+        link = (self.cfg.data_path / "live").resolve()
+        with self._lock:
+            if self._known is None or self._known[0] != link:
+                import pyarrow.parquet as pq
+
+                self._known = (link, {
+                    "users": pq.read_table(link / "staged" / "users.parquet", columns=["user_id"])
+                    .column(0).to_numpy(),
+                    "pins": pq.read_table(link / "staged" / "pins.parquet", columns=["pin_id"]).column(0).to_numpy(),
+                    "interests": np.zeros(0, np.int64),
+                })
+            return self._known[1]
+
+    def validate(self, events: list[dict[str, Any]], now: datetime | None = None) -> pd.DataFrame:
+        """The batch as a typed frame, or IngestError naming every bad row."""
+        now = now or datetime.now(UTC)
+        df = pd.DataFrame(events, columns=["event_id", "user_id", "pin_id", "event_type", "event_timestamp",
+                                           "surface"])
+        dup = df["event_id"].duplicated(keep=False)
+        if dup.any():
+            rows = np.flatnonzero(dup.to_numpy()).tolist()
+            raise IngestError(400, f"event_id repeated within the batch: {sorted(set(df['event_id'][dup]))[:5]}",
+                              "events.event_id", [{"row": r, "field": f"events.{r}.event_id",
+                                                   "message": f"event_id {df['event_id'][r]!r} appears more than once "
+                                                              "in the batch"} for r in rows])
+        details = []
+        ts = pd.to_datetime(df["event_timestamp"], utc=True)
+        horizon = pd.Timestamp(now + timedelta(seconds=self.cfg.ingest.max_future_seconds))
+        for r in np.flatnonzero((ts > horizon).to_numpy()).tolist():
+            details.append({"row": r, "field": f"events.{r}.event_timestamp",
+                            "message": f"{ts[r].isoformat()} is in the future: later than the service's clock "
+                                       f"{now.isoformat(timespec='seconds')} + ingest.max_future_seconds "
+                                       f"({self.cfg.ingest.max_future_seconds:g})"})
+        lo = pd.Timestamp(parse_utc(self.cfg.contracts.min_timestamp))
+        schema = raw_schema("events", self.known(), lo, horizon)
+        accepted, quarantined, _ = check_table("events", df.drop(columns=["event_id"]), schema,
+                                               Path("POST /events"))
+        future = {d["row"] for d in details}
+        for r, reason in zip(quarantined["row_number"], quarantined["reason"], strict=True):
+            for part in reason.split("; "):
+                column = part.split(":")[0].removeprefix("events.")
+                if r in future and column == "event_timestamp":
+                    continue
+                details.append({"row": int(r), "field": f"events.{int(r)}.{column}", "message": _explain(part)})
+        if details:
+            details.sort(key=lambda d: (d["row"], d["field"]))
+            first = details[0]
+            raise IngestError(422, f"{len({d['row'] for d in details})} of {len(df)} events failed the events "
+                                   f"contract, nothing was applied; first: {first['field']}: {first['message']}",
+                              first["field"], details)
+        return accepted.assign(event_id=df["event_id"].astype(str).to_numpy())
+
+    def ingest(self, events: list[dict[str, Any]]) -> dict[str, Any]:
+        """Validate, log (durable before this returns) and push; the answer's counts."""
+        t0 = time.perf_counter()
+        frame = self.validate(events)
+        try:
+            appended = self.log.append(frame)
+        except LogConflict as e:
+            raise IngestError(409, f"{e}; nothing of the batch was written", "events.event_id",
+                              [{"row": r, "field": f"events.{r}.event_id",
+                                "message": f"event_id {i!r} is logged with different content"}
+                               for r, i in zip(e.rows, e.ids, strict=True)]) from e
+        t1 = time.perf_counter()
+        try:
+            pushed = self.log.flush(self.pusher)
+        except LogUnavailable:
+            raise
+        except Exception as e:  # noqa: BLE001 - an online-store fault: the events are logged and will be pushed
+            raise PushFailed(f"online store: {type(e).__name__}: {str(e).splitlines()[0][:200]}; the "
+                             f"{appended.new} new events are logged and will be pushed by the next batch or "
+                             "retry") from e
+        return {"accepted": appended.new, "duplicates": appended.duplicates, "users_pushed": pushed["rows"],
+                "timings_ms": {"validate_and_log": round((t1 - t0) * 1e3, 3),
+                               "push": round((time.perf_counter() - t1) * 1e3, 3)}}
+
+    def catch_up(self) -> dict[str, int]:
+        """Push whatever the log holds past its push watermark (events committed before a crash or a failed push)."""
+        return self.log.flush(self.pusher)
+
+
+def _explain(reason: str) -> str:
+    """A contract failure as a sentence: 'events.user_id: known users' -> 'not one of the known users ...'."""
+    column, _, check = reason.partition(": ")
+    if check.startswith("known "):
+        return f"not one of the {check.removeprefix('known ')} of the live data snapshot"
+    return check or reason

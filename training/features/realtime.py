@@ -1,0 +1,346 @@
+"""Real-time engagements: the durable event log, and the fresh user features it pushes online through Feast.
+
+The service's ``POST /events`` (bentos/ingest.py) validates a batch, then:
+
+1. ``EventLog.append`` writes the new events to ``<data_dir>/events/ingest.db`` (SQLite, WAL journal,
+   ``synchronous=FULL``) in one transaction and commits before the service answers: an acknowledged event
+   survives a kill -9. An event id already in the log with the same content is a duplicate and changes nothing
+   (a retried batch is a no-op); with other content it is a conflict, and nothing of the batch is written.
+2. ``EventLog.flush`` (one process at a time: it holds the log's write lock) recomputes the ``user_sequence``
+   feature of every user with events newer than the log's push watermark, pushes the rows through Feast's push
+   source ``user_sequence_push`` into the online store, then moves the watermark. Events committed but not yet
+   pushed (a crash, a failed push) are pushed by the next flush, which the service also runs when it starts.
+3. The next ``retrieval build`` reads the log's events (``export``) next to the raw files, so the batch models
+   compute from exactly what was pushed.
+
+The pushed row is what dbt's ``user_sequence`` model computes for the user's newest engagement: the last
+``history_length`` positive Homefeed engagements (weight > 0, ``transform.engagement_weights``), each pin remapped to
+its canonical pin by the live ``pin_canonical_map``, one entry per (canonical pin, instant), ordered by (time, pin)
+and listed newest first, with ages in days from the newest engagement; the row is stamped 1 µs after it. It is
+computed from the live snapshot's newest row of the user (which holds the batch's history) merged with the
+user's logged events: the newest ``history_length`` of that union are the newest of the raw and logged events
+together, and an event already in the snapshot (after a rebuild) is the same (instant, pin) pair, counted once.
+The transform settings are the live snapshot's own (its manifest), not the service's config.
+
+The daily aggregates (``user_features``: counts and top interests; ``user_impressions``) are stamped at the
+midnight after each day and use only earlier events, in training and online alike, so a push cannot make them
+fresher without serving values the towers never saw in training; they change at the next build.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from training.config import Config
+
+log = logging.getLogger(__name__)
+
+PUSH_SOURCE = "user_sequence_push"
+"""The Feast push source of the ``user_sequence`` view (feature_repo/data_sources.py)."""
+LABEL_SURFACE = "homefeed"
+"""The surface whose engagements are labels and features (dbt's ``label_surface`` macro)."""
+LOG_COLUMNS = ("event_id", "user_id", "pin_id", "event_type", "event_timestamp", "surface")
+US = 1_000_000
+
+
+def log_path(cfg: Config) -> Path:
+    return cfg.data_path / "events" / "ingest.db"
+
+
+class LogConflict(ValueError):
+    """Event ids already logged with different content; ``rows`` are their positions in the batch."""
+
+    def __init__(self, rows: list[int], ids: list[str]):
+        super().__init__(f"event_id already logged with different content: {', '.join(map(repr, ids[:5]))}"
+                         + (f" and {len(ids) - 5} more" if len(ids) > 5 else ""))
+        self.rows = rows
+        self.ids = ids
+
+
+class LogUnavailable(RuntimeError):
+    """The event log could not be written or locked in time (the batch may be retried)."""
+
+
+@dataclass(frozen=True)
+class Appended:
+    new: int
+    """Events written by this call."""
+    duplicates: int
+    """Events of the batch already in the log with the same content (not written again)."""
+    last_seq: int
+    """The log's sequence number of the batch's newest event (0 when nothing was written)."""
+
+
+_SCHEMA = """
+create table if not exists events (
+    seq integer primary key autoincrement,
+    event_id text not null unique,
+    user_id integer not null,
+    pin_id integer not null,
+    event_type text not null,
+    surface text not null,
+    event_us integer not null,
+    logged_us integer not null
+);
+create index if not exists events_user on events (user_id);
+create table if not exists meta (key text primary key, value integer not null);
+"""
+
+
+class EventLog:
+    """The append-only event log of a data dir. One connection per thread; every process may append."""
+
+    def __init__(self, path: Path, timeout: float = 2.0):
+        self.path = Path(path)
+        self.timeout = timeout
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._local = threading.local()
+        with self._conn() as con:
+            con.executescript(_SCHEMA)
+
+    def _conn(self) -> sqlite3.Connection:
+        con = getattr(self._local, "con", None)
+        if con is None:
+            con = sqlite3.connect(self.path, timeout=self.timeout, isolation_level=None, check_same_thread=True)
+            con.execute("pragma journal_mode=wal")
+            con.execute("pragma synchronous=full")   # a commit is on disk before it returns
+            self._local.con = con
+        return con
+
+    def close(self) -> None:
+        con = getattr(self._local, "con", None)
+        if con is not None:
+            con.close()
+            self._local.con = None
+
+    def append(self, events: pd.DataFrame) -> Appended:
+        """Write ``events`` (LOG_COLUMNS; event_timestamp as UTC datetimes) in one transaction, committed before
+        this returns. Raises LogConflict (nothing written) when an id is logged with other content."""
+        rows = _log_rows(events)
+        con = self._conn()
+        try:
+            con.execute("begin immediate")
+        except sqlite3.OperationalError as e:
+            raise LogUnavailable(f"event log {self.path}: {e}") from e
+        try:
+            existing: dict[str, tuple] = {}
+            ids = [r[0] for r in rows]
+            for i in range(0, len(ids), 500):
+                part = ids[i:i + 500]
+                q = ("select event_id, user_id, pin_id, event_type, surface, event_us from events where event_id in "
+                     f"({','.join('?' * len(part))})")
+                existing.update({r[0]: tuple(r) for r in con.execute(q, part)})
+            conflicts = [i for i, r in enumerate(rows) if r[0] in existing and existing[r[0]] != r]
+            if conflicts:
+                raise LogConflict(conflicts, [rows[i][0] for i in conflicts])
+            new = [r for r in rows if r[0] not in existing]
+            now = int(time.time() * US)
+            con.executemany("insert into events (event_id, user_id, pin_id, event_type, surface, event_us, logged_us) "
+                            "values (?, ?, ?, ?, ?, ?, ?)", [(*r, now) for r in new])
+            last = con.execute("select max(seq) from events").fetchone()[0] or 0 if new else 0
+            con.execute("commit")
+        except BaseException as e:
+            con.execute("rollback")
+            if isinstance(e, sqlite3.Error):
+                raise LogUnavailable(f"event log {self.path}: {e}") from e
+            raise
+        return Appended(new=len(new), duplicates=len(rows) - len(new), last_seq=last)
+
+    def flush(self, pusher: SequencePusher) -> dict[str, int]:
+        """Push the fresh ``user_sequence`` of every user with events past the push watermark, then move it.
+        Holds the log's write lock throughout, so two processes never push one user's rows out of order."""
+        con = self._conn()
+        try:
+            con.execute("begin immediate")
+        except sqlite3.OperationalError as e:
+            raise LogUnavailable(f"event log {self.path}: {e}") from e
+        try:
+            mark = (con.execute("select value from meta where key = 'pushed_seq'").fetchone() or (0,))[0]
+            top = con.execute("select max(seq) from events").fetchone()[0] or 0
+            users = [r[0] for r in con.execute("select distinct user_id from events where seq > ?", (mark,))]
+            pushed = 0
+            if users:
+                pushed = pusher.push(users, self._user_events(con, users))
+            con.execute("insert into meta (key, value) values ('pushed_seq', ?) "
+                        "on conflict (key) do update set value = excluded.value", (top,))
+            con.execute("commit")
+        except BaseException as e:
+            con.execute("rollback")
+            if isinstance(e, sqlite3.Error):
+                raise LogUnavailable(f"event log {self.path}: {e}") from e
+            raise
+        return {"users": len(users), "rows": pushed, "pushed_seq": top}
+
+    @staticmethod
+    def _user_events(con: sqlite3.Connection, users: list[int]) -> pd.DataFrame:
+        parts = []
+        for i in range(0, len(users), 500):
+            part = users[i:i + 500]
+            parts.append(pd.read_sql_query(
+                "select user_id, pin_id, event_type, surface, event_us from events where user_id in "
+                f"({','.join('?' * len(part))})", con, params=part))
+        return pd.concat(parts, ignore_index=True)
+
+    def pending(self) -> int:
+        """Logged events not yet pushed online."""
+        con = self._conn()
+        mark = (con.execute("select value from meta where key = 'pushed_seq'").fetchone() or (0,))[0]
+        return con.execute("select count(*) from events where seq > ?", (mark,)).fetchone()[0]
+
+    def count(self) -> int:
+        return self._conn().execute("select count(*) from events").fetchone()[0]
+
+    def frame(self) -> pd.DataFrame:
+        """Every logged event in log order, with the raw events' columns and types plus ``event_id``."""
+        df = pd.read_sql_query("select event_id, user_id, pin_id, event_type, event_us, surface from events "
+                               "order by seq", self._conn())
+        df["event_timestamp"] = pd.to_datetime(df.pop("event_us"), unit="us", utc=True).astype("datetime64[us, UTC]")
+        return df[list(LOG_COLUMNS)]
+
+
+def _log_rows(events: pd.DataFrame) -> list[tuple]:
+    ts = pd.to_datetime(events["event_timestamp"], utc=True).astype("datetime64[us, UTC]")
+    us = ts.astype("int64").to_numpy()
+    return [(str(e), int(u), int(p), str(t), str(s), int(x)) for e, u, p, t, s, x in
+            zip(events["event_id"], events["user_id"], events["pin_id"], events["event_type"], events["surface"], us,
+                strict=True)]
+
+
+def export(cfg: Config, path: Path) -> int | None:
+    """Write the data dir's logged events to ``path`` (parquet, the raw events' columns plus ``event_id``) for the
+    batch build; None (and no file) when the log holds no event."""
+    from training.io import atomic_write_parquet
+
+    source = log_path(cfg)
+    df = None
+    if source.exists():
+        events = EventLog(source)
+        try:
+            df = events.frame() if events.count() else None
+        finally:
+            events.close()
+    if df is None:   # no file for an empty log: the snapshot id stays that of the raw files alone
+        path.unlink(missing_ok=True)
+        return None
+    import pyarrow as pa
+
+    table = pa.Table.from_pandas(df, preserve_index=False).cast(pa.schema([
+        ("event_id", pa.string()), ("user_id", pa.int64()), ("pin_id", pa.int64()), ("event_type", pa.string()),
+        ("event_timestamp", pa.timestamp("us", tz="UTC")), ("surface", pa.string())]))
+    atomic_write_parquet(table, path)
+    return len(df)
+
+
+class SequencePusher:
+    """Computes ``user_sequence`` rows from the live snapshot and logged events and pushes them through Feast."""
+
+    def __init__(self, cfg: Config, features=None):
+        self.cfg = cfg
+        self._features = features
+        self._snapshot: tuple[Path, dict[str, Any]] | None = None
+
+    @property
+    def features(self):
+        if self._features is None:
+            from training.features.store import feature_store
+
+            self._features = feature_store(self.cfg)
+        return self._features
+
+    def live(self) -> dict[str, Any]:
+        """The live snapshot's tables, transform settings and canonical map (re-read when ``live`` moves)."""
+        link = (self.cfg.data_path / "live").resolve()
+        if self._snapshot is None or self._snapshot[0] != link:
+            manifest = json.loads((link / "manifest.json").read_text())
+            import pyarrow.parquet as pq
+
+            cmap = pq.read_table(link / "tables" / "pin_canonical_map.parquet",
+                                 columns=["pin_id", "canonical_pin_id"]).to_pandas()
+            order = np.argsort(cmap["pin_id"].to_numpy())
+            transform = manifest["config"]["transform"]
+            self._snapshot = (link, {
+                "path": link, "history_length": int(transform["history_length"]),
+                "weights": {k: float(v) for k, v in transform["engagement_weights"].items()},
+                "pins": cmap["pin_id"].to_numpy(np.int64)[order],
+                "canonical": cmap["canonical_pin_id"].to_numpy(np.int64)[order],
+            })
+        return self._snapshot[1]
+
+    def rows(self, users: list[int], events: pd.DataFrame) -> pd.DataFrame:
+        """The ``user_sequence`` row of each user that has at least one positive Homefeed engagement."""
+        live = self.live()
+        base = _base_sequences(live["path"] / "tables" / "user_sequence.parquet", users)
+        positive = events[(events["surface"] == LABEL_SURFACE)
+                          & (events["event_type"].map(live["weights"]).fillna(0.0) > 0)]
+        pins = positive["pin_id"].to_numpy(np.int64)
+        at = np.searchsorted(live["pins"], pins).clip(0, max(len(live["pins"]) - 1, 0))
+        known = live["pins"][at] == pins if len(live["pins"]) else np.zeros(len(pins), bool)
+        logged: dict[int, set[tuple[int, int]]] = {}
+        for u, t, p in zip(positive["user_id"].to_numpy()[known], positive["event_us"].to_numpy()[known],
+                           live["canonical"][at][known], strict=True):
+            logged.setdefault(int(u), set()).add((int(t), int(p)))
+        out = []
+        n = live["history_length"]
+        for u in users:
+            pairs = sorted(base.get(u, set()) | logged.get(u, set()))[-n:]
+            if not pairs:
+                continue
+            out.append(sequence_row(u, pairs))
+        return pd.DataFrame(out, columns=["user_id", "event_timestamp", "recent_pin_ids", "recent_pin_ages_days",
+                                          "history_length", "user_sequence_at"])
+
+    def push(self, users: list[int], events: pd.DataFrame) -> int:
+        rows = self.rows(users, events)
+        if len(rows):
+            self.features.push(PUSH_SOURCE, rows)
+        return len(rows)
+
+
+def sequence_row(user_id: int, pairs: list[tuple[int, int]]) -> dict[str, Any]:
+    """dbt's ``user_sequence`` row for the (instant in µs, canonical pin) pairs of a user, oldest first."""
+    newest = pairs[-1][0]
+    stamp = newest + 1
+    newest_first = pairs[::-1]
+    return {
+        "user_id": int(user_id),
+        "event_timestamp": pd.Timestamp(stamp, unit="us", tz="UTC"),
+        "recent_pin_ids": [p for _, p in newest_first],
+        "recent_pin_ages_days": [(_epoch(newest) - _epoch(t)) / 86400.0 for t, _ in newest_first],
+        "history_length": len(pairs),
+        "user_sequence_at": pd.Timestamp(stamp // US * US, unit="us", tz="UTC"),
+    }
+
+
+def _epoch(us: int) -> float:
+    """Seconds since the epoch as DuckDB's ``epoch()`` computes them (milliseconds / 1e3 + the remaining
+    microseconds / 1e6), so that ages computed here are the same doubles dbt writes, bit for bit."""
+    return (us // 1000) / 1e3 + (us % 1000) / 1e6
+
+
+def _base_sequences(path: Path, users: list[int]) -> dict[int, set[tuple[int, int]]]:
+    """Each user's newest ``user_sequence`` row of the snapshot as (instant in µs, pin) pairs: the instant of each
+    entry is the newest engagement's (the row's time - 1 µs) minus its age, rounded to the microsecond (exact: the
+    ages are differences of µs-precise times in double seconds, off by well under half a microsecond)."""
+    import duckdb
+
+    with duckdb.connect() as con:
+        df = con.execute(
+            "select user_id, epoch_us(max(event_timestamp)) as stamp, "
+            "arg_max(recent_pin_ids, event_timestamp) as pins, arg_max(recent_pin_ages_days, event_timestamp) as ages "
+            f"from read_parquet('{path}') where user_id in (select unnest(?::bigint[])) group by user_id",
+            [list(map(int, users))]).df()
+    out: dict[int, set[tuple[int, int]]] = {}
+    for u, stamp, pins, ages in zip(df["user_id"], df["stamp"], df["pins"], df["ages"], strict=True):
+        times = np.rint(int(stamp) - 1 - np.asarray(ages, float) * 86400.0 * US).astype(np.int64)
+        out[int(u)] = {(int(t), int(p)) for t, p in zip(times, pins, strict=True)}
+    return out
