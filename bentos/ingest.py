@@ -55,23 +55,24 @@ class Ingestor:
         self.cfg = cfg
         self.log = EventLog(log_path(cfg), timeout=cfg.ingest.lock_seconds)
         self.pusher = SequencePusher(cfg, features)
-        self._known: tuple[Path, dict[str, np.ndarray]] | None = None
+        self._schema: tuple[Path, Any] | None = None
         self._lock = threading.Lock()
 
-    def known(self) -> dict[str, np.ndarray]:
-        """The live snapshot's accepted users and pins (what the contract calls known), re-read when live moves."""
+    def schema(self):
+        """The raw events contract with the live snapshot's accepted users and pins as the known ids (built once per
+        live snapshot). Its upper time bound is open: the future is checked against the clock per batch."""
         link = (self.cfg.data_path / "live").resolve()
         with self._lock:
-            if self._known is None or self._known[0] != link:
+            if self._schema is None or self._schema[0] != link:
                 import pyarrow.parquet as pq
 
-                self._known = (link, {
-                    "users": pq.read_table(link / "staged" / "users.parquet", columns=["user_id"])
-                    .column(0).to_numpy(),
+                known = {
+                    "users": pq.read_table(link / "staged" / "users.parquet", columns=["user_id"]).column(0).to_numpy(),
                     "pins": pq.read_table(link / "staged" / "pins.parquet", columns=["pin_id"]).column(0).to_numpy(),
-                    "interests": np.zeros(0, np.int64),
-                })
-            return self._known[1]
+                }
+                lo = pd.Timestamp(parse_utc(self.cfg.contracts.min_timestamp))
+                self._schema = (link, raw_schema("events", known, lo, pd.Timestamp.max.tz_localize(UTC)))
+            return self._schema[1]
 
     def validate(self, events: list[dict[str, Any]], now: datetime | None = None) -> pd.DataFrame:
         """The batch as a typed frame, or IngestError naming every bad row."""
@@ -93,16 +94,11 @@ class Ingestor:
                             "message": f"{ts[r].isoformat()} is in the future: later than the service's clock "
                                        f"{now.isoformat(timespec='seconds')} + ingest.max_future_seconds "
                                        f"({self.cfg.ingest.max_future_seconds:g})"})
-        lo = pd.Timestamp(parse_utc(self.cfg.contracts.min_timestamp))
-        schema = raw_schema("events", self.known(), lo, horizon)
-        accepted, quarantined, _ = check_table("events", df.drop(columns=["event_id"]), schema,
+        accepted, quarantined, _ = check_table("events", df.drop(columns=["event_id"]), self.schema(),
                                                Path("POST /events"))
-        future = {d["row"] for d in details}
         for r, reason in zip(quarantined["row_number"], quarantined["reason"], strict=True):
             for part in reason.split("; "):
                 column = part.split(":")[0].removeprefix("events.")
-                if r in future and column == "event_timestamp":
-                    continue
                 details.append({"row": int(r), "field": f"events.{int(r)}.{column}", "message": _explain(part)})
         if details:
             details.sort(key=lambda d: (d["row"], d["field"]))
@@ -125,7 +121,7 @@ class Ingestor:
                                for r, i in zip(e.rows, e.ids, strict=True)]) from e
         t1 = time.perf_counter()
         try:
-            pushed = self.log.flush(self.pusher)
+            pushed = self.log.flush(self.pusher, upto=appended.last_seq if appended.new else None)
         except LogUnavailable:
             raise
         except Exception as e:  # noqa: BLE001 - an online-store fault: the events are logged and will be pushed

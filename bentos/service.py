@@ -123,7 +123,8 @@ class EventsRequest(BaseModel):
 class EventsResponse(BaseModel):
     accepted: int = Field(description="Events written to the event log by this request (durable before the answer).")
     duplicates: int = Field(description="Events whose id was already logged with the same content (unchanged).")
-    users_pushed: int = Field(description="Users whose fresh features were pushed to the online store.")
+    users_pushed: int = Field(description="Users whose fresh features this request pushed to the online store (0 when "
+                                          "a concurrent request's push already carried this batch's events).")
     timings_ms: dict[str, float]
 
 

@@ -778,6 +778,38 @@ def overload_section() -> list[str]:
                         "llrrrrrrr")]
 
 
+def ingest_section() -> list[str]:
+    doc = load_result("ingest")
+    out = ["## Real-time ingestion", "",
+           "`POST /events` on the service (batches of saves and clicks by users with history, stamped with the wall "
+           "clock): throughput with closed-loop clients alone; push-to-visible (from sending a save of a pin in the "
+           "user's top 100 to the first `/retrieve` answer that leaves it out, as a pin of the user's recent "
+           "history) while background clients ingest and others retrieve; and every acknowledged event across "
+           "kill -9 of the service's processes at random points, each followed by a restart, with clients that "
+           "resend a batch until it is acknowledged. Measured by `bench/bench_ingest.py`.", ""]
+    if doc is None:
+        return out + [missing(".venv/bin/python bench/bench_ingest.py")]
+    rows = []
+    for r in doc["rows"]:
+        if r["phase"] == "ingestion alone":
+            rows.append([r["phase"], f"{r['clients']} clients, batches of {r['batch']}",
+                         f"{r['events_per_s']:.0f} events/s; a batch p50 {r['p50_ms']:.0f} ms, "
+                         f"p99 {r['p99_ms']:.0f} ms",
+                         fmt(r["errors"])])
+        elif r["phase"].startswith("push"):
+            rows.append([r["phase"], f"{r['events_per_s']:.0f} events/s and {r['retrieve_rps']:.0f} retrieve/s",
+                         f"push-to-visible p50 {r['visible_p50_ms']:.0f} ms, p99 {r['visible_p99_ms']:.0f} ms, max "
+                         f"{r['visible_max_ms']:.0f} ms over {r['probes']} probes ({r['not_visible_in_10s']} not "
+                         f"visible within 10 s); ingest p99 {r['ingest_p99_ms']:.0f} ms, retrieve p99 "
+                         f"{r['retrieve_p99_ms']:.0f} ms", fmt(r["ingest_errors"] + r["retrieve_errors"])])
+        else:
+            rows.append([r["phase"], f"{r['kills']} kills, {r['acknowledged']:,} events acknowledged",
+                         f"{r['lost']} lost, {r['duplicate_rows']} duplicate rows, {r['unpushed_after_restart']} "
+                         f"left unpushed; {r['duplicates_reported_on_retry']:,} resent events found already logged; "
+                         f"restart {r['restart_s_mean']:.1f} s on average", ""])
+    return out + [provenance_note(doc, "ingest"), "", table(["phase", "load", "result", "errors"], rows, "llll")]
+
+
 def service_page() -> str:
     doc = load_result("service")
     body = ["The retrieval service end to end: `bentoml serve` on loopback, `POST /retrieve` with k = 100 for users "
@@ -786,8 +818,9 @@ def service_page() -> str:
             "(verification included) whose collection holds the serving corpus plus synthetic pins around it. "
             "Measured by `bench/bench_service.py`.", ""]
     if doc is None:
-        return page("Service", "docs/results/service.json, docs/results/overload.json", "\n".join(
-            body + [missing(".venv/bin/python bench/bench_service.py"), "", *overload_section()]))
+        return page("Service", "docs/results/service.json, docs/results/overload.json, docs/results/ingest.json",
+                    "\n".join(body + [missing(".venv/bin/python bench/bench_service.py"), "", *overload_section(),
+                                      "", *ingest_section()]))
     meta = doc["meta"]
     body += [provenance_note(doc, "service"), "",
              f"Index: {meta.get('index')} ({meta.get('index_type')}); online store: {meta.get('online_store')}; "
@@ -800,8 +833,9 @@ def service_page() -> str:
         rows.append([fmt(r["pins"]), r["mode"], fmt(r.get("concurrency")), fmt(r.get("requests")),
                      fmt(r.get("errors")), rps, fmt(r["p50_ms"], 1), fmt(r["p99_ms"], 1), recall, shed])
     body += [table(["pins", "what", "clients", "requests", "errors", "req/s", "p50 ms", "p99 ms", "recall@100",
-                    "shed 503 (p50 / p99 ms)"], rows, "llrrrrrrrr"), "", *overload_section()]
-    return page("Service", "docs/results/service.json, docs/results/overload.json", "\n".join(body))
+                    "shed 503 (p50 / p99 ms)"], rows, "llrrrrrrrr"), "", *overload_section(), "", *ingest_section()]
+    return page("Service", "docs/results/service.json, docs/results/overload.json, docs/results/ingest.json",
+                "\n".join(body))
 
 
 def retraining_page() -> str:
@@ -842,7 +876,7 @@ def benchmarks_index() -> str:
                                                               "model-synthetic-medium"]),
                                ("Data layer", "data.md", sorted(p.stem for p in RESULTS.glob("data*.json"))),
                                ("Pin index", "pin-index.md", ["pin-index", "mips"]),
-                               ("Service", "service.md", ["service", "overload"]),
+                               ("Service", "service.md", ["service", "overload", "ingest"]),
                                ("Retraining on drift", "retraining.md", ["retraining"])):
         for name in names or ["-"]:
             doc = load_result(name) if name != "-" else None

@@ -83,6 +83,7 @@ def build(cfg: Config) -> dict[str, Any]:
 
 def features(cfg: Config) -> dict[str, Any]:
     """Feast apply + materialize of the live snapshot."""
+    from training.features import realtime
     from training.features.store import feature_store
 
     snap = snapshot.load_live(cfg)
@@ -91,7 +92,11 @@ def features(cfg: Config) -> dict[str, Any]:
     # what computed the feature values; a later cut (data.until) of the same lineage only adds newer rows
     config = {k: v for k, v in (snap.manifest.get("config") or {}).items() if k != "until"}
     lineage = {"source": snap.manifest.get("source"), "config": config}
-    return store.materialize(snap.as_of, snap.id, lineage=lineage)
+    state = store.materialize(snap.as_of, snap.id, lineage=lineage)
+    pushed = realtime.repush(cfg, store, snap.manifest.get("ingested_through_seq", 0))
+    if pushed and pushed["users"]:
+        log.info("event log: pushed %d users' features again (events logged after the snapshot)", pushed["users"])
+    return state
 
 
 def training_set(cfg: Config) -> dict[str, Any]:

@@ -118,7 +118,8 @@ def build(cfg: Config) -> Snapshot:
     with build_lock(cfg):
         ingested = export_ingested(cfg, raw_dir(cfg) / f"{INGESTED_EVENTS}.parquet")
         if ingested is not None:
-            log.info("event log: %s ingested events exported for the build", f"{ingested:,}")
+            log.info("event log: %s ingested events (through log sequence %d) exported for the build",
+                     f"{ingested[0]:,}", ingested[1])
         sid = snapshot_id(cfg)
         scratch = cfg.data_path / "build"
         if scratch.exists():
@@ -145,6 +146,7 @@ def build(cfg: Config) -> Snapshot:
                        "until": until_var(cfg)},
             "contracts": {t: vars(r) for t, r in reports.items()},
             "rows": rows,
+            "ingested_through_seq": ingested[1] if ingested else 0,
             "seconds": {"contracts": round(t_contracts, 3), "dbt_build": round(dbt.seconds, 3)},
             "dbt_nodes": dbt.timings,
         }

@@ -6,12 +6,14 @@ The service's ``POST /events`` (bentos/ingest.py) validates a batch, then:
    ``synchronous=FULL``) in one transaction and commits before the service answers: an acknowledged event
    survives a kill -9. An event id already in the log with the same content is a duplicate and changes nothing
    (a retried batch is a no-op); with other content it is a conflict, and nothing of the batch is written.
-2. ``EventLog.flush`` (one process at a time: it holds the log's write lock) recomputes the ``user_sequence``
+2. ``EventLog.flush`` (one process at a time, under the log's push lock) recomputes the ``user_sequence``
    feature of every user with events newer than the log's push watermark, pushes the rows through Feast's push
    source ``user_sequence_push`` into the online store, then moves the watermark. Events committed but not yet
    pushed (a crash, a failed push) are pushed by the next flush, which the service also runs when it starts.
 3. The next ``retrieval build`` reads the log's events (``export``) next to the raw files, so the batch models
-   compute from exactly what was pushed.
+   compute from exactly what was pushed; the snapshot records the last sequence number it holds, and
+   ``retrieval features`` pushes again, after materializing, the users with events logged after it (``repush``):
+   the batch values it writes never hide newer logged events.
 
 The pushed row is what dbt's ``user_sequence`` model computes for the user's newest engagement: the last
 ``history_length`` positive Homefeed engagements (weight > 0, ``transform.engagement_weights``), each pin remapped to
@@ -29,11 +31,13 @@ fresher without serving values the towers never saw in training; they change at 
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import sqlite3
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -105,6 +109,8 @@ class EventLog:
         self.timeout = timeout
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._local = threading.local()
+        self._flush_lock = threading.Lock()
+        self._lock_file = None
         with self._conn() as con:
             con.executescript(_SCHEMA)
 
@@ -122,6 +128,9 @@ class EventLog:
         if con is not None:
             con.close()
             self._local.con = None
+        if self._lock_file is not None:
+            self._lock_file.close()
+            self._lock_file = None
 
     def append(self, events: pd.DataFrame) -> Appended:
         """Write ``events`` (LOG_COLUMNS; event_timestamp as UTC datetimes) in one transaction, committed before
@@ -156,29 +165,61 @@ class EventLog:
             raise
         return Appended(new=len(new), duplicates=len(rows) - len(new), last_seq=last)
 
-    def flush(self, pusher: SequencePusher) -> dict[str, int]:
+    def flush(self, pusher: SequencePusher, upto: int | None = None) -> dict[str, int]:
         """Push the fresh ``user_sequence`` of every user with events past the push watermark, then move it.
-        Holds the log's write lock throughout, so two processes never push one user's rows out of order."""
-        con = self._conn()
+
+        One pusher at a time across processes (an exclusive lock on ``<log>.push.lock``, waited for at most the
+        log's timeout), and each reads the log after taking it, so a later push always holds every event of an
+        earlier one: two workers never push one user's rows out of order. Appends are not held up meanwhile. A
+        caller that only needs the events up to ``upto`` online returns at once when a push it waited for already
+        carried them (concurrent batches share one push)."""
+        with self._flush_lock:
+            if upto is not None and self.pushed_seq() >= upto:
+                return {"users": 0, "rows": 0, "pushed_seq": self.pushed_seq()}
+            with self._push_lock():
+                if upto is not None and self.pushed_seq() >= upto:
+                    return {"users": 0, "rows": 0, "pushed_seq": self.pushed_seq()}
+                return self._flush(pusher)
+
+    @contextmanager
+    def _push_lock(self):
+        if self._lock_file is None:
+            self._lock_file = open(self.path.with_name(self.path.name + ".push.lock"), "a+")   # noqa: SIM115
+        deadline = time.monotonic() + self.timeout
+        while True:
+            try:
+                fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise LogUnavailable(f"event log {self.path}: another process has been pushing for over "
+                                         f"{self.timeout:g} s") from None
+                time.sleep(0.002)
         try:
-            con.execute("begin immediate")
-        except sqlite3.OperationalError as e:
+            yield
+        finally:
+            fcntl.flock(self._lock_file, fcntl.LOCK_UN)
+
+    def pushed_seq(self) -> int:
+        row = self._conn().execute("select value from meta where key = 'pushed_seq'").fetchone()
+        return row[0] if row else 0
+
+    def _flush(self, pusher: SequencePusher) -> dict[str, int]:
+        try:
+            con = self._conn()
+            mark = self.pushed_seq()
+            top = self.last_seq()
+            users = [r[0] for r in con.execute("select distinct user_id from events where seq > ? and seq <= ?",
+                                               (mark, top))]
+            events = self._user_events(con, users) if users else None
+        except sqlite3.Error as e:
             raise LogUnavailable(f"event log {self.path}: {e}") from e
+        pushed = pusher.push(users, events) if users else 0
         try:
-            mark = (con.execute("select value from meta where key = 'pushed_seq'").fetchone() or (0,))[0]
-            top = con.execute("select max(seq) from events").fetchone()[0] or 0
-            users = [r[0] for r in con.execute("select distinct user_id from events where seq > ?", (mark,))]
-            pushed = 0
-            if users:
-                pushed = pusher.push(users, self._user_events(con, users))
             con.execute("insert into meta (key, value) values ('pushed_seq', ?) "
-                        "on conflict (key) do update set value = excluded.value", (top,))
-            con.execute("commit")
-        except BaseException as e:
-            con.execute("rollback")
-            if isinstance(e, sqlite3.Error):
-                raise LogUnavailable(f"event log {self.path}: {e}") from e
-            raise
+                        "on conflict (key) do update set value = max(value, excluded.value)", (top,))
+        except sqlite3.Error as e:
+            raise LogUnavailable(f"event log {self.path}: {e}") from e
         return {"users": len(users), "rows": pushed, "pushed_seq": top}
 
     @staticmethod
@@ -191,11 +232,18 @@ class EventLog:
                 f"({','.join('?' * len(part))})", con, params=part))
         return pd.concat(parts, ignore_index=True)
 
+    def last_seq(self) -> int:
+        return self._conn().execute("select coalesce(max(seq), 0) from events").fetchone()[0]
+
+    def rewind(self, seq: int) -> None:
+        """Move the push watermark back to ``seq`` (when it is past it): the next flush pushes every user with events
+        after ``seq`` again."""
+        self._conn().execute("insert into meta (key, value) values ('pushed_seq', ?) on conflict (key) do update set "
+                             "value = min(value, excluded.value)", (int(seq),))
+
     def pending(self) -> int:
         """Logged events not yet pushed online."""
-        con = self._conn()
-        mark = (con.execute("select value from meta where key = 'pushed_seq'").fetchone() or (0,))[0]
-        return con.execute("select count(*) from events where seq > ?", (mark,)).fetchone()[0]
+        return self._conn().execute("select count(*) from events where seq > ?", (self.pushed_seq(),)).fetchone()[0]
 
     def count(self) -> int:
         return self._conn().execute("select count(*) from events").fetchone()[0]
@@ -216,17 +264,18 @@ def _log_rows(events: pd.DataFrame) -> list[tuple]:
                 strict=True)]
 
 
-def export(cfg: Config, path: Path) -> int | None:
+def export(cfg: Config, path: Path) -> tuple[int, int] | None:
     """Write the data dir's logged events to ``path`` (parquet, the raw events' columns plus ``event_id``) for the
-    batch build; None (and no file) when the log holds no event."""
+    batch build: (events, the log's last sequence number), or None (and no file) when the log holds no event."""
     from training.io import atomic_write_parquet
 
     source = log_path(cfg)
-    df = None
+    df, through = None, 0
     if source.exists():
         events = EventLog(source)
         try:
-            df = events.frame() if events.count() else None
+            if events.count():
+                df, through = events.frame(), events.last_seq()
         finally:
             events.close()
     if df is None:   # no file for an empty log: the snapshot id stays that of the raw files alone
@@ -238,7 +287,21 @@ def export(cfg: Config, path: Path) -> int | None:
         ("event_id", pa.string()), ("user_id", pa.int64()), ("pin_id", pa.int64()), ("event_type", pa.string()),
         ("event_timestamp", pa.timestamp("us", tz="UTC")), ("surface", pa.string())]))
     atomic_write_parquet(table, path)
-    return len(df)
+    return len(df), through
+
+
+def repush(cfg: Config, features, through_seq: int) -> dict[str, int] | None:
+    """After a materialize of a snapshot that holds the log up to ``through_seq``: push again every user with events
+    logged after it, so the batch values just written do not hide what the log holds beyond the snapshot."""
+    source = log_path(cfg)
+    if not source.exists():
+        return None
+    events = EventLog(source)
+    try:
+        events.rewind(through_seq)
+        return events.flush(SequencePusher(cfg, features))
+    finally:
+        events.close()
 
 
 class SequencePusher:
@@ -341,6 +404,22 @@ def _base_sequences(path: Path, users: list[int]) -> dict[int, set[tuple[int, in
             [list(map(int, users))]).df()
     out: dict[int, set[tuple[int, int]]] = {}
     for u, stamp, pins, ages in zip(df["user_id"], df["stamp"], df["pins"], df["ages"], strict=True):
-        times = np.rint(int(stamp) - 1 - np.asarray(ages, float) * 86400.0 * US).astype(np.int64)
-        out[int(u)] = {(int(t), int(p)) for t, p in zip(times, pins, strict=True)}
+        out[int(u)] = {(int(t), int(p)) for t, p in zip(_times(int(stamp) - 1, np.asarray(ages, float)), pins,
+                                                          strict=True)}
     return out
+
+
+def _times(newest: int, ages: np.ndarray) -> np.ndarray:
+    """The µs instants whose ages from ``newest`` (DuckDB's arithmetic) are exactly ``ages``. Rounding
+    ``newest - age`` to the microsecond is exact for nearly every entry; for the few where the doubles' rounding
+    moved it by one, the neighbour whose age matches bit for bit is taken."""
+    guess = np.rint(newest - ages * 86400.0 * US).astype(np.int64)
+    for delta in (0, -1, 1):
+        t = guess + delta
+        hit = (_epoch(newest) - ((t // 1000) / 1e3 + (t % 1000) / 1e6)) / 86400.0 == ages
+        if delta == 0:
+            best, found = t.copy(), hit.copy()
+        else:
+            best[~found & hit] = t[~found & hit]
+            found |= hit
+    return best

@@ -45,7 +45,11 @@ def repo_config(cfg: Config, busy_timeout: float | None = None):
     feast_dir.mkdir(parents=True, exist_ok=True)
     raw["registry"] = str(feast_dir / "registry.db")
     if cfg.features.online_store == "redis":
-        raw["online_store"] = {"type": "redis", "connection_string": cfg.features.redis_connection}
+        # last writer wins, as with SQLite: the event log orders the real-time pushes (one pusher at a time), and
+        # Feast's Redis store would otherwise drop a push whose row time equals the stored one (a late event below
+        # the newest changes the sequence, not its time)
+        raw["online_store"] = {"type": "redis", "connection_string": cfg.features.redis_connection,
+                               "skip_dedup": True}
     else:
         raw["online_store"] = {**raw["online_store"], "path": str(feast_dir / "online.db")}
         if busy_timeout is not None:

@@ -50,7 +50,7 @@ class TestEventLog:
         log = EventLog(log_path(cfg))
         assert export(cfg, target) is None and not target.exists()   # an empty log changes no snapshot id
         log.append(frame([("a", 1, 10, "save", at(0.000001), "homefeed")]))
-        assert export(cfg, target) == 1
+        assert export(cfg, target) == (1, 1)   # events, the last log sequence number
         back = pd.read_parquet(target)
         assert list(back.columns) == ["event_id", "user_id", "pin_id", "event_type", "event_timestamp", "surface"]
         assert back.event_timestamp.iloc[0] == at(0.000001)
@@ -64,6 +64,18 @@ def test_sequence_row_is_dbt_s_row():
     assert row["recent_pin_ages_days"] == [0.0, 0.0, 1.5 / 86400]
     assert row["event_timestamp"] == at(1.500001) and row["user_sequence_at"] == at(1)
     assert row["history_length"] == 3
+
+
+def test_the_instants_behind_the_snapshot_s_ages_are_recovered_exactly():
+    """The snapshot stores ages (doubles, DuckDB's arithmetic); the instants behind them come back to the µs, so a
+    logged event already in the snapshot is the same (instant, pin) pair and counts once."""
+    from training.features.realtime import _epoch, _times
+
+    rng = np.random.default_rng(0)
+    newest = 1_790_000_000_000_000 + int(rng.integers(0, 10**12))
+    times = newest - rng.integers(0, 120 * 86400 * US, 100_000)
+    ages = np.array([(_epoch(newest) - _epoch(int(t))) / 86400.0 for t in times])
+    assert (_times(newest, ages) == times).all()
 
 
 @pytest.mark.slow
@@ -114,3 +126,17 @@ def test_pushed_features_equal_what_the_next_build_computes(pipeline_cfg, tmp_pa
         assert pd.Timestamp(online.loc[u, "user_sequence_at"]) == newest.loc[u, "user_sequence_at"], u
     manifest = pd.read_json((cfg.data_path / "live").resolve() / "manifest.json", typ="series")
     assert manifest["contracts"]["ingested_events"]["accepted"] == len(rows)
+    assert manifest["ingested_through_seq"] == len(rows)
+
+    # an event logged after the build: materializing the snapshot (which lacks it) must not hide it online
+    from training.pipeline import features as features_stage
+
+    late = int(users[0])
+    log.append(frame([("late", late, int(pins[3]), "save", clock + pd.Timedelta(days=1), "homefeed")]))
+    log.flush(SequencePusher(cfg, features))
+    pushed = features.online_frame("user_tower_v2", "user_id", [late]).iloc[0]
+    assert pushed["history_length"] == min(newest.loc[late, "history_length"] + 1, cfg.transform.history_length)
+    features_stage(cfg)
+    again = Features(cfg).online_frame("user_tower_v2", "user_id", [late]).iloc[0]
+    assert again["recent_pin_ids"] == pushed["recent_pin_ids"]
+    assert again["recent_pin_ages_days"] == pushed["recent_pin_ages_days"]
