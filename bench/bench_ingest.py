@@ -143,9 +143,9 @@ def push_to_visible(url: str, world: World, seconds: float, events_per_s: float,
         if r.status_code == 200:
             retrieve_lat.append(time.perf_counter() - t)
 
-    # two pacers per load so one slow answer does not stall the rate
-    threads = [threading.Thread(target=paced, args=(events_per_s / batch / 2, ingest)) for _ in range(2)]
-    threads += [threading.Thread(target=paced, args=(retrieve_rps / 2, retrieve)) for _ in range(2)]
+    # four pacers per load so one slow answer does not stall the rate
+    threads = [threading.Thread(target=paced, args=(events_per_s / batch / 4, ingest)) for _ in range(4)]
+    threads += [threading.Thread(target=paced, args=(retrieve_rps / 4, retrieve)) for _ in range(4)]
     t0 = time.monotonic()
     for t in threads:
         t.start()
@@ -257,7 +257,7 @@ def main() -> None:
     ap.add_argument("--data-dir", default=str(ROOT / ".data"))
     ap.add_argument("--port", type=int, default=3300)
     ap.add_argument("--seconds", type=float, default=20.0, help="seconds of each timed phase")
-    ap.add_argument("--batch", type=int, default=10, help="events per POST /events")
+    ap.add_argument("--batch", type=int, default=50, help="events per POST /events (an event collector's batch)")
     ap.add_argument("--clients", type=int, default=4, help="closed-loop ingestion clients (phases 1 and 3)")
     ap.add_argument("--events-per-s", type=float, default=200.0, help="background ingestion rate in phase 2")
     ap.add_argument("--retrieve-rps", type=float, default=50.0, help="background /retrieve rate in phase 2")

