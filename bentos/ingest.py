@@ -29,7 +29,7 @@ import pandas as pd
 
 from training.config import Config, parse_utc
 from training.data.contracts import check_table, raw_schema
-from training.features.realtime import EventLog, LogConflict, LogUnavailable, SequencePusher, log_path
+from training.features.realtime import LogConflict, LogUnavailable, SequencePusher, open_log
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ class Ingestor:
 
     def __init__(self, cfg: Config, features=None):
         self.cfg = cfg
-        self.log = EventLog(log_path(cfg), timeout=cfg.ingest.lock_seconds)
+        self.log = open_log(cfg)
         self.pusher = SequencePusher(cfg, features)
         self._schema: tuple[Path, Any] | None = None
         self._lock = threading.Lock()

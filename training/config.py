@@ -332,8 +332,14 @@ class IngestConfig:
     answer, the affected users' recent-engagement features are pushed to the online store through Feast, and the
     next ``retrieval build`` reads the log like the raw files."""
 
+    log: str = "sqlite"
+    """Where acknowledged events are kept: 'sqlite' (``<data_dir>/events/ingest.db``, WAL, ``synchronous=FULL``: the
+    service's workers on one machine) or 'redis' (a stream on the Redis server: service machines share it; its
+    durability is the server's, ``appendonly yes`` with ``appendfsync always``)."""
+    redis_connection: str = ""
+    """host:port of the Redis that holds the log when ``log`` is 'redis'; empty = ``features.redis_connection``."""
     max_events: int = 1000
-    """Most events one POST /events may carry; a larger batch gets 413 and nothing of it is applied."""
+    """Most events one POST /events may carry; a larger batch gets 400 and nothing of it is applied."""
     max_body_bytes: int = 1_048_576
     """Larger POST /events bodies get 413."""
     max_future_seconds: float = 300.0
@@ -343,6 +349,7 @@ class IngestConfig:
 
     def __post_init__(self) -> None:
         _positive(self, "ingest", "max_events", "max_body_bytes", "lock_seconds")
+        _check(self.log in ("sqlite", "redis"), "ingest.log", f"must be 'sqlite' or 'redis', got {self.log!r}")
         _check(self.max_future_seconds >= 0, "ingest.max_future_seconds", "must be >= 0")
 
 

@@ -3,7 +3,8 @@ tier, under ``<data_dir>/stack``, and the config that points the project at them
 
 - Milvus: the ``milvus`` pip package (Milvus 2.3.5 standalone run from Python; `pip install -e .[server]`),
   started by a small keeper process in its own session that stops the server on SIGTERM;
-- Redis: ``redis-server`` from the system (Debian: ``apt-get install redis-server``), no persistence.
+- Redis: ``redis-server`` from the system (Debian: ``apt-get install redis-server``), with its append-only file
+  fsynced before each reply (the real-time event log, ``ingest.log redis``, is durable there; no snapshots).
 
 Both listen on free loopback ports; ``<data_dir>/stack/stack.json`` records ports and pids. In a real deployment
 these are the Milvus and Redis of the cluster (docs/how-to/scale-out.md); nothing here is used by the service itself.
@@ -100,8 +101,9 @@ def up(cfg: Config, timeout: float = 120.0) -> dict[str, Any]:
     root = stack_dir(cfg)
     root.mkdir(parents=True, exist_ok=True)
     redis_port, milvus_port = _free_port(), _free_port()
+    # the append-only file, fsynced before each reply: an event the service acknowledged is on disk (ingest.log redis)
     redis = subprocess.Popen(["redis-server", "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "",
-                              "--appendonly", "no", "--dir", str(root)],
+                              "--appendonly", "yes", "--appendfsync", "always", "--dir", str(root)],
                              stdout=open(root / "redis.log", "ab"), stderr=subprocess.STDOUT, start_new_session=True)
     milvus = subprocess.Popen([sys.executable, "-m", "training.stack", "_keep_milvus", str(root / "milvus"),
                                str(milvus_port)], stdout=open(root / "milvus.log", "ab"), stderr=subprocess.STDOUT,

@@ -205,19 +205,24 @@ def test_the_partition_count_of_the_interest_partition_key_is_configurable(serve
         store.drop(name)
 
 
-def test_events_on_two_workers_push_to_redis_the_rows_the_batch_computes(server_cfg, models):
-    """POST /events spread over two workers sharing one event log: every event logged once, and Redis holds for each
-    user the row computed from the live snapshot and every logged event (none lost to a race between workers)."""
+@pytest.mark.parametrize("log", ["sqlite", "redis"])
+def test_events_on_two_workers_push_to_redis_the_rows_the_batch_computes(server_cfg, models, log):
+    """POST /events spread over two workers sharing one event log (SQLite beside the data dir, or a Redis stream):
+    every event logged once, and Redis holds for each user the row computed from the live snapshot and every logged
+    event (none lost to a race between workers)."""
     import httpx
 
     from bentos.launcher import start, stop
-    from training.features.realtime import EventLog, SequencePusher, log_path
+    from training.features.realtime import SequencePusher, log_path, open_log
     from training.features.store import feature_store
     from training.release.registry import Registry
 
     if Registry(server_cfg).state()["live"] is None:
         publish(server_cfg, models[0])
-    cfg = dataclasses.replace(server_cfg, serve=dataclasses.replace(server_cfg.serve, port=free_port(), workers=2))
+    cfg = dataclasses.replace(server_cfg, serve=dataclasses.replace(server_cfg.serve, port=free_port(), workers=2),
+                              ingest=dataclasses.replace(server_cfg.ingest, log=log))
+    for suffix in ("", "-wal", "-shm"):
+        log_path(cfg).with_name(log_path(cfg).name + suffix).unlink(missing_ok=True)
     live = (cfg.data_path / "live").resolve()
     seq = pd.read_parquet(live / "tables" / "user_sequence.parquet")
     corpus = pd.read_parquet(live / "tables" / "serving_corpus.parquet").pin_id.to_numpy()
@@ -226,7 +231,7 @@ def test_events_on_two_workers_push_to_redis_the_rows_the_batch_computes(server_
     url = start(cfg)["url"]
     try:
         def post(i: int) -> int:
-            events = [{"event_id": f"srv-{i}-{j}", "user_id": users[(i + j) % len(users)],
+            events = [{"event_id": f"srv-{log}-{i}-{j}", "user_id": users[(i + j) % len(users)],
                        "pin_id": int(corpus[(7 * i + j) % len(corpus)]), "event_type": "save",
                        "event_timestamp": (clock + pd.Timedelta(seconds=10 * i + j)).isoformat()} for j in range(5)]
             with httpx.Client(base_url=url, timeout=30) as c:
@@ -239,12 +244,49 @@ def test_events_on_two_workers_push_to_redis_the_rows_the_batch_computes(server_
     finally:
         stop(cfg)
     assert codes == [200] * 40
-    log = EventLog(log_path(cfg))
-    assert log.count() == 200 and log.pending() == 0
-    frame = log.frame()
+    events_log = open_log(cfg)
+    assert events_log.count() == 200 and events_log.pending() == 0
+    frame = events_log.frame()
+    assert frame.event_id.is_unique and frame.event_id.str.startswith(f"srv-{log}-").all()
     frame["event_us"] = frame.event_timestamp.astype("int64")
     expected = SequencePusher(cfg).rows(users, frame).set_index("user_id")
     online = feature_store(cfg).online_frame("user_tower_v2", "user_id", users).set_index("user_id")
     for u in users:
         assert online.loc[u, "recent_pin_ids"] == expected.loc[u, "recent_pin_ids"], u
         assert online.loc[u, "recent_pin_ages_days"] == expected.loc[u, "recent_pin_ages_days"], u
+
+
+def test_the_redis_event_log_is_idempotent_all_or_nothing_and_feeds_the_build(server_cfg):
+    """The scale-out log: a retried batch changes nothing, a conflicting id writes nothing, the export reads every
+    event in log order, and a rewind makes the next flush push those users again."""
+    from training.features.realtime import LogConflict, RedisEventLog
+
+    log = RedisEventLog(server_cfg.features.redis_connection, prefix=f"test:{time.time_ns()}")
+    t0 = pd.Timestamp("2026-01-01", tz="UTC")
+    rows = pd.DataFrame([("a", 1, 10, "save", t0, "homefeed"), ("b", 2, 11, "click", t0 + pd.Timedelta("1us"),
+                                                                 "homefeed")],
+                        columns=["event_id", "user_id", "pin_id", "event_type", "event_timestamp", "surface"])
+    first = log.append(rows)
+    assert (first.new, first.duplicates, first.last_seq) == (2, 0, 2)
+    again = log.append(rows)
+    assert (again.new, again.duplicates) == (0, 2)
+    changed = rows.assign(event_id=["c", "a"], pin_id=[12, 99])
+    with pytest.raises(LogConflict) as e:
+        log.append(changed)
+    assert e.value.rows == [1] and log.count() == 2
+    out = log.frame()
+    assert list(out.event_id) == ["a", "b"] and out.event_timestamp.iloc[1] == t0 + pd.Timedelta("1us")
+
+    class Recorder:
+        def __init__(self):
+            self.calls = []
+
+        def push(self, users, events):
+            self.calls.append((users, len(events)))
+            return len(users)
+
+    rec = Recorder()
+    assert log.flush(rec) == {"users": 2, "rows": 2, "pushed_seq": 2} and log.pending() == 0
+    assert log.flush(rec, upto=2)["rows"] == 0   # already pushed
+    log.rewind(1)
+    assert log.flush(rec)["users"] == 1 and rec.calls[-1] == ([2], 1)

@@ -37,6 +37,7 @@ import logging
 import sqlite3
 import threading
 import time
+import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -101,8 +102,53 @@ create table if not exists meta (key text primary key, value integer not null);
 """
 
 
-class EventLog:
-    """The append-only event log of a data dir. One connection per thread; every process may append."""
+class _Log:
+    """What both event logs share: the flush (one pusher at a time, pushes shared by concurrent batches)."""
+
+    timeout: float
+    _flush_lock: threading.Lock
+
+    def flush(self, pusher: SequencePusher, upto: int | None = None) -> dict[str, int]:
+        """Push the fresh ``user_sequence`` of every user with events past the push watermark, then move it.
+
+        One pusher at a time across processes (the log's push lock, waited for at most the log's timeout), and each
+        reads the log after taking it, so a later push always holds every event of an earlier one: two workers never
+        push one user's rows out of order. Appends are not held up meanwhile. A caller that only needs the events up
+        to ``upto`` online returns at once when a push it waited for already carried them (concurrent batches share
+        one push)."""
+        with self._flush_lock:
+            if upto is not None and self.pushed_seq() >= upto:
+                return {"users": 0, "rows": 0, "pushed_seq": self.pushed_seq()}
+            with self._push_lock():
+                if upto is not None and self.pushed_seq() >= upto:
+                    return {"users": 0, "rows": 0, "pushed_seq": self.pushed_seq()}
+                mark, top = self.pushed_seq(), self.last_seq()
+                users = self._users_between(mark, top)
+                pushed = pusher.push(users, self._user_events(users)) if users else 0
+                self._set_mark(top)
+                return {"users": len(users), "rows": pushed, "pushed_seq": top}
+
+    def pending(self) -> int:
+        """Logged events not yet pushed online."""
+        return self.last_seq() - self.pushed_seq()
+
+    # what each log implements
+    def append(self, events: pd.DataFrame) -> Appended: ...
+    def frame(self) -> pd.DataFrame: ...
+    def count(self) -> int: ...
+    def last_seq(self) -> int: ...
+    def pushed_seq(self) -> int: ...
+    def rewind(self, seq: int) -> None: ...
+    def close(self) -> None: ...
+    def _push_lock(self): ...
+    def _users_between(self, mark: int, top: int) -> list[int]: ...
+    def _user_events(self, users: list[int]) -> pd.DataFrame: ...
+    def _set_mark(self, top: int) -> None: ...
+
+
+class EventLog(_Log):
+    """The append-only event log of a data dir in SQLite (the embedded default). One connection per thread; every
+    process of the machine may append. Sequence numbers are SQLite's autoincrement row ids."""
 
     def __init__(self, path: Path, timeout: float = 2.0):
         self.path = Path(path)
@@ -165,22 +211,6 @@ class EventLog:
             raise
         return Appended(new=len(new), duplicates=len(rows) - len(new), last_seq=last)
 
-    def flush(self, pusher: SequencePusher, upto: int | None = None) -> dict[str, int]:
-        """Push the fresh ``user_sequence`` of every user with events past the push watermark, then move it.
-
-        One pusher at a time across processes (an exclusive lock on ``<log>.push.lock``, waited for at most the
-        log's timeout), and each reads the log after taking it, so a later push always holds every event of an
-        earlier one: two workers never push one user's rows out of order. Appends are not held up meanwhile. A
-        caller that only needs the events up to ``upto`` online returns at once when a push it waited for already
-        carried them (concurrent batches share one push)."""
-        with self._flush_lock:
-            if upto is not None and self.pushed_seq() >= upto:
-                return {"users": 0, "rows": 0, "pushed_seq": self.pushed_seq()}
-            with self._push_lock():
-                if upto is not None and self.pushed_seq() >= upto:
-                    return {"users": 0, "rows": 0, "pushed_seq": self.pushed_seq()}
-                return self._flush(pusher)
-
     @contextmanager
     def _push_lock(self):
         if self._lock_file is None:
@@ -204,33 +234,31 @@ class EventLog:
         row = self._conn().execute("select value from meta where key = 'pushed_seq'").fetchone()
         return row[0] if row else 0
 
-    def _flush(self, pusher: SequencePusher) -> dict[str, int]:
+    def _users_between(self, mark: int, top: int) -> list[int]:
         try:
-            con = self._conn()
-            mark = self.pushed_seq()
-            top = self.last_seq()
-            users = [r[0] for r in con.execute("select distinct user_id from events where seq > ? and seq <= ?",
-                                               (mark, top))]
-            events = self._user_events(con, users) if users else None
+            return [r[0] for r in self._conn().execute(
+                "select distinct user_id from events where seq > ? and seq <= ?", (mark, top))]
         except sqlite3.Error as e:
             raise LogUnavailable(f"event log {self.path}: {e}") from e
-        pushed = pusher.push(users, events) if users else 0
-        try:
-            con.execute("insert into meta (key, value) values ('pushed_seq', ?) "
-                        "on conflict (key) do update set value = max(value, excluded.value)", (top,))
-        except sqlite3.Error as e:
-            raise LogUnavailable(f"event log {self.path}: {e}") from e
-        return {"users": len(users), "rows": pushed, "pushed_seq": top}
 
-    @staticmethod
-    def _user_events(con: sqlite3.Connection, users: list[int]) -> pd.DataFrame:
+    def _user_events(self, users: list[int]) -> pd.DataFrame:
         parts = []
-        for i in range(0, len(users), 500):
-            part = users[i:i + 500]
-            parts.append(pd.read_sql_query(
-                "select user_id, pin_id, event_type, surface, event_us from events where user_id in "
-                f"({','.join('?' * len(part))})", con, params=part))
+        try:
+            for i in range(0, len(users), 500):
+                part = users[i:i + 500]
+                parts.append(pd.read_sql_query(
+                    "select user_id, pin_id, event_type, surface, event_us from events where user_id in "
+                    f"({','.join('?' * len(part))})", self._conn(), params=part))
+        except sqlite3.Error as e:
+            raise LogUnavailable(f"event log {self.path}: {e}") from e
         return pd.concat(parts, ignore_index=True)
+
+    def _set_mark(self, top: int) -> None:
+        try:
+            self._conn().execute("insert into meta (key, value) values ('pushed_seq', ?) "
+                                 "on conflict (key) do update set value = max(value, excluded.value)", (top,))
+        except sqlite3.Error as e:
+            raise LogUnavailable(f"event log {self.path}: {e}") from e
 
     def last_seq(self) -> int:
         return self._conn().execute("select coalesce(max(seq), 0) from events").fetchone()[0]
@@ -241,10 +269,6 @@ class EventLog:
         self._conn().execute("insert into meta (key, value) values ('pushed_seq', ?) on conflict (key) do update set "
                              "value = min(value, excluded.value)", (int(seq),))
 
-    def pending(self) -> int:
-        """Logged events not yet pushed online."""
-        return self._conn().execute("select count(*) from events where seq > ?", (self.pushed_seq(),)).fetchone()[0]
-
     def count(self) -> int:
         return self._conn().execute("select count(*) from events").fetchone()[0]
 
@@ -254,6 +278,156 @@ class EventLog:
                                "order by seq", self._conn())
         df["event_timestamp"] = pd.to_datetime(df.pop("event_us"), unit="us", utc=True).astype("datetime64[us, UTC]")
         return df[list(LOG_COLUMNS)]
+
+
+_APPEND_LUA = """
+local p, n = ARGV[1], tonumber(ARGV[2])
+local conflicts = {}
+for i = 0, n - 1 do
+  local id, content = ARGV[3 + i * 3], ARGV[4 + i * 3]
+  local old = redis.call('HGET', p .. ':ids', id)
+  if old and old ~= content then table.insert(conflicts, i) end
+end
+if #conflicts > 0 then return {-1, conflicts} end
+local new, last = 0, 0
+for i = 0, n - 1 do
+  local id, content, user = ARGV[3 + i * 3], ARGV[4 + i * 3], ARGV[5 + i * 3]
+  if redis.call('HSETNX', p .. ':ids', id, content) == 1 then
+    last = redis.call('INCR', p .. ':seq')
+    redis.call('XADD', p .. ':stream', '*', 'seq', last, 'event', content)
+    redis.call('RPUSH', p .. ':user:' .. user, last .. '|' .. content)
+    new = new + 1
+  end
+end
+return {new, last}
+"""
+
+
+class RedisEventLog(_Log):
+    """The event log in Redis (``ingest.log redis``): several service machines share it. One Lua script per batch
+    checks every event id and appends the new events atomically: a stream of every event in log order (what the
+    build exports), a hash of event id -> content (idempotency), a list per user (what the push reads), and a
+    counter for sequence numbers. An acknowledged event is as durable as the Redis server makes it: run it with
+    ``appendonly yes`` and ``appendfsync always`` (``retrieval stack up`` does), or a replica that must acknowledge
+    (``WAIT``), as the deployment requires. The push lock is a Redis key with an expiry."""
+
+    def __init__(self, connection: str, timeout: float = 2.0, prefix: str = "retrieval:events"):
+        import redis
+
+        host, _, port = connection.rpartition(":")
+        self.client = redis.Redis(host=host or "localhost", port=int(port or 6379), socket_timeout=timeout,
+                                  socket_connect_timeout=timeout)
+        self.timeout = timeout
+        self.prefix = prefix
+        self.path = f"redis://{connection}/{prefix}"
+        self._flush_lock = threading.Lock()
+        self._append = self.client.register_script(_APPEND_LUA)
+
+    def _call(self, fn, *args, **kwargs):
+        import redis
+
+        try:
+            return fn(*args, **kwargs)
+        except redis.RedisError as e:
+            raise LogUnavailable(f"event log {self.path}: {type(e).__name__}: {e}") from e
+
+    def append(self, events: pd.DataFrame) -> Appended:
+        rows = _log_rows(events)
+        argv: list[Any] = [self.prefix, len(rows)]
+        for r in rows:
+            argv += [r[0], json.dumps(r, separators=(",", ":")), r[1]]
+        out = self._call(self._append, args=argv)
+        if int(out[0]) == -1:
+            conflicts = [int(i) for i in out[1]]
+            raise LogConflict(conflicts, [rows[i][0] for i in conflicts])
+        return Appended(new=int(out[0]), duplicates=len(rows) - int(out[0]), last_seq=int(out[1]))
+
+    def last_seq(self) -> int:
+        return int(self._call(self.client.get, f"{self.prefix}:seq") or 0)
+
+    def pushed_seq(self) -> int:
+        return int(self._call(self.client.get, f"{self.prefix}:pushed") or 0)
+
+    def count(self) -> int:
+        return int(self._call(self.client.hlen, f"{self.prefix}:ids"))
+
+    def rewind(self, seq: int) -> None:
+        if self.pushed_seq() > seq:
+            self._call(self.client.set, f"{self.prefix}:pushed", int(seq))
+
+    def _set_mark(self, top: int) -> None:
+        self._call(self.client.eval, "local v = tonumber(redis.call('GET', KEYS[1]) or '0') "
+                   "if tonumber(ARGV[1]) > v then redis.call('SET', KEYS[1], ARGV[1]) end", 1,
+                   f"{self.prefix}:pushed", int(top))
+
+    def _entries(self, start: int, stop: int) -> list[tuple[int, tuple]]:
+        """(sequence number, event) of the stream's entries with start < seq <= stop, in log order."""
+        out = []
+        for _, fields in self._call(self.client.xrange, f"{self.prefix}:stream"):
+            seq = int(fields[b"seq"])
+            if start < seq <= stop:
+                out.append((seq, tuple(json.loads(fields[b"event"]))))
+        return out
+
+    def _users_between(self, mark: int, top: int) -> list[int]:
+        # the stream's ids grow with the sequence numbers: read from the newest back to the mark
+        users: set[int] = set()
+        last = "+"
+        while True:
+            batch = self._call(self.client.xrevrange, f"{self.prefix}:stream", max=last, count=1000)
+            if not batch:
+                break
+            for _, fields in batch:
+                seq = int(fields[b"seq"])
+                if seq <= mark:
+                    return sorted(users)
+                if seq <= top:
+                    users.add(int(json.loads(fields[b"event"])[1]))
+            last = "(" + batch[-1][0].decode()
+        return sorted(users)
+
+    def _user_events(self, users: list[int]) -> pd.DataFrame:
+        pipe = self.client.pipeline(transaction=False)
+        for u in users:
+            pipe.lrange(f"{self.prefix}:user:{u}", 0, -1)
+        rows = []
+        for items in self._call(pipe.execute):
+            for item in items:
+                e = json.loads(item.split(b"|", 1)[1])
+                rows.append((e[1], e[2], e[3], e[4], e[5]))
+        return pd.DataFrame(rows, columns=["user_id", "pin_id", "event_type", "surface", "event_us"])
+
+    def frame(self) -> pd.DataFrame:
+        events = [e for _, e in self._entries(0, self.last_seq())]
+        df = pd.DataFrame(events, columns=["event_id", "user_id", "pin_id", "event_type", "surface", "event_us"])
+        df["event_timestamp"] = pd.to_datetime(df.pop("event_us"), unit="us", utc=True).astype("datetime64[us, UTC]")
+        return df[list(LOG_COLUMNS)]
+
+    @contextmanager
+    def _push_lock(self):
+        token = uuid.uuid4().hex
+        key = f"{self.prefix}:push-lock"
+        deadline = time.monotonic() + self.timeout
+        while not self._call(self.client.set, key, token, nx=True, px=int(max(self.timeout, 30.0) * 1000)):
+            if time.monotonic() > deadline:
+                raise LogUnavailable(f"event log {self.path}: another process has been pushing for over "
+                                     f"{self.timeout:g} s")
+            time.sleep(0.002)
+        try:
+            yield
+        finally:
+            self._call(self.client.eval, "if redis.call('GET', KEYS[1]) == ARGV[1] then "
+                       "return redis.call('DEL', KEYS[1]) end return 0", 1, key, token)
+
+    def close(self) -> None:
+        self.client.close()
+
+
+def open_log(cfg: Config) -> _Log:
+    """The data dir's event log: SQLite under the data dir, or Redis (``ingest.log``)."""
+    if cfg.ingest.log == "redis":
+        return RedisEventLog(cfg.ingest.redis_connection or cfg.features.redis_connection, cfg.ingest.lock_seconds)
+    return EventLog(log_path(cfg), timeout=cfg.ingest.lock_seconds)
 
 
 def _log_rows(events: pd.DataFrame) -> list[tuple]:
@@ -269,10 +443,9 @@ def export(cfg: Config, path: Path) -> tuple[int, int] | None:
     batch build: (events, the log's last sequence number), or None (and no file) when the log holds no event."""
     from training.io import atomic_write_parquet
 
-    source = log_path(cfg)
     df, through = None, 0
-    if source.exists():
-        events = EventLog(source)
+    if cfg.ingest.log == "redis" or log_path(cfg).exists():
+        events = open_log(cfg)
         try:
             if events.count():
                 df, through = events.frame(), events.last_seq()
@@ -293,10 +466,9 @@ def export(cfg: Config, path: Path) -> tuple[int, int] | None:
 def repush(cfg: Config, features, through_seq: int) -> dict[str, int] | None:
     """After a materialize of a snapshot that holds the log up to ``through_seq``: push again every user with events
     logged after it, so the batch values just written do not hide what the log holds beyond the snapshot."""
-    source = log_path(cfg)
-    if not source.exists():
+    if cfg.ingest.log != "redis" and not log_path(cfg).exists():
         return None
-    events = EventLog(source)
+    events = open_log(cfg)
     try:
         events.rewind(through_seq)
         return events.flush(SequencePusher(cfg, features))
