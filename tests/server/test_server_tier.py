@@ -281,8 +281,8 @@ def test_the_redis_event_log_is_idempotent_all_or_nothing_and_feeds_the_build(se
         def __init__(self):
             self.calls = []
 
-        def push(self, users, events):
-            self.calls.append((users, len(events)))
+        def push(self, users, fetch):
+            self.calls.append((users, len(fetch(users))))
             return len(users)
 
     rec = Recorder()

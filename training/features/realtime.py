@@ -97,7 +97,7 @@ create table if not exists events (
     event_us integer not null,
     logged_us integer not null
 );
-create index if not exists events_user on events (user_id);
+create index if not exists events_user_time on events (user_id, event_us);
 create table if not exists meta (key text primary key, value integer not null);
 """
 
@@ -124,7 +124,7 @@ class _Log:
                     return {"users": 0, "rows": 0, "pushed_seq": self.pushed_seq()}
                 mark, top = self.pushed_seq(), self.last_seq()
                 users = self._users_between(mark, top)
-                pushed = pusher.push(users, self._user_events(users)) if users else 0
+                pushed = pusher.push(users, self._user_events) if users else 0
                 self._set_mark(top)
                 return {"users": len(users), "rows": pushed, "pushed_seq": top}
 
@@ -142,7 +142,10 @@ class _Log:
     def close(self) -> None: ...
     def _push_lock(self): ...
     def _users_between(self, mark: int, top: int) -> list[int]: ...
-    def _user_events(self, users: list[int]) -> pd.DataFrame: ...
+    def _user_events(self, users: list[int], since: int = 0, kinds: list[str] | None = None,
+                     limit: int | None = None) -> pd.DataFrame:
+        """The Homefeed events of ``users`` logged after sequence number ``since`` whose type is one of ``kinds``
+        (None: every event of the users), each user's newest ``limit`` by time (None: all)."""
     def _set_mark(self, top: int) -> None: ...
 
 
@@ -241,14 +244,29 @@ class EventLog(_Log):
         except sqlite3.Error as e:
             raise LogUnavailable(f"event log {self.path}: {e}") from e
 
-    def _user_events(self, users: list[int]) -> pd.DataFrame:
+    def _user_events(self, users: list[int], since: int = 0, kinds: list[str] | None = None,
+                     limit: int | None = None) -> pd.DataFrame:
+        columns = "user_id, pin_id, event_type, surface, event_us"
+        if kinds is None:
+            where, params = "seq > ?", [since]
+        else:
+            where = f"seq > ? and surface = ? and event_type in ({','.join('?' * len(kinds))})"
+            params = [since, LABEL_SURFACE, *kinds]
         parts = []
         try:
-            for i in range(0, len(users), 500):
-                part = users[i:i + 500]
-                parts.append(pd.read_sql_query(
-                    "select user_id, pin_id, event_type, surface, event_us from events where user_id in "
-                    f"({','.join('?' * len(part))})", self._conn(), params=part))
+            if limit is None:
+                for i in range(0, len(users), 500):
+                    part = users[i:i + 500]
+                    parts.append(pd.read_sql_query(
+                        f"select {columns} from events where {where} and user_id in ({','.join('?' * len(part))})",
+                        self._conn(), params=[*params, *part]))
+            else:   # bounded work per user, whatever the log holds: its newest events (index user_id, event_us)
+                con = self._conn()
+                rows = []
+                for u in users:
+                    rows += con.execute(f"select {columns} from events where user_id = ? and {where} "
+                                        "order by event_us desc limit ?", [u, *params, limit]).fetchall()
+                parts.append(pd.DataFrame(rows, columns=columns.split(", ")))
         except sqlite3.Error as e:
             raise LogUnavailable(f"event log {self.path}: {e}") from e
         return pd.concat(parts, ignore_index=True)
@@ -386,15 +404,22 @@ class RedisEventLog(_Log):
             last = "(" + batch[-1][0].decode()
         return sorted(users)
 
-    def _user_events(self, users: list[int]) -> pd.DataFrame:
+    def _user_events(self, users: list[int], since: int = 0, kinds: list[str] | None = None,
+                     limit: int | None = None) -> pd.DataFrame:
         pipe = self.client.pipeline(transaction=False)
         for u in users:
             pipe.lrange(f"{self.prefix}:user:{u}", 0, -1)
         rows = []
         for items in self._call(pipe.execute):
+            mine = []
             for item in items:
-                e = json.loads(item.split(b"|", 1)[1])
-                rows.append((e[1], e[2], e[3], e[4], e[5]))
+                seq, _, content = item.partition(b"|")
+                e = json.loads(content)
+                if int(seq) > since and (kinds is None or (e[4] == LABEL_SURFACE and e[3] in kinds)):
+                    mine.append((e[1], e[2], e[3], e[4], e[5]))
+            if limit is not None:
+                mine = sorted(mine, key=lambda r: r[4], reverse=True)[:limit]
+            rows += mine
         return pd.DataFrame(rows, columns=["user_id", "pin_id", "event_type", "surface", "event_us"])
 
     def frame(self) -> pd.DataFrame:
@@ -507,15 +532,15 @@ class SequencePusher:
                 "path": link, "history_length": int(transform["history_length"]),
                 "base": BaseSequences(link / "tables" / "user_sequence.parquet"),
                 "weights": {k: float(v) for k, v in transform["engagement_weights"].items()},
+                "through_seq": int(manifest.get("ingested_through_seq", 0)),
                 "pins": cmap["pin_id"].to_numpy(np.int64)[order],
                 "canonical": cmap["canonical_pin_id"].to_numpy(np.int64)[order],
             })
         return self._snapshot[1]
 
-    def rows(self, users: list[int], events: pd.DataFrame) -> pd.DataFrame:
-        """The ``user_sequence`` row of each user that has at least one positive Homefeed engagement."""
+    def _logged(self, events: pd.DataFrame) -> dict[int, set[tuple[int, int]]]:
+        """Each user's positive Homefeed engagements among ``events`` as (instant, canonical pin) pairs."""
         live = self.live()
-        base = live["base"].pairs(users)
         positive = events[(events["surface"] == LABEL_SURFACE)
                           & (events["event_type"].map(live["weights"]).fillna(0.0) > 0)]
         pins = positive["pin_id"].to_numpy(np.int64)
@@ -525,6 +550,32 @@ class SequencePusher:
         for u, t, p in zip(positive["user_id"].to_numpy()[known], positive["event_us"].to_numpy()[known],
                            live["canonical"][at][known], strict=True):
             logged.setdefault(int(u), set()).add((int(t), int(p)))
+        return logged
+
+    def events(self, users: list[int], fetch) -> pd.DataFrame:
+        """The logged events the rows of ``users`` need, from a log's ``fetch(users, since, kinds, limit)``: the
+        positive Homefeed events logged after the live snapshot (the earlier ones are in its rows), each user's
+        newest 2 × ``history_length`` by time; a user whose newest events collapse to fewer distinct (instant,
+        canonical pin) pairs than ``history_length`` gets all of them. The work per push is bounded by the users it
+        pushes, however long the log."""
+        live = self.live()
+        n = live["history_length"]
+        kinds = sorted(k for k, w in live["weights"].items() if w > 0)
+        events = fetch(users, since=live["through_seq"], kinds=kinds, limit=2 * n)
+        counts = events["user_id"].value_counts()
+        full = [u for u in counts.index[counts >= 2 * n] if len(self._logged(events[events.user_id == u]).get(
+            int(u), ())) < n]
+        if full:
+            events = pd.concat([events[~events.user_id.isin(full)],
+                                fetch([int(u) for u in full], since=live["through_seq"], kinds=kinds, limit=None)],
+                               ignore_index=True)
+        return events
+
+    def rows(self, users: list[int], events: pd.DataFrame) -> pd.DataFrame:
+        """The ``user_sequence`` row of each user that has at least one positive Homefeed engagement."""
+        live = self.live()
+        base = live["base"].pairs(users)
+        logged = self._logged(events)
         out = []
         n = live["history_length"]
         for u in users:
@@ -535,8 +586,9 @@ class SequencePusher:
         return pd.DataFrame(out, columns=["user_id", "event_timestamp", "recent_pin_ids", "recent_pin_ages_days",
                                           "history_length", "user_sequence_at"])
 
-    def push(self, users: list[int], events: pd.DataFrame) -> int:
-        rows = self.rows(users, events)
+    def push(self, users: list[int], events) -> int:
+        """Push the rows of ``users``; ``events`` is their logged events, or a log's fetch function (``events``)."""
+        rows = self.rows(users, events if isinstance(events, pd.DataFrame) else self.events(users, events))
         if len(rows):
             self.features.push(PUSH_SOURCE, rows)
         return len(rows)

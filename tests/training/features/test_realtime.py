@@ -111,6 +111,12 @@ def test_pushed_features_equal_what_the_next_build_computes(pipeline_cfg, tmp_pa
             pin = int(dupes[j % len(dupes)]) if j == 5 and len(dupes) else int(rng.choice(pins))
             when = base if j in (6, 7) else base - pd.Timedelta(hours=j, microseconds=j)   # a tie at the newest
             rows.append((f"{u}-{j}", int(u), pin, kind, when, "search" if j == 2 else "homefeed"))
+    # one user's newest logged events all one (instant, pin) pair, more of them than the push reads at first
+    heavy, n = int(users[1]), cfg.transform.history_length
+    top = clock + pd.Timedelta(hours=1)
+    rows += [(f"dup-{k}", heavy, int(pins[0]), "save", top, "homefeed") for k in range(2 * n + 5)]
+    rows += [(f"old-{k}", heavy, int(pins[k + 1]), "click", top - pd.Timedelta(minutes=k + 1), "homefeed")
+             for k in range(10)]
     log = EventLog(log_path(cfg))
     log.append(frame(rows))
     assert log.flush(SequencePusher(cfg, features))["rows"] == len(users)
