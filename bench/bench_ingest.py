@@ -202,7 +202,7 @@ def kill_cycles(cfg: Config, world: World, kills: int, batch: int, clients: int,
         with httpx.Client(base_url=url, timeout=5) as c:
             while not done.is_set():
                 if pending is None:
-                    pending = world.batch(batch, "kill")
+                    pending = world.batch(batch, run)
                     with lock:
                         sent_ids.update(e["event_id"] for e in pending)
                 try:
@@ -219,6 +219,7 @@ def kill_cycles(cfg: Config, world: World, kills: int, batch: int, clients: int,
                     time.sleep(0.2)
 
     rng = np.random.default_rng(seed)
+    run = f"kill-{uuid.uuid4().hex[:8]}"   # this run's ids: the log may hold earlier runs' events
     start(cfg)
     threads = [threading.Thread(target=client) for _ in range(clients)]
     for t in threads:
@@ -242,7 +243,7 @@ def kill_cycles(cfg: Config, world: World, kills: int, batch: int, clients: int,
         t.join()
     stop(cfg)
     with sqlite3.connect(log_path(cfg)) as con:
-        logged = [r[0] for r in con.execute("select event_id from events where event_id like 'kill-%'")]
+        logged = [r[0] for r in con.execute("select event_id from events where event_id like ?", (f"{run}-%",))]
         mark = (con.execute("select value from meta where key = 'pushed_seq'").fetchone() or (0,))[0]
         top = con.execute("select max(seq) from events").fetchone()[0] or 0
     logged_set = set(logged)

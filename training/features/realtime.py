@@ -563,11 +563,11 @@ class SequencePusher:
         kinds = sorted(k for k, w in live["weights"].items() if w > 0)
         events = fetch(users, since=live["through_seq"], kinds=kinds, limit=2 * n)
         counts = events["user_id"].value_counts()
-        full = [u for u in counts.index[counts >= 2 * n] if len(self._logged(events[events.user_id == u]).get(
-            int(u), ())) < n]
+        logged = self._logged(events)
+        full = [int(u) for u in counts.index[counts >= 2 * n] if len(logged.get(int(u), ())) < n]
         if full:
             events = pd.concat([events[~events.user_id.isin(full)],
-                                fetch([int(u) for u in full], since=live["through_seq"], kinds=kinds, limit=None)],
+                                fetch(full, since=live["through_seq"], kinds=kinds, limit=None)],
                                ignore_index=True)
         return events
 
