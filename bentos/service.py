@@ -490,8 +490,10 @@ class RetrievalService:
                               self.retriever.current.version if self.retriever.current else "nothing")
 
     def _catch_up(self) -> None:
-        """Push the events the log holds but the online store does not (a crash between commit and push)."""
+        """Push the events the log holds but the online store does not (a crash between commit and push), and read
+        what a push needs from the new live snapshot now rather than in the first POST /events."""
         try:
+            self.ingestor.pusher.warm()
             done = self.ingestor.catch_up()
             if done["users"]:
                 log.info("event log: pushed %d pending users' features", done["users"])

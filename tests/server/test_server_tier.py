@@ -205,13 +205,13 @@ def test_the_partition_count_of_the_interest_partition_key_is_configurable(serve
         store.drop(name)
 
 
-@pytest.mark.parametrize("log", ["sqlite", "redis"])
-def test_events_on_two_workers_push_to_redis_the_rows_the_batch_computes(server_cfg, models, log):
-    """POST /events spread over two workers sharing one event log (SQLite beside the data dir, or a Redis stream):
-    every event logged once, and Redis holds for each user the row computed from the live snapshot and every logged
-    event (none lost to a race between workers)."""
+def test_events_on_two_workers_push_to_redis_the_rows_the_batch_computes(server_cfg, models):
+    """POST /events spread over two workers sharing one event log in Redis (the scale-out log; two processes on the
+    SQLite log: tests/training/features/test_realtime.py): every event logged once, and Redis holds for each user
+    the row computed from the live snapshot and every logged event (none lost to a race between workers)."""
     import httpx
 
+    log = "redis"
     from bentos.launcher import start, stop
     from training.features.realtime import SequencePusher, log_path, open_log
     from training.features.store import feature_store

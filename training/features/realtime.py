@@ -538,6 +538,10 @@ class SequencePusher:
             })
         return self._snapshot[1]
 
+    def warm(self) -> None:
+        """Read the live snapshot's canonical map and newest sequences now rather than on the first push."""
+        self.live()["base"].pairs([])
+
     def _logged(self, events: pd.DataFrame) -> dict[int, set[tuple[int, int]]]:
         """Each user's positive Homefeed engagements among ``events`` as (instant, canonical pin) pairs."""
         live = self.live()

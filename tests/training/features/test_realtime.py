@@ -6,6 +6,9 @@ from __future__ import annotations
 import dataclasses
 import shutil
 import sqlite3
+import threading
+import time
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -54,6 +57,50 @@ class TestEventLog:
         back = pd.read_parquet(target)
         assert list(back.columns) == ["event_id", "user_id", "pin_id", "event_type", "event_timestamp", "surface"]
         assert back.event_timestamp.iloc[0] == at(0.000001)
+
+
+class _Recorder:
+    """A pusher that records what it was asked to push (every flush reads the log after taking the push lock)."""
+
+    def push(self, users, fetch):
+        time.sleep(0.01)
+        return len(users)
+
+
+def _append_and_flush(path: str, worker: int) -> int:
+    log = EventLog(Path(path), timeout=10)
+    failures = 0
+    threads = []
+
+    def run(t: int) -> None:
+        nonlocal failures
+        for i in range(15):
+            rows = frame([(f"{worker}-{t}-{i}-{j}", j, 10 + j, "save", at(i), "homefeed") for j in range(5)])
+            done = log.append(rows)
+            log.flush(_Recorder(), upto=done.last_seq)
+            if log.pushed_seq() < done.last_seq:
+                failures += 1
+
+    for t in range(4):
+        threads.append(threading.Thread(target=run, args=(t,)))
+        threads[-1].start()
+    for th in threads:
+        th.join()
+    return failures
+
+
+def test_two_processes_append_and_push_without_a_lost_or_unpushed_event(tmp_path):
+    """Two processes with four threads each append and push at once: every event is logged once, each caller's
+    events are pushed before its flush returns, and nothing waits long enough to fail (pushes are shared)."""
+    import multiprocessing as mp
+
+    path = str(tmp_path / "ingest.db")
+    EventLog(Path(path))
+    with mp.get_context("spawn").Pool(2) as pool:
+        failures = pool.starmap(_append_and_flush, [(path, 0), (path, 1)])
+    log = EventLog(Path(path))
+    assert failures == [0, 0]
+    assert log.count() == 2 * 4 * 15 * 5 and log.frame().event_id.is_unique and log.pending() == 0
 
 
 def test_sequence_row_is_dbt_s_row():
