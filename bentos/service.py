@@ -490,9 +490,11 @@ class RetrievalService:
                               self.retriever.current.version if self.retriever.current else "nothing")
 
     def _catch_up(self) -> None:
-        """Push the events the log holds but the online store does not (a crash between commit and push), and read
-        what a push needs from the new live snapshot now rather than in the first POST /events."""
+        """Push the events the log holds but the online store does not (a crash between commit and push), and build
+        the events contract and read what a push needs from the new live snapshot now rather than in the first
+        POST /events."""
         try:
+            self.ingestor.schema()
             self.ingestor.pusher.warm()
             done = self.ingestor.catch_up()
             if done["users"]:
