@@ -21,7 +21,6 @@ that matters.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import signal
@@ -267,8 +266,7 @@ def main() -> None:
     ap.add_argument("--config", default=None, help="YAML config of the deployment")
     ap.add_argument("--out", default=str(RESULTS / "ingest.json"))
     args = ap.parse_args()
-    cfg = Config.load(args.config, overrides={"data_dir": args.data_dir})
-    cfg = dataclasses.replace(cfg, serve=dataclasses.replace(cfg.serve, port=args.port))
+    cfg = Config.load(args.config, overrides={"data_dir": args.data_dir, "serve.port": args.port})
     world = World(cfg)
     rows = []
     info = start(cfg)

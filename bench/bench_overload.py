@@ -159,8 +159,7 @@ def main() -> None:
     ap.add_argument("--config", default=None, help="YAML config of the deployment")
     ap.add_argument("--out", default=str(RESULTS / "overload.json"))
     args = ap.parse_args()
-    cfg = Config.load(args.config, overrides={"data_dir": args.data_dir})
-    cfg = dataclasses.replace(cfg, serve=dataclasses.replace(cfg.serve, port=args.port))
+    cfg = Config.load(args.config, overrides={"data_dir": args.data_dir, "serve.port": args.port})
     users = users_with_history(cfg)
     info = start(cfg)
     rows = []

@@ -463,13 +463,18 @@ def _log_rows(events: pd.DataFrame) -> list[tuple]:
                 strict=True)]
 
 
+def _has_log(cfg: Config) -> bool:
+    """Whether the data dir may hold logged events (a Redis log always may; a SQLite one once its file exists)."""
+    return cfg.ingest.log == "redis" or log_path(cfg).exists()
+
+
 def export(cfg: Config, path: Path) -> tuple[int, int] | None:
     """Write the data dir's logged events to ``path`` (parquet, the raw events' columns plus ``event_id``) for the
     batch build: (events, the log's last sequence number), or None (and no file) when the log holds no event."""
     from training.io import atomic_write_parquet
 
     df, through = None, 0
-    if cfg.ingest.log == "redis" or log_path(cfg).exists():
+    if _has_log(cfg):
         events = open_log(cfg)
         try:
             if events.count():
@@ -491,7 +496,7 @@ def export(cfg: Config, path: Path) -> tuple[int, int] | None:
 def repush(cfg: Config, features, through_seq: int) -> dict[str, int] | None:
     """After a materialize of a snapshot that holds the log up to ``through_seq``: push again every user with events
     logged after it, so the batch values just written do not hide what the log holds beyond the snapshot."""
-    if cfg.ingest.log != "redis" and not log_path(cfg).exists():
+    if not _has_log(cfg):
         return None
     events = open_log(cfg)
     try:
@@ -613,9 +618,10 @@ def sequence_row(user_id: int, pairs: list[tuple[int, int]]) -> dict[str, Any]:
     }
 
 
-def _epoch(us: int) -> float:
+def _epoch(us):
     """Seconds since the epoch as DuckDB's ``epoch()`` computes them (milliseconds / 1e3 + the remaining
-    microseconds / 1e6), so that ages computed here are the same doubles dbt writes, bit for bit."""
+    microseconds / 1e6), so that ages computed here are the same doubles dbt writes, bit for bit. ``us``: an int or
+    an int64 array."""
     return (us // 1000) / 1e3 + (us % 1000) / 1e6
 
 
@@ -668,7 +674,7 @@ def _times(newest: int, ages: np.ndarray) -> np.ndarray:
     guess = np.rint(newest - ages * 86400.0 * US).astype(np.int64)
     for delta in (0, -1, 1):
         t = guess + delta
-        hit = (_epoch(newest) - ((t // 1000) / 1e3 + (t % 1000) / 1e6)) / 86400.0 == ages
+        hit = (_epoch(newest) - _epoch(t)) / 86400.0 == ages
         if delta == 0:
             best, found = t.copy(), hit.copy()
         else:
