@@ -52,7 +52,8 @@ fault_log = RateLimitedLog(log)
 CONFIG = Config.load()
 SERVE = CONFIG.serve
 INT64 = 2**63
-http_limits.install(SERVE.max_header_bytes, SERVE.header_seconds, SERVE.shed_delay_seconds)   # before uvicorn starts
+http_limits.install(SERVE.max_header_bytes, SERVE.header_seconds, SERVE.shed_delay_seconds,
+                    SERVE.shed_rate)   # before uvicorn starts
 GATE = admission.install(SERVE.max_in_flight, SERVE.latency_target_seconds, SERVE.min_in_flight)
 """This worker's admission: the ASGI guard admits through it, the HTTP protocol sheds early by it."""
 

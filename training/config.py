@@ -305,6 +305,10 @@ class ServeConfig:
     """A request past the in-flight limit gets its 503 this long after its headers arrived (its connection reads
     nothing meanwhile), so a client that sends again at once on a 503 cannot spin the worker (bentos/http_limits.py).
     0 answers at once."""
+    shed_rate: float = 100.0
+    """Most 503s a worker writes per second while it sheds: a refused request waits for its answer
+    max(``shed_delay_seconds``, refusals waiting / ``shed_rate``) seconds, so however many clients send again at once,
+    refusing costs the worker a bounded share of its time (bentos/http_limits.py)."""
     max_batch: int = 32
     """Most concurrent requests whose feature reads, user-tower passes and ANN searches run as one batch
     (bentos/batching.py; batches form only under load, nothing waits to fill one)."""
@@ -317,7 +321,7 @@ class ServeConfig:
 
     def __post_init__(self) -> None:
         _positive(self, "serve", "port", "max_k", "max_interests", "max_body_bytes", "max_header_bytes",
-                  "header_seconds", "threads", "workers", "min_in_flight", "latency_target_seconds",
+                  "header_seconds", "threads", "workers", "min_in_flight", "latency_target_seconds", "shed_rate",
                   "max_in_flight", "max_batch", "body_seconds", "request_seconds", "store_timeout_seconds")
         _check(self.poll_seconds > 0, "serve.poll_seconds", "must be > 0")
         _check(self.shed_delay_seconds >= 0, "serve.shed_delay_seconds", "must be >= 0")

@@ -162,3 +162,42 @@ def test_a_full_worker_sheds_retrieve_in_the_protocol_and_keeps_the_connection(s
         assert gate.shed == 1
     finally:
         admission.ADMISSION = None
+
+
+def test_refusals_are_paced_to_the_shed_rate_and_a_closed_connection_frees_its_place(server, monkeypatch):
+    """Many refused requests at once: the n-th waiting 503 is written about n / shed_rate seconds later (never before
+    shed_delay), so clients that send again at once cannot make refusing cost the worker more than shed_rate answers
+    a second; a client that leaves before its answer stops counting."""
+    from bentos import admission
+
+    monkeypatch.setattr(_Limited, "shed_delay", 0.05)
+    monkeypatch.setattr(_Limited, "shed_rate", 20.0)
+    gate = admission.install(1, 0.25)
+    assert gate.try_acquire() and gate.full()
+    request = b"POST /retrieve HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}"
+    try:
+        leaver = socket.create_connection(("127.0.0.1", server))
+        leaver.sendall(request)
+        clients = [socket.create_connection(("127.0.0.1", server)) for _ in range(8)]
+        start = time.perf_counter()
+        for s in clients:
+            s.sendall(request)
+        time.sleep(0.02)
+        leaver.close()
+        answered = []
+        for s in clients:
+            s.settimeout(2.0)
+            assert s.recv(65536).startswith(b"HTTP/1.1 503")   # one small write; the connection stays open
+            answered.append(time.perf_counter() - start)
+            s.close()
+        # 9 refusals waiting at most: the last of them waits about 9 / 20 s, the first shed_delay; none in between
+        # is answered before its place in the queue allows.
+        assert max(answered) >= 0.3, answered
+        assert min(answered) < 0.3, answered
+        deadline = time.monotonic() + 2
+        while LimitedHttpToolsProtocol.waiting_sheds and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert LimitedHttpToolsProtocol.waiting_sheds == 0
+        assert gate.shed == 9
+    finally:
+        admission.ADMISSION = None
