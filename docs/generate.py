@@ -762,7 +762,9 @@ def overload_section() -> list[str]:
            "Far more closed-loop clients than the service can serve, on the same machine: the best throughput at 8–32 "
            "clients is the floor, and each overload level runs twice, with clients that send again at once after a "
            "503 and with clients that wait the Retry-After it asks for. A separate process asks `GET /healthz` 20 "
-           "times a second. Measured by `bench/bench_overload.py`.", ""]
+           "times a second. Goodput counts the answers 200 within the level's seconds; a 503's wait is the time from "
+           "sending a refused request to its answer (paced by `serve.shed_delay_seconds` and `serve.shed_rate`). "
+           "Measured by `bench/bench_overload.py`.", ""]
     if doc is None:
         return out + [missing(".venv/bin/python bench/bench_overload.py")]
     rows = []
@@ -770,12 +772,13 @@ def overload_section() -> list[str]:
         adm = r.get("admission_after") or {}
         rows.append([fmt(r["clients"]), r["after_503"], f"{r['goodput_rps']:.0f}",
                      f"{r['goodput_ratio']:.0%}" if "goodput_ratio" in r else "",
-                     f"{r['p50_ms']:.0f} / {r['p99_ms']:.0f}", fmt(r["shed_503"]), fmt(r["errors"]),
+                     f"{r['p50_ms']:.0f} / {r['p99_ms']:.0f}", fmt(r["shed_503"]),
+                     f"{r['shed_p50_ms'] / 1e3:.1f} s" if r["shed_503"] else "", fmt(r["errors"]),
                      f"{r['healthz_p50_ms']:.1f} / {r['healthz_p99_ms']:.1f}", fmt(adm.get("limit"))])
     return out + [provenance_note(doc, "overload"), "",
                   table(["clients", "after a 503", "goodput req/s", "of the best at 8–32", "accepted p50 / p99 ms",
-                         "shed 503", "errors", "/healthz p50 / p99 ms", "in-flight limit at the end"], rows,
-                        "llrrrrrrr")]
+                         "shed 503", "a 503's wait p50", "errors", "/healthz p50 / p99 ms",
+                         "in-flight limit at the end"], rows, "llrrrrrrrr")]
 
 
 def ingest_section() -> list[str]:
