@@ -33,6 +33,8 @@ started=$(date +%s)
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 BIN=${BIN:-$REPO/.venv/bin}
 : "${BENTOML_HOME:?BENTOML_HOME: the bento store of make bento}"
+say() { printf '\n==> %s\n' "$*" >&2; }
+die() { printf 'container-test: FAILED: %s\n' "$*" >&2; exit 1; }
 live_in() { python3 -c 'import json, sys; print(json.load(open(sys.argv[1])).get("live") or "")' \
   "$1/releases/registry.json" 2>/dev/null || true; }
 if [[ -z ${CT_DATA:-} ]]; then
@@ -48,9 +50,6 @@ STANDIN_IMAGE=${STANDIN_IMAGE:-retrieval-ct/debian-bookworm-python:3.11}
 CT_BUILD_NETWORK=${CT_BUILD_NETWORK:-host}
 CT_READY_SECONDS=${CT_READY_SECONDS:-300}
 COLD_USER=987654321
-
-say() { printf '\n==> %s\n' "$*" >&2; }
-die() { printf 'container-test: FAILED: %s\n' "$*" >&2; exit 1; }
 
 command -v docker >/dev/null || die "docker is not installed (Debian: apt-get install docker.io, then start dockerd)"
 docker info >/dev/null 2>&1 || die "no Docker daemon answers (start it: dockerd > /tmp/dockerd.log 2>&1 &)"

@@ -147,13 +147,15 @@ def test_requirements_pins_match_constraints():
 
 def test_requirements_supply_chain():
     """PyPI is the only index (no --extra-index-url, so no index strategy to set); torch's CPU build comes from a
-    find-links page of torch files only; every package but torch carries the hashes of its release's files."""
+    find-links page of torch files only, with the hash of the wheel the image installs; every other package carries
+    the hashes of its release's files."""
     text = REQUIREMENTS.read_text()
     _, options = parse(text)
     assert options == [f"--find-links {TORCH_LINKS}"]
     assert not re.search(r"^\s*(--extra-index-url|--index-url|-i|--trusted-host)\b", text, re.MULTILINE)
     found = hashes(text)
-    assert found.pop("torch") == [[]], "torch: no hash (its CPU index is not reachable where this file is made)"
+    # the PyTorch CPU page's torch-2.13.0+cpu-cp311-cp311-manylinux_2_28_x86_64.whl (the image's platform)
+    assert found.pop("torch") == [["--hash=sha256:6746dbcbeb526eb61330b76b41ff1b4eb848951103a892eeb080dfa2b264667b"]]
     unhashed = sorted(name for name, lists in found.items() if not all(lists))
     assert not unhashed, f"add their --hash lines (docs/how-to/container.md): {unhashed}"
     assert all(len(set(h)) == len(h) for lists in found.values() for h in lists), "a hash listed twice"
@@ -252,7 +254,11 @@ def test_build_ran_offline_without_locking(bento):
 @pytest.mark.slow
 def test_dockerfile(bento):
     lines = [line.strip() for line in bento["dockerfile"].splitlines()]
-    assert [line for line in lines if line.startswith("FROM ")] == ["FROM python:3.11-slim AS base-container"]
+    digest = "sha256:9c900dea9e8fb7e16277c179b555cc72d29a352dbc33cff48ad5a0412fd5bfc7"
+    assert [line for line in lines if line.startswith("FROM ")] == [f"FROM python:3.11-slim@{digest} AS base-container"]
+    # BentoML's Dockerfile generator, the same as without the pin: the pinned base changes only the FROM line
+    assert any(line.startswith("RUN apt-get update && apt-get install") for line in lines)
+    assert "RUN command -v uv >/dev/null || pip install uv" in lines
     install = next(i for i, line in enumerate(lines) if " pip install -r " in line)
     assert lines[install].endswith("uv --directory $INSTALL_ROOT pip install -r "
                                    "$BENTO_PATH/env/python/requirements.txt")
