@@ -3,11 +3,13 @@
 A batch is applied whole or not at all:
 
 - the request model (``bentos/service.py``) checks shapes and types (400, naming ``events.<row>.<field>``);
-- ``Ingestor.ingest`` then refuses the batch with 400 when two of its events share an ``event_id``, and with 422
-  when a row fails the raw events' pandera contract (``training.data.contracts.raw_schema``: a user or pin the live
-  snapshot does not know, a time before ``contracts.min_timestamp``) or is stamped later than the service's clock
-  plus ``ingest.max_future_seconds``; ``details`` lists every bad row with its field and reason;
-- an event id already logged with other content is a 409, and nothing of the batch is written;
+- a request the schema accepts can still be refused by the live data, the clock or the log; each such refusal is a
+  409 (the request is well formed, what it asks conflicts with the service's state) and ``details`` lists every
+  bad row with its field and reason: a row that fails the raw events' pandera contract
+  (``training.data.contracts.raw_schema``: a user or pin the live snapshot does not know, a time before
+  ``contracts.min_timestamp``) or is stamped later than the service's clock plus ``ingest.max_future_seconds``; two
+  events of the batch with one ``event_id`` and different content; an event id already logged with other content.
+  Nothing of the batch is written. Copies of one event within a batch count once, like a resent event;
 - otherwise the new events are committed to the event log before the answer (an event id already logged with the
   same content counts as a duplicate and changes nothing), then the affected users' ``user_sequence`` rows are
   pushed online (``training.features.realtime``). A log that cannot be written in ``ingest.lock_seconds`` is a
@@ -35,7 +37,7 @@ log = logging.getLogger(__name__)
 
 
 class IngestError(ValueError):
-    """A batch refused as a whole; ``status`` 400 / 409 / 422, ``details`` one entry per bad row."""
+    """A batch refused as a whole; ``status`` 400 / 409, ``details`` one entry per bad row."""
 
     def __init__(self, status: int, message: str, field: str | None = None, details: list[dict] | None = None):
         super().__init__(message)
@@ -74,26 +76,40 @@ class Ingestor:
                 self._schema = (link, raw_schema("events", known, lo, pd.Timestamp.max.tz_localize(UTC)))
             return self._schema[1]
 
-    def validate(self, events: list[dict[str, Any]], now: datetime | None = None) -> pd.DataFrame:
-        """The batch as a typed frame, or IngestError naming every bad row."""
+    def validate(self, events: list[dict[str, Any]], now: datetime | None = None) -> tuple[pd.DataFrame, int]:
+        """The batch as a typed frame (each event once) and how many copies of its events it held, or IngestError
+        naming every bad row."""
         now = now or datetime.now(UTC)
         df = pd.DataFrame(events, columns=["event_id", "user_id", "pin_id", "event_type", "event_timestamp",
                                            "surface"])
-        dup = df["event_id"].duplicated(keep=False)
-        if dup.any():
-            rows = np.flatnonzero(dup.to_numpy()).tolist()
-            raise IngestError(400, f"event_id repeated within the batch: {sorted(set(df['event_id'][dup]))[:5]}",
+        copies = df.duplicated(keep="first").to_numpy()   # the same event sent twice in one batch: counted once
+        conflict = np.zeros(len(df), dtype=bool)
+        conflict[~copies] = df["event_id"][~copies].duplicated(keep=False).to_numpy()
+        if conflict.any():
+            rows = np.flatnonzero(conflict).tolist()
+            raise IngestError(409, f"event_id repeated within the batch with different content: "
+                                   f"{sorted(set(df['event_id'][conflict]))[:5]}; nothing was applied",
                               "events.event_id", [{"row": r, "field": f"events.{r}.event_id",
                                                    "message": f"event_id {df['event_id'][r]!r} appears more than once "
-                                                              "in the batch"} for r in rows])
+                                                              "in the batch with different content"} for r in rows])
         details = []
-        ts = pd.to_datetime(df["event_timestamp"], utc=True)
-        horizon = pd.Timestamp(now + timedelta(seconds=self.cfg.ingest.max_future_seconds))
-        for r in np.flatnonzero((ts > horizon).to_numpy()).tolist():
-            details.append({"row": r, "field": f"events.{r}.event_timestamp",
-                            "message": f"{ts[r].isoformat()} is in the future: later than the service's clock "
-                                       f"{now.isoformat(timespec='seconds')} + ingest.max_future_seconds "
-                                       f"({self.cfg.ingest.max_future_seconds:g})"})
+        # Bounds first, on the instants as sent: a year the schema allows (1 to 9999) can lie outside what a pandas
+        # timestamp holds (1677 to 2262), so out-of-bounds rows are refused here and stand in as the lower bound for
+        # the contract's other checks.
+        lo = parse_utc(self.cfg.contracts.min_timestamp)
+        horizon = now + timedelta(seconds=self.cfg.ingest.max_future_seconds)
+        instants = [datetime.fromisoformat(t) if isinstance(t, str) else t for t in df["event_timestamp"]]
+        for r, t in enumerate(instants):
+            if t > horizon:
+                details.append({"row": r, "field": f"events.{r}.event_timestamp",
+                                "message": f"{t.isoformat()} is in the future: later than the service's clock "
+                                           f"{now.isoformat(timespec='seconds')} + ingest.max_future_seconds "
+                                           f"({self.cfg.ingest.max_future_seconds:g})"})
+            elif t < lo:
+                details.append({"row": r, "field": f"events.{r}.event_timestamp",
+                                "message": f"{t.isoformat()} is before contracts.min_timestamp "
+                                           f"({self.cfg.contracts.min_timestamp})"})
+        df["event_timestamp"] = [lo if not lo <= t <= horizon else t for t in instants]
         accepted, quarantined, _ = check_table("events", df.drop(columns=["event_id"]), self.schema(),
                                                Path("POST /events"))
         for r, reason in zip(quarantined["row_number"], quarantined["reason"], strict=True):
@@ -103,15 +119,17 @@ class Ingestor:
         if details:
             details.sort(key=lambda d: (d["row"], d["field"]))
             first = details[0]
-            raise IngestError(422, f"{len({d['row'] for d in details})} of {len(df)} events failed the events "
+            raise IngestError(409, f"{len({d['row'] for d in details})} of {len(df)} events failed the events "
                                    f"contract, nothing was applied; first: {first['field']}: {first['message']}",
                               first["field"], details)
-        return accepted.assign(event_id=df["event_id"].astype(str).to_numpy())
+        once = np.flatnonzero(~copies)
+        return (accepted.iloc[once].assign(event_id=df["event_id"].astype(str).to_numpy()[once]),
+                int(copies.sum()))
 
     def ingest(self, events: list[dict[str, Any]]) -> dict[str, Any]:
         """Validate, log (durable before this returns) and push; the answer's counts."""
         t0 = time.perf_counter()
-        frame = self.validate(events)
+        frame, copies = self.validate(events)
         try:
             appended = self.log.append(frame)
         except LogConflict as e:
@@ -128,7 +146,7 @@ class Ingestor:
             raise PushFailed(f"online store: {type(e).__name__}: {str(e).splitlines()[0][:200]}; the "
                              f"{appended.new} new events are logged and will be pushed by the next batch or "
                              "retry") from e
-        return {"accepted": appended.new, "duplicates": appended.duplicates, "users_pushed": pushed["rows"],
+        return {"accepted": appended.new, "duplicates": appended.duplicates + copies, "users_pushed": pushed["rows"],
                 "timings_ms": {"validate_and_log": round((t1 - t0) * 1e3, 3),
                                "push": round((time.perf_counter() - t1) * 1e3, 3)}}
 

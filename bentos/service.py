@@ -123,7 +123,8 @@ class EventsRequest(BaseModel):
 
 class EventsResponse(BaseModel):
     accepted: int = Field(description="Events written to the event log by this request (durable before the answer).")
-    duplicates: int = Field(description="Events whose id was already logged with the same content (unchanged).")
+    duplicates: int = Field(description="Events whose id was already logged with the same content, or sent again in "
+                                        "the same batch (unchanged).")
     users_pushed: int = Field(description="Users whose fresh features this request pushed to the online store (0 when "
                                           "a concurrent request's push already carried this batch's events).")
     timings_ms: dict[str, float]
@@ -362,16 +363,18 @@ ERROR_RESPONSES = {
 
 
 EVENTS_ERRORS = {
-    "400": "the body is not JSON, a field is missing, mistyped or out of range, the batch is empty or longer than "
-           "ingest.max_events, or two events share an event_id (`field` names it; nothing is applied)",
+    "400": "the body is not JSON, a field is missing, mistyped or out of range, or the batch is empty or longer "
+           "than ingest.max_events (`field` names it; nothing is applied)",
     "404": "no such endpoint",
     "405": "the method is not allowed on this path (the Allow header names the one that is)",
     "408": "the request body did not arrive in time",
-    "409": "an event_id is already logged with different content (nothing of the batch is applied)",
+    "409": "the batch is well formed but conflicts with the live data, the clock or the log: rows fail the events "
+           "contract (a user or pin the live snapshot does not know, a time before contracts.min_timestamp or later "
+           "than the service's clock + ingest.max_future_seconds), two events share an event_id with different "
+           "content, or an event_id is already logged with different content (`details` lists every row; nothing "
+           "is applied)",
     "413": "the request body is larger than ingest.max_body_bytes",
     "415": "the request body is not JSON, or is compressed (Content-Encoding)",
-    "422": "rows failed the events contract: an unknown user or pin, a time before contracts.min_timestamp or later "
-           "than the service's clock + ingest.max_future_seconds (`details` lists every row; nothing is applied)",
     "503": "the event log or the online store does not answer (see Retry-After): nothing is acknowledged, or the "
            "events are logged and the retry pushes them",
     "504": "the request took longer than serve.request_seconds",

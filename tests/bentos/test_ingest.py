@@ -143,23 +143,38 @@ class TestBadInput:
 
     def test_unknown_user_and_pin_name_the_rows(self, client, live, world):
         out = self.refused(client, live, {"events": [self.good(world, "u0"), {**self.good(world, "u1"), "user_id": 1},
-                                                     {**self.good(world, "u2"), "pin_id": 2}]}, 422,
+                                                     {**self.good(world, "u2"), "pin_id": 2}]}, 409,
                            "events.1.user_id")
         assert [(d["row"], d["field"]) for d in out["details"]] == [(1, "events.1.user_id"), (2, "events.2.pin_id")]
         assert "users of the live data snapshot" in out["details"][0]["message"]
 
     def test_future_timestamp(self, client, live, world):
         future = (datetime.now(UTC) + timedelta(days=2)).isoformat()
-        out = self.refused(client, live, {"events": [{**self.good(world, "f1"), "event_timestamp": future}]}, 422,
+        out = self.refused(client, live, {"events": [{**self.good(world, "f1"), "event_timestamp": future}]}, 409,
                            "events.0.event_timestamp")
         assert "in the future" in out["error"]
         self.refused(client, live, {"events": [{**self.good(world, "f2"), "event_timestamp": "2024-01-01T00:00:00"}]},
                      400, "events.0.event_timestamp")   # no UTC offset: ambiguous
 
+    def test_times_outside_what_a_pandas_timestamp_holds(self, client, live, world):
+        """Years the schema allows but a pandas timestamp cannot hold (before 1677, after 2262) are refused like any
+        time out of bounds, never a 500."""
+        early = {**self.good(world, "y1"), "event_timestamp": "0868-05-03T19:36:14-23:42"}
+        late = {**self.good(world, "y3"), "event_timestamp": "9205-06-30T08:50:14Z"}
+        out = self.refused(client, live, {"events": [early, self.good(world, "y2"), late]}, 409,
+                           "events.0.event_timestamp")
+        assert [(d["row"], d["field"]) for d in out["details"]] == [(0, "events.0.event_timestamp"),
+                                                                   (2, "events.2.event_timestamp")]
+        assert "before contracts.min_timestamp" in out["details"][0]["message"]
+        assert "in the future" in out["details"][1]["message"]
+
     def test_duplicate_ids_in_a_batch_and_conflicting_ids(self, client, live, world):
-        out = self.refused(client, live, {"events": [self.good(world, "d1"), self.good(world, "d1")]}, 400,
+        twice = client.post("/events", json={"events": [self.good(world, "d1"), self.good(world, "d1")]})
+        assert twice.status_code == 200 and twice.json()["accepted"] == 1 and twice.json()["duplicates"] == 1
+        other = {**self.good(world, "d0"), "event_type": "click"}
+        out = self.refused(client, live, {"events": [self.good(world, "d0"), self.good(world, "d4"), other]}, 409,
                            "events.event_id")
-        assert [d["row"] for d in out["details"]] == [0, 1]
+        assert [d["row"] for d in out["details"]] == [0, 2]
         assert client.post("/events", json={"events": [self.good(world, "d2")]}).status_code == 200
         changed = {**self.good(world, "d2"), "event_type": "click"}
         self.refused(client, live, {"events": [self.good(world, "d3"), changed]}, 409, "events.event_id")

@@ -49,3 +49,19 @@ def test_livez_answers_like_healthz(server):
     for path in ("/livez", "/healthz"):
         r = httpx.get(f"{server}{path}", timeout=30)
         assert r.status_code == 200 and r.json() == {"status": "ok"}, (path, r.status_code, r.text)
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_every_operation_passes_every_check(server, seed):
+    """schemathesis' own runner, as a user runs it, with every check it has, over every operation of the document
+    (its coverage phase's boundary values and its fuzzing phase, schema-valid and invalid data): no failure. A
+    request the schema accepts is answered 2xx or, when the live data, the clock or the log refuses it, 409."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    st = Path(sys.executable).with_name("st")
+    run = subprocess.run([str(st), "run", f"{server}/docs.json", "--checks", "all", "--max-examples", "40",
+                          "--seed", str(seed), "--no-color"], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
+    assert "7 passed" in run.stdout, run.stdout[-2000:]
