@@ -102,7 +102,7 @@ def features(cfg: Config) -> dict[str, Any]:
 def training_set(cfg: Config) -> dict[str, Any]:
     from training.features.training_set import build_training_set
 
-    return build_training_set(cfg)[1]
+    return build_training_set(cfg)
 
 
 def run_data(cfg: Config, regenerate: bool = True) -> dict[str, float]:

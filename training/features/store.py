@@ -203,14 +203,22 @@ class Features:
         """Point-in-time join of ``entity_df`` (keys + event_timestamp) through the feature services, one Feast
         call per ``features.historical_chunk_rows`` entity rows in time order (the rows come back in that order,
         not ``entity_df``'s)."""
-        refs = self.feature_refs(*service_names)
         chunk = self.cfg.features.historical_chunk_rows
         if len(entity_df) <= chunk:
+            refs = self.feature_refs(*service_names)
             return self.store.get_historical_features(entity_df=entity_df, features=refs).to_df()
+        return pd.concat(self.historical_parts(entity_df, *service_names), ignore_index=True)
+
+    def historical_parts(self, entity_df: pd.DataFrame, *service_names: str,
+                         chunk: int | None = None) -> Iterator[pd.DataFrame]:
+        """The point-in-time join of ``historical``, one part per ``chunk`` (default
+        ``features.historical_chunk_rows``) entity rows in time order (ties in ``entity_df``'s order), so a caller
+        can write each part before the next is joined."""
+        refs = self.feature_refs(*service_names)
+        chunk = chunk or self.cfg.features.historical_chunk_rows
         ordered = entity_df.sort_values("event_timestamp", kind="stable")
-        parts = [self.store.get_historical_features(entity_df=ordered.iloc[i:i + chunk], features=refs).to_df()
-                 for i in range(0, len(ordered), chunk)]
-        return pd.concat(parts, ignore_index=True)
+        for i in range(0, len(ordered), chunk):
+            yield self.store.get_historical_features(entity_df=ordered.iloc[i:i + chunk], features=refs).to_df()
 
     def online(self, service_name: str, key: str, ids) -> dict[str, list]:
         """Online values of one feature service for entity ``key`` = each of ``ids``: column -> one value per id,

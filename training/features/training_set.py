@@ -18,13 +18,14 @@ from typing import Any
 
 import pandas as pd
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from feature_repo.feature_services import SERVICES_BY_ROLE
 from training.config import Config
 from training.data.contracts import TRAINING_SET_SCHEMA
 from training.data.snapshot import load_live
 from training.features.store import feature_store
-from training.io import atomic_write_parquet, atomic_write_text
+from training.io import atomic_path, atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -35,19 +36,40 @@ def training_set_path(cfg: Config) -> Path:
     return cfg.data_path / "training" / "training_set.parquet"
 
 
-def build_training_set(cfg: Config) -> tuple[pd.DataFrame, dict[str, Any]]:
-    """Join the live snapshot's labels with point-in-time features; validate; write; return it."""
+ORDER = ["event_timestamp", "user_id", "pin_id"]
+"""The training set's row order (ties keep the labels' order)."""
+
+
+def build_training_set(cfg: Config) -> dict[str, Any]:
+    """Join the live snapshot's labels with point-in-time features; validate; write; return the manifest.
+
+    The labels are joined in parts of ``features.historical_chunk_rows`` rows in ``ORDER``, and each part is
+    validated and appended to the parquet file as its own row group before the next is joined, so the stage holds
+    the labels and one part at a time, never the whole training set. The file appears whole or not at all."""
     snap = load_live(cfg)
     labels = pd.read_parquet(snap.table("fct_engagements"), columns=LABEL_COLUMNS)
-    t0 = time.perf_counter()
-    df = feature_store(cfg).historical(labels, SERVICES_BY_ROLE["user"], SERVICES_BY_ROLE["pin"])
-    seconds = time.perf_counter() - t0
-    df = df.sort_values(["event_timestamp", "user_id", "pin_id"], kind="stable").reset_index(drop=True)
-    if len(df) != len(labels):
-        raise RuntimeError(f"point-in-time join returned {len(df):,} rows for {len(labels):,} labels")
-    df = TRAINING_SET_SCHEMA.validate(df, lazy=True)
+    labels = labels.sort_values(ORDER, kind="stable").reset_index(drop=True)
     path = training_set_path(cfg)
-    atomic_write_parquet(pa.Table.from_pandas(df, preserve_index=False), path)
+    t0 = time.perf_counter()
+    rows = positives = 0
+    with atomic_path(path) as tmp:
+        writer = None
+        try:
+            for part in feature_store(cfg).historical_parts(labels, SERVICES_BY_ROLE["user"], SERVICES_BY_ROLE["pin"],
+                                                            chunk=cfg.features.historical_chunk_rows):
+                part = TRAINING_SET_SCHEMA.validate(part.sort_values(ORDER, kind="stable").reset_index(drop=True),
+                                                    lazy=True)
+                table = pa.Table.from_pandas(part, preserve_index=False)
+                if writer is None:
+                    writer = pq.ParquetWriter(tmp, table.schema)
+                writer.write_table(table.cast(writer.schema))
+                rows, positives = rows + len(part), positives + int(part["label"].sum())
+        finally:
+            if writer is not None:
+                writer.close()
+        if rows != len(labels) or not rows:   # raised inside: the file is not written
+            raise RuntimeError(f"point-in-time join returned {rows:,} rows for {len(labels):,} labels")
+    seconds = time.perf_counter() - t0
     interests = pd.read_parquet(snap.path / "staged" / "interests.parquet", columns=["interest_id"])["interest_id"]
     manifest = {
         "snapshot_id": snap.id,
@@ -55,11 +77,11 @@ def build_training_set(cfg: Config) -> tuple[pd.DataFrame, dict[str, Any]]:
         "feature_services": dict(SERVICES_BY_ROLE),
         "interest_ids": sorted(int(i) for i in interests),
         "n_interests": int(interests.max()) + 1,
-        "rows": len(df),
-        "positives": int(df["label"].sum()),
+        "rows": rows,
+        "positives": positives,
         "seconds": round(seconds, 3),
     }
     atomic_write_text(path.with_suffix(".json"), json.dumps(manifest, indent=2))
     log.info("training set: %s labels (%s positive) with point-in-time features in %.1fs -> %s",
-             f"{len(df):,}", f"{manifest['positives']:,}", seconds, path)
-    return df, manifest
+             f"{rows:,}", f"{positives:,}", seconds, path)
+    return manifest
