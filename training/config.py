@@ -171,13 +171,17 @@ class TransformConfig:
     """Weight of each engagement type in the decayed engagement (hides are negative feedback: weight 0)."""
     threads: int = 2
     """DuckDB threads used by dbt."""
+    memory_gib: float = 4.0
+    """DuckDB's memory limit for dbt (GiB): past it, joins, aggregates and sorts spill to
+    ``<data_dir>/tmp/dbt-spill`` instead of growing the process (DuckDB's own default is 80% of the machine's
+    memory)."""
     keep_snapshots: int = 3
     """Finished data snapshots kept on disk (the live one is always kept)."""
 
     def __post_init__(self) -> None:
         _check(self.half_life_days > 0, "transform.half_life_days", "must be > 0")
         _positive(self, "transform", "corpus_window_days", "corpus_size", "history_length", "top_interests",
-                  "impression_window_days", "threads", "keep_snapshots")
+                  "impression_window_days", "threads", "memory_gib", "keep_snapshots")
         _check(set(self.engagement_weights) == {"closeup", "click", "save", "hide"}, "transform.engagement_weights",
                f"needs exactly closeup, click, save and hide, got {sorted(self.engagement_weights)}")
         _check(all(w >= 0 for w in self.engagement_weights.values()), "transform.engagement_weights",

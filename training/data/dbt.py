@@ -4,7 +4,8 @@ dbt reads ``<build>/staged/*.parquet`` and writes ``<build>/warehouse.duckdb`` a
 tables as parquet under ``<build>/tables/``. The build folder is always ``<data_dir>/build`` so dbt's
 partial parsing survives between runs; ``training.data.snapshot`` renames it once everything passed.
 Everything dbt needs comes in ``--vars``: the transform variables of the typed config, ``until`` (``data.until``:
-staging drops rows at or after it) and the folders (``build_dir``, ``staged_dir``, ``duckdb_threads``; see
+staging drops rows at or after it), the folders (``build_dir``, ``staged_dir``) and DuckDB's settings
+(``duckdb_threads``, ``duckdb_memory_limit`` with its spill folder ``duckdb_temp_directory``; see
 dbt_project/profiles.yml), so nothing is passed through the environment.
 """
 
@@ -48,7 +49,9 @@ def dbt_vars(cfg: Config, build_dir: Path) -> dict[str, object]:
     """Everything the project reads: the transform variables, the data stage's end (``until``) and the build's
     folders."""
     return {**cfg.transform.dbt_vars(), "until": until_var(cfg), "build_dir": str(build_dir),
-            "staged_dir": str(build_dir / "staged"), "duckdb_threads": cfg.transform.threads}
+            "staged_dir": str(build_dir / "staged"), "duckdb_threads": cfg.transform.threads,
+            "duckdb_memory_limit": f"{cfg.transform.memory_gib:g}GiB",
+            "duckdb_temp_directory": str(cfg.data_path / "tmp" / "dbt-spill")}
 
 
 def dbt_args(command: str, cfg: Config, build_dir: Path, *extra: str) -> list[str]:
