@@ -37,7 +37,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -m "not bench" -q --durations=10
 
 # Every benchmark the documentation renders (docs/results/*.json), one after another; then `make docs-gen`.
-# About two hours on 2 cores; each script runs alone too (docs/how-to/run-benchmarks.md).
+# About four hours on 2 cores; each script runs alone too (docs/how-to/run-benchmarks.md).
 bench: $(STAMP)
 	$(BIN)/python bench/bench_model.py --dataset synthetic
 	$(BIN)/python bench/bench_model.py --dataset ml100k
@@ -45,6 +45,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/bench_data.py --events 2000000 --users 40000 --pins 20000 --data-dir .data/bench_data_2m \
 	  --out docs/results/data-2m.json
 	$(BIN)/python bench/bench_data.py --data-dir .data/bench_data_10m --out docs/results/data-10m.json
+	$(BIN)/python bench/bench_scale.py --sizes S M --set train.threads=2
 	$(BIN)/python bench/bench_index.py
 	$(BIN)/retrieval run
 	$(BIN)/python bench/bench_service.py

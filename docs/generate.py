@@ -733,7 +733,41 @@ def data_page() -> str:
                   if unit == "s" and a["figures"].get(k) and b["figures"].get(k)]
         body += [f"Growth from the smallest to the largest world ({ratio:.0f}× the events):", "",
                  table(["stage", "time ratio"], growth, "lr")]
-    return page("Data layer", "docs/results/data*.json", "\n".join(body))
+    return page("Data layer", "docs/results/data*.json, docs/results/scale.json",
+                "\n".join(body + ["", *scale_section()]))
+
+
+def scale_section() -> list[str]:
+    doc = load_result("scale")
+    out = ["## Every stage by size", "",
+           "Each stage of the pipeline as a user runs it (`retrieval <command> --data_dir D`), in its own process, "
+           "on synthetic worlds of growing size: wall time, peak resident memory (`/usr/bin/time -v`) and rows per "
+           "second. Measured by `bench/bench_scale.py`; each row names the commit it ran at.", ""]
+    if doc is None:
+        return out + [missing(".venv/bin/python bench/bench_scale.py --sizes S M")]
+    sizes = list(dict.fromkeys(r["size"] for r in doc["rows"]))
+    stages = list(dict.fromkeys(r["stage"] for r in doc["rows"]))
+    by = {(r["size"], r["stage"]): r for r in doc["rows"]}
+    first = {s: next(r for r in doc["rows"] if r["size"] == s) for s in sizes}
+    head = ["stage", *(f"{s}: {first[s]['n_users']:,} users, {first[s]['n_pins']:,} pins, "
+                       f"{first[s]['n_events']:,} events" for s in sizes)]
+    rows = []
+    for stage in stages:
+        cells = []
+        for s in sizes:
+            r = by.get((s, stage))
+            cells.append("" if r is None else
+                         f"{r['seconds']:,.0f} s, {r['peak_rss_gib']:.2f} GiB" + ("" if r["rc"] == 0 else " (failed)")
+                         + (f", {r['rows_per_s']:,.0f} {r['rows_are']}/s" if r.get("rows_per_s") else ""))
+        rows.append([stage, *cells])
+    out += [provenance_note(doc, "scale"), "", table(head, rows, "l" + "r" * len(sizes)), ""]
+    if len(sizes) >= 2:
+        a, b = sizes[-2], sizes[-1]
+        growth = [[st, f"{by[(b, st)]['seconds'] / by[(a, st)]['seconds']:.1f}×",
+                   f"{by[(b, st)]['peak_rss_gib'] / by[(a, st)]['peak_rss_gib']:.1f}×"]
+                  for st in stages if (a, st) in by and (b, st) in by and by[(a, st)]["seconds"]]
+        out += [f"From {a} to {b}:", "", table(["stage", "time", "peak memory"], growth, "lrr")]
+    return out
 
 
 def pin_index_page() -> str:
