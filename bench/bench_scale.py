@@ -8,8 +8,11 @@ Each stage runs as a user runs it, `retrieval <command> --data_dir D`, in its ow
   L  100,000 users, 1,000,000 pins, 20M events
 
 Stages, in order: generate, build (pandera contracts + dbt), features (feast apply + materialize), training-set,
-pretrain, train, publish (`retrieval release publish`: embed the corpus, write and verify the collection, switch)
-and report (the default two-tower, one seed, against the baselines; `--report-baselines` narrows them).
+pretrain, train, publish (`retrieval release publish`: embed the corpus, write and verify the collection, switch),
+retrain (one `retrieval retrain` cycle after the world moves on a day: build, incremental materialize and training
+set, a candidate warm-started from the live model for at most 2 epochs, the gate against the live model, publish;
+the gate's tolerance is 1 so that the cycle measured always publishes) and report (the default two-tower, one seed,
+against the baselines; `--report-baselines` narrows them).
 
     .venv/bin/python bench/bench_scale.py --sizes S M [--root /work/scale] [--stages generate build ...]
         [--set train.threads=2 ...] [--out docs/results/scale.json]
@@ -50,6 +53,8 @@ STAGES: dict[str, list[str]] = {
     "pretrain": ["pretrain"],
     "train": ["train"],
     "publish": ["release", "publish"],
+    "retrain": ["retrain", "--retrain.simulate_days", "1", "--retrain.warm_start", "true", "--retrain.warm_epochs", "2",
+                "--retrain.tolerance", "1"],
     "report": ["report", "--report.seeds", "1", "--report.variants", "default"],
 }
 
@@ -65,6 +70,9 @@ def stage_rows(stage: str, data_dir: Path) -> tuple[int | None, str]:
     """How many rows the stage is measured by, and what they are."""
     if stage in ("generate", "build", "features"):
         return parquet_rows(data_dir / "raw" / "events.parquet"), "events"
+    if stage == "retrain":
+        meta = data_dir / "training" / "training_set.json"
+        return (json.loads(meta.read_text()).get("joined_rows") if meta.exists() else None), "training rows joined"
     if stage in ("training-set", "train"):
         meta = data_dir / "training" / "training_set.json"
         return (json.loads(meta.read_text())["rows"] if meta.exists() else None), "training rows"

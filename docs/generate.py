@@ -767,6 +767,13 @@ def scale_section() -> list[str]:
                    f"{by[(b, st)]['peak_rss_gib'] / by[(a, st)]['peak_rss_gib']:.1f}×"]
                   for st in stages if (a, st) in by and (b, st) in by and by[(a, st)]["seconds"]]
         out += [f"From {a} to {b}:", "", table(["stage", "time", "peak memory"], growth, "lrr")]
+    full = ("generate", "build", "features", "training-set", "pretrain", "train", "publish")
+    for s in sizes:
+        if (s, "retrain") in by and all((s, st) in by for st in full):
+            total = sum(by[(s, st)]["seconds"] for st in full)
+            out += ["", f"At {s}, one retrain cycle for a day of new data took {by[(s, 'retrain')]['seconds']:,.0f} s: "
+                        f"{by[(s, 'retrain')]['seconds'] / total:.0%} of the full pipeline's {total:,.0f} s "
+                        f"({' + '.join(full)})."]
     return out
 
 

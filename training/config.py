@@ -205,6 +205,11 @@ class FeatureConfig:
     rows at a time, in time order. Its DuckDB join holds every feature row at or before each entity row (within
     the TTL) before keeping the newest, so one call over 748k labels spilled more than 45 GB to disk and failed;
     25,000 rows peaked at 5 GB there (the experiment log, docs/experiment-log.md)."""
+    incremental_training_set: bool = True
+    """A training set build that finds the previous one of the same lineage (a later cut or continuation of the same
+    data, the same feature services) whose labels are unchanged up to its end joins only the labels after that end
+    and appends them, copying the previous rows as they are; anything else (or false) rebuilds it whole. Both
+    give the same file (a test asserts it)."""
 
     def __post_init__(self) -> None:
         _check(self.online_store in ("sqlite", "redis"), "features.online_store", "must be 'sqlite' or 'redis'")
@@ -526,6 +531,9 @@ class TrainConfig:
     of the vocabulary; only for small catalogues)."""
     random_negatives: int = 0
     """Extra negatives per step drawn uniformly from the pin vocabulary (mixed negative sampling); 0 = off."""
+    random_negative_share: float = 0.0
+    """Extra uniform negatives per step as a share of the pin vocabulary (rounded; used when ``random_negatives`` is
+    0), so their number follows the catalog's size; 0 = off."""
     logq: bool = True
     """Subtract the streaming log sampling probability of each in-batch pin (logQ correction)."""
     logq_prime: bool = False
@@ -560,6 +568,13 @@ class TrainConfig:
     before it climbs (measured on the synthetic default, where a run otherwise stopped at its epoch-1 figure)."""
     valid_k: int = 50
     """K of the validation recall used for early stopping."""
+    valid_users: int = 10_000
+    """Validation (each epoch's figure, the blend's and the popularity prior's choice) scores at most this many
+    users, a fixed sample (by ``seed``) of those with validation rows (``Split.valid_sample``); 0 = every one. Each
+    validated user is ranked against every pin, so validation costs users × pins per epoch and per weight tried: the
+    cap keeps it linear in the pins on a large catalog (at 30,000 users / 64,000 candidates one pass over every
+    user took ~47 s, three times an epoch's training). Catalogs with fewer users (MovieLens-100k, the synthetic
+    default) validate on every one. The test evaluation always scores every user."""
     index_refresh_days: int = 1
     """Evaluation protocol (validation, test, the retrain gate): each user is scored against candidate vectors
     embedded from the pin features as of the pin index's last refresh at or before the user's cut-off, refreshes
@@ -595,6 +610,9 @@ class TrainConfig:
         _check(0 <= self.condition_rate <= 1, "train.condition_rate", "must be in [0, 1]")
         _check(self.routing_iterations >= 1, "train.routing_iterations", "must be >= 1")
         _check(self.logq_weight >= 0, "train.logq_weight", "must be >= 0")
+        _check(self.valid_users >= 0, "train.valid_users", "must be >= 0 (0 = every user with validation rows)")
+        _check(self.random_negatives >= 0, "train.random_negatives", "must be >= 0 (0 = off)")
+        _check(0 <= self.random_negative_share <= 1, "train.random_negative_share", "must be in [0, 1] (0 = off)")
         _check(not self.hide_negatives or self.negatives == "in_batch", "train.hide_negatives",
                "needs train.negatives = 'in_batch' (the full softmax already holds every pin)")
         _check(self.user_weight_power >= 0, "train.user_weight_power", "must be >= 0")
@@ -650,6 +668,10 @@ class RetrainConfig:
     warm_start: bool = False
     """Initialise the candidate from the live checkpoint (shared weights copied, pin ids remapped) instead of from
     scratch."""
+    warm_epochs: int = 0
+    """With ``warm_start``: the candidate trains at most this many epochs and may stop after the first (early stopping
+    from epoch 1), as it starts from a model already trained on all but the newest days; 0 = ``train.epochs`` and
+    ``train.min_epochs`` as for a fresh model."""
     metric: str = "capped_recall@50"
     """The gate's figure (a key of the harness's metrics)."""
     tolerance: float = 0.005
@@ -678,6 +700,7 @@ class RetrainConfig:
                f"a number with s, m, h or d (e.g. 30s, 6h, 1d), got {self.every!r}")
         _positive(self, "retrain", "cycles", "keep_checkpoints", "keep_pretrained", "pretrain_every_days")
         _check(self.simulate_days >= 0, "retrain.simulate_days", "must be >= 0")
+        _check(self.warm_epochs >= 0, "retrain.warm_epochs", "must be >= 0 (0 = train.epochs, as a fresh model)")
         _check(self.tolerance >= 0, "retrain.tolerance", "must be >= 0")
         _check(0 <= self.min_metric <= 1, "retrain.min_metric", "must be in [0, 1]")
         _check(0 <= self.min_coverage_ratio <= 1, "retrain.min_coverage_ratio", "must be in [0, 1]")

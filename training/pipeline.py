@@ -89,10 +89,7 @@ def features(cfg: Config) -> dict[str, Any]:
     snap = snapshot.load_live(cfg)
     store = feature_store(cfg)
     store.apply()
-    # what computed the feature values; a later cut (data.until) of the same lineage only adds newer rows
-    config = {k: v for k, v in (snap.manifest.get("config") or {}).items() if k != "until"}
-    lineage = {"source": snap.manifest.get("source"), "config": config}
-    state = store.materialize(snap.as_of, snap.id, lineage=lineage)
+    state = store.materialize(snap.as_of, snap.id, lineage=snap.lineage)
     pushed = realtime.repush(cfg, store, snap.manifest.get("ingested_through_seq", 0))
     if pushed and pushed["users"]:
         log.info("event log: pushed %d users' features again (events logged after the snapshot)", pushed["users"])

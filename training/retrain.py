@@ -2,9 +2,11 @@
 
 1. **data**: (demo: move the data on by ``retrain.simulate_days``) a new snapshot (contracts + dbt), switched
    live (the cycle stops here, recorded as skipped, when it is the live release's own snapshot); Feast
-   materialized incrementally; the point-in-time training set; the pre-trained ID table refreshed when
+   materialized incrementally; the point-in-time training set (only the new labels joined and appended when the
+   snapshot continues the previous one); the pre-trained ID table refreshed when
    ``retrain.pretrain_every_days`` says so (never overlapping the candidate's training window);
-2. **train** a candidate, from scratch or warm-started from the live checkpoint (``retrain.warm_start``);
+2. **train** a candidate, from scratch or warm-started from the live checkpoint (``retrain.warm_start``, for at most
+   ``retrain.warm_epochs`` epochs);
 3. **validate**: candidate and live model scored by the same harness on the same fresh holdout: the test
    interactions at or after the live model's data end (unseen by both); the gate (``decide``) compares
    ``retrain.metric`` with a tolerance, an absolute floor and the coverage; publish adds its ANN recall check;
@@ -254,7 +256,8 @@ def _cycle(cfg: Config) -> dict[str, Any]:
             return entry
         mat = stage("materialize", lambda: pipeline.features(cfg))
         entry["materialize"] = {k: mat.get(k) for k in ("mode", "rows_written", "seconds")}
-        stage("training_set", lambda: pipeline.training_set(cfg))
+        built_set = stage("training_set", lambda: pipeline.training_set(cfg))
+        entry["training_set"] = {k: built_set.get(k) for k in ("mode", "rows", "joined_rows")}
         due, why = _pretrain_due(cfg)
         entry["pretrain"] = {"refreshed": due, "why": why}
         if due:
@@ -262,7 +265,10 @@ def _cycle(cfg: Config) -> dict[str, Any]:
         init = live_ckpt if cfg.retrain.warm_start else None
         if cfg.retrain.warm_start and init is None:
             entry["warm_start_note"] = "no live checkpoint: trained from scratch"
-        trained = stage("train", lambda: pipeline.train(cfg, init_from=init))
+        fit_cfg = cfg
+        if init is not None and cfg.retrain.warm_epochs:
+            fit_cfg = replace(cfg, train=replace(cfg.train, epochs=cfg.retrain.warm_epochs, min_epochs=1))
+        trained = stage("train", lambda: pipeline.train(fit_cfg, init_from=init))
         entry["model_version"] = trained["model_version"]
         entry["fit"] = {k: trained["fit"][k] for k in FIT_FIELDS if k in trained["fit"]}
         pause_point("retrain:train")

@@ -114,6 +114,7 @@ def train_model(model: TwoTower, encoder: Encoder, examples: pd.DataFrame, tc: T
     vocab_row = torch.full((encoder.n_pins,), -1, dtype=torch.long)
     vocab_row[torch.from_numpy(latest["_pin"].to_numpy())] = torch.arange(len(latest))
     n_vocab = len(latest)
+    n_random = tc.random_negatives or round(tc.random_negative_share * n_vocab)
     n = len(examples)
     hard = HideNegatives(examples, hides) if tc.hide_negatives and hides is not None and len(hides) else None
     if tc.hide_negatives and hard is None:
@@ -160,11 +161,11 @@ def train_model(model: TwoTower, encoder: Encoder, examples: pd.DataFrame, tc: T
                 all_ids = _gather(pin_idx[target]) if world > 1 else pin_idx[target]
                 model.frequency.update(all_ids)
                 extra_x = extra_log_q = extra_ids = None
-                if tc.random_negatives:
-                    pick = torch.randint(0, n_vocab, (tc.random_negatives,), generator=gen)
+                if n_random:
+                    pick = torch.randint(0, n_vocab, (n_random,), generator=gen)
                     extra_x = take(vocab_pins, pick)
                     extra_ids = extra_x["pin"]
-                    extra_log_q = (torch.full((len(pick),), tc.logq_weight * math.log(tc.random_negatives / n_vocab))
+                    extra_log_q = (torch.full((len(pick),), tc.logq_weight * math.log(n_random / n_vocab))
                                    if tc.logq else None)
                 hard_valid = hard_ids = None
                 if hard is not None:   # the hard negatives go through the pin tower in the same call as the sampled
@@ -175,8 +176,7 @@ def train_model(model: TwoTower, encoder: Encoder, examples: pd.DataFrame, tc: T
                 (u, mask), p, extra, scale = net(x_users, take(pins, target), extra_x)
                 hard_p = None
                 if hard is not None:
-                    extra, hard_p = (extra[:tc.random_negatives] if tc.random_negatives else None,
-                                     extra[tc.random_negatives:])
+                    extra, hard_p = (extra[:n_random] if n_random else None, extra[n_random:])
                 u = closest_embedding(u, mask, p)
                 log_q = tc.logq_weight * model.frequency.log_q(pin_idx[target]) if tc.logq else None
                 loss = in_batch_softmax_loss(u, p, scale, log_q=log_q, pin_ids=pin_idx[target], weights=w,
@@ -454,14 +454,16 @@ def fit(cfg: Config, training_set: pd.DataFrame, split: Split, manifest: dict[st
             model.pin_tower.set_prior(0.0)
     scorer = TwoTowerScorer(cfg, model, encoder, training_set, split, manifest["feature_services"]["pin"])
     scorer.fetch("valid")
+    checked = split.valid_sample(tc.valid_users, tc.seed)   # the users validation scores (every one by default)
 
     def validate(_model: TwoTower) -> float:
         k = tc.valid_k
-        return evaluate(scorer.prepare("valid"), split, ks=(k,), on="valid", curve_k=k, ndcg_k=10,
+        return evaluate(scorer.prepare("valid"), checked, ks=(k,), on="valid", curve_k=k, ndcg_k=10,
                         interest_k=k)[f"recall@{k}"]
 
-    log.info("two-tower fit on %s examples from %s%s", f"{len(train_rows):,}", start,
-             f" with pre-trained table {table.table_id}" if table is not None else "")
+    log.info("two-tower fit on %s examples from %s%s; validation on %s users", f"{len(train_rows):,}", start,
+             f" with pre-trained table {table.table_id}" if table is not None else "",
+             f"{int((np.diff(checked.valid.indptr) > 0).sum()):,}")
     hides = training_set[training_set["label"] == 0] if "label" in training_set.columns else None
     result = train_model(model, encoder, train_rows, tc, validate=validate, hides=hides)
     log.info("two-tower fit: best epoch %s, %.1fs to best, %.0f examples/s", result.best_epoch,
@@ -473,9 +475,9 @@ def fit(cfg: Config, training_set: pd.DataFrame, split: Split, manifest: dict[st
         if tc.blend_table == "refit":
             refit = blend_tables or refit_tables(cfg, split, manifest["snapshot_id"], table)
             model.set_blend_tables(refit["train"].aligned(encoder.pin_ids, encoder.user_ids))
-        result.blend = choose_blend(model, scorer, split, tc.valid_k)
+        result.blend = choose_blend(model, scorer, checked, tc.valid_k)
     if model.pin_tower.prior is not None:   # on validation, with the blend table validation is scored with
-        result.prior = choose_prior(model, scorer, split, tc.valid_k)
+        result.prior = choose_prior(model, scorer, checked, tc.valid_k)
     if refit is not None:
         model.set_blend_tables(refit["valid"].aligned(encoder.pin_ids, encoder.user_ids))
         info["blend_table"] = {"table_id": refit["valid"].table_id, "window_start": refit["valid"].window_start,

@@ -190,10 +190,10 @@ def test_a_retrain_killed_anywhere_leaves_the_live_release_serving(world, point)
 
 @pytest.mark.slow
 def test_cycles_switch_the_service_with_no_failed_request_and_clean_up_after_kills(world):
-    """Two cycles (the world moves on a week before each) while clients call the service: every request
-    succeeds, each answer comes from a published version, the service ends on the new live release; the first
-    cycle removes what the killed runs left; the online store was materialized incrementally and matches the
-    offline store."""
+    """Two cycles (the world moves on a week before each; each candidate warm-started for one epoch) while clients
+    call the service: every request succeeds, each answer comes from a published version, the service ends on the
+    new live release; the first cycle removes what the killed runs left; the online store was materialized
+    incrementally and matches the offline store; the training set joined only the new labels."""
     from bentos.launcher import start, stop
     from tests.bentos.conftest import clients
     from tests.training.features.test_feast import SERVICES, assert_online_equals_offline
@@ -208,7 +208,9 @@ def test_cycles_switch_the_service_with_no_failed_request_and_clean_up_after_kil
         user = Registry(cfg).live().example_user_id
         with clients(url, [user] * 4) as results:
             out = _finish(_retrieval(data_dir, config, "retrain", "--cycles", "2", "--every", "0s",
-                                     "--retrain.simulate_days", "7", "--retrain.tolerance", "1"), timeout=1200)
+                                     "--retrain.simulate_days", "7", "--retrain.tolerance", "1",
+                                     "--retrain.warm_start", "true", "--retrain.warm_epochs", "1",
+                                     "--train.valid_users", "120"), timeout=1200)
             live = _state(data_dir)["live"]
             deadline = time.monotonic() + 30
             while time.monotonic() < deadline and (not results or results[-1][1].get("model_version") != live):
@@ -224,6 +226,9 @@ def test_cycles_switch_the_service_with_no_failed_request_and_clean_up_after_kil
     entries = history(cfg)[-2:]
     assert all(e["materialize"]["mode"] == "incremental" and sum(e["materialize"]["rows_written"].values()) > 0
                for e in entries)
+    assert all(e["training_set"]["mode"] == "incremental" and 0 < e["training_set"]["joined_rows"]
+               < e["training_set"]["rows"] / 2 for e in entries), [e["training_set"] for e in entries]
+    assert all(e["fit"]["epochs_run"] == 1 and e["warm_start"] for e in entries)   # retrain.warm_epochs
     assert entries[0]["publish"]["cleaned"]["collections"], "the killed publish's collection was not removed"
     assert all(e["gate"]["holdout"]["holdout"] == "fresh" for e in entries)
     assert_online_equals_offline(cfg, SERVICES[0], "user_id", "user_features")

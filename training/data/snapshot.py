@@ -64,6 +64,14 @@ class Snapshot:
     def table(self, name: str) -> Path:
         return self.path / "tables" / f"{name}.parquet"
 
+    @property
+    def lineage(self) -> dict[str, Any]:
+        """What computed the snapshot's tables (source, contract and transform config), without the data's end: a
+        later cut (``data.until``) or a continuation of the same lineage only adds newer rows, so the stages after
+        the build (Feast materialize, the training set) can add only the new interval."""
+        config = {k: v for k, v in (self.manifest.get("config") or {}).items() if k != "until"}
+        return json.loads(json.dumps({"source": self.manifest.get("source"), "config": config}, default=str))
+
 
 def raw_dir(cfg: Config) -> Path:
     return cfg.data_path / "raw"

@@ -181,6 +181,18 @@ class Split:
         return replace(self, test=_counts(f[(f["part"] == "test") & (f["event_timestamp"] >= since)],
                                           (self.n_users, self.n_items)))
 
+    def valid_sample(self, n: int, seed: int) -> Split:
+        """The split with its validation part kept for at most ``n`` users (a fixed random sample, by ``seed``, of
+        the users with validation rows; train, test and every cutoff as they are): what validation scores when a
+        catalog's users are too many to rank against every pin after each epoch. ``n`` 0 or at least the users with
+        validation rows: the split itself."""
+        users = np.flatnonzero(np.diff(self.valid.indptr) > 0)
+        if n <= 0 or len(users) <= n:
+            return self
+        keep = np.zeros(self.n_users, dtype=np.float32)
+        keep[np.random.default_rng(seed).choice(users, size=n, replace=False)] = 1.0
+        return replace(self, valid=(sp.diags(keep) @ self.valid).tocsr())
+
     def excluded(self, on: Literal["test", "valid"]) -> sp.csr_matrix:
         """(n_users, n_items) counts of the items removed from each user's ranking when evaluating ``on``."""
         if on == "test":

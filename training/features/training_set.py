@@ -10,6 +10,7 @@ the snapshot's interest ids.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import time
@@ -18,6 +19,7 @@ from typing import Any
 
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from feature_repo.feature_services import SERVICES_BY_ROLE
@@ -40,28 +42,77 @@ ORDER = ["event_timestamp", "user_id", "pin_id"]
 """The training set's row order (ties keep the labels' order)."""
 
 
+def labels_digest(labels: pd.DataFrame) -> str:
+    """A digest of label rows in their order: the same labels in the same order give the same digest."""
+    rows = pd.util.hash_pandas_object(labels[LABEL_COLUMNS], index=False).to_numpy()
+    return hashlib.sha256(rows.tobytes()).hexdigest()[:32]
+
+
+def _continuation(cfg: Config, snap, labels: pd.DataFrame) -> tuple[int, str]:
+    """(how many of ``labels``, in ``ORDER``, the previous training set already holds, why); 0 = rebuild whole.
+
+    The previous rows stay valid when its snapshot is of the same lineage (the same source, contract and transform
+    config: feature values at a past instant summarize only events before it, so newer data cannot change them),
+    it used the same feature services, and the labels up to its last label's instant are the same rows in the same
+    order (late events, a changed pin remap or a shorter history fail this check)."""
+    path = training_set_path(cfg)
+    meta = path.with_suffix(".json")
+    if not cfg.features.incremental_training_set:
+        return 0, "features.incremental_training_set is off"
+    if not path.exists() or not meta.exists():
+        return 0, "no previous training set"
+    prev = json.loads(meta.read_text())
+    if "labels_end" not in prev or prev.get("lineage") != snap.lineage:
+        return 0, "the previous training set is of another lineage (source, contract or transform config)"
+    if prev.get("feature_services") != dict(SERVICES_BY_ROLE):
+        return 0, "the feature services changed"
+    if pq.ParquetFile(path).metadata.num_rows != prev["rows"]:
+        return 0, "the previous file does not hold the rows its manifest records"
+    n_old = int(labels["event_timestamp"].searchsorted(pd.Timestamp(prev["labels_end"]), side="right"))
+    if n_old != prev["rows"] or labels_digest(labels.iloc[:n_old]) != prev["labels_digest"]:
+        return 0, f"the labels up to {prev['labels_end']} changed (late events or a changed remap)"
+    return n_old, f"{n_old:,} rows kept from snapshot {prev['snapshot_id']}"
+
+
 def build_training_set(cfg: Config) -> dict[str, Any]:
     """Join the live snapshot's labels with point-in-time features; validate; write; return the manifest.
 
     The labels are joined in parts of ``features.historical_chunk_rows`` rows in ``ORDER``, and each part is
     validated and appended to the parquet file as its own row group before the next is joined, so the stage holds
-    the labels and one part at a time, never the whole training set. The file appears whole or not at all."""
+    the labels and one part at a time, never the whole training set. When the previous training set is a valid
+    prefix (``_continuation``), its row groups are copied as they are and only the labels after its end are joined
+    (``features.incremental_training_set``). The file appears whole or not at all."""
     snap = load_live(cfg)
     labels = pd.read_parquet(snap.table("fct_engagements"), columns=LABEL_COLUMNS)
     labels = labels.sort_values(ORDER, kind="stable").reset_index(drop=True)
+    n_old, why = _continuation(cfg, snap, labels)
     path = training_set_path(cfg)
     t0 = time.perf_counter()
     rows = positives = 0
     with atomic_path(path) as tmp:
         writer = None
         try:
-            for part in feature_store(cfg).historical_parts(labels, SERVICES_BY_ROLE["user"], SERVICES_BY_ROLE["pin"],
-                                                            chunk=cfg.features.historical_chunk_rows):
+            if n_old:
+                previous = pq.ParquetFile(path)
+                writer = pq.ParquetWriter(tmp, previous.schema_arrow)
+                for i in range(previous.num_row_groups):
+                    group = previous.read_row_group(i)
+                    writer.write_table(group)
+                    rows += group.num_rows
+                    positives += int(pc.sum(group["label"]).as_py() or 0)
+            new = labels.iloc[n_old:]
+            parts = (feature_store(cfg).historical_parts(new, SERVICES_BY_ROLE["user"], SERVICES_BY_ROLE["pin"],
+                                                         chunk=cfg.features.historical_chunk_rows) if len(new) else ())
+            for part in parts:
                 part = TRAINING_SET_SCHEMA.validate(part.sort_values(ORDER, kind="stable").reset_index(drop=True),
                                                     lazy=True)
                 table = pa.Table.from_pandas(part, preserve_index=False)
                 if writer is None:
                     writer = pq.ParquetWriter(tmp, table.schema)
+                elif table.schema.names != writer.schema.names:   # raised inside: the file is not written
+                    raise RuntimeError(f"the new rows' columns {table.schema.names} are not the training set's "
+                                       f"{writer.schema.names}: rebuild it whole (--features.incremental_training_set "
+                                       "false)")
                 writer.write_table(table.cast(writer.schema))
                 rows, positives = rows + len(part), positives + int(part["label"].sum())
         finally:
@@ -79,9 +130,15 @@ def build_training_set(cfg: Config) -> dict[str, Any]:
         "n_interests": int(interests.max()) + 1,
         "rows": rows,
         "positives": positives,
+        "mode": "incremental" if n_old else "full",
+        "joined_rows": rows - n_old,
+        "why": why,
+        "lineage": snap.lineage,
+        "labels_end": labels["event_timestamp"].iloc[-1].isoformat(),
+        "labels_digest": labels_digest(labels),
         "seconds": round(seconds, 3),
     }
     atomic_write_text(path.with_suffix(".json"), json.dumps(manifest, indent=2))
-    log.info("training set: %s labels (%s positive) with point-in-time features in %.1fs -> %s",
-             f"{rows:,}", f"{positives:,}", seconds, path)
+    log.info("training set (%s: %s): %s labels (%s positive, %s joined) with point-in-time features in %.1fs -> %s",
+             manifest["mode"], why, f"{rows:,}", f"{positives:,}", f"{rows - n_old:,}", seconds, path)
     return manifest

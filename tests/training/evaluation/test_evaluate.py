@@ -188,6 +188,23 @@ def test_the_horizon_matched_split_puts_validation_as_far_past_train_as_test_is_
         split.merged().horizon_matched()
 
 
+def test_a_validation_sample_scores_a_fixed_subset_of_users_and_leaves_the_rest_as_it_is() -> None:
+    split = temporal_split(_interactions({u: 10 + u for u in range(1, 41)}))
+    with_valid = set(np.flatnonzero(np.diff(split.valid.indptr) > 0))
+    sample = split.valid_sample(15, seed=7)
+    kept = set(np.flatnonzero(np.diff(sample.valid.indptr) > 0))
+    assert len(kept) == 15 and kept < with_valid
+    for u in kept:   # a sampled user's validation row is the split's, every other user's is empty
+        assert (sample.valid[u] != split.valid[u]).nnz == 0
+    assert (sample.train != split.train).nnz == 0 and (sample.test != split.test).nnz == 0
+    assert sample.frame is split.frame and (sample.excluded("valid") != split.excluded("valid")).nnz == 0
+    scores = np.random.default_rng(0).random((split.n_users, split.n_items)).astype(np.float32)
+    assert len(user_recall(FixedScorer(scores), sample, 5)) == 15
+    again = split.valid_sample(15, seed=7)
+    assert (again.valid != sample.valid).nnz == 0
+    assert split.valid_sample(0, 7) is split and split.valid_sample(len(with_valid), 7) is split
+
+
 def test_split_ceil_ignores_float_noise_and_test_keeps_a_train_row() -> None:
     # 0.14 * 50 == 7.000000000000001: 7 test rows, not 8.
     split = temporal_split(_interactions({1: 50}), test_fraction=0.14, valid_fraction=0.0)

@@ -159,7 +159,8 @@ def test_training_set_written_part_by_part_equals_one_part(pipeline_cfg):
     from training.features.training_set import build_training_set
 
     def built(chunk: int) -> tuple[pd.DataFrame, int, dict]:
-        cfg = replace(pipeline_cfg, features=replace(pipeline_cfg.features, historical_chunk_rows=chunk))
+        cfg = replace(pipeline_cfg, features=replace(pipeline_cfg.features, historical_chunk_rows=chunk,
+                                                     incremental_training_set=False))
         manifest = build_training_set(cfg)
         path = training_set_path(cfg)
         return pd.read_parquet(path), pq.ParquetFile(path).num_row_groups, manifest

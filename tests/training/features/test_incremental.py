@@ -1,5 +1,6 @@
 """A new snapshot that only adds newer data (a retrain's) is materialized incrementally: the online store writes
-the new interval's rows, and offline/online parity still holds after it."""
+the new interval's rows, and offline/online parity still holds after it; the training set joins only the new labels
+and equals a whole rebuild."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from tests.conftest import small_config
 from tests.training.features.test_feast import SERVICES, assert_online_equals_offline
 from training import pipeline
 from training.data.snapshot import load_live
+from training.features.training_set import training_set_path
 
 pytestmark = pytest.mark.slow
 
@@ -24,6 +26,7 @@ def test_a_later_cut_materializes_only_the_new_interval_and_keeps_parity(tmp_pat
     pipeline.build(early)
     first = pipeline.features(early)
     assert first["mode"] == "full"
+    assert pipeline.training_set(early)["mode"] == "full"
     before = load_live(early).as_of
 
     pipeline.build(full)   # the same lineage, two more weeks of data
@@ -41,6 +44,19 @@ def test_a_later_cut_materializes_only_the_new_interval_and_keeps_parity(tmp_pat
     for service, key, table in ((SERVICES[0], "user_id", "user_features"), (SERVICES[1], "pin_id", "pin_features")):
         assert_online_equals_offline(full, service, key, table)
 
+    appended = pipeline.training_set(full)
+    kept = appended["rows"] - appended["joined_rows"]
+    assert appended["mode"] == "incremental" and 0 < appended["joined_rows"] < kept, appended
+    incremental = pd.read_parquet(training_set_path(full))
+    rebuilt = pipeline.training_set(dataclasses.replace(
+        full, features=dataclasses.replace(full.features, incremental_training_set=False)))
+    assert rebuilt["mode"] == "full"
+    pd.testing.assert_frame_equal(incremental, pd.read_parquet(training_set_path(full)))
+    same = ("rows", "positives", "labels_end", "labels_digest", "snapshot_id", "interest_ids")
+    assert {k: appended[k] for k in same} == {k: rebuilt[k] for k in same}
+    assert pipeline.training_set(full)["joined_rows"] == 0   # nothing new: every row kept
+
     other = dataclasses.replace(full, transform=dataclasses.replace(full.transform, half_life_days=7.0))
     pipeline.build(other)   # other feature values for the same days: not a continuation
     assert pipeline.features(other)["mode"] == "full"
+    assert pipeline.training_set(other)["mode"] == "full"
