@@ -66,11 +66,34 @@ class Snapshot:
 
     @property
     def lineage(self) -> dict[str, Any]:
-        """What computed the snapshot's tables (source, contract and transform config), without the data's end: a
-        later cut (``data.until``) or a continuation of the same lineage only adds newer rows, so the stages after
-        the build (Feast materialize, the training set) can add only the new interval."""
+        """What computed the snapshot's tables (source, contract and transform config, the dbt code), without the
+        data's end: a later cut (``data.until``) or a continuation of the same lineage only adds newer rows, so the
+        stages after the build (Feast materialize, the training set) can add only the new interval."""
         config = {k: v for k, v in (self.manifest.get("config") or {}).items() if k != "until"}
-        return json.loads(json.dumps({"source": self.manifest.get("source"), "config": config}, default=str))
+        return json.loads(json.dumps({"source": self.manifest.get("source"), "config": config,
+                                      "dbt_code": self.manifest.get("dbt_code")}, default=str))
+
+    def history_digest(self, end: datetime) -> str:
+        """A digest of the staged inputs as of ``end``: every interest, and the users, pins, events and follows
+        whose own time is at or before ``end`` (order-independent, computed by DuckDB without loading the tables).
+        Two snapshots of one lineage with the same digest computed the same feature values for every instant up to
+        ``end``."""
+        times = {"interests": None, "users": "signup_at", "pins": "created_at", "events": "event_timestamp",
+                 "user_follows": "followed_at"}
+        parts = []
+        with duckdb.connect() as con:
+            for table, column in times.items():
+                path = self.path / "staged" / f"{table}.parquet"
+                if not path.exists():
+                    parts.append(f"{table}:-")
+                    continue
+                names = [d[0] for d in con.execute(f"select * from read_parquet('{path}') limit 0").description]
+                row = ", ".join(f'"{n}"' for n in names)
+                where, args = (f'where "{column}" <= ?', [end]) if column in names else ("", [])
+                n, h = con.execute(f"select count(*), coalesce(sum(hash({row})::hugeint), 0) "
+                                   f"from read_parquet('{path}') {where}", args).fetchone()
+                parts.append(f"{table}:{n}:{h}")
+        return hashlib.sha256("|".join(parts).encode()).hexdigest()[:32]
 
 
 def raw_dir(cfg: Config) -> Path:
@@ -89,14 +112,24 @@ def _hash_files(h: hashlib._Hash, paths: list[Path], root: Path) -> None:
                 h.update(chunk)
 
 
+def _dbt_code() -> list[Path]:
+    return [p for p in DBT_DIR.rglob("*") if p.suffix in (".sql", ".yml") and "target" not in p.parts]
+
+
+def dbt_code_digest() -> str:
+    """Content hash of the dbt project's models and configuration (what computes the tables from the staged data)."""
+    h = hashlib.sha256()
+    _hash_files(h, _dbt_code(), DBT_DIR)
+    return h.hexdigest()[:16]
+
+
 def snapshot_id(cfg: Config) -> str:
     """Content hash of everything a build depends on."""
     h = hashlib.sha256()
     raw = raw_dir(cfg)
     names = TABLES + OPTIONAL_TABLES + (INGESTED_EVENTS,)
     _hash_files(h, [raw / f"{t}.parquet" for t in names if (raw / f"{t}.parquet").exists()], raw)
-    code = [p for p in DBT_DIR.rglob("*") if p.suffix in (".sql", ".yml") and "target" not in p.parts]
-    _hash_files(h, code, DBT_DIR)
+    _hash_files(h, _dbt_code(), DBT_DIR)
     h.update(json.dumps({"contracts": vars(cfg.contracts), "transform": cfg.transform.dbt_vars(),
                          "until": until_var(cfg)}, sort_keys=True).encode())
     return h.hexdigest()[:12]
@@ -152,6 +185,7 @@ def build(cfg: Config) -> Snapshot:
             "source": cfg.data.source,
             "config": {"contracts": vars(cfg.contracts), "transform": cfg.transform.dbt_vars(),
                        "until": until_var(cfg)},
+            "dbt_code": dbt_code_digest(),
             "contracts": {t: vars(r) for t, r in reports.items()},
             "rows": rows,
             "ingested_through_seq": ingested[1] if ingested else 0,

@@ -52,9 +52,10 @@ def _continuation(cfg: Config, snap, labels: pd.DataFrame) -> tuple[int, str]:
     """(how many of ``labels``, in ``ORDER``, the previous training set already holds, why); 0 = rebuild whole.
 
     The previous rows stay valid when its snapshot is of the same lineage (the same source, contract and transform
-    config: feature values at a past instant summarize only events before it, so newer data cannot change them),
-    it used the same feature services, and the labels up to its last label's instant are the same rows in the same
-    order (late events, a changed pin remap or a shorter history fail this check)."""
+    config and dbt code: feature values at a past instant summarize only data before it, so newer data cannot change
+    them), it used the same feature services, the labels up to its last label's instant are the same rows in the same
+    order, and the staged data up to that instant is the same (``Snapshot.history_digest``): late events, edited
+    rows, a changed pin remap or a shorter history fail the check."""
     path = training_set_path(cfg)
     meta = path.with_suffix(".json")
     if not cfg.features.incremental_training_set:
@@ -68,9 +69,12 @@ def _continuation(cfg: Config, snap, labels: pd.DataFrame) -> tuple[int, str]:
         return 0, "the feature services changed"
     if pq.ParquetFile(path).metadata.num_rows != prev["rows"]:
         return 0, "the previous file does not hold the rows its manifest records"
-    n_old = int(labels["event_timestamp"].searchsorted(pd.Timestamp(prev["labels_end"]), side="right"))
+    end = pd.Timestamp(prev["labels_end"])
+    n_old = int(labels["event_timestamp"].searchsorted(end, side="right"))
     if n_old != prev["rows"] or labels_digest(labels.iloc[:n_old]) != prev["labels_digest"]:
         return 0, f"the labels up to {prev['labels_end']} changed (late events or a changed remap)"
+    if snap.history_digest(end.to_pydatetime()) != prev.get("history_digest"):
+        return 0, f"the staged data up to {prev['labels_end']} changed (late or edited rows)"
     return n_old, f"{n_old:,} rows kept from snapshot {prev['snapshot_id']}"
 
 
@@ -136,6 +140,7 @@ def build_training_set(cfg: Config) -> dict[str, Any]:
         "lineage": snap.lineage,
         "labels_end": labels["event_timestamp"].iloc[-1].isoformat(),
         "labels_digest": labels_digest(labels),
+        "history_digest": snap.history_digest(labels["event_timestamp"].iloc[-1].to_pydatetime()),
         "seconds": round(seconds, 3),
     }
     atomic_write_text(path.with_suffix(".json"), json.dumps(manifest, indent=2))

@@ -56,6 +56,16 @@ def test_a_later_cut_materializes_only_the_new_interval_and_keeps_parity(tmp_pat
     assert {k: appended[k] for k in same} == {k: rebuilt[k] for k in same}
     assert pipeline.training_set(full)["joined_rows"] == 0   # nothing new: every row kept
 
+    events_path = full.data_path / "raw" / "events.parquet"   # an old event's surface edited: labels unchanged,
+    events = pd.read_parquet(events_path)                     # the history not
+    old = events.index[events["event_timestamp"] < before][0]
+    events.loc[old, "surface"] = "search" if events.loc[old, "surface"] != "search" else "related"
+    events.to_parquet(events_path, index=False)
+    pipeline.build(full)
+    pipeline.features(full)
+    edited = pipeline.training_set(full)
+    assert edited["mode"] == "full" and "staged data" in edited["why"], edited["why"]
+
     other = dataclasses.replace(full, transform=dataclasses.replace(full.transform, half_life_days=7.0))
     pipeline.build(other)   # other feature values for the same days: not a continuation
     assert pipeline.features(other)["mode"] == "full"
