@@ -131,8 +131,17 @@ class ContractConfig:
     """Earliest accepted event/creation timestamp (UTC)."""
     max_future_days: int = 1
     """Timestamps more than this many days after the run time are rejected."""
+    chunk_rows: int = 1_000_000
+    """The events file is checked and staged this many rows at a time (a parquet row group each), so the contract's
+    memory is bounded by the part, not the file (about 1 GiB per million rows of pandas frames and checks). It
+    changes how, not what: a snapshot's content and id do not depend on it."""
+
+    def rules(self) -> dict[str, Any]:
+        """The settings that decide what the contract accepts (part of a snapshot's id and lineage)."""
+        return {k: v for k, v in vars(self).items() if k != "chunk_rows"}
 
     def __post_init__(self) -> None:
+        _positive(self, "contracts", "chunk_rows")
         _check(0 <= self.max_bad_fraction <= 1, "contracts.max_bad_fraction", "must be in [0, 1]")
         _check(self.max_future_days >= 0, "contracts.max_future_days", "must be >= 0")
         try:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -34,7 +35,7 @@ import pyarrow.parquet as pq
 
 from training.config import ContractConfig, parse_utc
 from training.data.raw import EVENT_TYPES, HOMEFEED, OPTIONAL_TABLES, SCHEMAS, SURFACES, TABLES, to_arrow
-from training.io import atomic_write_parquet
+from training.io import atomic_path, atomic_write_parquet
 
 log = logging.getLogger(__name__)
 
@@ -171,8 +172,9 @@ def check_table(
     return accepted, quarantined, report
 
 
-def _read(path: Path, optional: bool = False) -> pd.DataFrame | None:
-    """The raw file as a frame; an optional table's missing or empty file is None."""
+def _read(path: Path, optional: bool = False, probe: bool = False) -> pd.DataFrame | None:
+    """The raw file as a frame; an optional table's missing or empty file is None. ``probe``: only check that the
+    file exists, is parquet and has rows (its metadata), and return None."""
     if optional and not path.exists():
         return None
     if not path.exists():
@@ -181,7 +183,13 @@ def _read(path: Path, optional: bool = False) -> pd.DataFrame | None:
             "run `retrieval generate` or `retrieval ingest --data.movielens_path DIR` first)"
         )
     try:
+        if probe:
+            if pq.ParquetFile(path).metadata.num_rows == 0:
+                raise ContractError(f"{path}: the file has no rows")
+            return None
         df = pq.read_table(path).to_pandas()
+    except ContractError:
+        raise
     except Exception as e:  # noqa: BLE001 - any reader error becomes a contract error naming the file
         raise ContractError(f"{path}: cannot be read as parquet: {e}") from e
     if df.empty:
@@ -195,12 +203,16 @@ def validate_raw(
     raw_dir: Path, out_dir: Path, cfg: ContractConfig, now: datetime | None = None
 ) -> dict[str, TableReport]:
     """Validate the raw tables in dependency order; write accepted rows to ``out_dir/staged`` and
-    quarantined rows to ``out_dir/quarantine``. Raises ContractError when a file is unusable."""
+    quarantined rows to ``out_dir/quarantine``. Raises ContractError when a file is unusable. The events file is
+    checked ``cfg.chunk_rows`` rows at a time (``_stage_events``); the other tables, whose ids must be unique, whole."""
     lo, hi = _time_range(cfg, now)
     known: dict[str, np.ndarray] = {}
     reports: dict[str, TableReport] = {}
     for table in ("interests", "users", "pins", "events", *OPTIONAL_TABLES):
         path = raw_dir / f"{table}.parquet"
+        if table == "events":
+            reports[table] = _stage_events(raw_dir, out_dir, raw_schema(table, known, lo, hi), cfg, reports)
+            continue
         df = _read(path, optional=table in OPTIONAL_TABLES)
         if df is None:
             log.info("contract %s: no rows in %s, staging an empty table", table, path)
@@ -209,30 +221,103 @@ def validate_raw(
         accepted, quarantined, report = check_table(table, df, raw_schema(table, known, lo, hi), path)
         reports[table] = report
         if report.quarantined:
-            qpath = out_dir / "quarantine" / f"{table}.parquet"
-            atomic_write_parquet(pa_arrow.Table.from_pandas(quarantined, preserve_index=False), qpath)
-            log.warning(
-                "contract %s: quarantined %s of %s rows -> %s (%s)",
-                table, f"{report.quarantined:,}", f"{report.input_rows:,}", qpath,
-                ", ".join(f"{k}: {v}" for k, v in list(report.reasons.items())[:3]),
-            )
-        fraction = report.quarantined / report.input_rows
-        if fraction > cfg.max_bad_fraction:
-            worst, count = next(iter(report.reasons.items()))
-            raise ContractError(
-                f"{path}: {report.quarantined:,} of {report.input_rows:,} rows ({fraction:.1%}) failed the contract, "
-                f"above contracts.max_bad_fraction={cfg.max_bad_fraction}; most frequent: {worst} ({count:,} rows); "
-                f"quarantined rows with reasons: {out_dir / 'quarantine' / (table + '.parquet')}"
-            )
-        if table == "events":
-            accepted = _with_ingested(raw_dir, accepted, raw_schema(table, known, lo, hi), reports)
+            atomic_write_parquet(pa_arrow.Table.from_pandas(quarantined, preserve_index=False),
+                                 out_dir / "quarantine" / f"{table}.parquet")
+        _check_fraction(report, table, out_dir, cfg)
         atomic_write_parquet(to_arrow(table, accepted), out_dir / "staged" / f"{table}.parquet")
         key = {"interests": "interest_id", "users": "user_id", "pins": "pin_id"}.get(table)
         if key:
             known[table] = accepted[key].to_numpy(dtype=np.int64)
-        log.info("contract %s: %s rows in, %s accepted, %s quarantined", table,
-                 f"{report.input_rows:,}", f"{report.accepted:,}", f"{report.quarantined:,}")
+        _log_report(table, report)
     return reports
+
+
+def _check_fraction(report: TableReport, table: str, out_dir: Path, cfg: ContractConfig) -> None:
+    qpath = out_dir / "quarantine" / f"{table}.parquet"
+    if report.quarantined:
+        reasons = ", ".join(f"{k}: {v}" for k, v in list(report.reasons.items())[:3])
+        log.warning("contract %s: quarantined %s of %s rows -> %s (%s)", table, f"{report.quarantined:,}",
+                    f"{report.input_rows:,}", qpath, reasons)
+    fraction = report.quarantined / report.input_rows
+    if fraction > cfg.max_bad_fraction:
+        worst, count = next(iter(report.reasons.items()))
+        raise ContractError(
+            f"{report.path}: {report.quarantined:,} of {report.input_rows:,} rows ({fraction:.1%}) failed the "
+            f"contract, above contracts.max_bad_fraction={cfg.max_bad_fraction}; most frequent: {worst} ({count:,} "
+            f"rows); quarantined rows with reasons: {qpath}"
+        )
+
+
+def _log_report(table: str, report: TableReport) -> None:
+    log.info("contract %s: %s rows in, %s accepted, %s quarantined", table,
+             f"{report.input_rows:,}", f"{report.accepted:,}", f"{report.quarantined:,}")
+
+
+class _Appender:
+    """A parquet file written one table at a time (a row group each), opened with the first one's schema."""
+
+    def __init__(self, path: Path) -> None:
+        self.path, self.writer = path, None
+
+    def write(self, table: pa_arrow.Table) -> None:
+        if self.writer is None:
+            self.writer = pq.ParquetWriter(self.path, table.schema)
+        self.writer.write_table(table.cast(self.writer.schema))
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def _read_parts(path: Path, rows: int) -> Iterator[pd.DataFrame]:
+    """The raw file as frames of at most ``rows`` rows, in file order; errors as ``_read``'s."""
+    _read(path, probe=True)
+    try:
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=rows):
+            yield batch.to_pandas()
+    except Exception as e:  # noqa: BLE001 - any reader error becomes a contract error naming the file
+        raise ContractError(f"{path}: cannot be read as parquet: {e}") from e
+
+
+def _stage_events(raw_dir: Path, out_dir: Path, schema: pa.DataFrameSchema, cfg: ContractConfig,
+                  reports: dict[str, TableReport]) -> TableReport:
+    """The events contract one part of ``cfg.chunk_rows`` rows at a time: each part's accepted rows are appended to
+    the staged file and its quarantined rows (numbered by their row in the file) to the quarantine file, then the
+    accepted ingested events; the fraction check is on the whole file's counts. The staged file appears whole or
+    not at all (not when the check fails); the quarantine file is written whenever a row was quarantined."""
+    path = raw_dir / "events.parquet"
+    staged, qpath = out_dir / "staged" / "events.parquet", out_dir / "quarantine" / "events.parquet"
+    counts: Counter[str] = Counter()
+    totals = [0, 0, 0]   # input, accepted, quarantined
+    with atomic_path(staged) as tmp:
+        good = _Appender(tmp)
+        bad = _Appender(out_dir / ".events-quarantine.part")
+        try:
+            for df in _read_parts(path, cfg.chunk_rows):
+                accepted, quarantined, report = check_table("events", df, schema, path)
+                if len(quarantined):
+                    bad.write(pa_arrow.Table.from_pandas(quarantined.assign(
+                        row_number=quarantined["row_number"] + totals[0]), preserve_index=False))
+                if len(accepted):
+                    good.write(to_arrow("events", accepted))
+                counts.update(report.reasons)
+                totals = [totals[0] + report.input_rows, totals[1] + report.accepted,
+                          totals[2] + report.quarantined]
+        finally:
+            bad.close()
+        if bad.writer is not None:
+            qpath.parent.mkdir(parents=True, exist_ok=True)
+            bad.path.replace(qpath)
+        report = TableReport(str(path), totals[0], totals[1], totals[2], dict(counts.most_common()))
+        _check_fraction(report, "events", out_dir, cfg)   # raised inside: the staged file is not written
+        ingested = _ingested(raw_dir, schema, reports)
+        if ingested is not None and len(ingested):
+            good.write(to_arrow("events", ingested))
+        if good.writer is None:
+            good.write(SCHEMAS["events"].empty_table())
+        good.close()
+    _log_report("events", report)
+    return report
 
 
 INGESTED_EVENTS = "ingested_events"
@@ -241,14 +326,13 @@ INGESTED_EVENTS = "ingested_events"
 events."""
 
 
-def _with_ingested(raw_dir: Path, events: pd.DataFrame, schema: pa.DataFrameSchema,
-                   reports: dict[str, TableReport]) -> pd.DataFrame:
-    """The accepted raw events plus the accepted ingested ones (each event id once; the service refused the rest
+def _ingested(raw_dir: Path, schema: pa.DataFrameSchema, reports: dict[str, TableReport]) -> pd.DataFrame | None:
+    """The accepted ingested events, staged after the raw ones (each event id once; the service refused the rest
     before logging them, so a quarantined row here means the contract or the data changed since)."""
     path = raw_dir / f"{INGESTED_EVENTS}.parquet"
     df = _read(path, optional=True)
     if df is None:
-        return events
+        return None
     df = df.drop_duplicates("event_id")
     accepted, quarantined, report = check_table("events", df.drop(columns=["event_id"]), schema, path)
     reports[INGESTED_EVENTS] = report
@@ -257,7 +341,7 @@ def _with_ingested(raw_dir: Path, events: pd.DataFrame, schema: pa.DataFrameSche
                     f"{report.quarantined:,}", f"{report.input_rows:,}",
                     ", ".join(f"{k}: {v}" for k, v in list(report.reasons.items())[:3]))
     log.info("contract %s: %s ingested events added to the raw events", INGESTED_EVENTS, f"{report.accepted:,}")
-    return pd.concat([events, accepted], ignore_index=True)
+    return accepted
 
 
 def _not_after_label(column: str) -> pa.Check:

@@ -130,7 +130,7 @@ def snapshot_id(cfg: Config) -> str:
     names = TABLES + OPTIONAL_TABLES + (INGESTED_EVENTS,)
     _hash_files(h, [raw / f"{t}.parquet" for t in names if (raw / f"{t}.parquet").exists()], raw)
     _hash_files(h, _dbt_code(), DBT_DIR)
-    h.update(json.dumps({"contracts": vars(cfg.contracts), "transform": cfg.transform.dbt_vars(),
+    h.update(json.dumps({"contracts": cfg.contracts.rules(), "transform": cfg.transform.dbt_vars(),
                          "until": until_var(cfg)}, sort_keys=True).encode())
     return h.hexdigest()[:12]
 
@@ -183,7 +183,7 @@ def build(cfg: Config) -> Snapshot:
             "built_at": datetime.now(UTC).isoformat(timespec="seconds"),
             "as_of": as_of.astimezone(UTC).isoformat(),
             "source": cfg.data.source,
-            "config": {"contracts": vars(cfg.contracts), "transform": cfg.transform.dbt_vars(),
+            "config": {"contracts": cfg.contracts.rules(), "transform": cfg.transform.dbt_vars(),
                        "until": until_var(cfg)},
             "dbt_code": dbt_code_digest(),
             "contracts": {t: vars(r) for t, r in reports.items()},

@@ -78,6 +78,34 @@ def test_bad_rows_are_quarantined_with_a_reason_each(tmp_path):
     assert len(staged) == 193 and staged["user_id"].isin([1, 2, 3]).all()
 
 
+def test_events_checked_part_by_part_give_the_same_staged_quarantined_and_counted_rows(tmp_path):
+    """The events file is checked ``contracts.chunk_rows`` rows at a time: the staged file, the quarantine (rows
+    numbered by their row in the whole file) and the report equal those of one part; the fraction check is on the
+    whole file's counts, and a failed one stages nothing."""
+    run(tmp_path, tiny_raw())
+    ev = tiny_raw().events.astype({"user_id": object})
+    for row in (0, 50, 101, 150, 199):
+        ev.loc[row, "user_id"] = 999 if row % 2 else "x"
+    ev["user_id"] = ev["user_id"].astype(str)
+    write_events(tmp_path, ev)
+
+    def contract(out: str, rows: int, bad: float = 0.05):
+        reports = validate_raw(tmp_path / "raw", tmp_path / out, ContractConfig(max_bad_fraction=bad,
+                                                                                chunk_rows=rows), now=NOW)
+        return (reports["events"], pd.read_parquet(tmp_path / out / "staged" / "events.parquet"),
+                pd.read_parquet(tmp_path / out / "quarantine" / "events.parquet"))
+
+    whole, parts = contract("whole", 10**6), contract("parts", 7)
+    assert whole[0].quarantined == 5 and whole[0] == parts[0]
+    pd.testing.assert_frame_equal(whole[1], parts[1])
+    pd.testing.assert_frame_equal(whole[2], parts[2])
+    assert parts[2]["row_number"].tolist() == [0, 50, 101, 150, 199]
+    with pytest.raises(ContractError, match=r"5 of 200 rows \(2.5%\)"):
+        contract("refused", 7, bad=0.01)
+    assert not (tmp_path / "refused" / "staged" / "events.parquet").exists()
+    assert len(pd.read_parquet(tmp_path / "refused" / "quarantine" / "events.parquet")) == 5
+
+
 def test_references_follow_quarantined_parents(tmp_path):
     t = tiny_raw()
     t.pins.loc[2, "interest_id"] = 9  # pin 12 points at an unknown interest -> quarantined
