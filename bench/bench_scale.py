@@ -17,9 +17,9 @@ against the baselines; `--report-baselines` narrows them).
     .venv/bin/python bench/bench_scale.py --sizes S M [--root /work/scale] [--stages generate build ...]
         [--set train.threads=2 ...] [--out docs/results/scale.json]
 
-A size's data dir is <root>/<size>; rerunning a size reruns the stages named (later stages read what earlier ones
-left). Rows of other sizes and stages already in --out are kept (each names its commit), so sizes and stages can be
-measured in separate runs.
+A size's data dir is <root>/<size>; a run with the generate stage starts it afresh (removes what was there), a run
+without it reruns the stages named on what earlier ones left. Rows of other sizes and stages already in --out are
+kept (each names its commit), so sizes and stages can be measured in separate runs.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -117,6 +118,8 @@ def main() -> None:
     commit = provenance.commit()   # per row: sizes measured in separate runs keep their own
     for size in args.sizes:
         data_dir = Path(args.root) / size
+        if "generate" in args.stages and data_dir.exists():   # a new world: every later stage starts from nothing
+            shutil.rmtree(data_dir)
         data_dir.mkdir(parents=True, exist_ok=True)
         flags = [f"--{k}={v}" for k, v in SIZES[size].items()]
         flags += [f"--{kv.split('=', 1)[0]}={kv.split('=', 1)[1]}" for kv in args.set]

@@ -64,7 +64,7 @@ def _continuation(cfg: Config, snap, labels: pd.DataFrame) -> tuple[int, str]:
         return 0, "no previous training set"
     prev = json.loads(meta.read_text())
     if "labels_end" not in prev or prev.get("lineage") != snap.lineage:
-        return 0, "the previous training set is of another lineage (source, contract or transform config)"
+        return 0, "the previous training set is of another lineage (source, contract or transform config, dbt code)"
     if prev.get("feature_services") != dict(SERVICES_BY_ROLE):
         return 0, "the feature services changed"
     if pq.ParquetFile(path).metadata.num_rows != prev["rows"]:
