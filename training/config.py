@@ -681,6 +681,11 @@ class RetrainConfig:
     """With ``warm_start``: the candidate trains at most this many epochs and may stop after the first (early stopping
     from epoch 1), as it starts from a model already trained on all but the newest days; 0 = ``train.epochs`` and
     ``train.min_epochs`` as for a fresh model."""
+    keep_live_weights: bool = True
+    """With ``warm_start``: the candidate keeps the live model's pre-trained blend and popularity-prior weights
+    instead of choosing them on validation again (each choice ranks the validation users against every pin once per
+    weight tried, minutes on a large catalog); the gate still compares the candidate with the live model. A live
+    model without them (another config): chosen as for a fresh model."""
     metric: str = "capped_recall@50"
     """The gate's figure (a key of the harness's metrics)."""
     tolerance: float = 0.005

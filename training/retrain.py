@@ -6,7 +6,7 @@
    snapshot continues the previous one); the pre-trained ID table refreshed when
    ``retrain.pretrain_every_days`` says so (never overlapping the candidate's training window);
 2. **train** a candidate, from scratch or warm-started from the live checkpoint (``retrain.warm_start``, for at most
-   ``retrain.warm_epochs`` epochs);
+   ``retrain.warm_epochs`` epochs, keeping the live model's blend and prior weights: ``retrain.keep_live_weights``);
 3. **validate**: candidate and live model scored by the same harness on the same fresh holdout: the test
    interactions at or after the live model's data end (unseen by both); the gate (``decide``) compares
    ``retrain.metric`` with a tolerance, an absolute floor and the coverage; publish adds its ANN recall check;
@@ -268,9 +268,13 @@ def _cycle(cfg: Config) -> dict[str, Any]:
         fit_cfg = cfg
         if init is not None and cfg.retrain.warm_epochs:
             fit_cfg = replace(cfg, train=replace(cfg.train, epochs=cfg.retrain.warm_epochs, min_epochs=1))
-        trained = stage("train", lambda: pipeline.train(fit_cfg, init_from=init))
+        keep = init is not None and cfg.retrain.keep_live_weights
+        trained = stage("train", lambda: pipeline.train(fit_cfg, init_from=init, keep_weights=keep))
         entry["model_version"] = trained["model_version"]
         entry["fit"] = {k: trained["fit"][k] for k in FIT_FIELDS if k in trained["fit"]}
+        kept = [w["kept_from"] for w in (trained["fit"].get("blend"), trained["fit"].get("prior")) if w and
+                "kept_from" in w]
+        entry["fit"]["weights_kept_from"] = kept[0] if kept else None
         pause_point("retrain:train")
         gate = stage("validate", lambda: validate(cfg, Path(trained["checkpoint"]), live_ckpt, live_as_of))
         entry["gate"] = gate

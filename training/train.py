@@ -412,9 +412,32 @@ def refit_tables(cfg: Config, split: Split, snapshot_id: str,
             "valid": pretrain(cfg, split, snapshot_id, until="valid")}
 
 
+def kept_blend(model: TwoTower, init: dict[str, Any] | None) -> dict[str, Any] | None:
+    """Set the blend weights of the checkpoint ``init`` on ``model`` and return them (marked ``kept_from``); None
+    when ``init`` has none to give."""
+    blend = ((init or {}).get("fit") or {}).get("blend")
+    if not blend or "learned" not in blend:
+        return None
+    for tower in (model.user_tower, model.pin_tower):
+        tower.set_blend(blend["learned"], blend["table"])
+    log.info("pre-trained blend weight %s kept from %s", blend["weight"], init["model_version"])
+    return {k: blend[k] for k in ("weight", "learned", "table")} | {"kept_from": init["model_version"]}
+
+
+def kept_prior(model: TwoTower, init: dict[str, Any] | None) -> dict[str, Any] | None:
+    """Set the popularity prior's weight of the checkpoint ``init`` on ``model`` and return it (marked
+    ``kept_from``); None when ``init`` has none to give."""
+    prior = ((init or {}).get("fit") or {}).get("prior")
+    if not prior or "weight" not in prior:
+        return None
+    model.pin_tower.set_prior(prior["weight"])
+    log.info("popularity prior %s kept from %s", prior["weight"], init["model_version"])
+    return {"weight": prior["weight"], "kept_from": init["model_version"]}
+
+
 def fit(cfg: Config, training_set: pd.DataFrame, split: Split, manifest: dict[str, Any],
         table: PretrainedTable | None = None, init: dict[str, Any] | None = None,
-        blend_tables: dict[str, PretrainedTable] | None = None) -> Trained:
+        blend_tables: dict[str, PretrainedTable] | None = None, keep_weights: bool = False) -> Trained:
     """Train on the split's train-proper examples of the training window with early stopping on validation
     recall@``valid_k``.
 
@@ -426,7 +449,8 @@ def fit(cfg: Config, training_set: pd.DataFrame, split: Split, manifest: dict[st
     subspace is refit: the blend weight is chosen with the table refit for validation (horizon-matched by default),
     and the returned model reads the one refit on train + validation (``blend_tables``: ``refit_tables``' result,
     computed when not given), ready for the test evaluation and the release. ``init``: a checkpoint payload to
-    warm-start from (``training.model.checkpoint.warm_start``; a retrain's option), else a fresh initialisation."""
+    warm-start from (``training.model.checkpoint.warm_start``; a retrain's option), else a fresh initialisation;
+    ``keep_weights``: take its blend and prior weights instead of choosing them on validation again."""
     if split.is_merged:
         raise ValueError("the two-tower model early-stops on validation: fit it on a split with validation")
     tc = cfg.train
@@ -475,9 +499,11 @@ def fit(cfg: Config, training_set: pd.DataFrame, split: Split, manifest: dict[st
         if tc.blend_table == "refit":
             refit = blend_tables or refit_tables(cfg, split, manifest["snapshot_id"], table)
             model.set_blend_tables(refit["train"].aligned(encoder.pin_ids, encoder.user_ids))
-        result.blend = choose_blend(model, scorer, checked, tc.valid_k)
+        result.blend = (kept_blend(model, init) if keep_weights else None) or choose_blend(model, scorer, checked,
+                                                                                           tc.valid_k)
     if model.pin_tower.prior is not None:   # on validation, with the blend table validation is scored with
-        result.prior = choose_prior(model, scorer, checked, tc.valid_k)
+        result.prior = (kept_prior(model, init) if keep_weights else None) or choose_prior(model, scorer, checked,
+                                                                                           tc.valid_k)
     if refit is not None:
         model.set_blend_tables(refit["valid"].aligned(encoder.pin_ids, encoder.user_ids))
         info["blend_table"] = {"table_id": refit["valid"].table_id, "window_start": refit["valid"].window_start,
@@ -487,15 +513,16 @@ def fit(cfg: Config, training_set: pd.DataFrame, split: Split, manifest: dict[st
     return Trained(model, encoder, result, scorer, window_start=start.isoformat(), pretrained=info)
 
 
-def train(cfg: Config, init_from: Path | None = None) -> dict[str, Any]:
+def train(cfg: Config, init_from: Path | None = None, keep_weights: bool = False) -> dict[str, Any]:
     """The ``retrieval train`` stage: fit on the live training set, evaluate on test, save the checkpoint.
     Under torchrun every rank trains; rank 0 alone evaluates and writes. ``init_from``: a checkpoint to
-    warm-start from (``retrieval retrain`` with ``retrain.warm_start``)."""
+    warm-start from (``retrieval retrain`` with ``retrain.warm_start``), ``keep_weights``: and keep its blend and
+    prior weights (``retrain.keep_live_weights``)."""
     rank, world = join_process_group()
     try:
         ts, split, manifest = load_split(cfg)
         init = load_checkpoint(init_from)[2] if init_from is not None else None
-        trained = fit(cfg, ts, split, manifest, init=init)
+        trained = fit(cfg, ts, split, manifest, init=init, keep_weights=keep_weights)
         if rank != 0:
             return {"rank": rank, "world_size": world, "wrote": None}
         result = evaluate(trained.scorer.prepare("test"), split, on="test")

@@ -193,7 +193,8 @@ def test_cycles_switch_the_service_with_no_failed_request_and_clean_up_after_kil
     """Two cycles (the world moves on a week before each; each candidate warm-started for one epoch) while clients
     call the service: every request succeeds, each answer comes from a published version, the service ends on the
     new live release; the first cycle removes what the killed runs left; the online store was materialized
-    incrementally and matches the offline store; the training set joined only the new labels."""
+    incrementally and matches the offline store; the training set joined only the new labels; each candidate kept
+    the live model's blend and prior weights."""
     from bentos.launcher import start, stop
     from tests.bentos.conftest import clients
     from tests.training.features.test_feast import SERVICES, assert_online_equals_offline
@@ -229,6 +230,7 @@ def test_cycles_switch_the_service_with_no_failed_request_and_clean_up_after_kil
     assert all(e["training_set"]["mode"] == "incremental" and 0 < e["training_set"]["joined_rows"]
                < e["training_set"]["rows"] / 2 for e in entries), [e["training_set"] for e in entries]
     assert all(e["fit"]["epochs_run"] == 1 and e["warm_start"] for e in entries)   # retrain.warm_epochs
+    assert [e["fit"]["weights_kept_from"] for e in entries] == [e["live_before"] for e in entries]
     assert entries[0]["publish"]["cleaned"]["collections"], "the killed publish's collection was not removed"
     assert all(e["gate"]["holdout"]["holdout"] == "fresh" for e in entries)
     assert_online_equals_offline(cfg, SERVICES[0], "user_id", "user_features")
