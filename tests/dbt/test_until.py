@@ -31,6 +31,7 @@ def test_a_snapshot_cut_at_until_holds_nothing_at_or_after_it(tmp_path):
     assert snapshot.snapshot_id(cut) != snapshot.snapshot_id(cfg)
     assert snapshot.snapshot_id(cut) != snapshot.snapshot_id(small_config(tmp_path, until="2026-10-02"))
     snap = snapshot.build(cut)   # every dbt model, data test and unit test passed
+    assert (cfg.data_path / "tmp" / "dbt-spill").is_dir()   # DuckDB's spill folder, made whole before dbt runs
     assert snap.manifest["config"]["until"] == "2026-10-01T00:00:00+00:00"
     assert snap.as_of <= datetime(2026, 10, 1, tzinfo=UTC) < full_as_of
     assert snap.as_of == datetime(2026, 10, 1, tzinfo=UTC)   # the synthetic history has events every day

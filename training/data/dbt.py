@@ -71,6 +71,7 @@ def run_dbt(command: str, cfg: Config, build_dir: Path, *extra: str) -> DbtResul
     from dbt.cli.main import dbtRunner
 
     (build_dir / "tables").mkdir(parents=True, exist_ok=True)
+    Path(dbt_vars(cfg, build_dir)["duckdb_temp_directory"]).mkdir(parents=True, exist_ok=True)   # DuckDB: one level
     args = dbt_args(command, cfg, build_dir, "--log-level", "warn", "--log-level-file", "info", *extra)
     log.info("dbt %s (vars %s, until %r); log: %s", command, cfg.transform.dbt_vars(), until_var(cfg),
              cfg.data_path / "dbt" / "logs")
