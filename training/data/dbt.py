@@ -54,6 +54,13 @@ def dbt_vars(cfg: Config, build_dir: Path) -> dict[str, object]:
             "duckdb_temp_directory": str(cfg.data_path / "tmp" / "dbt-spill")}
 
 
+def warehouse_config(cfg: Config, build_dir: Path) -> dict[str, str]:
+    """The DuckDB configuration dbt opens ``<build>/warehouse.duckdb`` with (profiles.yml's ``config_options``): a
+    connection in the same process must give the same, since dbt-duckdb keeps its database open."""
+    v = dbt_vars(cfg, build_dir)
+    return {"temp_directory": str(v["duckdb_temp_directory"]), "memory_limit": str(v["duckdb_memory_limit"])}
+
+
 def dbt_args(command: str, cfg: Config, build_dir: Path, *extra: str) -> list[str]:
     return [
         command,

@@ -35,7 +35,7 @@ import duckdb
 
 from training.config import Config
 from training.data.contracts import INGESTED_EVENTS, validate_raw
-from training.data.dbt import DBT_DIR, run_dbt, until_var
+from training.data.dbt import DBT_DIR, run_dbt, until_var, warehouse_config
 from training.data.raw import OPTIONAL_TABLES, TABLES
 from training.features.realtime import export as export_ingested
 from training.io import atomic_symlink
@@ -171,7 +171,8 @@ def build(cfg: Config) -> Snapshot:
         reports = validate_raw(raw_dir(cfg), scratch, cfg.contracts)
         t_contracts = time.perf_counter() - t0
         dbt = run_dbt("build", cfg, scratch)
-        with duckdb.connect(str(scratch / "warehouse.duckdb")) as con:  # dbt-duckdb keeps it open in-process
+        # dbt-duckdb keeps the database open in-process: connect with its configuration
+        with duckdb.connect(str(scratch / "warehouse.duckdb"), config=warehouse_config(cfg, scratch)) as con:
             as_of = con.execute("select as_of from int_data_window").fetchone()[0]
             con.execute("checkpoint")
         rows = {name: _table_rows(scratch / "tables" / f"{name}.parquet") for name in FEATURE_TABLES + MART_TABLES}
