@@ -45,6 +45,25 @@ def atomic_write_parquet(table, path: str | Path) -> None:
         pq.write_table(table, tmp)
 
 
+class ParquetAppender:
+    """A parquet file written one pyarrow Table at a time (a row group each), opened with the first one's schema;
+    later tables are cast to it."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path, self.writer = Path(path), None
+
+    def write(self, table) -> None:
+        import pyarrow.parquet as pq
+
+        if self.writer is None:
+            self.writer = pq.ParquetWriter(self.path, table.schema)
+        self.writer.write_table(table.cast(self.writer.schema))
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
 def atomic_symlink(target: str | Path, link: str | Path) -> None:
     """Point the symlink ``link`` at ``target`` (relative to the link's folder) with one rename."""
     link = Path(link)

@@ -35,7 +35,7 @@ import pyarrow.parquet as pq
 
 from training.config import ContractConfig, parse_utc
 from training.data.raw import EVENT_TYPES, HOMEFEED, OPTIONAL_TABLES, SCHEMAS, SURFACES, TABLES, to_arrow
-from training.io import atomic_path, atomic_write_parquet
+from training.io import ParquetAppender, atomic_path, atomic_write_parquet
 
 log = logging.getLogger(__name__)
 
@@ -253,22 +253,6 @@ def _log_report(table: str, report: TableReport) -> None:
              f"{report.input_rows:,}", f"{report.accepted:,}", f"{report.quarantined:,}")
 
 
-class _Appender:
-    """A parquet file written one table at a time (a row group each), opened with the first one's schema."""
-
-    def __init__(self, path: Path) -> None:
-        self.path, self.writer = path, None
-
-    def write(self, table: pa_arrow.Table) -> None:
-        if self.writer is None:
-            self.writer = pq.ParquetWriter(self.path, table.schema)
-        self.writer.write_table(table.cast(self.writer.schema))
-
-    def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
-
-
 def _read_parts(path: Path, rows: int) -> Iterator[pd.DataFrame]:
     """The raw file as frames of at most ``rows`` rows, in file order; errors as ``_read``'s."""
     _read(path, probe=True)
@@ -290,8 +274,8 @@ def _stage_events(raw_dir: Path, out_dir: Path, schema: pa.DataFrameSchema, cfg:
     counts: Counter[str] = Counter()
     totals = [0, 0, 0]   # input, accepted, quarantined
     with atomic_path(staged) as tmp:
-        good = _Appender(tmp)
-        bad = _Appender(out_dir / ".events-quarantine.part")
+        good = ParquetAppender(tmp)
+        bad = ParquetAppender(out_dir / ".events-quarantine.part")
         try:
             for df in _read_parts(path, cfg.chunk_rows):
                 accepted, quarantined, report = check_table("events", df, schema, path)

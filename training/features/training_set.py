@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -27,7 +28,7 @@ from training.config import Config
 from training.data.contracts import TRAINING_SET_SCHEMA
 from training.data.snapshot import load_live
 from training.features.store import feature_store
-from training.io import atomic_path, atomic_write_text
+from training.io import ParquetAppender, atomic_path, atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -42,13 +43,18 @@ ORDER = ["event_timestamp", "user_id", "pin_id"]
 """The training set's row order (ties keep the labels' order)."""
 
 
-def labels_digest(labels: pd.DataFrame) -> str:
-    """A digest of label rows in their order: the same labels in the same order give the same digest."""
-    rows = pd.util.hash_pandas_object(labels[LABEL_COLUMNS], index=False).to_numpy()
-    return hashlib.sha256(rows.tobytes()).hexdigest()[:32]
+def row_hashes(labels: pd.DataFrame) -> np.ndarray:
+    """One 64-bit hash per label row (``LABEL_COLUMNS``)."""
+    return pd.util.hash_pandas_object(labels[LABEL_COLUMNS], index=False).to_numpy()
 
 
-def _continuation(cfg: Config, snap, labels: pd.DataFrame) -> tuple[int, str]:
+def labels_digest(hashes: np.ndarray) -> str:
+    """A digest of label rows in their order (their ``row_hashes``): the same labels in the same order give the same
+    digest."""
+    return hashlib.sha256(hashes.tobytes()).hexdigest()[:32]
+
+
+def _continuation(cfg: Config, snap, labels: pd.DataFrame, hashes: np.ndarray) -> tuple[int, str]:
     """(how many of ``labels``, in ``ORDER``, the previous training set already holds, why); 0 = rebuild whole.
 
     The previous rows stay valid when its snapshot is of the same lineage (the same source, contract and transform
@@ -71,7 +77,7 @@ def _continuation(cfg: Config, snap, labels: pd.DataFrame) -> tuple[int, str]:
         return 0, "the previous file does not hold the rows its manifest records"
     end = pd.Timestamp(prev["labels_end"])
     n_old = int(labels["event_timestamp"].searchsorted(end, side="right"))
-    if n_old != prev["rows"] or labels_digest(labels.iloc[:n_old]) != prev["labels_digest"]:
+    if n_old != prev["rows"] or labels_digest(hashes[:n_old]) != prev["labels_digest"]:
         return 0, f"the labels up to {prev['labels_end']} changed (late events or a changed remap)"
     if snap.history_digest(end.to_pydatetime()) != prev.get("history_digest"):
         return 0, f"the staged data up to {prev['labels_end']} changed (late or edited rows)"
@@ -89,19 +95,19 @@ def build_training_set(cfg: Config) -> dict[str, Any]:
     snap = load_live(cfg)
     labels = pd.read_parquet(snap.table("fct_engagements"), columns=LABEL_COLUMNS)
     labels = labels.sort_values(ORDER, kind="stable").reset_index(drop=True)
-    n_old, why = _continuation(cfg, snap, labels)
+    hashes = row_hashes(labels)
+    n_old, why = _continuation(cfg, snap, labels, hashes)
     path = training_set_path(cfg)
     t0 = time.perf_counter()
     rows = positives = 0
     with atomic_path(path) as tmp:
-        writer = None
+        out = ParquetAppender(tmp)
         try:
             if n_old:
                 previous = pq.ParquetFile(path)
-                writer = pq.ParquetWriter(tmp, previous.schema_arrow)
                 for i in range(previous.num_row_groups):
                     group = previous.read_row_group(i)
-                    writer.write_table(group)
+                    out.write(group)
                     rows += group.num_rows
                     positives += int(pc.sum(group["label"]).as_py() or 0)
             new = labels.iloc[n_old:]
@@ -111,17 +117,14 @@ def build_training_set(cfg: Config) -> dict[str, Any]:
                 part = TRAINING_SET_SCHEMA.validate(part.sort_values(ORDER, kind="stable").reset_index(drop=True),
                                                     lazy=True)
                 table = pa.Table.from_pandas(part, preserve_index=False)
-                if writer is None:
-                    writer = pq.ParquetWriter(tmp, table.schema)
-                elif table.schema.names != writer.schema.names:   # raised inside: the file is not written
+                if out.writer is not None and table.schema.names != out.writer.schema.names:   # the file is not written
                     raise RuntimeError(f"the new rows' columns {table.schema.names} are not the training set's "
-                                       f"{writer.schema.names}: rebuild it whole (--features.incremental_training_set "
-                                       "false)")
-                writer.write_table(table.cast(writer.schema))
+                                       f"{out.writer.schema.names}: rebuild it whole "
+                                       "(--features.incremental_training_set false)")
+                out.write(table)
                 rows, positives = rows + len(part), positives + int(part["label"].sum())
         finally:
-            if writer is not None:
-                writer.close()
+            out.close()
         if rows != len(labels) or not rows:   # raised inside: the file is not written
             raise RuntimeError(f"point-in-time join returned {rows:,} rows for {len(labels):,} labels")
     seconds = time.perf_counter() - t0
@@ -139,7 +142,7 @@ def build_training_set(cfg: Config) -> dict[str, Any]:
         "why": why,
         "lineage": snap.lineage,
         "labels_end": labels["event_timestamp"].iloc[-1].isoformat(),
-        "labels_digest": labels_digest(labels),
+        "labels_digest": labels_digest(hashes),
         "history_digest": snap.history_digest(labels["event_timestamp"].iloc[-1].to_pydatetime()),
         "seconds": round(seconds, 3),
     }
