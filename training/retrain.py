@@ -142,11 +142,14 @@ def score_checkpoint(cfg: Config, path: Path, ts: pd.DataFrame, split, allowed_i
     return {k: round(float(result[k]), 5) for k in GATE_FIGURES if k in result}
 
 
-def validate(cfg: Config, candidate: Path, live_checkpoint: Path | None, live_as_of: str | None) -> dict[str, Any]:
-    """Candidate and live model on the same fresh holdout of the live training set, and the gate's decision."""
+def validate(cfg: Config, candidate: Path, live_checkpoint: Path | None, live_as_of: str | None,
+             loaded=None) -> dict[str, Any]:
+    """Candidate and live model on the same fresh holdout of the live training set, and the gate's decision.
+    ``loaded``: ``load_split(cfg)`` already read, e.g. by the candidate's training in the same cycle (the
+    candidates' pin features it read at the index refreshes are then read once for both)."""
     from training.evaluation.split import load_split
 
-    ts, split, _ = load_split(cfg)
+    ts, split, _ = loaded or load_split(cfg)
     since = pd.Timestamp(parse_utc(live_as_of)) if live_as_of else None
     held, holdout = fresh_holdout(split, since, cfg.retrain.min_holdout_users)
     figures = {"candidate": score_checkpoint(cfg, candidate, ts, held)}
@@ -269,14 +272,23 @@ def _cycle(cfg: Config) -> dict[str, Any]:
         if init is not None and cfg.retrain.warm_epochs:
             fit_cfg = replace(cfg, train=replace(cfg.train, epochs=cfg.retrain.warm_epochs, min_epochs=1))
         keep = init is not None and cfg.retrain.keep_live_weights
-        trained = stage("train", lambda: pipeline.train(fit_cfg, init_from=init, keep_weights=keep))
+        loaded: dict[str, Any] = {}
+
+        def train_stage() -> dict[str, Any]:
+            from training.evaluation.split import load_split
+
+            loaded["split"] = load_split(cfg)   # read once: the candidate's training and the gate
+            return pipeline.train(fit_cfg, init_from=init, keep_weights=keep, loaded=loaded["split"])
+
+        trained = stage("train", train_stage)
         entry["model_version"] = trained["model_version"]
         entry["fit"] = {k: trained["fit"][k] for k in FIT_FIELDS if k in trained["fit"]}
         kept = [w["kept_from"] for w in (trained["fit"].get("blend"), trained["fit"].get("prior")) if w and
                 "kept_from" in w]
         entry["fit"]["weights_kept_from"] = kept[0] if kept else None
         pause_point("retrain:train")
-        gate = stage("validate", lambda: validate(cfg, Path(trained["checkpoint"]), live_ckpt, live_as_of))
+        gate = stage("validate", lambda: validate(cfg, Path(trained["checkpoint"]), live_ckpt, live_as_of,
+                                                  loaded=loaded.pop("split")))
         entry["gate"] = gate
         if gate["accepted"]:
             try:

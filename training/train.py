@@ -513,14 +513,16 @@ def fit(cfg: Config, training_set: pd.DataFrame, split: Split, manifest: dict[st
     return Trained(model, encoder, result, scorer, window_start=start.isoformat(), pretrained=info)
 
 
-def train(cfg: Config, init_from: Path | None = None, keep_weights: bool = False) -> dict[str, Any]:
+def train(cfg: Config, init_from: Path | None = None, keep_weights: bool = False,
+          loaded: tuple[pd.DataFrame, Split, dict[str, Any]] | None = None) -> dict[str, Any]:
     """The ``retrieval train`` stage: fit on the live training set, evaluate on test, save the checkpoint.
     Under torchrun every rank trains; rank 0 alone evaluates and writes. ``init_from``: a checkpoint to
     warm-start from (``retrieval retrain`` with ``retrain.warm_start``), ``keep_weights``: and keep its blend and
-    prior weights (``retrain.keep_live_weights``)."""
+    prior weights (``retrain.keep_live_weights``); ``loaded``: ``load_split(cfg)`` already read (a retrain cycle
+    reads it once for training and the gate)."""
     rank, world = join_process_group()
     try:
-        ts, split, manifest = load_split(cfg)
+        ts, split, manifest = loaded or load_split(cfg)
         init = load_checkpoint(init_from)[2] if init_from is not None else None
         trained = fit(cfg, ts, split, manifest, init=init, keep_weights=keep_weights)
         if rank != 0:

@@ -24,7 +24,8 @@ from training.model.two_tower import TwoTower
 
 KEYS = ["user_id", "pin_id", "event_timestamp"]
 _RAW: dict[int, dict[tuple[str, pd.Timestamp], pd.DataFrame]] = {}
-"""Candidates' raw feature rows per live split (by id, dropped with it): (pin feature service, refresh time) -> rows
+"""Candidates' raw feature rows per live split (by the id of its interaction frame, dropped with it, so the views of
+one split, ``Split.test_since`` and ``Split.valid_sample``, share them): (pin feature service, refresh time) -> rows
 in ``split.items`` order."""
 PIN_BATCH = 8192
 """Rows per pin-tower call when embedding the candidates of every refresh. Cache-bound: on a 2-core AMD EPYC (stop 32,
@@ -177,10 +178,11 @@ class TwoTowerScorer:
 
     def _fetch(self, times: list[pd.Timestamp]) -> None:
         """Pin-tower inputs of every candidate at each of ``times`` not read yet: the pin feature service (Feast
-        offline) for all of them in one point-in-time join (chunked by ``features.historical_chunk_rows``), encoded
+        offline) for all of them in one point-in-time join (chunked by ``features.candidate_chunk_rows``), encoded
         once per time and kept (the encoder does not change during a fit; every epoch's validation reuses them).
-        The raw rows are shared by every scorer of the same split and service in the process (a report trains
-        many models on one split)."""
+        The raw rows are shared by every scorer of the same split (or a view of it) and service in the process (a
+        report trains many models on one split; a retrain cycle's gate scores two on the split its candidate was
+        trained on)."""
         missing = [t for t in times if t not in self._pin_cache]
         if not missing:
             return
@@ -192,7 +194,8 @@ class TwoTowerScorer:
             items = self.split.items
             entity = pd.DataFrame({"pin_id": np.tile(items, len(unread)),
                                    "event_timestamp": pd.DatetimeIndex(unread).repeat(len(items))})
-            df = feature_store(self.cfg).historical(entity, self.pin_service)
+            df = feature_store(self.cfg).historical(entity, self.pin_service,
+                                                    chunk=self.cfg.features.candidate_chunk_rows)
             at = pd.to_datetime(df["event_timestamp"], utc=True)
             for t in unread:
                 rows = df[(at == t).to_numpy()]
@@ -228,10 +231,11 @@ class _Reweighted:
 
 
 def _shared_rows(split: Split) -> dict[tuple[str, pd.Timestamp], pd.DataFrame]:
-    if id(split) not in _RAW:
-        _RAW[id(split)] = {}
-        weakref.finalize(split, _RAW.pop, id(split), None)
-    return _RAW[id(split)]
+    key = id(split.frame)
+    if key not in _RAW:
+        _RAW[key] = {}
+        weakref.finalize(split.frame, _RAW.pop, key, None)
+    return _RAW[key]
 
 
 def time_points(cutoffs: pd.Series, refresh_days: int) -> tuple[list[pd.Timestamp], np.ndarray]:

@@ -199,15 +199,15 @@ class Features:
                 refs += [f"{proj.name_to_use()}:{f.name}" for f in proj.features]
         return refs
 
-    def historical(self, entity_df: pd.DataFrame, *service_names: str) -> pd.DataFrame:
+    def historical(self, entity_df: pd.DataFrame, *service_names: str, chunk: int | None = None) -> pd.DataFrame:
         """Point-in-time join of ``entity_df`` (keys + event_timestamp) through the feature services, one Feast
-        call per ``features.historical_chunk_rows`` entity rows in time order (the rows come back in that order,
-        not ``entity_df``'s)."""
-        chunk = self.cfg.features.historical_chunk_rows
+        call per ``chunk`` (default ``features.historical_chunk_rows``) entity rows in time order (the rows come
+        back in that order, not ``entity_df``'s)."""
+        chunk = chunk or self.cfg.features.historical_chunk_rows
         if len(entity_df) <= chunk:
             refs = self.feature_refs(*service_names)
             return self.store.get_historical_features(entity_df=entity_df, features=refs).to_df()
-        return pd.concat(self.historical_parts(entity_df, *service_names), ignore_index=True)
+        return pd.concat(self.historical_parts(entity_df, *service_names, chunk=chunk), ignore_index=True)
 
     def historical_parts(self, entity_df: pd.DataFrame, *service_names: str,
                          chunk: int | None = None) -> Iterator[pd.DataFrame]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 
@@ -288,7 +289,7 @@ def test_each_cut_off_is_scored_at_the_last_index_refresh_at_or_before_it() -> N
     assert which.tolist() == [0, 0, 0, 1]
 
 
-def test_scorers_of_one_split_read_each_refresh_once_and_get_the_rows_in_candidate_order(monkeypatch) -> None:
+def test_a_split_and_its_views_read_each_refresh_once_and_get_the_rows_in_candidate_order(monkeypatch) -> None:
     import training.features.store as store
     from training.config import Config
     from training.evaluation.scorer import TwoTowerScorer
@@ -296,7 +297,8 @@ def test_scorers_of_one_split_read_each_refresh_once_and_get_the_rows_in_candida
     calls = []
 
     class Store:
-        def historical(self, entity, service):
+        def historical(self, entity, service, chunk=None):
+            assert chunk == Config().features.candidate_chunk_rows
             calls.append((service, sorted(set(entity["event_timestamp"]))))
             out = entity.iloc[::-1].reset_index(drop=True)        # Feast returns rows in its own order
             return out.assign(age_days=out["pin_id"] * 1.0 + out["event_timestamp"].dt.day)
@@ -315,6 +317,10 @@ def test_scorers_of_one_split_read_each_refresh_once_and_get_the_rows_in_candida
     assert calls == [("pin_svc", day[:2]), ("pin_svc", day[2:])]
     assert second._pin_cache[day[1]]["pin"].tolist() == ITEMS.tolist()
     assert second._pin_cache[day[1]]["age"].tolist() == (ITEMS + 2.0).tolist()
+    view = dataclasses.replace(split, test=split.valid)            # a view, as Split.test_since makes (the gate's)
+    TwoTowerScorer(Config(), None, Encoder(), None, view, "pin_svc")._fetch(day)
+    TwoTowerScorer(Config(), None, Encoder(), None, split.valid_sample(1, 0), "pin_svc")._fetch(day)
+    assert len(calls) == 2                                         # read by the split it is a view of
     TwoTowerScorer(Config(), None, Encoder(), None, _toy_split(), "pin_svc")._fetch(day[:1])
     assert len(calls) == 3                                         # another split reads its own
 
