@@ -131,7 +131,7 @@ def main() -> None:
             result = timed_run(cmd, data_dir / f"bench-{stage}.log")
             n, what = stage_rows(stage, data_dir)
             row = {"size": size, **{k.split(".")[1]: v for k, v in SIZES[size].items()}, "stage": stage,
-                   "commit": commit, **result, "rows": n, "rows_are": what,
+                   "commit": commit, "overrides": args.set, **result, "rows": n, "rows_are": what,
                    "rows_per_s": round(n / result["seconds"], 1) if n and result["seconds"] else None}
             rows.append(row)
             print(json.dumps(row), flush=True)

@@ -761,6 +761,10 @@ def scale_section() -> list[str]:
                          + (f", {r['rows_per_s']:,.0f} {r['rows_are']}/s" if r.get("rows_per_s") else ""))
         rows.append([stage, *cells])
     out += [provenance_note(doc, "scale"), "", table(head, rows, "l" + "r" * len(sizes)), ""]
+    settings = [f"{r['size']} {r['stage']}: " + ", ".join(f"`{kv}`" for kv in r["overrides"])
+                for r in doc["rows"] if r.get("overrides")]
+    if settings:
+        out += ["Settings a row was measured with (`--set`): " + "; ".join(settings) + ".", ""]
     if len(sizes) >= 2:
         a, b = sizes[-2], sizes[-1]
         growth = [[st, f"{by[(b, st)]['seconds'] / by[(a, st)]['seconds']:.1f}×",

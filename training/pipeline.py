@@ -152,10 +152,11 @@ def pretrain(cfg: Config) -> dict[str, Any]:
     return pretrain_stage(cfg)
 
 
-def train(cfg: Config, init_from: Path | None = None, keep_weights: bool = False, loaded=None) -> dict[str, Any]:
+def train(cfg: Config, init_from: Path | None = None, keep_weights: bool = False, loaded=None,
+          test: bool = True) -> dict[str, Any]:
     from training.train import train as train_stage
 
-    return train_stage(cfg, init_from=init_from, keep_weights=keep_weights, loaded=loaded)
+    return train_stage(cfg, init_from=init_from, keep_weights=keep_weights, loaded=loaded, test=test)
 
 
 def retrain(cfg: Config) -> dict[str, Any]:

@@ -278,7 +278,8 @@ def _cycle(cfg: Config) -> dict[str, Any]:
             from training.evaluation.split import load_split
 
             loaded["split"] = load_split(cfg)   # read once: the candidate's training and the gate
-            return pipeline.train(fit_cfg, init_from=init, keep_weights=keep, loaded=loaded["split"])
+            return pipeline.train(fit_cfg, init_from=init, keep_weights=keep, loaded=loaded["split"],
+                                  test=cfg.retrain.test_evaluation)
 
         trained = stage("train", train_stage)
         entry["model_version"] = trained["model_version"]

@@ -514,12 +514,13 @@ def fit(cfg: Config, training_set: pd.DataFrame, split: Split, manifest: dict[st
 
 
 def train(cfg: Config, init_from: Path | None = None, keep_weights: bool = False,
-          loaded: tuple[pd.DataFrame, Split, dict[str, Any]] | None = None) -> dict[str, Any]:
+          loaded: tuple[pd.DataFrame, Split, dict[str, Any]] | None = None, test: bool = True) -> dict[str, Any]:
     """The ``retrieval train`` stage: fit on the live training set, evaluate on test, save the checkpoint.
     Under torchrun every rank trains; rank 0 alone evaluates and writes. ``init_from``: a checkpoint to
     warm-start from (``retrieval retrain`` with ``retrain.warm_start``), ``keep_weights``: and keep its blend and
     prior weights (``retrain.keep_live_weights``); ``loaded``: ``load_split(cfg)`` already read (a retrain cycle
-    reads it once for training and the gate)."""
+    reads it once for training and the gate); ``test`` False: no test evaluation (empty ``metrics``: a retrain
+    cycle's gate evaluates its candidate, ``retrain.test_evaluation``)."""
     rank, world = join_process_group()
     try:
         ts, split, manifest = loaded or load_split(cfg)
@@ -527,7 +528,7 @@ def train(cfg: Config, init_from: Path | None = None, keep_weights: bool = False
         trained = fit(cfg, ts, split, manifest, init=init, keep_weights=keep_weights)
         if rank != 0:
             return {"rank": rank, "world_size": world, "wrote": None}
-        result = evaluate(trained.scorer.prepare("test"), split, on="test")
+        result = evaluate(trained.scorer.prepare("test"), split, on="test") if test else {}
         version = f"tt-{manifest['snapshot_id']}-{datetime.now(UTC):%Y%m%d-%H%M%S}"
         payload = {
             "config": asdict(cfg.train),

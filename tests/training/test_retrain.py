@@ -194,7 +194,7 @@ def test_cycles_switch_the_service_with_no_failed_request_and_clean_up_after_kil
     call the service: every request succeeds, each answer comes from a published version, the service ends on the
     new live release; the first cycle removes what the killed runs left; the online store was materialized
     incrementally and matches the offline store; the training set joined only the new labels; each candidate kept
-    the live model's blend and prior weights."""
+    the live model's blend and prior weights and was evaluated by the gate alone."""
     from bentos.launcher import start, stop
     from tests.bentos.conftest import clients
     from tests.training.features.test_feast import SERVICES, assert_online_equals_offline
@@ -233,6 +233,9 @@ def test_cycles_switch_the_service_with_no_failed_request_and_clean_up_after_kil
     assert [e["fit"]["weights_kept_from"] for e in entries] == [e["live_before"] for e in entries]
     assert entries[0]["publish"]["cleaned"]["collections"], "the killed publish's collection was not removed"
     assert all(e["gate"]["holdout"]["holdout"] == "fresh" for e in entries)
+    for e in entries:   # retrain.test_evaluation off: the gate's figures are the candidate's evaluation
+        release = Registry(cfg).record(e["model_version"])
+        assert release.metrics == {} and release.gate["figures"]["candidate"]["users"] > 0
     assert_online_equals_offline(cfg, SERVICES[0], "user_id", "user_features")
 
 
