@@ -145,7 +145,8 @@ def main() -> None:
     everything = sorted(kept + rows, key=lambda r: (list(SIZES).index(r["size"]), order[r["stage"]]))
     save_and_print(args.out, meta, everything,
                    ["size", "stage", "wall s", "peak RSS GiB", "rows", "rows/s"],
-                   lambda r: [r["size"], r["stage"], f"{r['seconds']:.1f}", f"{r['peak_rss_gib']:.2f}",
+                   lambda r: [r["size"], r["stage"], f"{r['seconds']:.1f}",
+                              f"{r['peak_rss_gib']:.2f}" if r["peak_rss_gib"] is not None else "",
                               f"{r['rows']:,} {r['rows_are']}" if r["rows"] else "",
                               f"{r['rows_per_s']:,.0f}" if r["rows_per_s"] else ""])
 

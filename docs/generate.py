@@ -757,7 +757,9 @@ def scale_section() -> list[str]:
         for s in sizes:
             r = by.get((s, stage))
             cells.append("" if r is None else
-                         f"{r['seconds']:,.0f} s, {r['peak_rss_gib']:.2f} GiB" + ("" if r["rc"] == 0 else " (failed)")
+                         f"{r['seconds']:,.0f} s"
+                         + (f", {r['peak_rss_gib']:.2f} GiB" if r.get("peak_rss_gib") is not None else "")
+                         + ("" if r["rc"] == 0 else " (failed)")
                          + (f", {r['rows_per_s']:,.0f} {r['rows_are']}/s" if r.get("rows_per_s") else ""))
         rows.append([stage, *cells])
     out += [provenance_note(doc, "scale"), "", table(head, rows, "l" + "r" * len(sizes)), ""]
@@ -769,7 +771,8 @@ def scale_section() -> list[str]:
         a, b = sizes[-2], sizes[-1]
         growth = [[st, f"{by[(b, st)]['seconds'] / by[(a, st)]['seconds']:.1f}×",
                    f"{by[(b, st)]['peak_rss_gib'] / by[(a, st)]['peak_rss_gib']:.1f}×"]
-                  for st in stages if (a, st) in by and (b, st) in by and by[(a, st)]["seconds"]]
+                  for st in stages if (a, st) in by and (b, st) in by and by[(a, st)]["seconds"]
+                  and by[(a, st)].get("peak_rss_gib") and by[(b, st)].get("peak_rss_gib") is not None]
         out += [f"From {a} to {b}:", "", table(["stage", "time", "peak memory"], growth, "lrr")]
     full = ("generate", "build", "features", "training-set", "pretrain", "train", "publish")
     for s in sizes:
