@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from training import __version__
 from training.config import Config, PretrainConfig, TrainConfig
-from training.evaluation.harness import evaluate, user_recall, user_recalls
+from training.evaluation.harness import evaluate, user_recalls
 from training.evaluation.scorer import TwoTowerScorer
 from training.evaluation.split import Split, load_split
 from training.model.checkpoint import build_model, load_checkpoint, save_checkpoint, warm_start
@@ -257,12 +257,15 @@ def choose_blend(model: TwoTower, scorer: TwoTowerScorer, split: Split, k: int) 
 def choose_prior(model: TwoTower, scorer: TwoTowerScorer, split: Split, k: int) -> dict[str, Any]:
     """Pick the popularity prior's weight (``PRIOR_GRID``) on validation recall@``k`` after training (and after the
     blend), kept only when its cross-fitted gain over no prior is above one standard error (``gated_best``), and set
-    it on the pin tower; returns every tried weight's figure. Rank 0 decides (broadcast)."""
-    def recall(w: float) -> np.ndarray:
-        model.pin_tower.set_prior(w)
-        return user_recall(scorer.prepare("valid"), split, k)
-
-    figures, best, gain, se, chosen = _gated_choice(PRIOR_GRID, recall)
+    it on the pin tower; returns every tried weight's figure. Rank 0 decides (broadcast). The towers run once and
+    every weight is ranked in one pass over the users (``TwoTowerScorer.with_prior``)."""
+    rank, _ = rank_and_world()
+    recalls = {}
+    if rank == 0:
+        scorer.prepare("valid")
+        recalls = dict(zip(PRIOR_GRID, user_recalls([scorer.with_prior(w) for w in PRIOR_GRID], split, k),
+                           strict=True))
+    figures, best, gain, se, chosen = _gated_choice(PRIOR_GRID, recalls.__getitem__)
     model.pin_tower.set_prior(chosen)
     log.info("popularity prior %s (best on validation %s; cross-fitted %+.4f ± %.4f over no prior; valid %s)",
              chosen, best, gain, se, {w: round(v, 4) for w, v in figures.items()})

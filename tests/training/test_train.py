@@ -62,6 +62,32 @@ def test_exported_user_tower_is_small_and_reproduces_the_training_model(pipeline
     assert (run_tower(tower, enc2.users(rows)) == expected).all()   # bit for bit
 
 
+def test_the_prior_choice_scores_each_weight_as_the_pin_tower_would(pipeline_cfg, checkpoints):
+    """``TwoTowerScorer.with_prior`` (the prior's choice ranks every weight from one embedding of the candidates)
+    gives the scores of the pin tower run with that prior, for the blended model as trained."""
+    import numpy as np
+
+    from training.evaluation.harness import user_recall
+    from training.evaluation.scorer import TwoTowerScorer
+    from training.evaluation.split import load_split
+
+    model, enc, payload = load_checkpoint(checkpoints[0])
+    ts, split, manifest = load_split(pipeline_cfg)
+    scorer = TwoTowerScorer(pipeline_cfg, model, enc, ts, split, manifest["feature_services"]["pin"])
+    users = np.flatnonzero(np.diff(split.valid.indptr) > 0)[:200]
+    model.pin_tower.set_prior(0.0)
+    scorer.prepare("valid")
+    fast = {w: scorer.with_prior(w) for w in (0.0, 0.3, 1.0)}
+    fast_scores = {w: s.score(users) for w, s in fast.items()}
+    fast_recall = {w: user_recall(s, split, 50) for w, s in fast.items()}
+    assert not np.allclose(fast_scores[0.0], fast_scores[1.0])      # the prior moves the scores
+    for w in fast:
+        model.pin_tower.set_prior(w)
+        scorer.prepare("valid")
+        np.testing.assert_allclose(fast_scores[w], scorer.score(users), rtol=1e-5, atol=1e-5)
+        assert np.abs(fast_recall[w] - user_recall(scorer, split, 50)).mean() < 1e-3
+
+
 def test_artifacts_refuse_pickled_code(tmp_path):
     class Evil:
         def __reduce__(self):

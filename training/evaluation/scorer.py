@@ -18,7 +18,7 @@ import torch
 
 from training.config import Config
 from training.evaluation.split import Split
-from training.model.encoding import Encoder, take
+from training.model.encoding import PIN_IMPRESSION_RATE, Encoder, take
 from training.model.towers import run_tower
 from training.model.two_tower import TwoTower
 
@@ -165,6 +165,20 @@ class TwoTowerScorer:
         """(n_users,) the pin snapshot each user is scored against (after ``prepare``)."""
         return self._user_bucket
 
+    def with_prior(self, weight: float) -> _WithPrior:
+        """A scorer over the vectors ``prepare`` computed, with the pin tower's popularity prior at ``weight``
+        instead of the one it was prepared with, without running the towers again: the prior adds weight ×
+        ``logit_unit`` × the pin's log impression rate (at the refresh) to the pin's bias coordinate, which each of
+        a user's embeddings reads with the same coefficient (1, times the learned part's blend weight), so a pin's
+        score moves by the same amount for all of them."""
+        tower = self.model.pin_tower
+        if tower.prior is None:
+            raise ValueError("this pin tower has no popularity prior (train.popularity_prior and train.pin_bias)")
+        learned = float(tower.blend[0]) if tower.blend_dim is not None else 1.0
+        step = (float(weight) - float(tower.prior)) * tower.logit_unit * learned
+        rates = np.stack([x["counts"][:, PIN_IMPRESSION_RATE].numpy() for x in self._pin_vectors.inputs])
+        return _WithPrior(self, (step * rates).astype(np.float32))     # (T, n_items)
+
     def reweighted(self, split_dim: int, first: float, second: float) -> _Reweighted:
         """A scorer over the vectors ``prepare`` computed, with the coordinates before ``split_dim`` weighted by
         ``first`` and the rest by ``second`` (a blend of two subspaces, without running the towers again)."""
@@ -225,6 +239,22 @@ class _Reweighted:
 
     def score(self, user_idx: np.ndarray) -> np.ndarray:
         return best_of(self.users[user_idx], self.base._user_bucket[user_idx], self.pins)   # noqa: SLF001
+
+    def order(self, user_idx: np.ndarray) -> np.ndarray:
+        return self.base.order(user_idx)
+
+
+class _WithPrior:
+    def __init__(self, base: TwoTowerScorer, delta: np.ndarray):
+        self.base, self.delta = base, delta
+
+    def fit(self, split: Split) -> None:
+        self.base.fit(split)
+
+    def score(self, user_idx: np.ndarray) -> np.ndarray:
+        out = self.base.score(user_idx)
+        out += self.delta[self.base._user_bucket[user_idx]]      # noqa: SLF001 - the same scorer's buckets
+        return out
 
     def order(self, user_idx: np.ndarray) -> np.ndarray:
         return self.base.order(user_idx)
