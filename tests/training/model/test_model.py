@@ -602,23 +602,26 @@ def test_the_popularity_prior_is_chosen_on_validation_and_kept_only_above_its_st
     rng = np.random.default_rng(0)
     base = rng.random(3000)
 
-    class Scorer:   # per-user validation recall as a function of the weight the pin tower holds when prepared
+    class Scorer:   # per-user validation recall as a function of the prior weight a view of it ranks with
         def __init__(self, gain):
-            self.gain, self.prepared = gain, []
+            self.gain, self.prepared, self.weights = gain, [], []
 
         def prepare(self, on):
-            self.prepared.append((on, float(model.pin_tower.prior)))
+            self.prepared.append(on)
             return self
 
-    def recall(scorer, split, k):
-        w = scorer.prepared[-1][1]
-        return base + scorer.gain(w) + rng.normal(0.0, 0.01, len(base)) * (w > 0)
+        def with_prior(self, w):
+            self.weights.append(w)
+            return self, w
 
-    monkeypatch.setattr(train_module, "user_recall", recall)
+    def recalls(views, split, k):   # one pass over the users for every weight
+        return [base + s.gain(w) + rng.normal(0.0, 0.01, len(base)) * (w > 0) for s, w in views]
+
+    monkeypatch.setattr(train_module, "user_recalls", recalls)
     peaked = Scorer(lambda w: 0.02 - 0.1 * (w - 0.3) ** 2 if w else 0.0)   # a clear gain, best at 0.3
     chosen = train_module.choose_prior(model, peaked, None, 50)
-    assert [w for _, w in peaked.prepared] == pytest.approx(train_module.PRIOR_GRID)
-    assert {on for on, _ in peaked.prepared} == {"valid"}                  # chosen on validation, never on test
+    assert peaked.weights == pytest.approx(train_module.PRIOR_GRID)
+    assert peaked.prepared == ["valid"]                # embedded once, on validation, never on test
     assert chosen["weight"] == pytest.approx(0.3) and float(model.pin_tower.prior) == pytest.approx(0.3)
     assert chosen["gain_over_none"] > chosen["gain_se"] and set(chosen["valid"]) == {str(w) for w in
                                                                                     train_module.PRIOR_GRID}
