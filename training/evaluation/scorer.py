@@ -111,7 +111,7 @@ class TwoTowerScorer:
         self.split = split
         self.pin_service = pin_service
         self._pin_cache: dict[pd.Timestamp, dict[str, torch.Tensor]] = {}
-        self._user_vectors = self._user_bucket = self._pin_vectors = None
+        self._user_vectors = self._user_bucket = self._pin_vectors = self._prior_rates = None
 
     def fit(self, split: Split) -> None:
         if split is not self.split:
@@ -140,6 +140,7 @@ class TwoTowerScorer:
         inputs = [self._pin_cache[t] for t in times]
         dim = run_tower(self.model.pin_tower, take(inputs[0], torch.arange(1))).shape[1]
         self._pin_vectors = PinSnapshots(self.model.pin_tower, inputs, len(split.items), dim)   # (T, n_items, D)
+        self._prior_rates = None
         return self
 
     def order(self, user_idx: np.ndarray) -> np.ndarray:
@@ -176,8 +177,10 @@ class TwoTowerScorer:
             raise ValueError("this pin tower has no popularity prior (train.popularity_prior and train.pin_bias)")
         learned = float(tower.blend[0]) if tower.blend_dim is not None else 1.0
         step = (float(weight) - float(tower.prior)) * tower.logit_unit * learned
-        rates = np.stack([x["counts"][:, PIN_IMPRESSION_RATE].numpy() for x in self._pin_vectors.inputs])
-        return _WithPrior(self, (step * rates).astype(np.float32))     # (T, n_items)
+        if self._prior_rates is None:   # (T, n_items), once per prepare for every weight tried
+            self._prior_rates = np.stack([x["counts"][:, PIN_IMPRESSION_RATE].numpy()
+                                          for x in self._pin_vectors.inputs])
+        return _WithPrior(self, (step * self._prior_rates).astype(np.float32))
 
     def reweighted(self, split_dim: int, first: float, second: float) -> _Reweighted:
         """A scorer over the vectors ``prepare`` computed, with the coordinates before ``split_dim`` weighted by
@@ -226,38 +229,40 @@ def _state_of(module: torch.nn.Module) -> list[tuple[int, int]]:
     return [(id(t), t._version) for t in [*module.parameters(), *module.buffers()]]   # noqa: SLF001
 
 
-class _Reweighted:
-    def __init__(self, base: TwoTowerScorer, split_dim: int, first: float, second: float):
+class _View:
+    """A scorer over the vectors a ``TwoTowerScorer`` prepared: fitted and ordered as that scorer."""
+
+    def __init__(self, base: TwoTowerScorer):
         self.base = base
+
+    def fit(self, split: Split) -> None:
+        self.base.fit(split)
+
+    def order(self, user_idx: np.ndarray) -> np.ndarray:
+        return self.base.order(user_idx)
+
+
+class _Reweighted(_View):
+    def __init__(self, base: TwoTowerScorer, split_dim: int, first: float, second: float):
+        super().__init__(base)
         self.users = base._user_vectors.copy()                    # noqa: SLF001 - the same scorer's vectors
         self.users[..., :split_dim] *= first
         self.users[..., split_dim:] *= second
         self.pins = base._pin_vectors                             # noqa: SLF001
 
-    def fit(self, split: Split) -> None:
-        self.base.fit(split)
-
     def score(self, user_idx: np.ndarray) -> np.ndarray:
         return best_of(self.users[user_idx], self.base._user_bucket[user_idx], self.pins)   # noqa: SLF001
 
-    def order(self, user_idx: np.ndarray) -> np.ndarray:
-        return self.base.order(user_idx)
 
-
-class _WithPrior:
+class _WithPrior(_View):
     def __init__(self, base: TwoTowerScorer, delta: np.ndarray):
-        self.base, self.delta = base, delta
-
-    def fit(self, split: Split) -> None:
-        self.base.fit(split)
+        super().__init__(base)
+        self.delta = delta
 
     def score(self, user_idx: np.ndarray) -> np.ndarray:
         out = self.base.score(user_idx)
         out += self.delta[self.base._user_bucket[user_idx]]      # noqa: SLF001 - the same scorer's buckets
         return out
-
-    def order(self, user_idx: np.ndarray) -> np.ndarray:
-        return self.base.order(user_idx)
 
 
 def _shared_rows(split: Split) -> dict[tuple[str, pd.Timestamp], pd.DataFrame]:
