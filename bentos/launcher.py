@@ -174,9 +174,16 @@ def _record(pid_file: Path, pid: int) -> None:
 
 
 def _alive(pids: list[int]) -> list[int]:
+    """The pids still running (a zombie, or a process that exits while it is looked at, is not)."""
     import psutil
 
-    return [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
+    def running(p: int) -> bool:
+        try:
+            return psutil.Process(p).status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return False
+
+    return [p for p in pids if running(p)]
 
 
 def stop(cfg: Config) -> dict[str, Any]:

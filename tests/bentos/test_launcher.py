@@ -5,6 +5,7 @@ run in tests/bentos/test_service.py."""
 from __future__ import annotations
 
 import dataclasses
+import os
 import subprocess
 import sys
 import threading
@@ -90,3 +91,16 @@ def test_a_refused_start_leaves_the_running_service_alone(tmp_path):
         other.close()
         running.kill()
         running.wait()
+
+
+def test_a_recorded_worker_that_exits_while_it_is_looked_at_counts_as_stopped(monkeypatch):
+    """A recorded worker can exit between a check that it exists and the look at its state; `stop` treats it
+    as gone instead of failing on the lookup."""
+    import psutil
+
+    from bentos import launcher
+
+    done = subprocess.Popen([sys.executable, "-c", "pass"])
+    done.wait()
+    monkeypatch.setattr(psutil, "pid_exists", lambda pid: True)   # it existed when checked, gone when looked at
+    assert launcher._alive([done.pid, os.getpid()]) == [os.getpid()]
