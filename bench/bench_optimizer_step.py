@@ -1,8 +1,10 @@
 """The cost of one optimizer step over the id embedding tables as the vocabulary grows.
 
-Two dense ``nn.Embedding(n, 64)`` tables (the towers' pin-id tables) under ``torch.optim.AdamW``, as
-``training.train`` builds them, with a fixed number of lookups a step: a dense table's gradient is the size of the
-whole table and AdamW updates every row's moments, so a step's cost follows the vocabulary, not the batch.
+Two ``nn.Embedding(n, 64)`` tables with a fixed number of lookups a step, under each of the optimizers
+``training.train.optimizers`` builds: dense tables under ``torch.optim.AdamW`` (``train.sparse_ids`` off), whose
+gradient is the size of the whole table and whose step updates every row's moments, so a step's cost follows the
+vocabulary; and sparse-gradient tables under ``torch.optim.SparseAdam`` (``train.sparse_ids`` on), whose step reads
+and writes only the rows looked up.
 
     .venv/bin/python bench/bench_optimizer_step.py [--rows 65000 400000 1000000] [--lookups 61440] [--threads 1]
 """
@@ -15,10 +17,11 @@ import time
 import torch
 
 
-def step_ms(rows: int, lookups: int, steps: int = 5) -> float:
-    """Mean milliseconds of ``steps`` forward + backward + AdamW steps after one warm-up step."""
-    tables = [torch.nn.Embedding(rows, 64) for _ in range(2)]
-    opt = torch.optim.AdamW([t.weight for t in tables], lr=1e-3, weight_decay=1e-4)
+def step_ms(rows: int, lookups: int, sparse: bool, steps: int = 5) -> float:
+    """Mean milliseconds of ``steps`` forward + backward + optimizer steps after one warm-up step."""
+    tables = [torch.nn.Embedding(rows, 64, sparse=sparse) for _ in range(2)]
+    weights = [t.weight for t in tables]
+    opt = torch.optim.SparseAdam(weights, lr=1e-3) if sparse else torch.optim.AdamW(weights, lr=1e-3)
     idx = torch.randint(0, rows, (lookups,))
     t0 = 0.0
     for i in range(steps + 1):
@@ -39,7 +42,8 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     for rows in args.rows:
-        print(f"{rows:>9,} rows × 2 tables: {step_ms(rows, args.lookups):7.1f} ms a step")
+        dense, sparse = step_ms(rows, args.lookups, False), step_ms(rows, args.lookups, True)
+        print(f"{rows:>9,} rows × 2 tables: AdamW (dense) {dense:7.1f} ms a step, SparseAdam {sparse:7.1f} ms")
 
 
 if __name__ == "__main__":

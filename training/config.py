@@ -572,7 +572,12 @@ class TrainConfig:
     lr_schedule: str = "constant"
     """'constant' or 'cosine' (decay to 0 over ``epochs``)."""
     weight_decay: float = 0.0
-    """AdamW weight decay."""
+    """AdamW weight decay (with ``sparse_ids``, of the dense parameters only: the pin id table is not decayed)."""
+    sparse_ids: bool = False
+    """The learned pin id table (its rows = the training vocabulary) gets sparse gradients and its own lazy Adam
+    (``torch.optim.SparseAdam``): a step reads and updates only the rows the batch looked up, so its cost follows
+    the batch, not the vocabulary. Off: one AdamW over every parameter, which updates every row of the table at
+    every step (`bench/bench_optimizer_step.py` measures both)."""
     epochs: int = 100
     """Maximum epochs: a safety net, not a schedule (runs stop by validation; the report says when the cap hit)."""
     patience: int = 6

@@ -149,7 +149,7 @@ def validate(cfg: Config, candidate: Path, live_checkpoint: Path | None, live_as
     candidates' pin features it read at the index refreshes are then read once for both)."""
     from training.evaluation.split import load_split
 
-    ts, split, _ = loaded or load_split(cfg)
+    ts, split, _ = loaded or load_split(cfg, features="fit")
     since = pd.Timestamp(parse_utc(live_as_of)) if live_as_of else None
     held, holdout = fresh_holdout(split, since, cfg.retrain.min_holdout_users)
     figures = {"candidate": score_checkpoint(cfg, candidate, ts, held)}
@@ -209,7 +209,7 @@ def _pretrain_due(cfg: Config) -> tuple[bool, str]:
     from training.evaluation.split import load_split
     from training.model.pretrained import latest_usable
 
-    _, split, _ = load_split(cfg)
+    _, split, _ = load_split(cfg, features=False)
     start = split.window_start(cfg.train.window_fraction).to_pydatetime()
     try:
         table = latest_usable(cfg.data_path / "pretrained", start)
@@ -277,7 +277,7 @@ def _cycle(cfg: Config) -> dict[str, Any]:
         def train_stage() -> dict[str, Any]:
             from training.evaluation.split import load_split
 
-            loaded["split"] = load_split(cfg)   # read once: the candidate's training and the gate
+            loaded["split"] = load_split(cfg, features="fit")   # read once: the candidate's training and the gate
             return pipeline.train(fit_cfg, init_from=init, keep_weights=keep, loaded=loaded["split"],
                                   test=cfg.retrain.test_evaluation)
 

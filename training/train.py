@@ -126,12 +126,11 @@ def train_model(model: TwoTower, encoder: Encoder, examples: pd.DataFrame, tc: T
     net: torch.nn.Module = model
     if world > 1:
         net = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
+    opts = optimizers(model, tc)
     epochs = epochs or tc.epochs
     steps = n // (tc.batch_size * world) or 1
-    sched = (torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs * steps) if tc.lr_schedule == "cosine"
-             else None)
+    scheds = ([torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=epochs * steps) for o in opts]
+              if tc.lr_schedule == "cosine" else [])
     if tc.logq and tc.logq_prime and tc.negatives != "full":
         model.frequency.prime(pin_idx, tc.batch_size * world)
     gen = torch.Generator().manual_seed(tc.seed)
@@ -182,10 +181,12 @@ def train_model(model: TwoTower, encoder: Encoder, examples: pd.DataFrame, tc: T
                 loss = in_batch_softmax_loss(u, p, scale, log_q=log_q, pin_ids=pin_idx[target], weights=w,
                                              extra=extra, extra_log_q=extra_log_q, extra_ids=extra_ids,
                                              hard=hard_p, hard_valid=hard_valid, hard_ids=hard_ids)
-            opt.zero_grad(set_to_none=True)
+            for o in opts:
+                o.zero_grad(set_to_none=True)
             loss.backward()
-            opt.step()
-            if sched is not None:
+            for o in opts:
+                o.step()
+            for sched in scheds:
                 sched.step()
             total += loss.item()
             seen += len(batch) * world
@@ -219,6 +220,18 @@ def train_model(model: TwoTower, encoder: Encoder, examples: pd.DataFrame, tc: T
                      seconds=seconds, seconds_to_best=seconds_to_best, examples_per_s=seen / max(seconds, 1e-9),
                      history=history, world_size=world, rank_fingerprints=prints,
                      hit_epoch_cap=validate is not None and len(history) == epochs and epochs - best[1] < tc.patience)
+
+
+def optimizers(model: torch.nn.Module, tc: TrainConfig) -> list[torch.optim.Optimizer]:
+    """AdamW over the trainable parameters; the id tables built with sparse gradients (``train.sparse_ids``) get
+    their own ``SparseAdam`` instead, which updates only the rows a step looked up."""
+    sparse = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding) and m.sparse}
+    params = [p for p in model.parameters() if p.requires_grad]
+    dense = [p for p in params if id(p) not in sparse]
+    opts: list[torch.optim.Optimizer] = [torch.optim.AdamW(dense, lr=tc.lr, weight_decay=tc.weight_decay)]
+    if len(dense) < len(params):
+        opts.append(torch.optim.SparseAdam([p for p in params if id(p) in sparse], lr=tc.lr))
+    return opts
 
 
 def should_stop(epoch: int, best_epoch: int, tc: TrainConfig) -> bool:
@@ -522,11 +535,11 @@ def train(cfg: Config, init_from: Path | None = None, keep_weights: bool = False
     Under torchrun every rank trains; rank 0 alone evaluates and writes. ``init_from``: a checkpoint to
     warm-start from (``retrieval retrain`` with ``retrain.warm_start``), ``keep_weights``: and keep its blend and
     prior weights (``retrain.keep_live_weights``); ``loaded``: ``load_split(cfg)`` already read (a retrain cycle
-    reads it once for training and the gate); ``test`` False: no test evaluation (empty ``metrics``: a retrain
+    reads it once for training and the gate, with ``features="fit"``); ``test`` False: no test evaluation (empty ``metrics``: a retrain
     cycle's gate evaluates its candidate, ``retrain.test_evaluation``)."""
     rank, world = join_process_group()
     try:
-        ts, split, manifest = loaded or load_split(cfg)
+        ts, split, manifest = loaded or load_split(cfg, features="fit")
         init = load_checkpoint(init_from)[2] if init_from is not None else None
         trained = fit(cfg, ts, split, manifest, init=init, keep_weights=keep_weights)
         if rank != 0:

@@ -115,6 +115,40 @@ def test_early_stopping_waits_for_min_epochs_then_for_patience():
     assert should_stop(13, 7, tc)
 
 
+def test_sparse_ids_update_only_the_rows_a_step_looked_up():
+    """With ``train.sparse_ids`` the pin id table has its own SparseAdam: a step changes the rows it looked up and
+    leaves every other row (and its moments) as it was, however many steps ago that row was seen; the rest of the
+    model stays under AdamW. Without it, AdamW's momentum keeps moving rows the step did not look up."""
+    from training.config import TrainConfig
+    from training.model.towers import PinTower
+    from training.train import optimizers
+
+    def run(sparse: bool) -> tuple[list[torch.optim.Optimizer], torch.Tensor, torch.Tensor]:
+        torch.manual_seed(0)
+        tower = PinTower(50, 3, TrainConfig(sparse_ids=sparse, out_dim=8))
+        opts = optimizers(tower, TrainConfig(sparse_ids=sparse))
+        x = {"pin": torch.tensor([1, 2, 2, 7]), "interest": torch.tensor([1, 2, 0, 3]), "counts": torch.rand(4, 12)}
+        for pins in ([1, 2, 2, 7], [3, 4, 4, 5]):   # the second step does not look up pins 1, 2, 7
+            x["pin"] = torch.tensor(pins)
+            before = tower.pin_embedding.weight.detach().clone()
+            for o in opts:
+                o.zero_grad(set_to_none=True)
+            tower(x).sum().backward()
+            for o in opts:
+                o.step()
+        return opts, before, tower.pin_embedding.weight.detach()
+
+    opts, before, after = run(sparse=True)
+    assert [type(o).__name__ for o in opts] == ["AdamW", "SparseAdam"]
+    assert [p.shape for p in opts[1].param_groups[0]["params"]] == [(50, 64)]   # the id table alone
+    assert not any(p.shape == (50, 64) for p in opts[0].param_groups[0]["params"])
+    changed = set(torch.nonzero((after != before).any(1)).flatten().tolist())
+    assert changed == {3, 4, 5}
+    opts, before, after = run(sparse=False)
+    assert [type(o).__name__ for o in opts] == ["AdamW"]
+    assert {1, 2, 7} <= set(torch.nonzero((after != before).any(1)).flatten().tolist())
+
+
 def test_a_hard_negative_is_one_of_the_users_hides_from_before_the_example():
     import pandas as pd
     import torch
@@ -150,3 +184,23 @@ def test_hide_negatives_need_the_in_batch_softmax():
     TrainConfig(hide_negatives=True)
     with pytest.raises(ConfigError, match="train.hide_negatives"):
         TrainConfig(hide_negatives=True, negatives="full")
+
+
+def test_a_fit_on_the_fit_rows_is_the_fit_on_the_whole_training_set(pipeline_cfg, checkpoints):
+    """`retrieval train` reads the feature columns of the rows a fit uses (``load_split(cfg, features='fit')``):
+    those rows equal the whole training set's, the split is the same, and the model trained on them has the same
+    weights, blend and prior as the one trained on the whole training set."""
+    from training.evaluation.split import fit_rows, load_split
+    from training.train import fingerprint, fit
+
+    cfg = dataclasses.replace(pipeline_cfg, train=dataclasses.replace(
+        pipeline_cfg.train, epochs=1, min_epochs=1, patience=1, batch_size=256, threads=1, valid_users=200))
+    whole, split, manifest = load_split(cfg)
+    rows, rows_split, _ = load_split(cfg, features="fit")
+    keep = fit_rows(whole, split, split.window_start(cfg.train.window_fraction))
+    assert 0 < len(rows) == keep.sum() < len(whole)
+    pd.testing.assert_frame_equal(rows, whole[keep].reset_index(drop=True))
+    pd.testing.assert_frame_equal(rows_split.frame, split.frame)
+    a, b = fit(cfg, whole, split, manifest), fit(cfg, rows, rows_split, manifest)
+    assert fingerprint(a.model) == fingerprint(b.model)
+    assert (a.result.blend, a.result.prior) == (b.result.blend, b.result.prior)

@@ -69,6 +69,8 @@ VARIANT_GROUPS: dict[str, list[tuple[str, dict[str, Any]]]] = {
     "blend": [("blend table as trained (not refit)", {"train.blend_table": "training"}),
               ("blend weight chosen at validation's own horizon", {"train.blend_validation": "adjacent"})],
     "prior": [("no popularity prior (towers as trained)", {"train.popularity_prior": False})],
+    "optimizer": [("sparse pin-id table (SparseAdam)", {"train.sparse_ids": True}),
+                  ("dense pin-id table (AdamW)", {"train.sparse_ids": False})],
     "impressions": [("interest shares from engagements only (no impressions)", {"train.impression_interests": False})],
     "modes": [("multi-embedding (K_max=4)", {"train.multi_embedding": 4}),
               ("conditional", {"train.conditional": True})],

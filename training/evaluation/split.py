@@ -19,6 +19,7 @@ import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from functools import cached_property
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -325,15 +326,51 @@ SPLIT_COLUMNS = ("user_id", "pin_id", "event_timestamp", "label", "interest_id")
 """What the split itself reads from the training set (``load_split(cfg, features=False)``)."""
 
 
-def load_split(cfg: Config, features: bool = True) -> tuple[pd.DataFrame, Split, dict[str, Any]]:
+def load_split(cfg: Config, features: bool | Literal["fit"] = True) -> tuple[pd.DataFrame, Split, dict[str, Any]]:
     """(training set, its temporal split, its manifest) of the live training set: the one split every model of
     a run is fitted and evaluated on (ties at equal timestamps by a fixed hash of ``train.seed``). With
     ``features`` False only ``SPLIT_COLUMNS`` are read (the same split, without the feature columns' memory: what
-    the pre-training stage needs)."""
+    the pre-training stage needs). With ``features`` 'fit' the split is built from ``SPLIT_COLUMNS`` and the
+    training set holds only ``fit_rows``, every column: what a two-tower fit, its validation and test read (the
+    rows before the training window are most of a training set and most of its memory: each row holds its
+    user's history lists)."""
     path = training_set_path(cfg)
     if not path.exists():
         raise FileNotFoundError(f"no training set at {path}: run `retrieval run` (or `retrieval training-set`)")
     manifest = json.loads(path.with_suffix(".json").read_text())
-    ts = pd.read_parquet(path, columns=None if features else list(SPLIT_COLUMNS))
+    ts = pd.read_parquet(path, columns=None if features is True else list(SPLIT_COLUMNS))
     split = temporal_split(ts, item_interest=interest_map(ts), tie_break="hash", seed=cfg.train.seed)
+    if features == "fit":
+        ts = read_rows(path, fit_rows(ts, split, split.window_start(cfg.train.window_fraction)))
     return ts, split, manifest
+
+
+def fit_rows(training_set: pd.DataFrame, split: Split, window_start: pd.Timestamp) -> np.ndarray:
+    """(len(training_set),) bool: the rows a two-tower fit on ``split`` reads with their features: those of the
+    training window (from ``window_start``), every hide (the hard negatives may come from before the window),
+    every validation and test row (a user's held-out rows can be older than the window) and each pin's first row
+    (the pins' interests)."""
+    keep = (training_set["event_timestamp"] >= window_start).to_numpy()
+    if "label" in training_set.columns:
+        keep |= (training_set["label"] == 0).to_numpy()
+    held = split.frame.loc[split.frame["part"] != "train", ["user_id", "pin_id", "event_timestamp"]]
+    keys = ["user_id", "pin_id", "event_timestamp"]
+    keep |= pd.MultiIndex.from_frame(training_set[keys]).isin(pd.MultiIndex.from_frame(held))
+    keep[np.unique(training_set["pin_id"].to_numpy(), return_index=True)[1]] = True
+    return keep
+
+
+def read_rows(path: Path, keep: np.ndarray, batch_rows: int = 65_536) -> pd.DataFrame:
+    """The rows of the parquet file at ``path`` where ``keep`` (one bool per row, in file order), every column,
+    read a batch at a time: the skipped rows are never held as pandas objects."""
+    import pyarrow.parquet as pq
+
+    pieces, at = [], 0
+    for batch in pq.ParquetFile(path).iter_batches(batch_size=batch_rows):
+        mask = keep[at:at + batch.num_rows]
+        at += batch.num_rows
+        if mask.any():
+            pieces.append(batch.filter(mask).to_pandas())
+    if at != len(keep):
+        raise ValueError(f"{path} has {at:,} rows, the mask {len(keep):,}")
+    return pd.concat(pieces, ignore_index=True)
