@@ -534,9 +534,9 @@ def train(cfg: Config, init_from: Path | None = None, keep_weights: bool = False
     """The ``retrieval train`` stage: fit on the live training set, evaluate on test, save the checkpoint.
     Under torchrun every rank trains; rank 0 alone evaluates and writes. ``init_from``: a checkpoint to
     warm-start from (``retrieval retrain`` with ``retrain.warm_start``), ``keep_weights``: and keep its blend and
-    prior weights (``retrain.keep_live_weights``); ``loaded``: ``load_split(cfg)`` already read (a retrain cycle
-    reads it once for training and the gate, with ``features="fit"``); ``test`` False: no test evaluation (empty ``metrics``: a retrain
-    cycle's gate evaluates its candidate, ``retrain.test_evaluation``)."""
+    prior weights (``retrain.keep_live_weights``); ``loaded``: ``load_split(cfg, features="fit")`` already read
+    (a retrain cycle reads it once for training and the gate); ``test`` False: no test evaluation (empty
+    ``metrics``: a retrain cycle's gate evaluates its candidate, ``retrain.test_evaluation``)."""
     rank, world = join_process_group()
     try:
         ts, split, manifest = loaded or load_split(cfg, features="fit")
