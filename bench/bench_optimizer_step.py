@@ -1,9 +1,9 @@
 """The cost of one optimizer step over the id embedding tables as the vocabulary grows.
 
 Two ``nn.Embedding(n, 64)`` tables with a fixed number of lookups a step, under each of the optimizers
-``training.train.optimizers`` builds: dense tables under ``torch.optim.AdamW`` (``train.sparse_ids`` off), whose
+``training.train.optimizers`` builds: dense tables under ``torch.optim.AdamW`` (``train.id_optimizer`` 'adamw'), whose
 gradient is the size of the whole table and whose step updates every row's moments, so a step's cost follows the
-vocabulary; and sparse-gradient tables under ``torch.optim.SparseAdam`` (``train.sparse_ids`` on), whose step reads
+vocabulary; and sparse-gradient tables under ``torch.optim.SparseAdam`` ('sparse_adam'), whose step reads
 and writes only the rows looked up.
 
     .venv/bin/python bench/bench_optimizer_step.py [--rows 65000 400000 1000000] [--lookups 61440] [--threads 1]

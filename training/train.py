@@ -223,7 +223,7 @@ def train_model(model: TwoTower, encoder: Encoder, examples: pd.DataFrame, tc: T
 
 
 def optimizers(model: torch.nn.Module, tc: TrainConfig) -> list[torch.optim.Optimizer]:
-    """AdamW over the trainable parameters; the id tables built with sparse gradients (``train.sparse_ids``) get
+    """AdamW over the trainable parameters; the id tables built with sparse gradients (``train.id_optimizer``) get
     their own ``SparseAdam`` instead, which updates only the rows a step looked up."""
     sparse = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding) and m.sparse}
     params = [p for p in model.parameters() if p.requires_grad]

@@ -116,17 +116,19 @@ def test_early_stopping_waits_for_min_epochs_then_for_patience():
 
 
 def test_sparse_ids_update_only_the_rows_a_step_looked_up():
-    """With ``train.sparse_ids`` the pin id table has its own SparseAdam: a step changes the rows it looked up and
-    leaves every other row (and its moments) as it was, however many steps ago that row was seen; the rest of the
-    model stays under AdamW. Without it, AdamW's momentum keeps moving rows the step did not look up."""
+    """With ``train.id_optimizer`` 'sparse_adam' the pin id table has its own SparseAdam: a step changes the rows it
+    looked up and leaves every other row (and its moments) as it was, however many steps ago that row was seen; the
+    rest of the model stays under AdamW. With 'adamw', AdamW's momentum keeps moving rows the step did not look up.
+    'auto' picks the sparse table above ``sparse_id_rows`` pins."""
     from training.config import TrainConfig
     from training.model.towers import PinTower
     from training.train import optimizers
 
     def run(sparse: bool) -> tuple[list[torch.optim.Optimizer], torch.Tensor, torch.Tensor]:
         torch.manual_seed(0)
-        tower = PinTower(50, 3, TrainConfig(sparse_ids=sparse, out_dim=8))
-        opts = optimizers(tower, TrainConfig(sparse_ids=sparse))
+        tc = TrainConfig(id_optimizer="sparse_adam" if sparse else "adamw", out_dim=8)
+        tower = PinTower(50, 3, tc)
+        opts = optimizers(tower, tc)
         x = {"pin": torch.tensor([1, 2, 2, 7]), "interest": torch.tensor([1, 2, 0, 3]), "counts": torch.rand(4, 12)}
         for pins in ([1, 2, 2, 7], [3, 4, 4, 5]):   # the second step does not look up pins 1, 2, 7
             x["pin"] = torch.tensor(pins)
@@ -147,6 +149,8 @@ def test_sparse_ids_update_only_the_rows_a_step_looked_up():
     opts, before, after = run(sparse=False)
     assert [type(o).__name__ for o in opts] == ["AdamW"]
     assert {1, 2, 7} <= set(torch.nonzero((after != before).any(1)).flatten().tolist())
+    assert PinTower(50, 3, TrainConfig(sparse_id_rows=49)).pin_embedding.sparse
+    assert not PinTower(50, 3, TrainConfig(sparse_id_rows=50)).pin_embedding.sparse
 
 
 def test_a_hard_negative_is_one_of_the_users_hides_from_before_the_example():

@@ -171,7 +171,7 @@ class PinTower(Tower):
     def __init__(self, n_pins: int, n_interests: int, tc: TrainConfig, target: torch.Tensor | None = None):
         super().__init__()
         E, d = tc.id_embed_dim, tc.field_dim
-        self.pin_embedding = nn.Embedding(n_pins, E, padding_idx=0, sparse=tc.sparse_ids)
+        self.pin_embedding = nn.Embedding(n_pins, E, padding_idx=0, sparse=tc.sparse_ids(n_pins))
         self.interest_embedding = nn.Embedding(n_interests + 1, E, padding_idx=0)
         self.f_pin, self.f_interest = Field(E, d), Field(E, d)
         # the encoder's numeric inputs are the log counts, then the idle days and rates (read with ``pin_rates``)
