@@ -477,9 +477,10 @@ def fit(cfg: Config, training_set: pd.DataFrame, split: Split, manifest: dict[st
         check_window(table, start.to_pydatetime(), tc.allow_overlapping_pretrain)
     else:
         table = None
-    parts = split.frame[["user_id", "pin_id", "event_timestamp", "part"]]
-    rows = training_set.merge(parts, on=["user_id", "pin_id", "event_timestamp"], how="inner")
-    train_rows = rows[(rows["part"] == "train") & (rows["event_timestamp"] >= start)].reset_index(drop=True)
+    keys = ["user_id", "pin_id", "event_timestamp"]
+    train_parts = split.frame.loc[split.frame["part"] == "train", [*keys, "part"]]
+    train_rows = (training_set[training_set["event_timestamp"] >= start]   # the window first: a small merge
+                  .merge(train_parts, on=keys, how="inner").reset_index(drop=True))
     if train_rows.empty:
         raise ValueError(f"no training example in the window starting {start}: raise train.window_fraction")
     encoder = Encoder.fit(train_rows, manifest["n_interests"], history_length=cfg.transform.history_length,

@@ -18,6 +18,7 @@ import torch
 
 from training.config import Config
 from training.evaluation.split import Split
+from training.io import release_memory
 from training.model.encoding import PIN_IMPRESSION_RATE, Encoder, take
 from training.model.towers import run_tower
 from training.model.two_tower import TwoTower
@@ -220,8 +221,10 @@ class TwoTowerScorer:
                     raise RuntimeError(f"the pin feature service returned {len(rows)} rows at {t} for {len(items)} "
                                        "pins")
                 shared[(self.pin_service, t)] = rows.set_index("pin_id").loc[items].reset_index()
+            del df, at
         for t in missing:
             self._pin_cache[t] = self.encoder.pins(shared[(self.pin_service, t)])
+        release_memory()
 
 
 def _state_of(module: torch.nn.Module) -> list[tuple[int, int]]:

@@ -28,6 +28,7 @@ import scipy.sparse as sp
 
 from training.config import Config
 from training.features.training_set import training_set_path
+from training.io import release_memory
 
 PARTS = ("train", "valid", "test")
 _CEIL_EPS = 1e-9
@@ -342,6 +343,7 @@ def load_split(cfg: Config, features: bool | Literal["fit"] = True) -> tuple[pd.
     split = temporal_split(ts, item_interest=interest_map(ts), tie_break="hash", seed=cfg.train.seed)
     if features == "fit":
         ts = read_rows(path, fit_rows(ts, split, split.window_start(cfg.train.window_fraction)))
+    release_memory()
     return ts, split, manifest
 
 
