@@ -365,14 +365,18 @@ def fit_rows(training_set: pd.DataFrame, split: Split, window_start: pd.Timestam
 def read_rows(path: Path, keep: np.ndarray, batch_rows: int = 65_536) -> pd.DataFrame:
     """The rows of the parquet file at ``path`` where ``keep`` (one bool per row, in file order), every column,
     read a batch at a time: the skipped rows are never held as pandas objects."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
+
+    def lists_in_arrow(t: pa.DataType) -> pd.ArrowDtype | None:   # one buffer a column, not an array object a row
+        return pd.ArrowDtype(t) if pa.types.is_list(t) else None
 
     pieces, at = [], 0
     for batch in pq.ParquetFile(path).iter_batches(batch_size=batch_rows):
         mask = keep[at:at + batch.num_rows]
         at += batch.num_rows
         if mask.any():
-            pieces.append(batch.filter(mask).to_pandas())
+            pieces.append(batch.filter(mask).to_pandas(types_mapper=lists_in_arrow))
     if at != len(keep):
         raise ValueError(f"{path} has {at:,} rows, the mask {len(keep):,}")
     return pd.concat(pieces, ignore_index=True)

@@ -50,6 +50,11 @@ def _column(rows: Columns, name: str, n: int, default: Any = None) -> np.ndarray
     if name not in rows:
         return np.full(n, default, dtype=object)
     values = rows[name]
+    if isinstance(values, pd.Series) and isinstance(values.dtype, pd.ArrowDtype):
+        # Arrow-backed lists (``load_split(features='fit')``): a NumPy view a row, None where null
+        import pyarrow as pa
+
+        return pa.array(values.array).to_numpy(zero_copy_only=False)
     return values.to_numpy(dtype=object) if isinstance(values, pd.Series) else np.asarray(values, dtype=object)
 
 
@@ -105,7 +110,8 @@ class Encoder:
         ``pin_interest`` (pin_id -> interest_id; default: ``train``'s own) for the history items' interests."""
         parts = [train["pin_id"].to_numpy(np.int64)]
         if "recent_pin_ids" in train:
-            parts += [np.asarray(v, np.int64) for v in train["recent_pin_ids"] if v is not None and len(v)]
+            parts += [np.asarray(v, np.int64) for v in _column(train, "recent_pin_ids", len(train))
+                      if v is not None and len(v)]
         if extra_pin_ids is not None:
             parts.append(np.asarray(extra_pin_ids, np.int64))
         pin_ids = np.unique(np.concatenate(parts))
