@@ -479,8 +479,10 @@ def fit(cfg: Config, training_set: pd.DataFrame, split: Split, manifest: dict[st
         table = None
     keys = ["user_id", "pin_id", "event_timestamp"]
     train_parts = split.frame.loc[split.frame["part"] == "train", [*keys, "part"]]
-    train_rows = (training_set[training_set["event_timestamp"] >= start]   # the window first: a small merge
-                  .merge(train_parts, on=keys, how="inner").reset_index(drop=True))
+    window = np.flatnonzero((training_set["event_timestamp"] >= start).to_numpy())
+    at = (training_set[keys].iloc[window].assign(_row=window)   # the window's keys first: one copy of the rows
+          .merge(train_parts, on=keys, how="inner"))
+    train_rows = training_set.iloc[at["_row"].to_numpy()].reset_index(drop=True).assign(part=at["part"].to_numpy())
     if train_rows.empty:
         raise ValueError(f"no training example in the window starting {start}: raise train.window_fraction")
     encoder = Encoder.fit(train_rows, manifest["n_interests"], history_length=cfg.transform.history_length,
