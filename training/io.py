@@ -86,7 +86,7 @@ def sweep_temporaries(folder: str | Path) -> list[Path]:
 def release_memory() -> None:
     """Return the memory freed since the last call to the system: Arrow's memory pool keeps the buffers of a
     finished read, and glibc's heap the small objects of a finished pandas conversion, as free space of the process.
-    After a parquet read of a million-row training set they held 2.4 GB (docs/experiment-log.md)."""
+    After a parquet read of a million-row training set they held 2.4 GiB (docs/experiment-log.md)."""
     import ctypes
     import ctypes.util
     import gc

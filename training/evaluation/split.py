@@ -355,8 +355,8 @@ def fit_rows(training_set: pd.DataFrame, split: Split, window_start: pd.Timestam
     keep = (training_set["event_timestamp"] >= window_start).to_numpy()
     if "label" in training_set.columns:
         keep |= (training_set["label"] == 0).to_numpy()
-    held = split.frame.loc[split.frame["part"] != "train", ["user_id", "pin_id", "event_timestamp"]]
     keys = ["user_id", "pin_id", "event_timestamp"]
+    held = split.frame.loc[split.frame["part"] != "train", keys]
     keep |= pd.MultiIndex.from_frame(training_set[keys]).isin(pd.MultiIndex.from_frame(held))
     keep[np.unique(training_set["pin_id"].to_numpy(), return_index=True)[1]] = True
     return keep
