@@ -35,7 +35,7 @@ from training import __version__
 from training.config import Config, PretrainConfig, TrainConfig
 from training.evaluation.harness import evaluate, user_recalls
 from training.evaluation.scorer import TwoTowerScorer
-from training.evaluation.split import Split, load_split
+from training.evaluation.split import KEYS, Split, load_split
 from training.model.checkpoint import build_model, load_checkpoint, save_checkpoint, warm_start
 from training.model.encoding import Encoder, take
 from training.model.pretrained import PretrainedTable, check_window, latest_usable
@@ -477,11 +477,10 @@ def fit(cfg: Config, training_set: pd.DataFrame, split: Split, manifest: dict[st
         check_window(table, start.to_pydatetime(), tc.allow_overlapping_pretrain)
     else:
         table = None
-    keys = ["user_id", "pin_id", "event_timestamp"]
-    train_parts = split.frame.loc[split.frame["part"] == "train", [*keys, "part"]]
+    train_parts = split.frame.loc[split.frame["part"] == "train", [*KEYS, "part"]]
     window = np.flatnonzero((training_set["event_timestamp"] >= start).to_numpy())
-    at = (training_set[keys].iloc[window].assign(_row=window)   # the window's keys first: one copy of the rows
-          .merge(train_parts, on=keys, how="inner"))
+    at = (training_set[KEYS].iloc[window].assign(_row=window)   # the window's keys first: one copy of the rows
+          .merge(train_parts, on=KEYS, how="inner"))
     train_rows = training_set.iloc[at["_row"].to_numpy()].reset_index(drop=True).assign(part=at["part"].to_numpy())
     if train_rows.empty:
         raise ValueError(f"no training example in the window starting {start}: raise train.window_fraction")

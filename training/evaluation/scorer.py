@@ -17,13 +17,12 @@ import pandas as pd
 import torch
 
 from training.config import Config
-from training.evaluation.split import Split
+from training.evaluation.split import KEYS, Split
 from training.io import release_memory
 from training.model.encoding import PIN_IMPRESSION_RATE, Encoder, take
 from training.model.towers import run_tower
 from training.model.two_tower import TwoTower
 
-KEYS = ["user_id", "pin_id", "event_timestamp"]
 _RAW: dict[int, dict[tuple[str, pd.Timestamp], pd.DataFrame]] = {}
 """Candidates' raw feature rows per live split (by the id of its interaction frame, dropped with it, so the views of
 one split, ``Split.test_since`` and ``Split.valid_sample``, share them): (pin feature service, refresh time) -> rows

@@ -31,6 +31,8 @@ from training.features.training_set import training_set_path
 from training.io import release_memory
 
 PARTS = ("train", "valid", "test")
+KEYS = ["user_id", "pin_id", "event_timestamp"]
+"""The columns that identify a training-set row in the split's frame."""
 _CEIL_EPS = 1e-9
 
 
@@ -355,9 +357,8 @@ def fit_rows(training_set: pd.DataFrame, split: Split, window_start: pd.Timestam
     keep = (training_set["event_timestamp"] >= window_start).to_numpy()
     if "label" in training_set.columns:
         keep |= (training_set["label"] == 0).to_numpy()
-    keys = ["user_id", "pin_id", "event_timestamp"]
-    held = split.frame.loc[split.frame["part"] != "train", keys]
-    keep |= pd.MultiIndex.from_frame(training_set[keys]).isin(pd.MultiIndex.from_frame(held))
+    held = split.frame.loc[split.frame["part"] != "train", KEYS]
+    keep |= pd.MultiIndex.from_frame(training_set[KEYS]).isin(pd.MultiIndex.from_frame(held))
     keep[np.unique(training_set["pin_id"].to_numpy(), return_index=True)[1]] = True
     return keep
 
